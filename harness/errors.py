@@ -1,0 +1,7 @@
+"""Errors the CLI turns into one clear line on stderr and exit code 2."""
+
+
+class InputError(Exception):
+    """Bad user input: a file, a flag or a value. The message names where and how to fix it."""
+
+    exit_code = 2

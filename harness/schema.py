@@ -61,6 +61,7 @@ class EngineConfig(Record):
     name: str
     args: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args, snake_case
     env: dict[str, str] = Field(default_factory=dict)
+    autofit: bool = False  # retry once with the planner's / vLLM's fix when KV does not fit
 
     @property
     def gpus_needed(self) -> int:

@@ -1,0 +1,355 @@
+"""matrix.yaml: load, validate and expand into cells (models x gpus x configs x engines).
+
+Validation happens before anything starts. Every error is one line naming the file, the line and
+column, the place in the document and the fix, and is raised as `InputError` (exit code 2).
+Checks that need the installed vLLM (engine-arg names and types) live in `check_engine_args`,
+fed by `harness.engine_info`, so `plan` and `report` still work on a laptop without vLLM.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import InputError
+from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
+
+DEFAULT_ENGINE_PYTHON = ".venv/bin/python"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Arguments the runner owns: a matrix may not set them (they would break isolation or secrecy).
+RUNNER_ARGS = {"host", "port", "api_key", "model", "served_model_name", "uds"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    model: str = Field(min_length=1)
+    name: str | None = None
+    revision: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    trust_remote_code: bool = False
+
+
+class ConfigEntry(_Strict):
+    name: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    autofit: bool = False
+
+    @field_validator("args")
+    @classmethod
+    def _known_ranges(cls, args: dict[str, Any]) -> dict[str, Any]:
+        util = args.get("gpu_memory_utilization")
+        if util is not None and not (isinstance(util, int | float) and 0 < util <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_seqs"):
+            value = args.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        owned = sorted(RUNNER_ARGS & set(args))
+        if owned:
+            raise ValueError(f"{', '.join(owned)} is set by the harness for every cell; remove it")
+        return args
+
+
+class EngineEntry(_Strict):
+    name: str = Field(min_length=1)
+    python: str = DEFAULT_ENGINE_PYTHON
+
+
+class Timeouts(_Strict):
+    ready_s: float = Field(900, gt=0)  # spawn -> /health and /v1/models answer
+    request_s: float = Field(120, gt=0)  # one validation or probe request
+    cell_s: float = Field(3600, gt=0)  # the whole cell, stop included
+
+
+class Rule(_Strict):
+    """A cell matches when every given field matches (shell-style patterns; a list = any of)."""
+
+    model: str | list[str] | None = None
+    gpu: str | list[str] | None = None
+    config: str | list[str] | None = None
+    engine: str | list[str] | None = None
+    tag: str | list[str] | None = None
+
+    def matches(self, cell: Cell) -> bool:
+        def ok(patterns: str | list[str] | None, values: list[str]) -> bool:
+            if patterns is None:
+                return True
+            pats = [patterns] if isinstance(patterns, str) else patterns
+            return any(fnmatch.fnmatchcase(v.lower(), p.lower()) for p in pats for v in values)
+
+        return (
+            ok(self.model, [cell.model.name, cell.model.source])
+            and ok(self.gpu, [cell.gpu])
+            and ok(self.config, [cell.config.name])
+            and ok(self.engine, [cell.engine.name])
+            and ok(self.tag, cell.model.tags or [""])
+        )
+
+
+class MatrixFile(_Strict):
+    models: list[ModelEntry] = Field(min_length=1)
+    gpus: list[str] = Field(min_length=1)
+    configs: list[ConfigEntry] = Field(min_length=1)
+    engines: list[EngineEntry] = Field(default_factory=lambda: [EngineEntry(name="default")])
+    include: list[Rule] = Field(default_factory=list)
+    exclude: list[Rule] = Field(default_factory=list)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    probe: str | dict[str, Any] | None = "quick"
+
+
+@dataclass
+class Matrix:
+    path: Path
+    spec: MatrixFile
+    cells: list[Cell]
+    text: str
+    _nodes: yaml.Node | None = field(default=None, repr=False)
+
+    def where(self, *loc: str | int) -> str:
+        """`file:line:col` of a place in the document, for located errors."""
+        return _where(self.path, self._nodes, loc)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the matrix: {exc.strerror or exc}") from None
+    try:
+        nodes = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{where}: YAML syntax error: {problem}; fix the indentation or quoting there") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}:1:1: the matrix must be a mapping with models, gpus and configs")
+    _check_duplicate_keys(path, nodes)
+    try:
+        spec = MatrixFile.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(_explain(path, nodes, exc)) from None
+    _check_unique(path, nodes, spec)
+    cells = expand(spec, path.parent)
+    return Matrix(path=path, spec=spec, cells=cells, text=text, _nodes=nodes)
+
+
+def expand(spec: MatrixFile, base: Path) -> list[Cell]:
+    models = [_model_spec(m, base) for m in spec.models]
+    cells = []
+    for engine in spec.engines:
+        python = engine.python
+        if not Path(python).is_absolute() and "/" in python:
+            python = str((base / python).absolute())
+        install = EngineInstall(name=engine.name, python=python)
+        for model in models:
+            for gpu in spec.gpus:
+                for cfg in spec.configs:
+                    env = {k: _env_str(v) for k, v in cfg.env.items()}
+                    config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit)
+                    cell = Cell(model=model, gpu=gpu, config=config, engine=install)
+                    if spec.include and not any(r.matches(cell) for r in spec.include):
+                        continue
+                    if any(r.matches(cell) for r in spec.exclude):
+                        continue
+                    cells.append(cell)
+    return cells
+
+
+def select(cells: list[Cell], only: str | None) -> list[Cell]:
+    """`--only PATTERN`: shell-style match on the cell id (or a substring of it)."""
+    if not only:
+        return cells
+    return [c for c in cells if fnmatch.fnmatchcase(c.cell_id, only) or only in c.cell_id]
+
+
+def check_engine_args(matrix: Matrix, engine_args: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Refuse engine args the installed vLLM's own parser does not know, with "did you mean".
+
+    `engine_args` maps engine name -> {dest: action description} from `harness.engine_info`.
+    """
+    for ci, cfg in enumerate(matrix.spec.configs):
+        for engine_name, known in engine_args.items():
+            for key, value in cfg.args.items():
+                where = matrix.where("configs", ci, "args", key)
+                action = known.get(key)
+                if action is None:
+                    hint = difflib.get_close_matches(key, list(known), n=1)
+                    fix = f"did you mean '{hint[0]}'?" if hint else "see `vllm serve --help` (spelled in snake_case)"
+                    raise InputError(
+                        f"{where}: configs[{cfg.name}].args: unknown engine argument '{key}' for engine "
+                        f"'{engine_name}' — {fix}"
+                    )
+                problem = _value_problem(action, value)
+                if problem:
+                    raise InputError(f"{where}: configs[{cfg.name}].args.{key}: {problem}")
+
+
+def _value_problem(action: dict[str, Any], value: Any) -> str | None:
+    kind, typ, choices = action.get("kind"), action.get("type"), action.get("choices")
+    if kind in ("bool_optional", "store_true", "store_false") and not isinstance(value, bool):
+        return f"expects true or false, got {value!r}"
+    if choices and kind == "value" and str(value) not in [str(c) for c in choices]:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"choose one of {', '.join(map(str, choices))}"
+        return f"{value!r} is not accepted — {fix}"
+    if typ in ("int", "float") and kind == "value":
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if not numeric or (typ == "int" and isinstance(value, float) and not value.is_integer()):
+            return f"expects {'an integer' if typ == 'int' else 'a number'}, got {value!r}"
+    return None
+
+
+def _model_spec(entry: ModelEntry, base: Path) -> ModelSpec:
+    source = entry.model
+    local = Path(source).expanduser()
+    if not local.is_absolute():
+        local = base / local
+    is_path = source.startswith((".", "/", "~")) or (not HUB_ID.match(source)) or local.is_dir()
+    if is_path:
+        source = str(local.resolve())
+    name = entry.name or (Path(source).name if is_path else source.split("/")[-1])
+    return ModelSpec(
+        name=name,
+        source=source,
+        revision=entry.revision,
+        tags=entry.tags,
+        trust_remote_code=entry.trust_remote_code,
+    )
+
+
+def _env_str(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- located errors
+def _node_at(nodes: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    node = nodes
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+            if node is None:
+                return None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return None
+    return node
+
+
+def _key_node_at(nodes: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """The key node for the last part of loc (points at an unknown key itself)."""
+    parent = _node_at(nodes, loc[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        return next((k for k, _ in parent.value if k.value == loc[-1]), None)
+    return None
+
+
+def _where(path: Path, nodes: yaml.Node | None, loc: tuple) -> str:
+    loc = tuple(loc)
+    while loc:
+        node = _key_node_at(nodes, loc) or _node_at(nodes, loc)
+        if node is not None:
+            return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+        loc = loc[:-1]
+    return f"{path}:1:1"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(path: Path, nodes: yaml.Node, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # pydantic appends union-member names ("str", "list[str]") to loc; keep the document path.
+    while loc and _node_at(nodes, loc) is None and _key_node_at(nodes, loc) is None and len(loc) > 1:
+        if err["type"] in ("extra_forbidden", "missing"):
+            break
+        loc = loc[:-1]
+    where = _where(path, nodes, loc)
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys: {', '.join(allowed)}"
+        return f"{where}: {_dotted(loc)}: unknown key '{key}' — {fix}"
+    if err["type"] == "missing":
+        return f"{where}: {_dotted(loc)}: required key is missing; add it"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {_dotted(loc)}: {msg}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = MatrixFile
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        inner = _model_in(annotation)
+        if inner is None:
+            break
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def _check_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                line, col = key.start_mark.line + 1, key.start_mark.column + 1
+                raise InputError(f"{path}:{line}:{col}: key '{key.value}' appears twice; keep one")
+            seen.add(key.value)
+            _check_duplicate_keys(path, value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(path, item)
+
+
+def _check_unique(path: Path, nodes: yaml.Node, spec: MatrixFile) -> None:
+    base = path.parent
+    groups = {
+        "models": [_model_spec(m, base).name for m in spec.models],
+        "configs": [c.name for c in spec.configs],
+        "engines": [e.name for e in spec.engines],
+        "gpus": list(spec.gpus),
+    }
+    for group, names in groups.items():
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name.lower() in seen:
+                where = _where(path, nodes, (group, i))
+                raise InputError(
+                    f"{where}: {group}[{i}]: duplicate name '{name}' (also {group}[{seen[name.lower()]}]); "
+                    "give each a distinct name"
+                )
+            seen[name.lower()] = i

@@ -98,6 +98,14 @@ class EngineProcess:
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc else None
 
+    def exit_code_within(self, seconds: float) -> int | None:
+        """The exit code if the engine ends within `seconds` (a crash being torn down), else None."""
+        assert self.proc
+        try:
+            return self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
     def _remember_tree(self) -> None:
         try:
             root = psutil.Process(self.pid)

@@ -1,0 +1,44 @@
+"""`run`: run the matrix cells selected for this host, then render the reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.matrix import check_engine_args, load_matrix, select
+from harness.report import render_reports
+from harness.run import MatrixRun, RunOptions, check_placements, discover_host
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--matrix", default="matrix.yaml", help="matrix file (default: matrix.yaml)")
+    parser.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
+    parser.add_argument("--force", action="store_true", help="rerun cells already recorded with the same key")
+    parser.add_argument("--json", action="store_true", help="print each finished record as one JSON line")
+    parser.add_argument("--no-plan", action="store_true", help="start cells even when predicted not to fit")
+    parser.add_argument("--offline", action="store_true", default=None,
+                        help="use only the local HF cache (also when HF_HUB_OFFLINE=1)")
+    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    parser.add_argument("--no-report", action="store_true", help="do not render reports at the end")
+    parser.add_argument("--progress", choices=["auto", "live", "plain", "quiet"], default="auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    cells = select(matrix.cells, args.only)
+    host = discover_host(matrix)
+    check_engine_args(matrix, host.arg_actions)
+    check_placements(matrix, host)
+    options = RunOptions(results_dir=Path(args.results), force=args.force, plan=not args.no_plan,
+                         offline=args.offline, progress="quiet" if args.json else args.progress)
+
+    def emit(record) -> None:
+        sys.stdout.write(record.model_dump_json() + "\n")
+        sys.stdout.flush()
+
+    manifest = MatrixRun(matrix, host, options).run(cells, emit=emit if args.json else None)
+    if not args.no_report:
+        render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id])
+    return 0

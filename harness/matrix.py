@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import InputError
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
@@ -45,20 +45,19 @@ class ConfigEntry(_Strict):
     env: dict[str, str | int | float | bool] = Field(default_factory=dict)
     autofit: bool = False
 
-    @field_validator("args")
-    @classmethod
-    def _known_ranges(cls, args: dict[str, Any]) -> dict[str, Any]:
-        util = args.get("gpu_memory_utilization")
-        if util is not None and not (isinstance(util, int | float) and 0 < util <= 1):
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_seqs"):
-            value = args.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        owned = sorted(RUNNER_ARGS & set(args))
-        if owned:
-            raise ValueError(f"{', '.join(owned)} is set by the harness for every cell; remove it")
-        return args
+
+
+def _range_problem(key: str, value: Any) -> str | None:
+    """Ranges vLLM would refuse only after minutes of loading; checked before anything starts."""
+    if key == "gpu_memory_utilization":
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1):
+            return f"gpu_memory_utilization must be in (0, 1], got {value!r}"
+    elif key in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_seqs"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{key} must be a positive integer, got {value!r}"
+    elif key in RUNNER_ARGS:
+        return f"{key} is set by the harness for every cell; remove it"
+    return None
 
 
 class EngineEntry(_Strict):
@@ -143,6 +142,12 @@ def load_matrix(path: str | Path) -> Matrix:
     except ValidationError as exc:
         raise InputError(_explain(path, nodes, exc)) from None
     _check_unique(path, nodes, spec)
+    for ci, cfg in enumerate(spec.configs):
+        for key, value in cfg.args.items():
+            problem = _range_problem(key, value)
+            if problem:
+                raise InputError(f"{_where(path, nodes, ('configs', ci, 'args', key))}: "
+                                 f"configs[{ci}].args.{key}: {problem}")
     cells = expand(spec, path.parent)
     return Matrix(path=path, spec=spec, cells=cells, text=text, _nodes=nodes)
 
@@ -260,10 +265,12 @@ def _key_node_at(nodes: yaml.Node | None, loc: tuple) -> yaml.Node | None:
     return None
 
 
-def _where(path: Path, nodes: yaml.Node | None, loc: tuple) -> str:
+def _where(path: Path, nodes: yaml.Node | None, loc: tuple, at_key: bool = True) -> str:
+    """Position of the key (default: where a bad key or arg is named) or of its value."""
     loc = tuple(loc)
     while loc:
-        node = _key_node_at(nodes, loc) or _node_at(nodes, loc)
+        key, value = _key_node_at(nodes, loc), _node_at(nodes, loc)
+        node = (key or value) if at_key else (value or key)
         if node is not None:
             return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
         loc = loc[:-1]
@@ -285,7 +292,7 @@ def _explain(path: Path, nodes: yaml.Node, exc: ValidationError) -> str:
         if err["type"] in ("extra_forbidden", "missing"):
             break
         loc = loc[:-1]
-    where = _where(path, nodes, loc)
+    where = _where(path, nodes, loc, at_key=err["type"] in ("extra_forbidden", "missing"))
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_keys(loc[:-1])

@@ -94,7 +94,8 @@ def slug(text: str) -> str:
 def cell_key(cell: Cell, engine_version: str | None, revision_sha: str | None = None) -> str:
     """Identity for resume: model+revision, device, config (args+env), engine version."""
     ident = {
-        "model": cell.model.source,
+        # A local folder is known by its content fingerprint (revision_sha), not where it lies.
+        "model": cell.model.name if cell.model.is_local else cell.model.source,
         "revision": revision_sha or cell.model.revision,
         "gpu": cell.gpu,
         "args": cell.config.args,

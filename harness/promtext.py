@@ -63,7 +63,8 @@ def parse(text: str) -> dict[str, Family]:
     `x_total`, `x_bucket` belong to `x`); undeclared samples form their own family.
     Malformed lines raise ValueError naming the line."""
     families: dict[str, Family] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a line: splitlines() would also split label values at U+0085 etc.
+    for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line:
             continue

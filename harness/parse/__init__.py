@@ -1,0 +1,74 @@
+"""Engine log -> EngineFacts: memory breakdown, timings, outcome, failure class and remedy.
+
+Pure and streaming: one pass over the lines, bounded memory, never raises on any text.
+Stages: `lines` (prefixes, ANSI, CRLF, wraps) -> `facts` (numbers) + `failures` (class,
+evidence, remedy) + `config` (model and engine args, for `ingest`).
+
+    parse_log(text) -> EngineFacts          parse_log_file(path) -> EngineFacts
+    classify_failure(text) -> (class, evidence, remedy) | None
+    scan_file(path) -> (EngineFacts, LogConfig)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from os import PathLike
+
+from harness.parse import facts as _facts
+from harness.parse.config import LogConfig
+from harness.parse.failures import Failures
+from harness.parse.lines import logical_lines, physical_lines, split_text
+from harness.schema import EngineFacts
+
+__all__ = ["LogConfig", "classify_failure", "parse_log", "parse_log_file", "scan", "scan_file"]
+
+# A config line can only be one of these; checked before the config parser runs.
+_CONFIG_MARKS = ("non-default args:", "args: Namespace(", " with config: ")
+
+
+def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
+    """One pass over physical lines: the facts and the model/args the log states."""
+    facts = _facts.Facts()
+    failures = Failures()
+    config = LogConfig()
+    feed_facts = _facts.feed
+    feed_failure = failures.feed
+    for line in logical_lines(lines):
+        msg = line.msg
+        if not msg:
+            continue
+        feed_facts(line, facts)
+        feed_failure(line, facts)
+        if "args" in msg or "config: " in msg:
+            if any(mark in msg for mark in _CONFIG_MARKS):
+                config.feed(line)
+    values = facts.result()
+    failure = failures.result(facts)
+    if failure is not None:
+        cls, evidence, remedy = failure
+        values.update(failure_class=cls, failure_evidence=evidence, remedy=remedy)
+        fatal = cls != "chat_template_missing" or not facts.ready
+        values["outcome"] = "failed" if fatal else "ready"
+    else:
+        values["outcome"] = "ready" if facts.ready else "unknown"
+    return EngineFacts.model_validate(values), config
+
+
+def parse_log(text: str) -> EngineFacts:
+    return scan(split_text(text))[0]
+
+
+def scan_file(path: str | PathLike[str]) -> tuple[EngineFacts, LogConfig]:
+    with open(path, encoding="utf-8", errors="replace", newline=None) as stream:
+        return scan(physical_lines(stream))
+
+
+def parse_log_file(path: str | PathLike[str]) -> EngineFacts:
+    return scan_file(path)[0]
+
+
+def classify_failure(text: str) -> tuple[str, str, str] | None:
+    facts = parse_log(text)
+    if facts.failure_class is None:
+        return None
+    return facts.failure_class, facts.failure_evidence or "", facts.remedy or ""

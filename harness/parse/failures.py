@@ -1,0 +1,323 @@
+"""Failure class, evidence line and remedy from an engine log (one pass, with the facts).
+
+Patterns are matched line by line; the most specific cause wins (wrappers such as "Engine
+core initialization failed" only count when nothing above them explains the failure, and
+then the last exception line before them is the evidence). Remedies are built at the end,
+from the log's own numbers (budget, weights, estimate, compute capability, TP size).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from harness.parse.facts import Facts, num
+from harness.parse.lines import LogLine
+
+EVIDENCE_MAX = 600
+
+# Cheap gate: a line can only be a failure line if it holds one of these.
+_GATE = (
+    "rror", "memory", "not supported", "imed out", "imeout", "gated", "divisible",
+    "GPUs", "placement group", "chat template", "failed", "not found", "Not Found",
+    "restricted", "valid model", "local folder", "died", "fatal", "Exception",
+    "OutOfMemory", "capability", "does not recognize", "Invalid", "HF_TOKEN",
+)
+
+
+@dataclass
+class Hit:
+    cls: str
+    prio: int  # lower wins; equal -> the first seen
+    evidence: str
+    match: re.Match[str]
+    fatal: bool = True
+    oom_during_load: bool = False
+
+
+Spec = tuple[str, int, re.Pattern[str], bool]  # class, priority, pattern, fatal
+_SPECS: list[Spec] = []
+
+
+def _spec(cls: str, prio: int, pattern: str, fatal: bool = True) -> None:
+    _SPECS.append((cls, prio, re.compile(pattern), fatal))
+
+
+_N = r"(-?[\d,]*\.?\d+)"
+# --- memory
+_spec("max_model_len_exceeds_kv", 1, r"with the models?'s max seq len \(" + _N + r"\), \(" + _N + r" GB?(?:iB)? KV cache is needed, which is larger than the available KV cache memory \(" + _N)
+_spec("max_model_len_exceeds_kv", 1, r"The model's max seq len \(" + _N + r"\) is larger than the maximum number of tokens that can be stored in KV cache \(" + _N + r"\)")
+_spec("kv_cache_insufficient", 1, r"No available memory for the cache blocks")
+_spec("kv_cache_insufficient", 1, r"more than the " + _N + r" GiB of CPU memory reserved for it on node \d+, leaving none for the KV cache")
+_spec("kv_cache_insufficient", 4, r"^Available KV cache memory: (-[\d.]+) ?GiB", fatal=False)
+_spec("oom_other", 1, r"Free memory on device(?: \S+)? \(" + _N + "/" + _N + r" GiB\) on startup is less than desired GPU memory utilization \(" + _N + ", " + _N)
+_spec("oom_other", 1, r"Available memory on node \d+ \(" + _N + "/" + _N + r" GiB\) on (?:startup|kv cache allocation) is less than")
+_spec("oom_weight_load", 1, r"Failed to load model - not enough GPU memory")
+_spec("oom_other", 2, r"CUDA out of memory occurred when warming up (\w+)")
+_spec("oom_other", 3, r"(?:CUDA|HIP|XPU) out of memory\. Tried to allocate " + _N + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory")
+# --- model / hub
+_spec("unsupported_architecture", 1, r"Model architectures? \[?([^\]]{1,300}?)\]? (?:are|is) not supported|Model architecture (\S+) was supported in vLLM until v(\S+)|Model architecture (\S+) is not supported in-tree anymore")
+_spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
+_spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
+_spec("gated_or_auth", 1, r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)")
+_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(\S+) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
+_spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
+_spec("chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False)
+# --- hardware
+_spec("quantization_unsupported", 1, r"(?:The quantization method (\S+)|Quantization scheme) is not supported for the current GPU\. Min(?:imum)? capability: (\d+)\. Current capability: (\d+)")
+_spec("quantization_unsupported", 2, r"Unknown quantization method: (\S+)|Unsupported quantization method")
+_spec("dtype_unsupported", 1, r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0\. Your (.+?) GPU (?:has compute capability (\d+\.\d+)|does not have a compute capability)")
+# --- parallelism
+_spec("tp_exceeds_gpus", 1, r"(?:Tensor parallel size|World size) \((\d+)\) (?:cannot be larger|is larger) than the number of available GPUs \((\d+)\)")
+_spec("tp_exceeds_gpus", 1, r"Total number of attention heads \((\d+)\) must be divisible by tensor parallel size \((\d+)\)")
+_spec("tp_exceeds_gpus", 1, r"Total number of hidden layers \((\d+)\) must be divisible by pipeline parallel size \((\d+)\)")
+_spec("tp_exceeds_gpus", 1, r"local_world_size \((\d+)\) must be less than or equal to the number of visible devices \((\d+)\)")
+_spec("tp_exceeds_gpus", 2, r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray")
+# --- hangs
+_spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within " + _N + " seconds")
+# --- wrappers: only the evidence of last resort
+_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered a fatal error|died unexpectedly")
+
+_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit))(?:: (.+)|\s*$)")
+_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|^\s*$")
+
+
+@dataclass
+class Failures:
+    best: Hit | None = None
+    last_exception: str | None = None  # for "other": the root error printed before a wrapper
+    saw_traceback: bool = False
+    _seen: set[str] = field(default_factory=set)
+
+    def feed(self, line: LogLine, facts: Facts) -> None:
+        msg = line.msg
+        if not any(g in msg for g in _GATE):
+            if "Traceback" in msg:
+                self.saw_traceback = True
+            return
+        for cls, prio, pattern, fatal in _SPECS:
+            if self.best is not None and prio >= self.best.prio:
+                continue
+            m = pattern.search(msg)
+            if m:
+                self.best = Hit(cls, prio, _evidence(msg), m, fatal, not facts.loading_done)
+                break
+        if line.level in (None, "ERROR", "CRITICAL"):
+            em = _EXC_LINE.match(msg)
+            if em and em.group(2) and not _WRAPPER_EXC.search(em.group(2)):
+                self.last_exception = msg
+
+    def result(self, facts: Facts) -> tuple[str, str, str] | None:
+        hit = self.best
+        if hit is None:
+            if self.last_exception and self.saw_traceback and not facts.ready:
+                evidence = _evidence(self.last_exception)
+                return "other", evidence, _remedy_other(evidence)
+            return None
+        if hit.cls == "other":
+            evidence = _evidence(self.last_exception) if self.last_exception else hit.evidence
+            return "other", evidence, _remedy_other(evidence)
+        if not hit.fatal and facts.ready and hit.cls != "chat_template_missing":
+            return None
+        cls = hit.cls
+        if cls == "oom_other" and hit.prio == 3 and hit.oom_during_load and (facts.loading_started or facts.get("weights_gib") is None):
+            cls = "oom_weight_load"
+        return cls, hit.evidence, _REMEDIES[cls](hit.match, facts)
+
+
+def _evidence(msg: str) -> str:
+    msg = msg.strip()
+    return msg if len(msg) <= EVIDENCE_MAX else msg[: EVIDENCE_MAX - 1] + "…"
+
+
+# --------------------------------------------------------------------------- remedies
+def _fmt(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else f"{int(x)}"
+
+
+def _util_needed(facts: Facts, extra_gib: float = 0.0) -> str | None:
+    """The gpu_memory_utilization that would give the non-KV memory plus `extra_gib`."""
+    total = facts.get("total_gpu_memory_gib")
+    parts = [facts.get(k) for k in ("weights_gib", "activation_peak_gib", "non_torch_gib")]
+    if not total or parts[0] is None:
+        return None
+    used = sum(p for p in parts if p and p > 0) + max(facts.get("cuda_graph_gib") or 0, 0) + extra_gib
+    need = math.ceil(used / total * 100 + 1) / 100  # one point of headroom
+    return f"{need:.2f}" if need < 1 else None
+
+
+def _budget_text(facts: Facts) -> str:
+    util, total, weights = (facts.get(k) for k in ("gpu_memory_utilization", "total_gpu_memory_gib", "weights_gib"))
+    if util and total and weights is not None:
+        return f" — weights take {_fmt(weights)} GiB of the {_fmt(util * total)} GiB budget ({_fmt(util)} × {_fmt(total)} GiB)"
+    if weights is not None:
+        return f" — weights take {_fmt(weights)} GiB"
+    return ""
+
+
+def _tp_next(facts: Facts) -> int:
+    return (facts.get("tp_size") or 1) * 2
+
+
+def _remedy_kv(m, facts: Facts) -> str:
+    if facts.get("platform") == "cpu":
+        return ("give the KV cache more memory: raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
+                "--kv-cache-memory-bytes, or gpu_memory_utilization, which sets the CPU memory share")
+    util = facts.get("gpu_memory_utilization")
+    need = _util_needed(facts, extra_gib=1.0)
+    target = f"to at least {need}" if need else "above " + _fmt(util) if util else ""
+    head = f"raise gpu_memory_utilization {target}".rstrip()
+    return (f"{head}{_budget_text(facts)}; or use tensor_parallel_size {_tp_next(facts)}, "
+            "a quantized checkpoint, or a smaller model")
+
+
+def _remedy_maxlen(m, facts: Facts) -> str:
+    est = facts.get("estimated_max_model_len")
+    if m.re.pattern.startswith("The model's"):
+        want, cap = whole_(m.group(1)), whole_(m.group(2))
+        head = f"set max_model_len <= {cap:,} (the KV cache holds {cap:,} tokens; {want:,} requested)"
+    else:
+        want, need, avail = whole_(m.group(1)), num(m.group(2)), num(m.group(3))
+        limit = f"set max_model_len <= {est:,} (vLLM's estimate)" if est else "lower max_model_len"
+        head = (f"{limit}: one {want:,}-token request needs {_fmt(need)} GiB of KV cache, "
+                f"{_fmt(avail)} GiB is available")
+    util = facts.get("gpu_memory_utilization")
+    more = f"raise gpu_memory_utilization above {_fmt(util)}" if util else "raise gpu_memory_utilization"
+    return f"{head}; or {more}, or set kv_cache_dtype fp8"
+
+
+def whole_(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _remedy_oom_load(m, facts: Facts) -> str:
+    total = facts.get("total_gpu_memory_gib")
+    on = f" on this {_fmt(total)} GiB GPU" if total else ""
+    return (f"the weights do not fit{on}: use tensor_parallel_size {_tp_next(facts)}, a quantized "
+            "checkpoint (AWQ/GPTQ/FP8), or a GPU with more memory")
+
+
+def _remedy_oom_other(m, facts: Facts) -> str:
+    text = m.group(0)
+    if text.startswith("Free memory on device") or text.startswith("Available memory on node"):
+        free, total = num(m.group(1)), num(m.group(2))
+        fit = math.floor((free / total) * 100 - 1) / 100
+        util = facts.get("gpu_memory_utilization")
+        asked = f" but gpu_memory_utilization {_fmt(util)} asks for {_fmt(util * total)} GiB" if util else ""
+        what = "CPU memory" if text.startswith("Available") else "GPU"
+        return (f"only {_fmt(free)} of {_fmt(total)} GiB is free at startup{asked}: set "
+                f"gpu_memory_utilization <= {fit:.2f} or stop the other processes using the {what}")
+    if "warming up" in text:
+        return f"out of memory while warming up the {m.group(1)}: lower max_num_seqs or gpu_memory_utilization"
+    util = facts.get("gpu_memory_utilization")
+    lower = f"lower gpu_memory_utilization below {_fmt(util)}" if util else "lower gpu_memory_utilization"
+    return (f"out of GPU memory after the weights loaded: {lower} (leaves room for activations and "
+            "CUDA graphs), lower max_num_seqs / max_num_batched_tokens, or set enforce_eager")
+
+
+def _arch_name(m) -> str:
+    return next((g for g in m.groups() if g), "?").strip()
+
+
+def _remedy_arch(m, facts: Facts) -> str:
+    arch = _arch_name(m)
+    ver = facts.get("vllm_version")
+    this = f" (this log is vLLM {ver})" if ver else ""
+    if "failed to be inspected" in m.group(0):
+        return (f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
+                "error printed above it (usually a transformers/torch version mismatch)")
+    if "Transformers does not recognize" in m.group(0):
+        return f"upgrade transformers: it does not know model type {arch}"
+    if "until v" in m.group(0):
+        return f"use vLLM {m.group(3)} or older: architecture {m.group(2)} was removed after it"
+    return (f"upgrade vLLM: architecture {arch} is not in this version{this}; or try "
+            "--model-impl transformers if the architecture is in transformers")
+
+
+def _repo(m, facts: Facts) -> str | None:
+    for g in m.groups():
+        if g and "/" in g:
+            return g.rstrip(".")
+    return None
+
+
+def _remedy_gated(m, facts: Facts) -> str:
+    repo = _repo(m, facts)
+    page = f"https://huggingface.co/{repo}" if repo else "the model page"
+    return f"accept the licence at {page} and set HF_TOKEN to a token of an account that has access"
+
+
+def _remedy_not_found(m, facts: Facts) -> str:
+    name = next((g for g in m.groups() if g and not g.isdigit()), None)
+    what = f"'{name}'" if name else "the model"
+    return (f"check the model id {what}: no such Hub repository or local directory with a "
+            "config.json (typo, wrong path, or a private repo: set HF_TOKEN); offline, "
+            "download it first")
+
+
+def _remedy_chat(m, facts: Facts) -> str:
+    return "the tokenizer has no chat template: pass --chat-template FILE, or use /v1/completions"
+
+
+def _remedy_quant(m, facts: Facts) -> str:
+    if m.group(0).startswith(("Unknown", "Unsupported")):
+        return f"upgrade vLLM: quantization {m.group(1) or ''} is not known to this version".replace("  ", " ")
+    method = m.group(1) or "scheme"
+    need, have = int(m.group(2)), int(m.group(3))
+    return (f"quantization {method} needs compute capability {need // 10}.{need % 10}, this GPU has "
+            f"{have // 10}.{have % 10}: use a newer GPU or a checkpoint in another format (e.g. AWQ/GPTQ)")
+
+
+def _remedy_dtype(m, facts: Facts) -> str:
+    cc = m.group(2) or facts.compute_capability
+    gpu = f"this GPU ({m.group(1)}, compute capability {cc})" if cc else f"this GPU ({m.group(1)})"
+    return f"{gpu} has no bf16: set dtype float16"
+
+
+def _remedy_tp(m, facts: Facts) -> str:
+    text = m.group(0)
+    if "attention heads" in text or "hidden layers" in text:
+        heads, size = int(m.group(1)), int(m.group(2))
+        ok = [d for d in (1, 2, 4, 8, 16) if heads % d == 0 and d != size]
+        what = "tensor_parallel_size" if "heads" in text else "pipeline_parallel_size"
+        return f"{what} must divide {heads}: use {what} {max(d for d in ok if d < size) if any(d < size for d in ok) else ok[0]}"
+    if m.lastindex and m.lastindex >= 2 and m.group(2):
+        want, have = int(m.group(1)), int(m.group(2))
+        return (f"{want} GPUs requested (tensor_parallel_size × pipeline_parallel_size), {have} "
+                f"visible: set tensor_parallel_size {have} or expose more GPUs (CUDA_VISIBLE_DEVICES)")
+    return ("more GPUs requested than the Ray cluster has: lower tensor_parallel_size / "
+            "pipeline_parallel_size to the GPUs available, or add nodes (check `ray status`)")
+
+
+def _remedy_timeout(m, facts: Facts) -> str:
+    text = m.group(0)
+    if "Watchdog" in text:
+        return ("a collective between GPUs hung (NCCL watchdog): check the interconnect "
+                "(try NCCL_P2P_DISABLE=1), shared memory size (--shm-size), and that no rank died")
+    if "engine core" in text:
+        return "the engine core took too long to start (slow weight loading): raise VLLM_ENGINE_READY_TIMEOUT_S"
+    if "failed to start within" in text:
+        return "start-up took longer than the wrapper waited (first download or load): raise its timeout"
+    return "a worker stopped answering: check that every rank is alive (the lines above this one)"
+
+
+def _remedy_other(evidence: str) -> str:
+    return f"no known cause matched; the root error is: {evidence[:200]}"
+
+
+_REMEDIES: dict[str, Callable[[re.Match[str], Facts], str]] = {
+    "kv_cache_insufficient": _remedy_kv,
+    "max_model_len_exceeds_kv": _remedy_maxlen,
+    "oom_weight_load": _remedy_oom_load,
+    "oom_other": _remedy_oom_other,
+    "unsupported_architecture": _remedy_arch,
+    "gated_or_auth": _remedy_gated,
+    "model_not_found": _remedy_not_found,
+    "chat_template_missing": _remedy_chat,
+    "quantization_unsupported": _remedy_quant,
+    "dtype_unsupported": _remedy_dtype,
+    "tp_exceeds_gpus": _remedy_tp,
+    "timeout": _remedy_timeout,
+}

@@ -1,0 +1,148 @@
+"""Physical log text -> logical vLLM log lines (the parser's first stage).
+
+Handles what sits between vLLM's formatter and us: ANSI colours, CRLF, foreign prefixes
+(docker compose, journald, app loggers wrapping vLLM's output), vLLM process prefixes
+(`(EngineCore_DP0 pid=1)`, `(Worker_TP1 pid=2)`, `(RayWorkerWrapper pid=3, ip=…)`),
+0.32+ JSON log lines, and lines hard-wrapped by a terminal. Memory is bounded: a physical
+line longer than MAX_LINE characters is cut (the rest is skipped, never buffered).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+MAX_LINE = 256 * 1024  # the supported-architectures list is ~15 KB; nothing useful is longer
+_WRAP_MIN = 70  # terminals narrower than this are not worth guessing about
+_MAX_JOINED = 8 * 1024  # a wrapped logical line never grows past this
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it).
+_HEADER = re.compile(
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,]\d+)? "
+    r"\[?[^\s\]]{1,200}?:\d+\] ?"
+)
+# The last `(name pid=N[, ip=…])` group before the header names the process.
+_PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
+# Lines that start something of their own even without a vLLM header: never wrap-joined.
+_STANDALONE = re.compile(
+    r"(?:Traceback |  File |During handling|The above exception|\[rank\d|\[[WE]\d{4}|"
+    r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
+    r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
+)
+
+
+@dataclass(slots=True)
+class LogLine:
+    """One logical line: `msg` is the text after vLLM's header (the whole line if none)."""
+
+    msg: str
+    proc: str | None = None  # process name from the prefix, e.g. "Worker_TP1"
+    pid: str | None = None
+    level: str | None = None
+    has_header: bool = False
+
+    @property
+    def text(self) -> str:
+        head = f"({self.proc} pid={self.pid}) " if self.proc else ""
+        return f"{head}{self.level + ' ' if self.level else ''}{self.msg}".strip()
+
+
+def physical_lines(stream) -> Iterator[str]:
+    """Lines of a text stream, each at most MAX_LINE characters, without their newline."""
+    readline = stream.readline
+    while True:
+        line = readline(MAX_LINE)
+        if not line:
+            return
+        if line.endswith("\n"):
+            yield line[:-1]
+            continue
+        yield line
+        while line and not line.endswith("\n"):  # skip the rest of an over-long line
+            line = readline(MAX_LINE)
+
+
+def split_text(text: str) -> Iterator[str]:
+    """Physical lines of an in-memory string (CR, LF and CRLF all end a line)."""
+    for line in text.splitlines():
+        yield line[:MAX_LINE]
+
+
+def clean(raw: str) -> str:
+    """Without ANSI colour codes and carriage returns."""
+    if "\x1b" in raw:
+        raw = _ANSI.sub("", raw)
+    if "\r" in raw:
+        raw = raw.replace("\r", "")
+    return raw
+
+
+def _parse(raw: str) -> LogLine:
+    m = _HEADER.search(raw, 0, 400)
+    if m is None:
+        if raw[:1] == "{" and '"message"' in raw:
+            return _parse_json(raw)
+        return LogLine(raw.strip())
+    start = m.start()
+    proc = pid = None
+    if start and "pid=" in raw[:start]:
+        pm = _PROC.search(raw, 0, start)
+        if pm:
+            proc, pid = pm.group(1).strip(), pm.group(2)
+    return LogLine(raw[m.end():].rstrip(), proc, pid, m.group(1), True)
+
+
+def _parse_json(raw: str) -> LogLine:
+    """0.32+ `--logging-config.formatter json`: fields asctime, levelname, processName, …"""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return LogLine(raw.strip())
+    if not isinstance(obj, dict) or not isinstance(obj.get("message"), str):
+        return LogLine(raw.strip())
+    proc = obj.get("processName")
+    pid = obj.get("process")
+    return LogLine(
+        obj["message"],
+        str(proc) if proc else None,
+        str(pid) if pid is not None else None,
+        str(obj.get("levelname") or "") or None,
+        True,
+    )
+
+
+def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
+    """Parse physical lines, re-joining a line a terminal hard-wrapped.
+
+    A header-less line continues the previous one when the previous physical piece was at
+    least _WRAP_MIN wide (and, for a second continuation, exactly as wide as the first:
+    a terminal cuts at one fixed width) and it does not look like a line of its own.
+    """
+    pending: LogLine | None = None
+    width = 0  # width of the first cut piece of `pending`, 0 if it was not cut
+    last_len = 0  # length of the last physical piece added to `pending`
+    for raw in lines:
+        raw = clean(raw)
+        line = _parse(raw)
+        if (
+            pending is not None
+            and not line.has_header
+            and line.msg
+            and last_len >= _WRAP_MIN
+            and (width == 0 or last_len == width)
+            and len(pending.msg) < _MAX_JOINED
+            and not _STANDALONE.match(raw)
+        ):
+            width = width or last_len
+            last_len = len(raw)
+            # a terminal wraps at a character boundary: the pieces join with nothing between
+            pending.msg += raw
+            continue
+        if pending is not None:
+            yield pending
+        pending, width, last_len = line, 0, len(raw)
+    if pending is not None:
+        yield pending

@@ -1,0 +1,238 @@
+"""Aggregation: every record under results/ (many runs, many hosts) -> pandas tables.
+
+`history` has one row per stored record; `latest` keeps the newest record per cell key (key =
+model+revision, device, config, engine version, so each vLLM version keeps its own row).
+Runs are read through their manifests so reused and not-on-host cells keep their place.
+Rows hold plain values only (numbers, strings, None); templates and exports read them as is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.schema import CellRecord, RunManifest
+from harness.store import RECORD, iter_manifests, iter_records
+
+GIB = 1024**3
+
+
+@dataclass
+class RunCell:
+    """One cell of a run as the run page shows it: a record, or a manifest line without one."""
+
+    cell_id: str
+    status: str  # manifest status: ran | reused | not_on_host | excluded_by_engine
+    row: dict[str, Any] | None = None
+    record: CellRecord | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Run:
+    run_id: str
+    manifest: RunManifest | None
+    cells: list[RunCell] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    """Everything the reports are built from."""
+
+    results_dir: Path
+    history: pd.DataFrame
+    latest: pd.DataFrame
+    runs: list[Run]
+    records: dict[str, CellRecord]  # record path (relative to results/) -> record
+
+
+def _first(*values: Any) -> Any:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _arg(record: CellRecord, name: str) -> Any:
+    return record.cell.config.args.get(name)
+
+
+def device_of(record: CellRecord) -> tuple[str, float | None]:
+    """Display name and total memory (GiB) of the device a cell ran on; the CPU is "cpu"."""
+    facts = record.facts
+    total = facts.total_gpu_memory_gib if facts else None
+    if record.cell.gpu.lower() == "cpu":
+        return "cpu", total
+    gpus = [d for d in record.host.devices if d.kind == "gpu"]
+    chosen = [d for d in gpus if d.index in record.device_ids] or gpus
+    if chosen:
+        return chosen[0].name, _first(chosen[0].memory_total_gib, total)
+    if facts and facts.gpu_name:
+        return facts.gpu_name, total
+    return record.cell.gpu, total
+
+
+def engine_version(record: CellRecord) -> str | None:
+    engines = record.host.engines.get(record.cell.engine.name)
+    return _first(
+        record.engine_version,
+        record.facts.vllm_version if record.facts else None,
+        engines.vllm if engines else None,
+    )
+
+
+def level_value(level: dict[str, Any], metric: str, stat: str = "median") -> float | None:
+    value = level.get(metric)
+    if isinstance(value, dict):
+        value = value.get(stat)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def probe_levels(record: CellRecord) -> list[dict[str, Any]]:
+    """Probe levels sorted by concurrency (the probe may store them in any order)."""
+    levels = (record.probes or {}).get("levels") or []
+    return sorted((lv for lv in levels if isinstance(lv, dict)), key=lambda lv: lv.get("concurrency") or 0)
+
+
+def _probe_summary(record: CellRecord) -> dict[str, Any]:
+    levels = probe_levels(record)
+    best = max(levels, key=lambda lv: lv.get("output_throughput") or 0.0, default=None)
+    first = levels[0] if levels else None  # lowest concurrency: the latency a lone user sees
+    return {
+        "best_output_tok_s": level_value(best, "output_throughput") if best else None,
+        "best_output_concurrency": best.get("concurrency") if best else None,
+        "ttft_ms": level_value(first, "ttft_ms") if first else None,
+        "itl_ms": level_value(first, "itl_ms") if first else None,
+        "latency_concurrency": first.get("concurrency") if first else None,
+    }
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, Any]:
+    """The flat view of one record: what tables, insights, diffs and exports use."""
+    facts = record.facts
+    metrics = record.metrics
+    plan = record.plan or {}
+    telemetry = record.telemetry or {}
+    device, device_memory = device_of(record)
+    log = (path.parent / record.engine_log) if record.engine_log else None
+    fact = (lambda name: getattr(facts, name)) if facts else (lambda name: None)
+    tp = _first(_arg(record, "tensor_parallel_size"), fact("tp_size"), 1)
+    return {
+        "run_id": record.run_id,
+        "cell_id": record.cell_id,
+        "key": record.key,
+        "record_path": _rel(path, results_dir),
+        "engine_log_path": _rel(log, results_dir) if log else None,
+        "model": record.cell.model.name,
+        "model_source": record.cell.model.source,
+        "model_local": record.cell.model.is_local,
+        "config": record.cell.config.name,
+        "engine": record.cell.engine.name,
+        "engine_version": engine_version(record),
+        "gpu": record.cell.gpu,
+        "device": device,
+        "device_memory_gib": device_memory,
+        "host": record.host.hostname,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "outcome": record.outcome,
+        "failure_class": record.failure_class or (facts.failure_class if facts else None),
+        "failure_detail": _first(record.failure_detail, fact("failure_evidence")),
+        "remedy": _first(record.remedy, fact("remedy")),
+        "skip_reason": record.skip_reason,
+        "validation_passed": record.validation.passed if record.validation else None,
+        "tp": int(tp),
+        "pp": int(_first(_arg(record, "pipeline_parallel_size"), fact("pp_size"), 1)),
+        "max_model_len": _arg(record, "max_model_len"),
+        "gpu_memory_utilization": _first(_arg(record, "gpu_memory_utilization"), fact("gpu_memory_utilization")),
+        "checkpoint_gib": record.fetch.bytes / GIB if record.fetch and record.fetch.bytes else None,
+        "spawn_to_ready_s": record.timings.spawn_to_ready_s,
+        "load_s": fact("load_seconds"),
+        "total_s": record.timings.total_s,
+        "weights_gib": _first(fact("weights_gib")),
+        "activation_gib": fact("activation_peak_gib"),
+        "non_torch_gib": fact("non_torch_gib"),
+        "cuda_graph_gib": fact("cuda_graph_gib"),
+        "kv_cache_gib": fact("kv_cache_gib"),
+        "kv_cache_tokens": _first(fact("kv_cache_tokens"), metrics.kv_cache_size_tokens if metrics else None),
+        "max_concurrency": _first(fact("max_concurrency"), metrics.kv_cache_max_concurrency if metrics else None),
+        "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
+        "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
+        "plan_fits": plan.get("fits"),
+        "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),
+        "peak_rss_gib": telemetry.get("peak_rss_gib"),
+        "gpu_peak_memory_gib": telemetry.get("gpu_peak_memory_gib"),
+        "energy_j": telemetry.get("energy_j"),
+        **_probe_summary(record),
+    }
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    # object dtype keeps ints as ints and None as None (not NaN): templates, exports and
+    # diffs then see "missing" one way and token counts stay integers
+    return pd.DataFrame(rows, dtype=object)
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    order = df.assign(_m=df["model"].str.lower(), _e=df["engine_version"].fillna(""))
+    order = order.sort_values(["device", "_m", "config", "_e", "started_at", "run_id"], kind="stable")
+    return order.drop(columns=["_m", "_e"]).reset_index(drop=True)
+
+
+def latest_per_key(history: pd.DataFrame) -> pd.DataFrame:
+    """Newest record per cell key, by start time (run id breaks ties: it is sortable)."""
+    if history.empty:
+        return history
+    newest = history.sort_values(["started_at", "run_id"], kind="stable").groupby("key", sort=False).tail(1)
+    return _sorted(newest)
+
+
+def _run_cells(
+    manifest: RunManifest, rows: dict[str, dict[str, Any]], records: dict[str, CellRecord]
+) -> list[RunCell]:
+    cells = []
+    for entry in manifest.cells:
+        rel = entry.record or f"{manifest.run_id}/{entry.cell_id}/{RECORD}"
+        cells.append(
+            RunCell(entry.cell_id, entry.status, rows.get(rel), records.get(rel), entry.reason)
+        )
+    return cells
+
+
+def load(results_dir: Path) -> Results:
+    """Read results/ once: history and latest tables, and every run in manifest order."""
+    results_dir = Path(results_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    records: dict[str, CellRecord] = {}
+    for path, record in iter_records(results_dir):
+        rel = _rel(path, results_dir)
+        rows[rel] = record_row(path, record, results_dir)
+        records[rel] = record
+    manifests = {m.run_id: m for _, m in iter_manifests(results_dir)}
+    run_ids = sorted(set(manifests) | {row["run_id"] for row in rows.values()})
+    runs = []
+    for run_id in run_ids:
+        if run_id in manifests:
+            cells = _run_cells(manifests[run_id], rows, records)
+        else:  # e.g. records written without a manifest: show them by cell id
+            cells = [
+                RunCell(cell_id=row["cell_id"], status="ran", row=row, record=records[rel])
+                for rel, row in sorted(rows.items())
+                if row["run_id"] == run_id
+            ]
+        runs.append(Run(run_id=run_id, manifest=manifests.get(run_id), cells=cells))
+    history = _sorted(_frame(list(rows.values()))) if rows else pd.DataFrame()
+    return Results(results_dir=results_dir, history=history, latest=latest_per_key(history), runs=runs, records=records)
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -52,7 +52,7 @@ report: install
 	$(PY) -m harness report
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: bench-parse bench-probe bench-plan
 

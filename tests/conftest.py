@@ -1,0 +1,87 @@
+"""Shared test helpers: the repo root, running the harness CLI, watching a process tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "harness" / "tinymodels" / "data"
+ENGINE_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def pytest_collection_modifyitems(items):
+    # Real engines share 2 cores: keep every engine test on one xdist worker, one at a time.
+    for item in items:
+        if item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.xdist_group("engine"))
+
+
+def harness_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", *args]
+
+
+def harness_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+class TreeWatcher:
+    """Remembers every process ever seen below a root pid (by pid + start time), so a test can
+    assert that none of them outlives the run — without looking processes up by name."""
+
+    def __init__(self, root_pid: int, every: float = 0.2):
+        self.root_pid, self.every = root_pid, every
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.snapshot()
+            time.sleep(self.every)
+
+    def snapshot(self) -> None:
+        try:
+            root = psutil.Process(self.root_pid)
+            for p in root.children(recursive=True):
+                self.seen.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def alive(self) -> list[psutil.Process]:
+        out = []
+        for pid, created in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - created) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    def wait_gone(self, timeout: float = 30) -> list[psutil.Process]:
+        end = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < end:
+            time.sleep(0.2)
+        return self.alive()
+
+
+def run_harness(args: list[str], timeout: float = 900, **env: str) -> tuple[subprocess.CompletedProcess, TreeWatcher]:
+    proc = subprocess.Popen(harness_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=harness_env(**env), cwd=ROOT)
+    watcher = TreeWatcher(proc.pid)
+    out, err = proc.communicate(timeout=timeout)
+    watcher.stop()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), watcher

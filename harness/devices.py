@@ -30,10 +30,15 @@ _UNAVAILABLE_ERRORS = ("NotSupported", "NoPermission", "FunctionNotFound", "NotF
 
 @dataclass(frozen=True)
 class GpuProcess:
-    """A process NVML sees on a GPU; `used_bytes` is None where the driver hides it."""
+    """A process NVML sees on a GPU; `used_bytes` is None where the driver hides it.
+
+    `kind` is "compute" for CUDA contexts, "graphics" for display clients such as Xorg that a
+    workstation always has and that do not by themselves stop an engine from starting.
+    """
 
     pid: int
     used_bytes: int | None
+    kind: str = "compute"
 
 
 class Nvml:
@@ -174,13 +179,14 @@ class Nvml:
         return None if mhz is None else float(mhz)
 
     def processes(self, index: int) -> list[GpuProcess]:
-        """Compute and graphics processes on the GPU, one entry per pid."""
+        """Compute then graphics processes on the GPU, one entry per pid (compute wins)."""
         seen: dict[int, GpuProcess] = {}
-        for fn_name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-            procs = self._optional(getattr(self.lib, fn_name), self.handle(index)) or []
-            for p in procs:
+        for kind in ("compute", "graphics"):
+            fn = getattr(self.lib, f"nvmlDeviceGet{kind.title()}RunningProcesses")
+            for p in self._optional(fn, self.handle(index)) or []:
                 used = getattr(p, "usedGpuMemory", None)
-                seen.setdefault(int(p.pid), GpuProcess(int(p.pid), None if used is None else int(used)))
+                used = None if used is None else int(used)
+                seen.setdefault(int(p.pid), GpuProcess(int(p.pid), used, kind))
         return list(seen.values())
 
 

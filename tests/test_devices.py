@@ -92,7 +92,7 @@ def test_unexpected_nvml_errors_are_not_swallowed():
 def test_processes_merge_compute_and_graphics_and_keep_hidden_usage_as_none():
     nvml = Nvml.open(FakePynvml("rtx4090x2_pcie"))
     procs = nvml.processes(0)
-    assert [(p.pid, p.used_bytes) for p in procs] == [(1500, None)]
+    assert [(p.pid, p.used_bytes, p.kind) for p in procs] == [(1500, None, "graphics")]
     assert nvml.process_name(1500) == "Xorg"
 
 

@@ -106,7 +106,8 @@ def _fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def print_table(result: dict, out=sys.stdout) -> None:
+def print_table(result: dict, out=None) -> None:
+    out = out or sys.stdout
     rate_mode = result["profile"]["mode"] == "rate"
     head = ("rate" if rate_mode else "conc", "done", "fail", "req/s", "out tok/s", "TTFT p50",
             "TPOT p50", "ITL p50", "E2EL p50", "TTFT p99", "stop")

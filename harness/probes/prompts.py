@@ -28,7 +28,7 @@ class PromptFactory:
         self.tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         self.note = None
         if tokenizer_dir and self.tokenizer is None:
-            self.note = f"no tokenizer.json under {tokenizer_dir}: word prompts, usage counts"
+            self.note = f"no usable tokenizer.json under {tokenizer_dir}: word prompts, usage counts"
         if self.tokenizer is not None:
             special = set(self.tokenizer.get_added_tokens_decoder())
             self._ids = [i for i in range(self.tokenizer.get_vocab_size()) if i not in special]
@@ -46,23 +46,29 @@ class PromptFactory:
 
     def _exact(self, n_tokens: int, rng: random.Random) -> tuple[str, int]:
         tok = self.tokenizer
-        overhead = len(tok.encode("", add_special_tokens=True).ids)
-        want = max(1, n_tokens - overhead)
-        ids = [rng.choice(self._ids) for _ in range(want)]
-        best: tuple[int, str, int] | None = None
-        # Decoding then re-encoding merges or splits tokens; nudge the id count until the
-        # round trip lands on the target (a few rounds suffice in practice).
-        for _ in range(16):
+
+        def count(ids: list[int]) -> tuple[str, int]:
             text = tok.decode(ids)
-            count = len(tok.encode(text, add_special_tokens=True).ids)
-            if best is None or abs(count - n_tokens) < best[0]:
-                best = (abs(count - n_tokens), text, count)
-            if count == n_tokens:
+            return text, len(tok.encode(text, add_special_tokens=True).ids)
+
+        best: tuple[int, str, int] | None = None
+        # Decoding then re-encoding merges or splits tokens, so search the shortest prefix of
+        # a random id list whose round trip reaches N (the count grows with the prefix);
+        # a list whose counts jump over N is replaced by a fresh one.
+        for _ in range(32):
+            ids = [rng.choice(self._ids) for _ in range(2 * n_tokens + 8)]
+            lo, hi = 1, len(ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if count(ids[:mid])[1] >= n_tokens:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            text, got = count(ids[:lo])
+            if best is None or abs(got - n_tokens) < best[0]:
+                best = (abs(got - n_tokens), text, got)
+            if got == n_tokens:
                 break
-            if count > n_tokens:
-                ids = ids[: max(1, len(ids) - (count - n_tokens))]
-            else:
-                ids = ids + [rng.choice(self._ids) for _ in range(n_tokens - count)]
         return best[1], best[2]
 
     def count_output(self, text: str) -> int | None:

@@ -87,9 +87,17 @@ class StubServer:
 
         def main() -> None:
             self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
             self._loop.run_until_complete(self.start())
             ready.set()
             self._loop.run_forever()
+            # Cancel handlers still running (a hanging request, idle keep-alives) so none is
+            # left to be collected after the loop is gone.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name="stub-server")
         self._thread.start()

@@ -100,6 +100,7 @@ class Facts:
     loading_done: bool = False  # weights finished loading (an OOM after this is not a load OOM)
     loading_started: bool = False
     compute_capability: str | None = None
+    repo: str | None = None  # the Hub repo an auth/not-found error names (for the remedy)
 
     def put(self, line: LogLine, key: str, value: Any, prio: int = 0) -> None:
         if key in RANK_KEYS:

@@ -80,6 +80,10 @@ _spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out wai
 # --- wrappers: only the evidence of last resort
 _spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered a fatal error|died unexpectedly")
 
+_REPO = re.compile(
+    r"huggingface\.co/(?!api/|docs/|settings/|models\b)(?:api/models/)?([\w.-]+/[\w.-]+?)(?:/resolve/|/tree/|\.?(?:\s|$|\)))"
+    r"|(?:Access to model|Repo model) ([\w.-]+/[\w.-]+)"
+)
 _EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit))(?:: (.+)|\s*$)")
 _WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|^\s*$")
 
@@ -97,6 +101,10 @@ class Failures:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
+        if facts.repo is None and ("huggingface.co/" in msg or "model " in msg):
+            rm = _REPO.search(msg)
+            if rm:
+                facts.repo = rm.group(1) or rm.group(2)
         for cls, prio, pattern, fatal in _SPECS:
             if self.best is not None and prio >= self.best.prio:
                 continue
@@ -180,9 +188,13 @@ def _remedy_maxlen(m, facts: Facts) -> str:
         head = f"set max_model_len <= {cap:,} (the KV cache holds {cap:,} tokens; {want:,} requested)"
     else:
         want, need, avail = whole_(m.group(1)), num(m.group(2)), num(m.group(3))
-        limit = f"set max_model_len <= {est:,} (vLLM's estimate)" if est else "lower max_model_len"
-        head = (f"{limit}: one {want:,}-token request needs {_fmt(need)} GiB of KV cache, "
-                f"{_fmt(avail)} GiB is available")
+        limit = f"set max_model_len <= {est:,} (vLLM's estimate)" if est else f"lower max_model_len below {want:,}"
+        head = limit
+        if need > 0:  # GiB values print rounded; on tiny CPU caches both read 0.0
+            head += (f": one {want:,}-token request needs {_fmt(need)} GiB of KV cache, "
+                     f"{_fmt(avail)} GiB is available")
+    if facts.get("platform") == "cpu":
+        return f"{head}; or give the KV cache more memory (VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes)"
     util = facts.get("gpu_memory_utilization")
     more = f"raise gpu_memory_utilization above {_fmt(util)}" if util else "raise gpu_memory_utilization"
     return f"{head}; or {more}, or set kv_cache_dtype fp8"
@@ -203,7 +215,7 @@ def _remedy_oom_other(m, facts: Facts) -> str:
     text = m.group(0)
     if text.startswith("Free memory on device") or text.startswith("Available memory on node"):
         free, total = num(m.group(1)), num(m.group(2))
-        fit = math.floor((free / total) * 100 - 1) / 100
+        fit = math.floor(free / total * 100) / 100  # vLLM's check: util × total <= free
         util = facts.get("gpu_memory_utilization")
         asked = f" but gpu_memory_utilization {_fmt(util)} asks for {_fmt(util * total)} GiB" if util else ""
         what = "CPU memory" if text.startswith("Available") else "GPU"
@@ -225,7 +237,8 @@ def _remedy_arch(m, facts: Facts) -> str:
     arch = _arch_name(m)
     ver = facts.get("vllm_version")
     this = f" (this log is vLLM {ver})" if ver else ""
-    if "failed to be inspected" in m.group(0):
+    listed = arch.strip("'\"") and f"'{arch.strip(chr(39))}'" in m.string[m.end():]
+    if "failed to be inspected" in m.group(0) or listed:
         return (f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
                 "error printed above it (usually a transformers/torch version mismatch)")
     if "Transformers does not recognize" in m.group(0):
@@ -240,7 +253,7 @@ def _repo(m, facts: Facts) -> str | None:
     for g in m.groups():
         if g and "/" in g:
             return g.rstrip(".")
-    return None
+    return facts.repo
 
 
 def _remedy_gated(m, facts: Facts) -> str:
@@ -250,7 +263,7 @@ def _remedy_gated(m, facts: Facts) -> str:
 
 
 def _remedy_not_found(m, facts: Facts) -> str:
-    name = next((g for g in m.groups() if g and not g.isdigit()), None)
+    name = next((g for g in m.groups() if g and not g.isdigit()), None) or facts.repo
     what = f"'{name}'" if name else "the model"
     return (f"check the model id {what}: no such Hub repository or local directory with a "
             "config.json (typo, wrong path, or a private repo: set HF_TOKEN); offline, "
@@ -304,7 +317,13 @@ def _remedy_timeout(m, facts: Facts) -> str:
 
 
 def _remedy_other(evidence: str) -> str:
+    if _WRAPPER_ONLY.search(evidence):
+        return ("the log holds only the wrapper, not the root cause (traceback cut or in another "
+                "process's output): keep the full engine output, stderr included, and parse it again")
     return f"no known cause matched; the root error is: {evidence[:200]}"
+
+
+_WRAPPER_ONLY = re.compile(r"^(?:RuntimeError: )?(?:EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered a fatal error)")
 
 
 _REMEDIES: dict[str, Callable[[re.Match[str], Facts], str]] = {

@@ -28,7 +28,7 @@ _HEADER = re.compile(
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
 _STANDALONE = re.compile(
-    r"(?:Traceback |  File |During handling|The above exception|\[rank\d|\[[WE]\d{4}|"
+    r"(?:Traceback |  File |During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
     r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
     r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
 )
@@ -120,6 +120,7 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
     A header-less line continues the previous one when the previous physical piece was at
     least _WRAP_MIN wide (and, for a second continuation, exactly as wide as the first:
     a terminal cuts at one fixed width) and it does not look like a line of its own.
+    Such a piece is also yielded alone, before the joined line.
     """
     pending: LogLine | None = None
     width = 0  # width of the first cut piece of `pending`, 0 if it was not cut
@@ -140,6 +141,10 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
             last_len = len(raw)
             # a terminal wraps at a character boundary: the pieces join with nothing between
             pending.msg += raw
+            # the guess may be wrong (a header-less log of short separate lines): the piece
+            # is read on its own too; fact rules need whole phrases, so a true fragment
+            # matches nothing by itself
+            yield line
             continue
         if pending is not None:
             yield pending

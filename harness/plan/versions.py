@@ -1,0 +1,45 @@
+"""vLLM version comparison and the range syntax of the calibration table (">=0.10,<0.12")."""
+
+from __future__ import annotations
+
+import re
+
+
+def parse(version: str) -> tuple[int, ...]:
+    """"0.11.0rc2.dev67+gb5ee1e3" -> (0, 11, 0): release numbers only, pre-release tags dropped."""
+    m = re.match(r"v?(\d+(?:\.\d+)*)", version.strip())
+    if not m:
+        raise ValueError(f"not a version: {version!r}")
+    return tuple(int(p) for p in m.group(1).split("."))
+
+
+def _pad(v: tuple[int, ...]) -> tuple[int, ...]:
+    return v + (0,) * (3 - len(v))
+
+
+def at_least(version: str, floor: str) -> bool:
+    return _pad(parse(version)) >= _pad(parse(floor))
+
+
+def in_range(version: str | None, spec: str) -> bool:
+    """`spec` is "*" or comma-joined clauses of >=, >, <=, <, == . An unknown version matches "*" only."""
+    if spec.strip() in ("", "*"):
+        return True
+    if version is None:
+        return False
+    v = _pad(parse(version))
+    for clause in spec.split(","):
+        m = re.match(r"\s*(>=|<=|==|>|<)\s*(\S+)\s*$", clause)
+        if not m:
+            raise ValueError(f"bad version clause {clause!r} in {spec!r}")
+        op, bound = m.group(1), _pad(parse(m.group(2)))
+        ok = {">=": v >= bound, "<=": v <= bound, "==": v == bound, ">": v > bound, "<": v < bound}[op]
+        if not ok:
+            return False
+    return True
+
+
+def minor(version: str) -> str:
+    """"0.11.2" -> "0.11": the granularity calibrate groups records by."""
+    p = _pad(parse(version))
+    return f"{p[0]}.{p[1]}"

@@ -87,7 +87,14 @@ def env_value(name: str, value: str) -> str:
     return "***" if SECRET_NAME.search(name) else value
 
 
-def _environment() -> jinja2.Environment:
+def value_with_unit(value: Any, unit: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return cell(value if value is not None else "N/A")
+    text = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
@@ -97,7 +104,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,  # Markdown, not HTML; table text goes through `cell`
     )
     env.filters.update(num=num, int=integer, pct=percent, cell=cell, code=code, outcome=outcome_badge,
-                       validation=validation_badge, flag=cli_flag, stat=level_value, env_value=env_value, gib=lambda b: num(b / GIB)
+                       validation=validation_badge, flag=cli_flag, stat=level_value, value=value_with_unit, env_value=env_value, gib=lambda b: num(b / GIB)
                        if isinstance(b, (int, float)) else "N/A")
     env.globals.update(failure_classes=FAILURE_CLASSES)
     return env
@@ -143,7 +150,7 @@ class Renderer:
     def __init__(self, results: Results, reports_dir: Path):
         self.results = results
         self.reports_dir = Path(reports_dir)
-        self.env = _environment()
+        self.env = environment()
         self.written: list[Path] = []
 
     def _write(self, path: Path, template: str, **context: Any) -> Path:

@@ -1,11 +1,9 @@
 """Packing matrix cells onto a box's GPUs, and the lock that keeps two matrix runs apart.
 
-A cell needs TP x PP GPUs. `next_assignments` is the scheduling policy the runner calls each
-time a cell finishes: it hands out disjoint GPU sets to as many waiting cells as fit, preferring
-GPUs in one NVLink island, then one NUMA node. Cells are taken longest first (recorded
-durations), then most-GPUs first; when the head cell does not fit yet, its GPUs are reserved for the moment
-they free up and smaller cells only backfill where they do not delay it (EASY backfilling), so
-an 8-GPU cell is not starved by a stream of 1-GPU cells and idle GPUs still get work.
+A cell needs TP x PP GPUs. `next_assignments` is the scheduling policy the runner calls at the
+start and each time a cell finishes: it hands out disjoint GPU sets to as many waiting cells as
+fit, longest first (recorded durations), preferring GPUs in one NVLink island, then one NUMA
+node, so independent cells run side by side and no GPU idles while a cell it could run waits.
 
 `simulate` replays the same policy over known durations to compute the makespan; it is pure, so
 tests can try many box shapes. `lock_devices` is the run-level file lock.
@@ -45,13 +43,6 @@ class Job:
     gpus_needed: int
     eligible: frozenset[int]
     est_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Running:
-    job: Job
-    gpus: tuple[int, ...]
-    started_at: float
 
 
 def slots_from_devices(devices: Iterable[Device]) -> list[Slot]:
@@ -105,54 +96,24 @@ def priority(job: Job) -> tuple:
 
 
 def next_assignments(
-    pending: Sequence[Job], slots: Sequence[Slot], running: Sequence[Running], now: float
+    pending: Sequence[Job], slots: Sequence[Slot], busy: Iterable[int] = ()
 ) -> list[tuple[Job, tuple[int, ...]]]:
-    """Cells to start now and their GPUs: disjoint from each other and from running cells."""
-    busy = {g for r in running for g in r.gpus}
-    free = {s.index for s in slots} - busy
+    """Cells to start now and their GPUs: disjoint from each other and from `busy` GPUs.
+
+    Every pending cell that fits starts, in priority order; a cell that does not fit yet lets
+    the ones behind it use the free GPUs (backfilling). A short 8-GPU cell may so wait until
+    the box drains; simulations over mixed-TP matrices showed reserving GPUs for it (EASY
+    backfilling) lengthened the makespan instead, so nothing is held back.
+    """
+    free = {s.index for s in slots} - set(busy)
     by_index = {s.index: s for s in slots}
-    # When each busy GPU is expected back; inf where a cell's duration is unknown.
-    release = {g: _end(r, now) for r in running for g in r.gpus}
     started: list[tuple[Job, tuple[int, ...]]] = []
-    reserved: set[int] = set()
-    reserve_until = float("inf")
     for job in sorted(pending, key=priority):
-        usable = [by_index[g] for g in sorted(free & job.eligible)]
-        if reserved and (job.est_s is None or now + job.est_s > reserve_until):
-            usable = [s for s in usable if s.index not in reserved]  # would delay the head cell
-        pick = choose_gpus(usable, job.gpus_needed)
+        pick = choose_gpus([by_index[g] for g in sorted(free & job.eligible)], job.gpus_needed)
         if pick is not None:
             started.append((job, pick))
             free -= set(pick)
-            for g in pick:
-                release[g] = now + job.est_s if job.est_s is not None else float("inf")
-            continue
-        if not reserved:
-            reserved, reserve_until = _reservation(job, free, release, by_index)
     return started
-
-
-def _end(r: Running, now: float) -> float:
-    if r.job.est_s is None:
-        return float("inf")
-    return max(now, r.started_at + r.job.est_s)  # an overrunning cell is still busy now
-
-
-def _reservation(
-    job: Job, free: set[int], release: dict[int, float], by_index: dict[int, Slot]
-) -> tuple[set[int], float]:
-    """The GPUs the head cell will get, and when: the earliest moment enough eligible GPUs
-    are expected free. Nothing reserved when that moment is unknown (durations missing)."""
-    eligible = sorted(job.eligible & set(by_index))
-    times = sorted({release[g] for g in eligible if g not in free and g in release})
-    for t in times:
-        if t == float("inf"):
-            break
-        ready = [by_index[g] for g in eligible if g in free or release.get(g, float("inf")) <= t]
-        pick = choose_gpus(ready, job.gpus_needed)
-        if pick is not None:
-            return set(pick), t
-    return set(), float("inf")
 
 
 # --------------------------------------------------------------------------- simulation
@@ -191,32 +152,31 @@ def simulate(
 ) -> Schedule:
     """Replay `next_assignments` over cells that take `durations[id]` seconds (default: their
     estimates), as the runner would; returns every placement. `busy_until`: GPUs another job
-    holds at the start, and until when (the policy sees them as running, duration known)."""
+    holds at the start, and until when."""
     actual = durations or {j.id: j.est_s for j in jobs}
     bad = unrunnable(jobs, slots)
     schedule = Schedule(unrunnable=[j.id for j in bad])
     pending = [j for j in jobs if j not in bad]
-    running: list[Running] = []
-    ends: list[tuple[float, int, Running]] = []  # heap of (end time, tie-break, cell)
+    busy: dict[int, str] = {}  # GPU -> what holds it
+    ends: list[tuple[float, int, str, tuple[int, ...]]] = []  # heap: (end, tie-break, id, GPUs)
+    for seq, (gpu, until) in enumerate((busy_until or {}).items()):
+        busy[gpu] = f"busy:{gpu}"
+        heapq.heappush(ends, (until, -1 - seq, busy[gpu], (gpu,)))
     now, seq = 0.0, 0
-    for gpu, until in (busy_until or {}).items():
-        r = Running(Job(f"busy:{gpu}", 1, frozenset({gpu}), until), (gpu,), 0.0)
-        running.append(r)
-        heapq.heappush(ends, (until, seq, r))
-        seq += 1
-    while pending or running:
-        for job, gpus in next_assignments(pending, slots, running, now):
+    while pending or ends:
+        for job, gpus in next_assignments(pending, slots, busy):
             pending.remove(job)
-            r = Running(job, gpus, now)
-            running.append(r)
-            heapq.heappush(ends, (now + actual[job.id], seq, r))
+            end = now + actual[job.id]
+            busy.update(dict.fromkeys(gpus, job.id))
+            heapq.heappush(ends, (end, seq, job.id, gpus))
             seq += 1
-            schedule.placements.append(Placement(job.id, gpus, now, now + actual[job.id]))
-        if not running:
+            schedule.placements.append(Placement(job.id, gpus, now, end))
+        if not ends:
             raise RuntimeError(f"no cell can start on a free box: {[j.id for j in pending]}")
         now = ends[0][0]
         while ends and ends[0][0] <= now:
-            running.remove(heapq.heappop(ends)[2])
+            for gpu in heapq.heappop(ends)[3]:
+                del busy[gpu]
     return schedule
 
 

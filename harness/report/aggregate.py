@@ -158,7 +158,7 @@ def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, A
         "spawn_to_ready_s": record.timings.spawn_to_ready_s,
         "load_s": fact("load_seconds"),
         "total_s": record.timings.total_s,
-        "weights_gib": _first(fact("weights_gib")),
+        "weights_gib": fact("weights_gib"),
         "activation_gib": fact("activation_peak_gib"),
         "non_torch_gib": fact("non_torch_gib"),
         "cuda_graph_gib": fact("cuda_graph_gib"),

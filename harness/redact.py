@@ -50,7 +50,10 @@ class Redactor:
         return redact_obj(obj, self)
 
 
-_KEY_NAME = re.compile(r"token|secret|password|api[-_]?key|authorization", re.IGNORECASE)
+# A key *named* as a secret (hf_token, --api-key, Authorization), not one that merely mentions
+# tokens: kv_cache_size_tokens and --max-num-batched-tokens are numbers users need to see.
+_KEY_NAME = re.compile(r"(?:^|[_-])(?:token|secret|password|passwd|api[-_]?key|authorization|credentials?)$",
+                       re.IGNORECASE)
 
 
 def redact_obj(obj: Any, redactor: Redactor | None = None) -> Any:

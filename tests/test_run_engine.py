@@ -64,7 +64,7 @@ def test_default_matrix_four_outcomes(default_run):
     assert 1 < chat.timings.spawn_to_ready_s < chat.timings.total_s
     for rec in (chat, random_, unsupported, long_):
         assert rec.timings.harness_overhead_s is not None and rec.timings.harness_overhead_s < 1.0, rec.timings
-        assert rec.telemetry["process"]["peak_rss_gib"] > 0
+        assert rec.telemetry["process"]["rss_peak_gib"] > 0
         cell_dir = default_run["results"] / rec.run_id / rec.cell_id
         assert (cell_dir / rec.engine_log).stat().st_size > 0
         assert (cell_dir / "telemetry.csv").exists()

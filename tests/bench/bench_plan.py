@@ -84,7 +84,7 @@ def main() -> int:
     wrong = errors["verdicts"].count(False)
     print(f"  verdicts         {len(errors['verdicts']) - wrong}/{len(errors['verdicts'])} right")
     print("\nData is thin: 6 H100 runs (5 with a breakdown) from one vLLM version, 6 RTX 4090 runs with "
-          "rounded numbers and assumed scheduler settings, 2 CPU runs. Leave-one-out cannot fit a "
+          "rounded numbers and assumed scheduler settings, 3 CPU runs (one a max_model_len failure). Leave-one-out cannot fit a "
           "family-specific constant for a family seen once (gpt-oss's MXFP4 weight layout, 5% over "
           "the checkpoint-derived size), which is where the weights error comes from.")
     return 1 if failed or wrong else 0

@@ -44,6 +44,7 @@ class ConfigEntry(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str | int | float | bool] = Field(default_factory=dict)
     autofit: bool = False
+    skip_if_unfit: bool = True
 
 
 
@@ -164,7 +165,8 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
             for gpu in spec.gpus:
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
-                    config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit)
+                    config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,
+                                          skip_if_unfit=cfg.skip_if_unfit)
                     cell = Cell(model=model, gpu=gpu, config=config, engine=install)
                     if spec.include and not any(r.matches(cell) for r in spec.include):
                         continue

@@ -32,7 +32,7 @@ from harness.errors import InputError
 from harness.fetch import FetchError, OfflineMissing, fetch_model
 from harness.matrix import Matrix, check_engine_args
 from harness.parse import parse_log_file
-from harness.plan import plan_cell
+from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import validate
@@ -238,14 +238,36 @@ class MatrixRun:
             memory = next((d.memory_total_gib for d in devices if d.kind == "gpu"), None)
             plan = plan_cell(cell, memory, vllm_version=engine.vllm)
             rec.plan = plan.model_dump(mode="json")
-            if plan.fits is False:
+            if plan.fits is False and cell.config.skip_if_unfit:
                 rec.skip_reason = f"predicted not to fit: {plan.reason}" + (
                     f"; fix: {plan.suggestion}" if plan.suggestion else "")
                 return self._finish(rec, t0)
-        self._serve(rec, cell, model_dir, devices, t0)
+        self._serve(rec, cell, model_dir, devices)
+        rec = self._finish(rec, t0)
+        if cell.config.autofit and rec.outcome == "failed" and rec.facts:
+            retry = autofit_args(cell, rec.facts, rec.plan)
+            if retry:
+                return self._autofit(cell, rec, retry, model_dir, devices)
+        return rec
+
+    def _autofit(self, cell: Cell, failed: CellRecord, changes: dict[str, Any], model_dir: str,
+                 devices: list[Device]) -> CellRecord:
+        """One retry with the fix (vLLM's own max-len estimate or the planner's), as its own cell."""
+        config = cell.config.model_copy(update={"name": f"{cell.config.name}+autofit",
+                                                "args": {**cell.config.args, **changes}, "autofit": False})
+        retry_cell = cell.model_copy(update={"config": config})
+        t0 = time.monotonic()
+        rec = failed.model_copy(update={
+            "cell_id": retry_cell.cell_id, "cell": retry_cell, "autofit_of": failed.cell_id,
+            "key": cell_key(retry_cell, failed.engine_version, failed.fetch.revision_sha if failed.fetch else None),
+            "started_at": store.utcnow(), "outcome": "skipped", "failure_class": None, "failure_detail": None,
+            "remedy": None, "facts": None, "metrics": None, "validation": None, "probes": None,
+            "telemetry": None, "timings": Timings(), "engine_exit_code": None, "command": [],
+        })
+        self._serve(rec, retry_cell, model_dir, devices)
         return self._finish(rec, t0)
 
-    def _serve(self, rec: CellRecord, cell: Cell, model_dir: str, devices: list[Device], t0: float) -> None:
+    def _serve(self, rec: CellRecord, cell: Cell, model_dir: str, devices: list[Device]) -> None:
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = store.cell_dir(self.options.results_dir, self.run_id, cell.cell_id)
         port, api_key = free_port(), secrets.token_urlsafe(24)
@@ -272,13 +294,17 @@ class MatrixRun:
         proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line)
         base = f"http://127.0.0.1:{port}"
         view.phase(cell.cell_id, "starting")
+        spawned = time.monotonic()
         proc.start()
         sampler = Sampler(proc.pid, rec.device_ids)
         sampler.start()
         timings = rec.timings
         stage = "startup"
         try:
-            timings.spawn_to_ready_s = round(proc.wait_ready(base, api_key, timeouts.ready_s), 3)
+            try:
+                timings.spawn_to_ready_s = round(proc.wait_ready(base, api_key, timeouts.ready_s), 3)
+            finally:
+                timings.startup_s = round(time.monotonic() - spawned, 3)
             sampler.mark_ready()
             view.phase(cell.cell_id, "ready")
             rec.metrics = _scrape_metrics(base, api_key)
@@ -330,7 +356,7 @@ class MatrixRun:
         t.total_s = round(time.monotonic() - t0, 3)
         if rec.fetch and rec.fetch.seconds is not None:
             t.fetch_s = rec.fetch.seconds
-        accounted = sum(x or 0.0 for x in (t.fetch_s, t.spawn_to_ready_s, t.validation_s, t.probes_s, t.stop_s))
+        accounted = sum(x or 0.0 for x in (t.fetch_s, t.startup_s, t.validation_s, t.probes_s, t.stop_s))
         t.harness_overhead_s = round(max(t.total_s - accounted, 0.0), 3)
         rec.finished_at = store.utcnow()
         rec = CellRecord.model_validate(self.redactor.redact_obj(rec.model_dump(mode="json")))

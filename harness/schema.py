@@ -62,6 +62,8 @@ class EngineConfig(Record):
     args: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args, snake_case
     env: dict[str, str] = Field(default_factory=dict)
     autofit: bool = False  # retry once with the planner's / vLLM's fix when KV does not fit
+    # A cell predicted not to fit is skipped (saves GPU minutes); false runs it to see the real failure.
+    skip_if_unfit: bool = True
 
     @property
     def gpus_needed(self) -> int:
@@ -209,12 +211,13 @@ class FetchInfo(Record):
 
 class Timings(Record):
     fetch_s: float | None = None
+    startup_s: float | None = None  # spawn -> ready, exit or ready timeout, whichever came first
     spawn_to_ready_s: float | None = None
     validation_s: float | None = None
     probes_s: float | None = None
     stop_s: float | None = None
     total_s: float | None = None
-    # total - (fetch + spawn->ready + validation + probes + stop): what the harness itself cost
+    # total - (fetch + startup + validation + probes + stop): what the harness itself cost
     harness_overhead_s: float | None = None
 
 
@@ -244,6 +247,7 @@ class CellRecord(Record):
     plan: dict[str, Any] | None = None
     timings: Timings = Field(default_factory=Timings)
     engine_log: str | None = None  # path relative to the record's folder
+    autofit_of: str | None = None  # cell id of the failed attempt this retry fixes
     command: list[str] = Field(default_factory=list)  # engine command line, secrets redacted
 
 

@@ -175,6 +175,7 @@ class MatrixRun:
         )
         self.pids_dir = self.options.results_dir / PIDS_DIR
         self.redactor = Redactor(env=os.environ)
+        self.view = Progress([], mode="quiet")  # replaced by run(); run_cell alone (a Ray task) shows nothing
         self.probe_spec = self.matrix.spec.probe
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:

@@ -194,6 +194,10 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("vllm server not ready in time")
 
 
+def _runs(results: list[dict], key: str) -> str:
+    return "/".join(f"{r[key]:.1f}" for r in results)
+
+
 def part_b(model_dir: Path) -> None:
     port = free_port()
     proc = start_vllm(model_dir, port)
@@ -212,8 +216,11 @@ def part_b(model_dir: Path) -> None:
                                ("tpot", "TPOT p50 ms")):
                 a = statistics.median(r[key] for r in mine)
                 b = statistics.median(r[key] for r in theirs)
-                print(f"    {label:14} harness {a:9.2f}  vllm bench serve {b:9.2f}  "
-                      f"diff {100 * (a - b) / b:+6.1f}%")
+                diff = f"{100 * (a - b) / b:+6.1f}%" if b else "   n/a"
+                print(f"    {label:14} harness {a:9.2f}  vllm bench serve {b:9.2f}  diff {diff}"
+                      f"   runs: {_runs(mine, key)} vs {_runs(theirs, key)}")
+            # TPOT 0 means the server sent the whole output in one chunk: vLLM's front end
+            # coalesces tokens when it falls behind the engine (CPU contention).
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

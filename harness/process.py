@@ -46,7 +46,8 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGKILL it when the harness dies.
+    # Runs in the child between fork and exec: SIGKILL it when the harness dies. Linux ties this
+    # to the *thread* that forked, so engines are started from threads that outlive them.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:

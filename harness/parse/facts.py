@@ -35,7 +35,7 @@ RANK_KEYS = frozenset(
     }
 )
 
-_NUM = r"(-?[\d,]*\.?\d+)"  # 14.99, -0.42, 1,048,576, .5
+_NUM = r"(-?(?:\d[\d,]{0,24}(?:\.\d{1,12})?|\.\d{1,12}))"  # 14.99, -0.42, 1,048,576, .5 (bounded: no quadratic backtracking)
 
 
 def num(text: str) -> float:
@@ -196,9 +196,11 @@ def _gpu(m, line, f):
     f.compute_capability = m.group(2)
 
 
-@rule("GPU 0: ", r"GPU 0: ([^\n(]+?)(?: \(UUID|\s*$)")  # collect_env / nvidia-smi -L pasted above a log
+@rule("GPU 0: ", r"GPU 0: ([^\n(]{1,120})")  # collect_env / nvidia-smi -L pasted above a log
 def _gpu_env(m, line, f):
-    f.put(line, "gpu_name", m.group(1).strip(), 1)
+    name = m.group(1).strip()
+    if name:
+        f.put(line, "gpu_name", name, 1)
 
 
 @rule("tensor_parallel_size", r"\btensor_parallel_size'?[=:] ?(\d+)")

@@ -26,6 +26,10 @@ _GATE = (
     "OutOfMemory", "capability", "does not recognize", "Invalid", "HF_TOKEN",
 )
 
+# INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
+# DEBUG chat-template error, and errors an app logger re-logged at INFO.
+_INFO_GATE = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out")
+
 
 @dataclass
 class Hit:
@@ -45,7 +49,7 @@ def _spec(cls: str, prio: int, pattern: str, fatal: bool = True) -> None:
     _SPECS.append((cls, prio, re.compile(pattern), fatal))
 
 
-_N = r"(-?[\d,]*\.?\d+)"
+_N = r"(-?(?:\d[\d,]{0,24}(?:\.\d{1,12})?|\.\d{1,12}))"  # bounded: no quadratic backtracking on digit runs
 # --- memory
 _spec("max_model_len_exceeds_kv", 1, r"with the models?'s max seq len \(" + _N + r"\), \(" + _N + r" GB?(?:iB)? KV cache is needed, which is larger than the available KV cache memory \(" + _N)
 _spec("max_model_len_exceeds_kv", 1, r"The model's max seq len \(" + _N + r"\) is larger than the maximum number of tokens that can be stored in KV cache \(" + _N + r"\)")
@@ -62,7 +66,7 @@ _spec("unsupported_architecture", 1, r"Model architectures? \[?([^\]]{1,300}?)\]
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
 _spec("gated_or_auth", 1, r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)")
-_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(\S+) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
+_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
 _spec("chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False)
 # --- hardware
@@ -97,7 +101,11 @@ class Failures:
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
-        if not any(g in msg for g in _GATE):
+        gates = _INFO_GATE if line.level in ("INFO", "DEBUG") else _GATE
+        for gate in gates:
+            if gate in msg:
+                break
+        else:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
@@ -175,7 +183,8 @@ def _remedy_kv(m, facts: Facts) -> str:
                 "--kv-cache-memory-bytes, or gpu_memory_utilization, which sets the CPU memory share")
     util = facts.get("gpu_memory_utilization")
     need = _util_needed(facts, extra_gib=1.0)
-    target = f"to at least {need}" if need else "above " + _fmt(util) if util else ""
+    target = (f"to at least {need} (room for the non-KV memory plus 1 GiB of KV cache)" if need
+              else "above " + _fmt(util) if util else "")
     head = f"raise gpu_memory_utilization {target}".rstrip()
     return (f"{head}{_budget_text(facts)}; or use tensor_parallel_size {_tp_next(facts)}, "
             "a quantized checkpoint, or a smaller model")

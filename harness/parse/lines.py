@@ -71,6 +71,10 @@ def split_text(text: str) -> Iterator[str]:
         yield line[:MAX_LINE]
 
 
+_UVICORN_LEVELS = frozenset({"INFO", "DEBUG", "WARNING", "ERROR", "CRITICAL"})
+_UVICORN = frozenset(level[:5] for level in _UVICORN_LEVELS)
+
+
 def clean(raw: str) -> str:
     """Without ANSI colour codes and carriage returns."""
     if "\x1b" in raw:
@@ -80,7 +84,25 @@ def clean(raw: str) -> str:
     return raw
 
 
+# Lines that fill long logs and never state a fact or a failure: request/stat chatter.
+_NOISE_PREFIXES = (
+    "Avg prompt throughput", "Received request", "Finished request", "Added request",
+    "Aborted request", "Engine 0",
+)
+
+
+def is_noise(msg: str) -> bool:
+    """Periodic stats, per-request and HTTP access lines (the bulk of a long-running log)."""
+    if msg.startswith(_NOISE_PREFIXES):
+        return not msg.startswith("Engine 0") or "throughput" in msg[:40]
+    return ' HTTP/1.' in msg and msg[-3:].isalpha()  # uvicorn access line: ... HTTP/1.1" 200 OK
+
+
 def _parse(raw: str) -> LogLine:
+    if raw[:5] in _UVICORN and raw[5:6] in (":", "I"):  # uvicorn's own "INFO:     …" lines
+        head, _, rest = raw.partition(":")
+        if head in _UVICORN_LEVELS:
+            return LogLine(rest.strip(), None, None, head, False)
     m = _HEADER.search(raw, 0, 400)
     if m is None:
         if raw[:1] == "{" and '"message"' in raw:

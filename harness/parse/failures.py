@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from harness.parse.facts import Facts, num
+from harness.parse.facts import Facts, num, whole
 from harness.parse.lines import LogLine
 
 EVIDENCE_MAX = 600
@@ -97,7 +97,6 @@ class Failures:
     best: Hit | None = None
     last_exception: str | None = None  # for "other": the root error printed before a wrapper
     saw_traceback: bool = False
-    _seen: set[str] = field(default_factory=set)
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
@@ -193,10 +192,10 @@ def _remedy_kv(m, facts: Facts) -> str:
 def _remedy_maxlen(m, facts: Facts) -> str:
     est = facts.get("estimated_max_model_len")
     if m.re.pattern.startswith("The model's"):
-        want, cap = whole_(m.group(1)), whole_(m.group(2))
+        want, cap = whole(m.group(1)), whole(m.group(2))
         head = f"set max_model_len <= {cap:,} (the KV cache holds {cap:,} tokens; {want:,} requested)"
     else:
-        want, need, avail = whole_(m.group(1)), num(m.group(2)), num(m.group(3))
+        want, need, avail = whole(m.group(1)), num(m.group(2)), num(m.group(3))
         limit = f"set max_model_len <= {est:,} (vLLM's estimate)" if est else f"lower max_model_len below {want:,}"
         head = limit
         if need > 0:  # GiB values print rounded; on tiny CPU caches both read 0.0
@@ -207,10 +206,6 @@ def _remedy_maxlen(m, facts: Facts) -> str:
     util = facts.get("gpu_memory_utilization")
     more = f"raise gpu_memory_utilization above {_fmt(util)}" if util else "raise gpu_memory_utilization"
     return f"{head}; or {more}, or set kv_cache_dtype fp8"
-
-
-def whole_(text: str) -> int:
-    return int(text.replace(",", ""))
 
 
 def _remedy_oom_load(m, facts: Facts) -> str:

@@ -44,11 +44,6 @@ class LogLine:
     level: str | None = None
     has_header: bool = False
 
-    @property
-    def text(self) -> str:
-        head = f"({self.proc} pid={self.pid}) " if self.proc else ""
-        return f"{head}{self.level + ' ' if self.level else ''}{self.msg}".strip()
-
 
 def physical_lines(stream) -> Iterator[str]:
     """Lines of a text stream, each at most MAX_LINE characters, without their newline."""

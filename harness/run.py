@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__, promtext, store
-from harness.devices import cpu_info, host_devices, match_selector
+from harness.devices import Nvml, cpu_info, host_devices, match_selector
 from harness.engine_info import cli_flags, engine_arg_actions, engine_versions
 from harness.errors import InputError
 from harness.fetch import FetchError, OfflineMissing, fetch_model
-from harness.hygiene import wait_for_clean_gpus
+from harness.hygiene import check_gpus, wait_for_clean_gpus
 from harness.matrix import Matrix, check_engine_args
-from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments
+from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
@@ -186,6 +186,7 @@ class MatrixRun:
         self.redactor = Redactor(env=os.environ)
         self.view = Progress([], mode="quiet")  # replaced by run(); run_cell alone (a Ray task) shows nothing
         self.probe_spec = self.matrix.spec.probe
+        self.nvml: Nvml | None = None  # an open NVML for hygiene and telemetry; None: each opens its own
         self._engines: set[EngineProcess] = set()
         self._lock = threading.Lock()
         self.interrupted = False
@@ -211,11 +212,29 @@ class MatrixRun:
                                                               getattr(d, "nvlink_island", None))
                      for d in used.values()]
             with lock_devices(device_lock_keys(used.values()), self.run_id):
-                self._schedule(jobs, slots, by_id, used, recorded, emit)
+                # GPUs a foreign process holds right now are kept out of the packing while others
+                # are free; cells that only fit on them come last and meet the hygiene wait/skip.
+                held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
+                clean = [s for s in slots if s.index not in held]
+                placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
+                self._schedule(placeable, clean, by_id, used, recorded, emit)
+                self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
             self.manifest.finished_at = store.utcnow()
             store.write_manifest(self.options.results_dir, self.manifest)
             view.summary()
         return self.manifest
+
+    def _held_gpus(self, indices: list[int]) -> set[int]:
+        if not indices:
+            return set()
+        nvml = self.nvml or Nvml.open()
+        if nvml is None:
+            return set()
+        try:
+            return {i for i in indices if not check_gpus(nvml, [i]).ok}
+        finally:
+            if nvml is not self.nvml:
+                nvml.close()
 
     def _schedule(self, jobs: list[Job], slots: list[Slot], by_id: dict[str, Cell], used: dict[int, Device],
                   recorded: dict[str, Path], emit) -> None:
@@ -291,7 +310,7 @@ class MatrixRun:
         if rec.device_ids:
             view.phase(cell.cell_id, "checking GPUs")
             check = wait_for_clean_gpus(rec.device_ids, gpu_memory_utilization=cell.config.args.get(
-                "gpu_memory_utilization"), timeout_s=self.options.gpu_wait_s)
+                "gpu_memory_utilization"), timeout_s=self.options.gpu_wait_s, nvml=self.nvml)
             if not check.ok:
                 rec.skip_reason = check.reason
                 return self._finish(rec, t0)
@@ -350,7 +369,7 @@ class MatrixRun:
         spawned = time.monotonic()
         proc.start()
         self._engines.add(proc)
-        sampler = Sampler(proc.pid, rec.device_ids)
+        sampler = Sampler(proc.pid, rec.device_ids, nvml=self.nvml)
         sampler.start()
         timings = rec.timings
         stage = "startup"

@@ -1,0 +1,94 @@
+"""The runner on a (recorded) 8-GPU box: cells packed onto disjoint GPUs at the same time, a busy
+GPU turned into a clear skip. The engine is the scripted stand-in (tests/standin): this machine
+has no GPU, and these are timing facts the real CPU engine cannot give."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fixtures.nvml.fake import FakePynvml
+from harness.devices import Nvml, host_devices
+from harness.matrix import load_matrix
+from harness.run import Host, MatrixRun, RunOptions
+from harness.schema import EngineVersions, HostFingerprint
+
+STANDIN = Path(__file__).parent / "standin"
+
+
+def make_matrix(tmp: Path, trace: Path, start_s: float) -> Path:
+    for name in ("m1", "m2", "m3"):
+        folder = tmp / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    env = f"{{PYTHONPATH: {STANDIN}, STANDIN_TRACE: {trace}, STANDIN_START_S: {start_s}}}"
+    text = f"""
+engines: [{{name: standin, python: {sys.executable}}}]
+models: [{{model: ./m1}}, {{model: ./m2}}, {{model: ./m3}}]
+gpus: [H100]
+configs:
+  - {{name: tp1, args: {{}}, env: {env}}}
+  - {{name: tp2, args: {{tensor_parallel_size: 2}}, env: {env}}}
+  - {{name: tp4, args: {{tensor_parallel_size: 4}}, env: {env}}}
+timeouts: {{ready_s: 60, request_s: 10}}
+probe: none
+"""
+    path = tmp / "matrix.yaml"
+    path.write_text(text)
+    return path
+
+
+def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5) -> tuple[MatrixRun, Path]:
+    trace = tmp / "trace.jsonl"
+    matrix = load_matrix(make_matrix(tmp, trace, start_s))
+    nvml = Nvml.open(fake)
+    devices = host_devices(nvml)
+    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm="0.0.0-standin", platform="cuda")
+    host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
+                fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
+                                            harness_version="test"))
+    run = MatrixRun(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet",
+                                             gpu_wait_s=0.5))
+    run.nvml = nvml
+    return run, trace
+
+
+def test_cells_share_the_box_on_disjoint_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    run, trace = fake_run(tmp_path, FakePynvml("h100x8_nvswitch"))
+    manifest = run.run(run.matrix.cells)
+    assert {e.outcome for e in manifest.cells} == {"ok"} and len(manifest.cells) == 9
+    spans = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(spans) == 9
+    need = {"tp1": 1, "tp2": 2, "tp4": 4}
+    for rec_path in (tmp_path / "results").glob("*/*/record.json"):
+        rec = json.loads(rec_path.read_text())
+        assert len(rec["device_ids"]) == need[rec["cell"]["config"]["name"]]
+    # No GPU is ever given to two engines at once; and engines did run side by side.
+    overlapping = 0
+    for i, a in enumerate(spans):
+        for b in spans[i + 1:]:
+            if a["start"] < b["end"] and b["start"] < a["end"]:
+                overlapping += 1
+                assert not set(a["cvd"].split(",")) & set(b["cvd"].split(",")), (a, b)
+    assert overlapping >= 3
+    serial = sum(s["end"] - s["start"] for s in spans)
+    wall = max(s["end"] for s in spans) - min(s["start"] for s in spans)
+    assert wall < serial / 2
+
+
+def test_foreign_process_on_the_gpus_is_a_clear_skip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    fake = FakePynvml("h100x8_nvswitch")
+    for gpu in range(8):
+        fake.add_process(gpu, pid=4242, used=30 * 2**30, name="python3")
+        fake.set_memory_used(gpu, 31 * 2**30)
+    run, trace = fake_run(tmp_path, fake)
+    cells = [c for c in run.matrix.cells if c.config.name == "tp1"][:1]
+    manifest = run.run(cells)
+    assert [e.outcome for e in manifest.cells] == ["skipped"]
+    rec = json.loads(next((tmp_path / "results").glob("*/*/record.json")).read_text())
+    assert "pid 4242 (python3" in rec["skip_reason"] and rec["failure_class"] is None
+    assert not trace.exists()  # no engine was started

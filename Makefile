@@ -65,8 +65,14 @@ bench: bench-parse bench-probe bench-plan
 bench-parse: install
 	$(PY) -m tests.bench.bench_parse
 
-bench-probe: install
-	$(PY) -m tests.bench.bench_probe
+# GuideLLM is a peer the probe benchmark compares against: its own venv, never mixed with ours.
+GUIDELLM_VENV ?= .venv-guidellm
+$(GUIDELLM_VENV)/bin/guidellm:
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q "guidellm==0.8.1"
+
+bench-probe: install $(GUIDELLM_VENV)/bin/guidellm
+	GUIDELLM_VENV=$(GUIDELLM_VENV) $(PY) -m tests.bench.bench_probe
 
 bench-plan: install
 	$(PY) -m tests.bench.bench_plan

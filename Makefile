@@ -69,7 +69,7 @@ bench-parse: install
 GUIDELLM_VENV ?= .venv-guidellm
 $(GUIDELLM_VENV)/bin/guidellm:
 	$(PYTHON) -m venv $(GUIDELLM_VENV)
-	$(GUIDELLM_VENV)/bin/pip install -q "guidellm==0.8.1"
+	$(GUIDELLM_VENV)/bin/pip install -q "guidellm==0.8.1" "torch==$(TORCH_CPU_VERSION)" $(TORCH_CPU_SOURCE)
 
 bench-probe: install $(GUIDELLM_VENV)/bin/guidellm
 	GUIDELLM_VENV=$(GUIDELLM_VENV) $(PY) -m tests.bench.bench_probe

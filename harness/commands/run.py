@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
 from harness.run import MatrixRun, RunOptions, check_placements, discover_host
@@ -23,14 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     parser.add_argument("--no-report", action="store_true", help="do not render reports at the end")
     parser.add_argument("--progress", choices=["auto", "live", "plain", "quiet"], default="auto")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="run each cell as a task on this Ray cluster (head host:port, or 'auto'); "
+                             "needs pip install '.[ray]'")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ray_address:
+        ray_module()  # a missing Ray is one line, before the slow engine inspection
     matrix = load_matrix(args.matrix)
     cells = select(matrix.cells, args.only)
     host = discover_host(matrix)
     check_engine_args(matrix, host.arg_actions)
-    check_placements(matrix, host)
+    if not args.ray_address:  # on a cluster, cells go to nodes with enough GPUs or are listed as not placed
+        check_placements(matrix, host)
     options = RunOptions(results_dir=Path(args.results), force=args.force, plan=not args.no_plan,
                          offline=args.offline, progress="quiet" if args.json else args.progress)
 
@@ -38,7 +45,11 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(record.model_dump_json() + "\n")
         sys.stdout.flush()
 
-    manifest = MatrixRun(matrix, host, options).run(cells, emit=emit if args.json else None)
+    if args.ray_address:
+        runner = ClusterRun(matrix, host, options, address=args.ray_address)
+    else:
+        runner = MatrixRun(matrix, host, options)
+    manifest = runner.run(cells, emit=emit if args.json else None)
     if not args.no_report:
         render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id])
     return 0

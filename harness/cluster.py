@@ -1,0 +1,392 @@
+"""The matrix across a Ray cluster: each cell is a Ray task on a node that has its GPU type.
+
+The driver (`python -m harness run --ray-address ADDRESS`) asks for every cell `num_gpus` =
+TP x PP plus the custom resource `gpu_<selector>` (`gpu_H100`, `gpu_cpu`, ...) that nodes declare
+with `ray start --resources`, so a cell lands on a node with the right devices. The task runs the
+same cell runner as a local run (`MatrixRun.run_cell`) in a scratch results folder and returns
+the records, engine logs and telemetry; the driver stores them under its own results/ with
+`harness.store`, exactly where a local run puts them. Cells no live node can take are listed as
+"no node with this device" instead of waiting forever.
+
+Resume: the key of a cell needs the node's vLLM version and the fetched model revision, so it is
+computed on the node, by the runner's own code; the driver hands the keys it has records for, and
+a matching cell returns before any engine starts (then listed as reused, as locally).
+
+A node lost mid-cell (raylet or machine gone, worker killed) gets the cell tried once more on
+another node; a second loss is recorded as failed with the reason. The engine dies with the
+task's worker (parent-death signal, `harness.process`), so a lost node leaves no engine behind.
+
+Ray is an optional extra (`pip install '.[ray]'`): it is imported only when a cluster is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from harness import store
+from harness.errors import InputError
+from harness.matrix import Matrix, MatrixFile
+from harness.progress import Progress
+from harness.redact import Redactor
+from harness.run import Host, MatrixRun, RunOptions, _terminate_as_interrupt, discover_host
+from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
+
+RESOURCE_PREFIX = "gpu_"
+NO_NODE = "no node with this device"
+NODE_RETRIES = 1  # a cell lost with its node is tried this many more times, then recorded failed
+
+
+def ray_module():
+    """`import ray`, or the one-line error that says how to get it."""
+    try:
+        import ray  # noqa: PLC0415 - optional extra, needed only with --ray-address
+    except ImportError:
+        raise InputError("--ray-address needs Ray: pip install '.[ray]'") from None
+    return ray
+
+
+def resource_name(gpu: str, prefix: str = RESOURCE_PREFIX) -> str:
+    """The custom Ray resource a node declares once per device of a type: gpu_H100, gpu_cpu."""
+    return prefix + slug(gpu)
+
+
+def devices_needed(cell: Cell) -> int:
+    """Units of the device resource a cell takes: TP x PP GPUs, or the whole CPU of a node."""
+    return 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
+
+
+def node_label(node_id: str) -> str:
+    return f"{socket.gethostname()}/{node_id[:8]}"
+
+
+# --------------------------------------------------------------------------- on the node
+class _AlreadyRecorded(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class _DriverRecords:
+    """Stands in for the runner's `recorded` mapping on a node: the driver holds the records, the
+    node only learns whether its freshly computed key is among them. A hit ends the cell right
+    there — after the fetch, before planning or any engine — and the driver lists it as reused."""
+
+    def __init__(self, keys: list[str]):
+        self._keys = set(keys)
+
+    def get(self, key: str, default=None):
+        if key in self._keys:
+            raise _AlreadyRecorded(key)
+        return default
+
+
+class _BoardView:
+    """The runner's progress view on a node: every phase goes to the driver's board."""
+
+    def __init__(self, post):
+        self.post = post
+
+    def phase(self, cell_id: str, phase: str) -> None:
+        self.post(cell_id, "phase", phase)
+
+    def done(self, record: CellRecord) -> None:
+        self.post(record.cell_id, "phase", f"recorded {record.outcome}")
+
+
+def _assigned_devices(host: Host, cell: Cell, gpu_ids: list) -> tuple[list[Device] | None, str | None]:
+    """The cell's devices on this node: of the GPUs of its type, the ones Ray gave this task."""
+    devices, why_not = host.eligible(cell)
+    if devices is None or cell.gpu.lower() == "cpu":
+        return devices, why_not
+    given = {int(i) for i in gpu_ids}
+    mine = [d for d in devices if d.index in given]
+    if len(mine) < cell.config.gpus_needed:
+        return None, (f"Ray gave this task GPUs {sorted(given)}, {len(mine)} of them {cell.gpu}; declare "
+                      f"{resource_name(cell.gpu)} only on nodes whose GPUs are all {cell.gpu}")
+    return mine[: cell.config.gpus_needed], None
+
+
+def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
+    """The Ray task: one cell on this node, in a scratch results folder; returns what to store."""
+    ray = ray_module()
+    cell = Cell.model_validate_json(request["cell"])
+    node = node_label(ray.get_runtime_context().get_node_id())
+
+    def post(cell_id: str, kind: str, payload: Any) -> None:
+        board.post.remote(cell.cell_id, request["attempt"], cell_id, kind, payload)
+
+    post(cell.cell_id, "node", node)
+    text = request["matrix_text"]
+    matrix = Matrix(path=Path(request["matrix_path"]), spec=MatrixFile.model_validate(yaml.safe_load(text)),
+                    cells=[cell], text=text)
+    host = discover_host(matrix)
+    post(cell.cell_id, "host", host.fingerprint.model_dump(mode="json"))
+    devices, why_not = _assigned_devices(host, cell, ray.get_gpu_ids())
+    if devices is None:
+        return {"node": node, "not_placed": why_not}
+    with tempfile.TemporaryDirectory(prefix="vllm-harness-cell-") as tmp:
+        options = RunOptions(results_dir=Path(tmp), progress="quiet", **request["options"])
+        runner = MatrixRun(matrix, host, options, run_id=request["run_id"])
+        runner.view = _BoardView(post)
+        try:
+            final = runner.run_cell(cell, devices, _DriverRecords(request["reusable"]))
+        except _AlreadyRecorded as hit:
+            return {"node": node, "reused": hit.key}
+        folder = Path(tmp) / request["run_id"]
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != store.MANIFEST}
+        return {"node": node, "final": final.cell_id, "files": files,
+                "entries": [e.model_dump(mode="json") for e in runner.manifest.cells]}
+
+
+class Board:
+    """Mailbox (a Ray actor on the driver's node) for progress events of the running cells."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def post(self, *event) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[tuple]:
+        out, self.events = self.events, []
+        return out
+
+
+# --------------------------------------------------------------------------- on the driver
+@dataclass
+class ClusterProgress(Progress):
+    """The run's progress with a node column: which node runs (or ran) each cell."""
+
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def _print(self, line) -> None:
+        tail = f" {line.outcome}" if line.outcome else ""
+        tail += f" ({line.detail})" if line.detail else ""
+        node = f" → {self.nodes[line.cell_id]}" if line.cell_id in self.nodes else ""
+        print(f"[{line.elapsed():>8}] {line.cell_id}{node}: {line.phase}{tail}", file=sys.stderr, flush=True)
+
+    def _table(self) -> Table:
+        table = Table(title="vLLM matrix on Ray", expand=False)
+        for col in ("cell", "node", "phase", "elapsed", "outcome", "detail"):
+            table.add_column(col)
+        colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
+        for line in self._lines.values():
+            style = colours.get(line.outcome, "")
+            table.add_row(line.cell_id, self.nodes.get(line.cell_id, ""), line.phase, line.elapsed(),
+                          f"[{style}]{line.outcome}[/]" if style else line.outcome, line.detail)
+        return table
+
+
+@dataclass
+class _Attempt:
+    cell: Cell
+    number: int = 0
+    node: str | None = None
+    host: HostFingerprint | None = None
+    lost: list[str] = field(default_factory=list)  # why earlier attempts ended: "node X lost (Error)"
+
+
+@dataclass
+class ClusterRun:
+    """`MatrixRun.run` over a Ray cluster: same records, same manifest, same resume."""
+
+    matrix: Matrix
+    host: Host  # the driver's: engine args were checked with it, the manifest names it
+    options: RunOptions
+    address: str
+    run_id: str = field(default_factory=store.new_run_id)
+    resource_prefix: str = RESOURCE_PREFIX
+    node_retries: int = NODE_RETRIES
+
+    def __post_init__(self) -> None:
+        self.manifest = RunManifest(
+            run_id=self.run_id, matrix_path=str(self.matrix.path),
+            matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
+            started_at=store.utcnow(), host=self.host.fingerprint,
+        )
+        self.redactor = Redactor(env=os.environ)
+
+    def run(self, cells: list[Cell], emit=None) -> RunManifest:
+        ray = ray_module()
+        try:
+            ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InputError(f"--ray-address {self.address}: cannot join the Ray cluster: "
+                             f"{str(exc).splitlines()[0]}") from None
+        try:
+            with _terminate_as_interrupt(), ClusterProgress([c.cell_id for c in cells],
+                                                             mode=self.options.progress) as view:
+                self.view = view
+                self._run(ray, cells, emit)
+                self.manifest.finished_at = store.utcnow()
+                store.write_manifest(self.options.results_dir, self.manifest)
+                view.summary()
+        finally:
+            ray.shutdown()
+        return self.manifest
+
+    def _run(self, ray, cells: list[Cell], emit) -> None:
+        results = self.options.results_dir
+        # key -> (newest record, its outcome), as store.recorded_keys; skipped records are rerun.
+        recorded = {} if self.options.force else {r.key: (p, r.outcome) for p, r in store.iter_records(results)}
+        reusable = sorted(k for k, (_, outcome) in recorded.items() if outcome != "skipped")
+        # The board lives with the driver, so losing any other node never loses progress events.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+        here = ray.get_runtime_context().get_node_id()
+        board = ray.remote(Board).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        task = ray.remote(run_cell_on_node)
+        offered = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        options = {"plan": self.options.plan, "offline": self.options.offline,
+                   "stop_grace_s": self.options.stop_grace_s, "gpu_wait_s": self.options.gpu_wait_s}
+        attempts: dict[str, _Attempt] = {}
+        pending: dict[Any, str] = {}  # object ref -> cell id
+
+        def submit(attempt: _Attempt) -> None:
+            cell, need = attempt.cell, devices_needed(attempt.cell)
+            request = {"cell": cell.model_dump_json(), "matrix_text": self.matrix.text,
+                       "matrix_path": str(self.matrix.path), "run_id": self.run_id, "options": options,
+                       "reusable": reusable, "attempt": attempt.number}
+            ref = task.options(
+                num_cpus=1, num_gpus=0 if cell.gpu.lower() == "cpu" else need,
+                resources={resource_name(cell.gpu, self.resource_prefix): need},
+                max_retries=0,  # node losses are retried here, once, with the reason kept
+                name=f"cell:{cell.cell_id}",
+            ).remote(request, board)
+            pending[ref] = cell.cell_id
+
+        for cell in cells:
+            why_not = self._unplaceable(cell, offered)
+            if why_not:
+                self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
+                self.view.add(cell.cell_id, "no node", detail=why_not)
+                continue
+            attempts[cell.cell_id] = _Attempt(cell)
+            submit(attempts[cell.cell_id])
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                self._show(ray.get(board.drain.remote()), attempts)
+                for ref in ready:
+                    attempt = attempts.pop(pending.pop(ref))
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # the runner itself raised on the node
+                        cause = exc.cause if exc.cause is not None else exc
+                        record = self._failed(attempt, f"harness error on {attempt.node or 'a node'}: "
+                                                       f"{type(cause).__name__}: {cause}",
+                                              "a bug or a broken install on that node; read the message")
+                    except ray.exceptions.RayError as exc:  # node, raylet or worker gone
+                        attempt.lost.append(f"node {attempt.node or '?'} lost ({type(exc).__name__})")
+                        if attempt.number < self.node_retries:
+                            attempt.number += 1
+                            attempt.node = attempt.host = None
+                            attempts[attempt.cell.cell_id] = attempt
+                            self.view.phase(attempt.cell.cell_id, f"retrying: {attempt.lost[-1]}")
+                            submit(attempt)
+                            continue
+                        record = self._failed(attempt, "; then ".join(attempt.lost) + " mid-cell",
+                                              "check that node (OOM killer, preemption, raylet logs); "
+                                              "the next run tries the cell again")
+                    else:
+                        record = self._store(attempt, result, recorded)
+                    if record is not None and emit:
+                        emit(record)
+        except BaseException:
+            # Interrupted or broken: kill the running cells' workers; their engines die with them.
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+
+    def _unplaceable(self, cell: Cell, offered: list[dict[str, float]]) -> str | None:
+        name, need = resource_name(cell.gpu, self.resource_prefix), devices_needed(cell)
+        if not any(res.get(name, 0) > 0 for res in offered):
+            return NO_NODE
+        gpus_too = cell.gpu.lower() != "cpu"
+        if not any(res.get(name, 0) >= need and (not gpus_too or res.get("GPU", 0) >= need) for res in offered):
+            return f"no node with {need} x {cell.gpu} (tensor x pipeline parallel)"
+        return None
+
+    def _show(self, events: list[tuple], attempts: dict[str, _Attempt]) -> None:
+        """Board events -> progress; events of a finished cell or an abandoned attempt are late."""
+        for task_cell, number, cell_id, kind, payload in events:
+            attempt = attempts.get(task_cell)
+            if attempt is None or attempt.number != number:
+                continue
+            if kind == "node":
+                attempt.node = payload
+                self.view.nodes[task_cell] = payload
+                self.view.phase(task_cell, "scheduled")
+            elif kind == "host":
+                attempt.host = HostFingerprint.model_validate(payload)
+            else:
+                if cell_id != task_cell:  # an autofit retry of the task's cell, on the same node
+                    self.view.nodes[cell_id] = attempt.node or "?"
+                self.view.phase(cell_id, payload)
+
+    def _store(self, attempt: _Attempt, result: dict[str, Any], recorded: dict) -> CellRecord | None:
+        cell = attempt.cell
+        self.view.nodes[cell.cell_id] = result["node"]
+        if "not_placed" in result:
+            reason = f"{result['node']}: {result['not_placed']}"
+            self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=reason))
+            self.view.add(cell.cell_id, "not on its node", detail=reason)
+            return None
+        results = self.options.results_dir
+        if "reused" in result:
+            path = recorded[result["reused"]][0]
+            old = store.read_record(path)
+            self._enter(ManifestEntry(cell_id=cell.cell_id, key=old.key, status="reused", outcome=old.outcome,
+                                      record=str(path.relative_to(results).parent)))
+            self.view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
+            return old
+        folder = results / self.run_id
+        # Logs and series first, records last: a record never names a file not yet written.
+        files = sorted(result["files"].items(), key=lambda item: Path(item[0]).name == store.RECORD)
+        records = []
+        for rel, data in files:
+            if Path(rel).name == store.RECORD:
+                records.append(CellRecord.model_validate_json(data))
+                store.write_record(results, records[-1])
+            else:
+                store.atomic_write_text(folder / rel, data.decode("utf-8"))
+        for entry in result["entries"]:
+            self._enter(ManifestEntry.model_validate(entry))
+        for record in sorted(records, key=lambda r: r.started_at):
+            self.view.nodes[record.cell_id] = result["node"]
+            self.view.done(record)
+        return next(r for r in records if r.cell_id == result["final"])
+
+    def _failed(self, attempt: _Attempt, detail: str, remedy: str) -> CellRecord:
+        """The record of a cell that no node finished. Its key has no model revision (none was
+        established), so it never matches a real cell's key: the next run tries it again."""
+        cell = attempt.cell
+        host = attempt.host or self.host.fingerprint
+        engine = host.engines.get(cell.engine.name)
+        version = engine.vllm if engine else None
+        now = store.utcnow()
+        rec = CellRecord(run_id=self.run_id, cell_id=cell.cell_id, key=cell_key(cell, version), cell=cell,
+                         host=host, started_at=now, finished_at=now, outcome="failed", failure_class="other",
+                         failure_detail=self.redactor.redact(detail), remedy=remedy, engine_version=version)
+        path = store.write_record(self.options.results_dir, rec)
+        self._enter(ManifestEntry(cell_id=cell.cell_id, key=rec.key, status="ran", outcome="failed",
+                                  record=str(path.parent.relative_to(self.options.results_dir))))
+        self.view.done(rec)
+        return rec
+
+    def _enter(self, entry: ManifestEntry) -> None:
+        self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
+        store.write_manifest(self.options.results_dir, self.manifest)

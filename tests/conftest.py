@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,8 +29,13 @@ def harness_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
 
+# The run-level device locks of this test session: a matrix run elsewhere on the machine (a
+# developer's `make matrix`) must not make the suite fail, nor the suite block it.
+LOCK_DIR = tempfile.mkdtemp(prefix="harness-test-locks-")
+
+
 def harness_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "HARNESS_LOCK_DIR": LOCK_DIR, **extra}
 
 
 class TreeWatcher:
@@ -39,6 +45,7 @@ class TreeWatcher:
     def __init__(self, root_pid: int, every: float = 0.2):
         self.root_pid, self.every = root_pid, every
         self.seen: dict[int, float] = {}
+        self.cmdlines: dict[int, list[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -52,9 +59,15 @@ class TreeWatcher:
         try:
             root = psutil.Process(self.root_pid)
             for p in root.children(recursive=True):
-                self.seen.setdefault(p.pid, p.create_time())
+                if p.pid not in self.seen:
+                    self.seen[p.pid] = p.create_time()
+                    self.cmdlines[p.pid] = p.cmdline()
         except psutil.Error:
             pass
+
+    def engines(self) -> list[int]:
+        """Pids of vLLM servers started below the root (other children: version probes, git)."""
+        return [pid for pid, cmd in self.cmdlines.items() if "vllm.entrypoints.openai.api_server" in cmd]
 
     def stop(self) -> None:
         self._stop.set()

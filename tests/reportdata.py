@@ -229,7 +229,7 @@ def _cpu(run_id: str, model: str, started_at: str, config: str = "default", outc
         if ok else None,
         probes=probes(scale, (1, 4)) if ok and validation else None,
         timings=Timings(spawn_to_ready_s=22.5 / scale, validation_s=0.4, total_s=40.0) if ok else Timings(total_s=9.0),
-        telemetry={"peak_rss_gib": 2.1, "series": "telemetry.csv"} if ok else None,
+        telemetry={"process": {"rss_peak_gib": 2.1}, "series": "telemetry.csv"} if ok else None,
         **extra,
     )
 

@@ -154,6 +154,7 @@ def test_run_page_sections(tree):
     text = run_page(tree, rd.CPU_RUN)
     assert "| NOT ON HOST |" in text and "no H100 on this host" in text
     assert "#### Probe results" in text and "probes-cell-tiny-llama" in text
+    assert "| Peak RSS of the engine's processes (GiB, sampled) | 2.10 |" in text  # the sampler's figure
     gpu = run_page(tree, rd.H100_RUN)
     assert "`--kv-cache-memory=53414341735` (49.75 GiB)" in gpu
     assert "[Engine log](../../results/" in gpu

@@ -169,8 +169,9 @@ def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, A
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.get("fits"),
         "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),
-        "peak_rss_gib": telemetry.get("peak_rss_gib"),
-        "gpu_peak_memory_gib": telemetry.get("gpu_peak_memory_gib"),
+        # The sampler's independent figures (harness.telemetry), beside vLLM's own claims.
+        "peak_rss_gib": (telemetry.get("process") or {}).get("rss_peak_gib"),
+        "gpu_peak_memory_gib": telemetry.get("gpu_memory_used_peak_gib"),
         "energy_j": telemetry.get("energy_j"),
         **_probe_summary(record),
     }

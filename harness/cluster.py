@@ -66,6 +66,18 @@ def devices_needed(cell: Cell) -> int:
     return 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
 
 
+def placement_problem(cell: Cell, offered: list[dict[str, float]], prefix: str = RESOURCE_PREFIX) -> str | None:
+    """Why no live node (its Ray resources in `offered`) can take the cell, or None. Ray would
+    keep such a task pending forever, so these cells are listed as not placed instead."""
+    name, need = resource_name(cell.gpu, prefix), devices_needed(cell)
+    if not any(res.get(name, 0) > 0 for res in offered):
+        return NO_NODE
+    gpus_too = cell.gpu.lower() != "cpu"
+    if not any(res.get(name, 0) >= need and (not gpus_too or res.get("GPU", 0) >= need) for res in offered):
+        return f"no node with {need} x {cell.gpu} (tensor x pipeline parallel)"
+    return None
+
+
 def node_label(node_id: str) -> str:
     return f"{socket.gethostname()}/{node_id[:8]}"
 
@@ -165,6 +177,18 @@ class Board:
 
 
 # --------------------------------------------------------------------------- on the driver
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A head that does not answer is one line now; ray.init would retry it for many minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto" and client URLs: ray.init finds or refuses them by itself, quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"--ray-address {address}: no Ray head answers there ({exc.strerror or exc}); "
+                         "start one with `ray start --head` or fix the address") from None
+
+
 @dataclass
 class ClusterProgress(Progress):
     """The run's progress with a node column: which node runs (or ran) each cell."""
@@ -220,6 +244,7 @@ class ClusterRun:
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
         ray = ray_module()
+        _check_reachable(self.address)
         try:
             ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -269,7 +294,7 @@ class ClusterRun:
             pending[ref] = cell.cell_id
 
         for cell in cells:
-            why_not = self._unplaceable(cell, offered)
+            why_not = placement_problem(cell, offered, self.resource_prefix)
             if why_not:
                 self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
                 self.view.add(cell.cell_id, "no node", detail=why_not)
@@ -310,15 +335,6 @@ class ClusterRun:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
-
-    def _unplaceable(self, cell: Cell, offered: list[dict[str, float]]) -> str | None:
-        name, need = resource_name(cell.gpu, self.resource_prefix), devices_needed(cell)
-        if not any(res.get(name, 0) > 0 for res in offered):
-            return NO_NODE
-        gpus_too = cell.gpu.lower() != "cpu"
-        if not any(res.get(name, 0) >= need and (not gpus_too or res.get("GPU", 0) >= need) for res in offered):
-            return f"no node with {need} x {cell.gpu} (tensor x pipeline parallel)"
-        return None
 
     def _show(self, events: list[tuple], attempts: dict[str, _Attempt]) -> None:
         """Board events -> progress; events of a finished cell or an abandoned attempt are late."""

@@ -32,5 +32,7 @@ def test_ingested_logs_make_a_valid_report(tmp_path):
         text += body
         for table in tables(body):
             assert len({len(row) for row in table}) == 1, f"ragged table in {page}"
+    # The feasibility frontier: what worked (512) and vLLM's own estimate from the failed cell.
+    assert "| tiny-chat | cpu | 512 | 4096.00 | — | 2,097,024 |" in (reports / "insights.md").read_text()
     for needle in ("unsupported_architecture", "max_model_len_exceeds_kv", "2,097,024", "TinyHarnessUnknownForCausalLM"):
         assert needle in text, needle

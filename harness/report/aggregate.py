@@ -166,6 +166,7 @@ def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, A
         "kv_cache_tokens": _first(fact("kv_cache_tokens"), metrics.kv_cache_size_tokens if metrics else None),
         "max_concurrency": _first(fact("max_concurrency"), metrics.kv_cache_max_concurrency if metrics else None),
         "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
+        "estimated_max_model_len": fact("estimated_max_model_len"),
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.get("fits"),
         "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),

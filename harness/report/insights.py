@@ -121,6 +121,29 @@ def success_rates(latest: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+def frontier(latest: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per model and device, the feasibility frontier the matrix (and autofit retries) found: the
+    longest max_model_len that worked and its KV concurrency, the smallest working utilization,
+    and vLLM's own estimate of the longest max_model_len where a cell failed for lack of KV."""
+    rows = []
+    for (model, device), group in latest.groupby(["model", "device"], sort=True):
+        ok = group[group["outcome"] == "ok"].assign(_l=lambda d: _numeric(d, "max_model_len"),
+                                                    _u=lambda d: _numeric(d, "gpu_memory_utilization"))
+        estimates = _numeric(group, "estimated_max_model_len").dropna()
+        longest = ok[ok["_l"].notna()]
+        best = longest.loc[longest["_l"].idxmax()] if not longest.empty else None
+        if best is None and estimates.empty:
+            continue
+        rows.append({
+            "model": model, "device": device,
+            "max_model_len": int(best["_l"]) if best is not None else None,
+            "max_concurrency": best["max_concurrency"] if best is not None else None,
+            "min_utilization": ok["_u"].min() if ok["_u"].notna().any() else None,
+            "vllm_estimate": int(estimates.max()) if not estimates.empty else None,
+        })
+    return rows
+
+
 def compute(latest: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
     if latest.empty:
         return {}
@@ -128,6 +151,7 @@ def compute(latest: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
         "largest": largest_fitting(latest),
         "min_utilization": min_utilization(latest),
         "tp_needed": tp_needed(latest),
+        "frontier": frontier(latest),
         "best_throughput": best_throughput(latest),
         "unsupported": unsupported(latest),
         "memory_ranges": memory_ranges(latest),

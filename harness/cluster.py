@@ -324,7 +324,7 @@ class ClusterRun:
                             submit(attempt)
                             continue
                         record = self._failed(attempt, "; then ".join(attempt.lost) + " mid-cell",
-                                              "check that node (OOM killer, preemption, raylet logs); "
+                                              "check those nodes (OOM killer, preemption, raylet logs); "
                                               "the next run tries the cell again")
                     else:
                         record = self._store(attempt, result, recorded)
@@ -380,6 +380,8 @@ class ClusterRun:
             else:
                 store.atomic_write_text(folder / rel, data.decode("utf-8"))
         for entry in result["entries"]:
+            if attempt.lost:  # the manifest keeps why this cell ran more than once
+                entry = {**entry, "reason": "; then ".join(attempt.lost) + "; retried"}
             self._enter(ManifestEntry.model_validate(entry))
         for record in sorted(records, key=lambda r: r.started_at):
             self.view.nodes[record.cell_id] = result["node"]

@@ -211,3 +211,19 @@ def test_harness_killed_mid_matrix_then_resumed(tmp_path):
     manifest = read_manifest(sorted(results.glob("*/manifest.json"))[-1])
     assert {e.cell_id: e.status for e in manifest.cells} == {
         "tiny-chat__cpu__cpu__venv": "reused", "tiny-random__cpu__cpu__venv": "ran"}
+
+
+def test_autofit_retries_with_vllms_estimate(tmp_path):
+    config = ("  - {name: long, args: {max_model_len: 4000000, enforce_eager: true}, autofit: true,\n"
+              "     skip_if_unfit: false, env: {VLLM_CPU_KVCACHE_SPACE: 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN: 1}}")
+    results = tmp_path / "results"
+    proc, watcher = run_harness(["run", "--matrix", str(small_matrix(tmp_path, configs=config)), "--results",
+                                 str(results), "--no-report", "--progress", "plain"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = records_by_cell(results)
+    first, retry = recs["tiny-chat__cpu__long__venv"], recs["tiny-chat__cpu__long-autofit__venv"]
+    assert first.outcome == "failed" and first.failure_class == "max_model_len_exceeds_kv"
+    assert retry.autofit_of == first.cell_id and retry.outcome == "ok"
+    assert retry.cell.config.args["max_model_len"] == first.facts.estimated_max_model_len
+    assert retry.key != first.key
+    assert watcher.wait_gone(15) == []

@@ -284,8 +284,9 @@ class MatrixRun:
             return self._finish(rec, t0)
         except FetchError as exc:
             rec.key = cell_key(cell, engine.vllm)
-            rec.outcome, rec.failure_class, rec.failure_detail = "failed", exc.failure_class, str(exc)
-            rec.remedy = exc.remedy if hasattr(exc, "remedy") else None
+            # The fetch error's message says what to do (accept the licence, fix the repo id).
+            rec.outcome, rec.failure_class = "failed", exc.failure_class
+            rec.failure_detail = rec.remedy = str(exc)
             return self._finish(rec, t0)
         model_dir = rec.fetch.path or cell.model.source
         revision = rec.fetch.revision_sha or model_fingerprint(model_dir)

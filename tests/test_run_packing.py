@@ -8,10 +8,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from fixtures.nvml.fake import FakePynvml
+
 from harness.devices import Nvml, host_devices
+from harness.errors import InputError
 from harness.matrix import load_matrix
-from harness.run import Host, MatrixRun, RunOptions
+from harness.run import Host, MatrixRun, RunOptions, check_placements
 from harness.schema import EngineVersions, HostFingerprint
 
 STANDIN = Path(__file__).parent / "standin"
@@ -92,3 +95,14 @@ def test_foreign_process_on_the_gpus_is_a_clear_skip(tmp_path, monkeypatch):
     rec = json.loads(next((tmp_path / "results").glob("*/*/record.json")).read_text())
     assert "pid 4242 (python3" in rec["skip_reason"] and rec["failure_class"] is None
     assert not trace.exists()  # no engine was started
+
+
+def test_tp_larger_than_the_hosts_gpus_is_a_located_matrix_error(tmp_path):
+    run, _ = fake_run(tmp_path, FakePynvml("rtx4090x2_pcie"))
+    text = run.matrix.path.read_text().replace("gpus: [H100]", "gpus: [RTX 4090]")
+    run.matrix.path.write_text(text)
+    matrix = load_matrix(run.matrix.path)
+    with pytest.raises(InputError) as info:
+        check_placements(matrix, run.host)
+    msg = str(info.value)
+    assert "matrix.yaml:8:" in msg and "needs 4 GPUs" in msg and "has 2 RTX 4090" in msg

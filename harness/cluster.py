@@ -14,7 +14,8 @@ a matching cell returns before any engine starts (then listed as reused, as loca
 
 A node lost mid-cell (raylet or machine gone, worker killed) gets the cell tried once more on
 another node; a second loss is recorded as failed with the reason. The engine dies with the
-task's worker (parent-death signal, `harness.process`), so a lost node leaves no engine behind.
+task's worker: its first process by the parent-death signal (`harness.process`), the rest by a
+watchdog process per task (`guard_engines`), so a lost node or driver leaves no engine behind.
 
 Ray is an optional extra (`pip install '.[ray]'`): it is imported only when a cluster is used.
 """
@@ -24,19 +25,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from rich.table import Table
 
 from harness import store
 from harness.errors import InputError
 from harness.matrix import Matrix, MatrixFile
+from harness.process import PIDS_DIR, reap_stale
 from harness.progress import Progress
 from harness.redact import Redactor
 from harness.run import Host, MatrixRun, RunOptions, _terminate_as_interrupt, discover_host
@@ -45,6 +50,7 @@ from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEn
 RESOURCE_PREFIX = "gpu_"
 NO_NODE = "no node with this device"
 NODE_RETRIES = 1  # a cell lost with its node is tried this many more times, then recorded failed
+SCRATCH_PREFIX = "vllm-harness-cell-"  # a task's results folder on its node
 
 
 def ray_module():
@@ -129,6 +135,40 @@ def _assigned_devices(host: Host, cell: Cell, gpu_ids: list) -> tuple[list[Devic
     return mine[: cell.config.gpus_needed], None
 
 
+def guard_engines(worker_pid: int, scratch: str) -> None:
+    """Watchdog, in its own process: once the task's worker dies without cleaning up (node lost,
+    driver killed, task cancelled), stop the engines listed in its scratch folder and delete it.
+
+    The parent-death signal kills only the engine's first process; vLLM's own children (the
+    engine core) outlive it. Locally the next run reaps them from the pid files; a lost task has
+    no next run on that node, so this guard does it. It ends when the scratch folder goes."""
+    folder = Path(scratch)
+    try:
+        worker = psutil.Process(worker_pid)
+    except psutil.NoSuchProcess:
+        worker = None
+    while folder.exists():
+        if worker is not None:
+            try:
+                worker.wait(timeout=0.5)
+            except psutil.TimeoutExpired:
+                continue
+        reap_stale(folder / PIDS_DIR)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_GUARD = "import sys; from harness.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
+# Starts its arguments as a detached process and exits: the guard becomes nobody's child, because
+# Ray kills a dying worker's own children (RAY_kill_child_processes_on_worker_exit) — guard included.
+_DETACH = ("import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, "
+           "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)")
+
+
+def _start_guard(scratch: Path) -> None:
+    subprocess.run([sys.executable, "-c", _DETACH, sys.executable, "-c", _GUARD, str(os.getpid()), str(scratch)],
+                   check=True, timeout=60)
+
+
 def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
     """The Ray task: one cell on this node, in a scratch results folder; returns what to store."""
     ray = ray_module()
@@ -147,7 +187,8 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
     devices, why_not = _assigned_devices(host, cell, ray.get_gpu_ids())
     if devices is None:
         return {"node": node, "not_placed": why_not}
-    with tempfile.TemporaryDirectory(prefix="vllm-harness-cell-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
+        _start_guard(Path(tmp))
         options = RunOptions(results_dir=Path(tmp), progress="quiet", **request["options"])
         runner = MatrixRun(matrix, host, options, run_id=request["run_id"])
         runner.view = _BoardView(post)

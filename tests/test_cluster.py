@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness
 from raycluster import LocalCluster
-from harness.cluster import NO_NODE, placement_problem, resource_name
+from harness.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem, resource_name
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.store import iter_records, read_manifest
 
@@ -169,7 +170,7 @@ def shape(rec) -> dict:
 @needs_ray
 def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run, tmp_path):
     matrix, results = matrix_file(tmp_path, gpus="[cpu, H100]"), tmp_path / "results"
-    watcher = EngineWatcher(cluster)
+    watcher, scratch = EngineWatcher(cluster), scratch_folders()
     started = time.monotonic()
     # Both cells start at once, one per node; kill the driver once the fast-failing cell is
     # recorded and the other is still loading its engine.
@@ -179,6 +180,7 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
     driver.kill()
     _, err1 = driver.communicate(timeout=30)
     assert watcher.wait_gone(30) == [], "an engine outlived its killed driver"
+    wait_for(lambda: not scratch_folders() - scratch, 30, "the killed task's scratch folder deleted")
     killed_at = time.monotonic() - started
 
     proc, _ = run_harness(["run", "--matrix", str(matrix), "--results", str(results), "--no-report",
@@ -222,6 +224,11 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
     print(f"driver killed at {killed_at:.0f} s; whole test {time.monotonic() - started:.0f} s", file=sys.stderr)
 
 
+def scratch_folders() -> set[Path]:
+    """Cell scratch folders on this machine (Ray workers' temp dir is this process's)."""
+    return set(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"))
+
+
 @pytest.mark.engine
 @needs_ray
 @pytest.mark.parametrize("second_loss", [False, True], ids=["lost-once", "lost-twice"])
@@ -234,7 +241,7 @@ def test_node_lost_mid_cell_gets_one_retry(tmp_path, second_loss):
         local.start_head({})
         first = local.add_node({"gpu_cpu": 1})
         local.wait_alive(2)
-        watcher = EngineWatcher(local)
+        watcher, scratch = EngineWatcher(local), scratch_folders()
         results = tmp_path / "results"
         driver = start_driver(matrix_file(tmp_path, models=("tiny-chat",)), results, local.address)
         wait_for(lambda: watcher.engines_on(first), 240, "engine on node 1")
@@ -247,6 +254,7 @@ def test_node_lost_mid_cell_gets_one_retry(tmp_path, second_loss):
         watcher.stop()
         assert driver.returncode == 0, err[-3000:]
         assert watcher.seen and watcher.wait_gone(30) == [], "an engine outlived its node or cell"
+        wait_for(lambda: not scratch_folders() - scratch, 30, "the lost tasks' scratch folders deleted")
         assert "retrying: node" in err
         rec, entry = records(results)[CHAT], latest_manifest(results).cells[0]
         if second_loss:

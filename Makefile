@@ -41,7 +41,7 @@ $(VENV)/.engine-vllm-%: | $(PY)
 	touch $@
 
 $(HARNESS_STAMP): $(ENGINE_STAMP) pyproject.toml
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	rm -f $(VENV)/.harness-*
 	touch $@
 

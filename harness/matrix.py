@@ -97,6 +97,14 @@ class Rule(_Strict):
         )
 
 
+class RayEntry(_Strict):
+    """Where and how cells run as Ray tasks (`run --ray-address` overrides `address`)."""
+
+    address: str | None = None  # "auto" or head:6379; None: run locally unless the flag says
+    resource_prefix: str = Field("gpu_", min_length=1)  # custom resource per GPU type: gpu_H100
+    node_retries: int = Field(1, ge=0)  # extra tries for a cell lost with its node
+
+
 class MatrixFile(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     gpus: list[str] = Field(min_length=1)
@@ -106,6 +114,7 @@ class MatrixFile(_Strict):
     exclude: list[Rule] = Field(default_factory=list)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     probe: str | dict[str, Any] | None = "quick"
+    ray: RayEntry = Field(default_factory=RayEntry)
 
 
 @dataclass

@@ -161,3 +161,11 @@ def test_default_matrix_has_the_four_cpu_cells():
     ])
     gpu_models = {c.model.source for c in m.cells if c.gpu != "cpu"}
     assert "meta-llama/Llama-3.1-8B-Instruct" in gpu_models and len(gpu_models) == 8
+
+
+def test_ray_section(tmp_path):
+    m = load_matrix(write(tmp_path, BASE + "ray: {address: 'head:6379', node_retries: 2}\n"))
+    assert m.spec.ray.address == "head:6379" and m.spec.ray.node_retries == 2
+    assert load_matrix(write(tmp_path, BASE)).spec.ray.address is None
+    msg = error_of(tmp_path, BASE + "ray: {adress: auto}\n")
+    assert ":12:" in msg and "ray.adress" in msg and "did you mean 'address'" in msg

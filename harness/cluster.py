@@ -36,7 +36,6 @@ from typing import Any
 
 import psutil
 import yaml
-from rich.table import Table
 
 from harness import store
 from harness.errors import InputError
@@ -231,30 +230,6 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 @dataclass
-class ClusterProgress(Progress):
-    """The run's progress with a node column: which node runs (or ran) each cell."""
-
-    nodes: dict[str, str] = field(default_factory=dict)
-
-    def _print(self, line) -> None:
-        tail = f" {line.outcome}" if line.outcome else ""
-        tail += f" ({line.detail})" if line.detail else ""
-        node = f" → {self.nodes[line.cell_id]}" if line.cell_id in self.nodes else ""
-        print(f"[{line.elapsed():>8}] {line.cell_id}{node}: {line.phase}{tail}", file=sys.stderr, flush=True)
-
-    def _table(self) -> Table:
-        table = Table(title="vLLM matrix on Ray", expand=False)
-        for col in ("cell", "node", "phase", "elapsed", "outcome", "detail"):
-            table.add_column(col)
-        colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
-        for line in self._lines.values():
-            style = colours.get(line.outcome, "")
-            table.add_row(line.cell_id, self.nodes.get(line.cell_id, ""), line.phase, line.elapsed(),
-                          f"[{style}]{line.outcome}[/]" if style else line.outcome, line.detail)
-        return table
-
-
-@dataclass
 class _Attempt:
     cell: Cell
     number: int = 0
@@ -292,8 +267,8 @@ class ClusterRun:
             raise InputError(f"--ray-address {self.address}: cannot join the Ray cluster: "
                              f"{str(exc).splitlines()[0]}") from None
         try:
-            with _terminate_as_interrupt(), ClusterProgress([c.cell_id for c in cells],
-                                                             mode=self.options.progress) as view:
+            with _terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress,
+                                                     title="vLLM matrix on Ray", show_nodes=True) as view:
                 self.view = view
                 self._run(ray, cells, emit)
                 self.manifest.finished_at = store.utcnow()

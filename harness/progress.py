@@ -38,6 +38,9 @@ class _Line:
 class Progress:
     cell_ids: list[str]
     mode: str = "auto"  # "live" | "plain" | "quiet" | "auto"
+    title: str = "vLLM matrix"
+    show_nodes: bool = False  # a node column: which cluster node runs each cell (Ray runs)
+    nodes: dict[str, str] = field(default_factory=dict)
     _lines: dict[str, _Line] = field(default_factory=dict)
     _live: Live | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,16 +93,19 @@ class Progress:
     def _print(self, line: _Line) -> None:
         tail = f" {line.outcome}" if line.outcome else ""
         tail += f" ({line.detail})" if line.detail else ""
-        print(f"[{line.elapsed():>8}] {line.cell_id}: {line.phase}{tail}", file=sys.stderr, flush=True)
+        node = f" → {self.nodes[line.cell_id]}" if line.cell_id in self.nodes else ""
+        print(f"[{line.elapsed():>8}] {line.cell_id}{node}: {line.phase}{tail}", file=sys.stderr, flush=True)
 
     def _table(self) -> Table:
-        table = Table(title="vLLM matrix", expand=False)
-        for col in ("cell", "phase", "elapsed", "outcome", "detail"):
+        table = Table(title=self.title, expand=False)
+        columns = ["cell", *(["node"] if self.show_nodes else []), "phase", "elapsed", "outcome", "detail"]
+        for col in columns:
             table.add_column(col)
         colours = {"ok": "green", "failed": "red", "skipped": "yellow"}
         for line in self._lines.values():
             style = colours.get(line.outcome, "")
-            table.add_row(line.cell_id, line.phase, line.elapsed(),
+            node = [self.nodes.get(line.cell_id, "")] if self.show_nodes else []
+            table.add_row(line.cell_id, *node, line.phase, line.elapsed(),
                           f"[{style}]{line.outcome}[/]" if style else line.outcome, line.detail)
         return table
 

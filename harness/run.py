@@ -32,7 +32,7 @@ from harness.engine_info import cli_flags, engine_arg_actions, engine_versions
 from harness.errors import InputError
 from harness.fetch import FetchError, OfflineMissing, fetch_model
 from harness.hygiene import check_gpus, wait_for_clean_gpus
-from harness.matrix import Matrix, check_engine_args
+from harness.matrix import Matrix
 from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell

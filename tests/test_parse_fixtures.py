@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.parse import parse_log, parse_log_file, scan_file
+from harness.parse import parse_log, scan_file
 from harness.schema import FAILURE_CLASSES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"

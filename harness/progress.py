@@ -19,6 +19,9 @@ from rich.table import Table
 from harness.schema import CellRecord
 
 
+NOT_ON_HOST = "not on this host"
+
+
 @dataclass
 class _Line:
     cell_id: str
@@ -41,6 +44,7 @@ class Progress:
     title: str = "vLLM matrix"
     show_nodes: bool = False  # a node column: which cluster node runs each cell (Ray runs)
     nodes: dict[str, str] = field(default_factory=dict)
+    _absent: dict[str, int] = field(default_factory=dict)  # not-on-host reason -> cells
     _lines: dict[str, _Line] = field(default_factory=dict)
     _live: Live | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -48,6 +52,8 @@ class Progress:
     def __post_init__(self) -> None:
         self._lines = {c: _Line(c) for c in self.cell_ids}
         self.console = Console(stderr=True)
+        if not self.console.is_terminal:  # CI logs and pipes: no 80-column squeeze of cell ids
+            self.console = Console(stderr=True, width=160)
         if self.mode == "auto":
             self.mode = "live" if self.console.is_terminal else "plain"
 
@@ -64,7 +70,13 @@ class Progress:
             self._live = None
 
     def add(self, cell_id: str, phase: str, outcome: str = "", detail: str = "") -> None:
-        """A cell that is not run (not on this host, reused): shown with its reason."""
+        """A cell that is not run (reused) is shown with its reason; cells not on this host are
+        counted by reason instead (a GPU matrix on a CPU box would otherwise bury the rest)."""
+        if phase == NOT_ON_HOST:
+            with self._lock:
+                self._lines.pop(cell_id, None)
+                self._absent[detail] = self._absent.get(detail, 0) + 1
+            return
         self._lines[cell_id] = _Line(cell_id, phase=phase, outcome=outcome, detail=detail)
         if self.mode == "plain":
             self._print(self._lines[cell_id])
@@ -112,3 +124,5 @@ class Progress:
     def summary(self) -> None:
         if self.mode != "quiet":
             self.console.print(self._table())
+            for reason, count in sorted(self._absent.items()):
+                self.console.print(f"{count} cell{'s' * (count != 1)} not on this host: {reason}")

@@ -40,7 +40,7 @@ from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import validate
 from harness.process import PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, free_port, reap_stale
-from harness.progress import Progress
+from harness.progress import NOT_ON_HOST, Progress
 from harness.redact import Redactor
 from harness.schema import (
     Cell,
@@ -202,7 +202,7 @@ class MatrixRun:
                 devices, why_not = self.host.eligible(cell)
                 if devices is None:
                     self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
-                    view.add(cell.cell_id, "not on this host", detail=why_not or "")
+                    view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
                     continue
                 by_id[cell.cell_id] = cell
                 used.update({_slot(d): d for d in devices})

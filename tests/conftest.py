@@ -98,3 +98,14 @@ def run_harness(args: list[str], timeout: float = 900, **env: str) -> tuple[subp
     out, err = proc.communicate(timeout=timeout)
     watcher.stop()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), watcher
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    """Poll until `predicate()` is truthy and return its value; fail naming `what` after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout} s")

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness
+from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
 from raycluster import LocalCluster
 from harness.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem, resource_name
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
@@ -51,16 +51,6 @@ def records(results: Path) -> dict:
 
 def latest_manifest(results: Path):
     return read_manifest(sorted(results.glob("*/manifest.json"))[-1])
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 # --------------------------------------------------------------------------- without a cluster

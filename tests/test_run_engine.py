@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness
+from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
 from harness.store import iter_records, read_manifest
 
 pytestmark = pytest.mark.engine
@@ -130,16 +130,6 @@ def small_matrix(tmp: Path, *, configs: str, models: tuple[str, ...] = ("tiny-ch
 CPU_CONFIG = "  - {name: cpu, args: {max_model_len: 256}, env: {VLLM_CPU_KVCACHE_SPACE: 1}}"
 
 
-def wait_for(predicate, timeout: float, every: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
-
-
 def engine_pid(results: Path) -> int:
     files = list((results / ".engines").glob("*.json"))
     return json.loads(files[0].read_text())["pid"] if files else 0
@@ -155,7 +145,7 @@ def start_harness(matrix: Path, results: Path) -> tuple[subprocess.Popen, TreeWa
 def test_engine_sigkilled_mid_cell(tmp_path):
     results = tmp_path / "results"
     proc, watcher = start_harness(small_matrix(tmp_path, configs=CPU_CONFIG), results)
-    pid = wait_for(lambda: engine_pid(results), 120)
+    pid = wait_for(lambda: engine_pid(results), 120, "engine pid file")
     time.sleep(3)  # mid-load
     os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=300)
@@ -171,7 +161,7 @@ def test_engine_sigstopped_is_a_timeout(tmp_path):
     results = tmp_path / "results"
     matrix = small_matrix(tmp_path, configs=CPU_CONFIG, timeouts="{ready_s: 25, request_s: 10}")
     proc, watcher = start_harness(matrix, results)
-    pid = wait_for(lambda: engine_pid(results), 120)
+    pid = wait_for(lambda: engine_pid(results), 120, "engine pid file")
     os.killpg(pid, signal.SIGSTOP)  # the whole engine hangs
     started = time.monotonic()
     proc.communicate(timeout=300)
@@ -188,8 +178,8 @@ def test_harness_killed_mid_matrix_then_resumed(tmp_path):
     matrix = small_matrix(tmp_path, configs=CPU_CONFIG, models=("tiny-chat", "tiny-random"))
     proc, watcher = start_harness(matrix, results)
     # Let the first cell finish, then kill the harness while the second engine loads.
-    wait_for(lambda: list(results.glob("*/*/record.json")), 300, every=0.5)
-    wait_for(lambda: engine_pid(results), 120)
+    wait_for(lambda: list(results.glob("*/*/record.json")), 300, "first record", every=0.5)
+    wait_for(lambda: engine_pid(results), 120, "second engine pid file")
     time.sleep(2)
     proc.kill()
     proc.communicate(timeout=30)

@@ -315,7 +315,7 @@ class MatrixRun:
             if not check.ok:
                 rec.skip_reason = check.reason
                 return self._finish(rec, t0)
-        self._serve(rec, cell, model_dir, devices)
+        self._serve(rec, cell, model_dir, devices, t0 + self.matrix.spec.timeouts.cell_s)
         rec = self._finish(rec, t0)
         if cell.config.autofit and rec.outcome == "failed" and rec.facts:
             retry = autofit_args(cell, rec.facts, rec.plan)
@@ -337,10 +337,11 @@ class MatrixRun:
             "remedy": None, "facts": None, "metrics": None, "validation": None, "probes": None,
             "telemetry": None, "timings": Timings(), "engine_exit_code": None, "command": [],
         })
-        self._serve(rec, retry_cell, model_dir, devices)
+        self._serve(rec, retry_cell, model_dir, devices, t0 + self.matrix.spec.timeouts.cell_s)
         return self._finish(rec, t0)
 
-    def _serve(self, rec: CellRecord, cell: Cell, model_dir: str, devices: list[Device]) -> None:
+    def _serve(self, rec: CellRecord, cell: Cell, model_dir: str, devices: list[Device], deadline: float) -> None:
+        """Start, check and stop the engine; `deadline` (monotonic) is the cell's timeouts.cell_s."""
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = store.cell_dir(self.options.results_dir, self.run_id, cell.cell_id)
         port, api_key = free_port(), secrets.token_urlsafe(24)
@@ -372,6 +373,12 @@ class MatrixRun:
         self._engines.add(proc)
         sampler = Sampler(proc.pid, rec.device_ids, nvml=self.nvml)
         sampler.start()
+        # The whole cell's bound: past it the engine is stopped, whatever it is doing.
+        expired = threading.Event()
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()),
+                                   lambda: (expired.set(), proc.stop(self.options.stop_grace_s)))
+        watchdog.daemon = True
+        watchdog.start()
         timings = rec.timings
         stage = "startup"
         try:
@@ -416,6 +423,7 @@ class MatrixRun:
                 rec.failure_detail = f"no answer during {stage} within {timeouts.request_s:.0f} s: {exc}"
                 rec.remedy = "raise timeouts.request_s if the engine is just slow; else read engine.log"
         finally:
+            watchdog.cancel()
             view.phase(cell.cell_id, "stopping")
             timings.stop_s = round(proc.stop(self.options.stop_grace_s), 3)
             self._engines.discard(proc)
@@ -424,7 +432,12 @@ class MatrixRun:
             sampler.write_series(folder / "telemetry.csv")
             rec.telemetry["series"] = "telemetry.csv"
         rec.facts = parse_log_file(log_path)
-        _judge(rec, self.options)
+        if expired.is_set():
+            rec.outcome, rec.failure_class = "failed", "timeout"
+            rec.failure_detail = f"the cell ran past timeouts.cell_s ({timeouts.cell_s:g} s) during {stage}; engine stopped"
+            rec.remedy = "raise timeouts.cell_s, or probe less (the matrix's probe profile)"
+            return
+        _judge(rec)
 
     def _finish(self, rec: CellRecord, t0: float) -> CellRecord:
         if self.interrupted:  # the harness is going down: this cell did not finish, record nothing
@@ -444,7 +457,7 @@ class MatrixRun:
         return rec
 
 
-def _judge(rec: CellRecord, options: RunOptions) -> None:
+def _judge(rec: CellRecord) -> None:
     """Outcome from what happened and what the log says; the log's class wins when it has one."""
     facts: EngineFacts = rec.facts or EngineFacts()
     if rec.outcome == "failed":

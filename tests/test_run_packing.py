@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,12 @@ probe: none
     return path
 
 
-def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5) -> tuple[MatrixRun, Path]:
+def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5, timeouts: str | None = None) -> tuple[MatrixRun, Path]:
     trace = tmp / "trace.jsonl"
-    matrix = load_matrix(make_matrix(tmp, trace, start_s))
+    path = make_matrix(tmp, trace, start_s)
+    if timeouts:
+        path.write_text(path.read_text().replace("timeouts: {ready_s: 60, request_s: 10}", f"timeouts: {timeouts}"))
+    matrix = load_matrix(path)
     nvml = Nvml.open(fake)
     devices = host_devices(nvml)
     engine = EngineVersions(python=sys.executable, distribution="vllm", vllm="0.0.0-standin", platform="cuda")
@@ -106,3 +110,17 @@ def test_tp_larger_than_the_hosts_gpus_is_a_located_matrix_error(tmp_path):
         check_placements(matrix, run.host)
     msg = str(info.value)
     assert "matrix.yaml:8:" in msg and "needs 4 GPUs" in msg and "has 2 RTX 4090" in msg
+
+
+def test_cell_timeout_stops_a_cell_that_runs_too_long(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("STANDIN_ANSWER_S", "60")  # the engine never answers the validation in time
+    run, trace = fake_run(tmp_path, FakePynvml("h100x8_nvswitch"), start_s=0.5,
+                          timeouts="{ready_s: 60, request_s: 120, cell_s: 6}")
+    cells = [c for c in run.matrix.cells if c.config.name == "tp1"][:1]
+    started = time.monotonic()
+    manifest = run.run(cells)
+    assert time.monotonic() - started < 6 + 20
+    rec = json.loads(next((tmp_path / "results").glob("*/*/record.json")).read_text())
+    assert [e.outcome for e in manifest.cells] == ["failed"]
+    assert rec["failure_class"] == "timeout" and "timeouts.cell_s (6 s) during validation" in rec["failure_detail"]

@@ -21,8 +21,8 @@ absolute floor, so noise on tiny values does not flip the gate):
 | E2EL median | lower | 15 % | 10 ms |
 | failed requests (per level) | lower | any increase | 1 request |
 
-A cell run B did not attempt because its host lacks the device (`not_on_host`,
-`excluded_by_engine`) is reported as information, not as a regression.
+A cell run B did not attempt because its host lacks the device (`not_on_host`) is reported as
+information, not as a regression.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 from harness.report.aggregate import Run, RunCell, level_value, probe_levels
 
-NOT_ATTEMPTED = {"not_on_host", "excluded_by_engine"}
+NOT_ATTEMPTED = {"not_on_host"}
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ class CellRecord(Record):
 class ManifestEntry(Record):
     cell_id: str
     key: str | None = None
-    status: Literal["ran", "reused", "not_on_host", "excluded_by_engine"]
+    status: Literal["ran", "reused", "not_on_host"]
     outcome: Outcome | None = None
     record: str | None = None  # path relative to results/, for reused records too
     reason: str | None = None

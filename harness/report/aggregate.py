@@ -27,7 +27,7 @@ class RunCell:
     """One cell of a run as the run page shows it: a record, or a manifest line without one."""
 
     cell_id: str
-    status: str  # manifest status: ran | reused | not_on_host | excluded_by_engine
+    status: str  # manifest status: ran | reused | not_on_host
     row: dict[str, Any] | None = None
     record: CellRecord | None = None
     reason: str | None = None

@@ -32,7 +32,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 GIB = 1024**3
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIAL", re.I)
 RUN_STATUS = {"ok": "SUCCESS", "failed": "FAILED", "skipped": "SKIPPED"}
-MANIFEST_STATUS = {"not_on_host": "NOT ON HOST", "excluded_by_engine": "EXCLUDED BY ENGINE"}
+MANIFEST_STATUS = {"not_on_host": "NOT ON HOST"}
 
 
 # --------------------------------------------------------------------------- template filters
@@ -292,7 +292,7 @@ class Renderer:
                 "finished_at": run.manifest.finished_at if run.manifest else None,
                 "devices": sorted({r["device"] for r in rows}),
                 "versions": sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
-                "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "not_on_host", "excluded_by_engine")},
+                "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "not_on_host")},
                 "page": f"runs/{run.run_id}.md", "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
             })
         return self._write(self.reports_dir / "README.md", "index.md.j2", runs=runs, devices=devices,

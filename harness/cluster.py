@@ -43,7 +43,7 @@ from harness.matrix import Matrix, MatrixFile
 from harness.process import PIDS_DIR, reap_stale
 from harness.progress import Progress
 from harness.redact import Redactor
-from harness.run import Host, MatrixRun, RunOptions, _terminate_as_interrupt, discover_host
+from harness.run import Host, MatrixRun, RunOptions, terminate_as_interrupt, discover_host
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
 RESOURCE_PREFIX = "gpu_"
@@ -267,7 +267,7 @@ class ClusterRun:
             raise InputError(f"--ray-address {self.address}: cannot join the Ray cluster: "
                              f"{str(exc).splitlines()[0]}") from None
         try:
-            with _terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress,
+            with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress,
                                                      title="vLLM matrix on Ray", show_nodes=True) as view:
                 self.view = view
                 self._run(ray, cells, emit)

@@ -157,7 +157,7 @@ def model_fingerprint(path: str) -> str:
 
 
 @contextmanager
-def _terminate_as_interrupt():
+def terminate_as_interrupt():
     """SIGTERM (CI cancel, `kill`) unwinds like Ctrl-C, so the engine is stopped on the way out."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -195,7 +195,7 @@ class MatrixRun:
         """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
         reap_stale(self.pids_dir)
         recorded = {} if self.options.force else store.recorded_keys(self.options.results_dir)
-        with _terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
+        with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
             self.view = view
             jobs, by_id, used = [], {}, {}
             for cell in cells:

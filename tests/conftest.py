@@ -13,6 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+# Hermetic by default: nothing in the test process reaches the real Hub (tests that use the fake hub
+# pass HF_HUB_OFFLINE=0 to the subprocess they start). Set before anything imports huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "harness" / "tinymodels" / "data"
 ENGINE_PYTHON = ROOT / ".venv" / "bin" / "python"

@@ -53,12 +53,14 @@ def _single(args: argparse.Namespace) -> Plan:
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"--config {args.config}: {exc}") from exc
         tensors: dict = {}
+        origin = f"config from {args.config}"
     else:
         try:
             source = resolve(args.model)
         except LookupError as exc:
             raise InputError(f"--model: {exc}") from exc
         config, tensors = source.config, source.tensors
+        origin = f"config from {source.origin} ({source.path})"
     try:
         facts = model_facts(config)
     except ValueError as exc:
@@ -79,8 +81,10 @@ def _single(args: argparse.Namespace) -> Plan:
         weights = weights_from_tensors(facts, tensors, dtype=dtype, tp=tp, pp=pp,
                                        runtime_quant=engine.get("quantization"))
     env = {"VLLM_CPU_KVCACHE_SPACE": str(args.cpu_kvcache_space)} if args.cpu_kvcache_space is not None else {}
-    return plan_model(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu,
+    plan = plan_model(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu,
                       vllm_version=args.vllm_version, weights=weights)
+    plan.notes.append(origin)
+    return plan
 
 
 def _verdict(plan: Plan) -> str:

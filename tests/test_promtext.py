@@ -92,6 +92,29 @@ def test_counter_deltas():
     assert deltas["generation_tokens"] is None
 
 
+def _ttft(count: float, total_s: float, engine: str = "0", name: str = "vllm:time_to_first_token_seconds") -> str:
+    return (f'{name}_count{{engine="{engine}",model_name="m"}} {count}\n'
+            f'{name}_sum{{engine="{engine}",model_name="m"}} {total_s}\n')
+
+
+def test_latency_means_are_the_servers_own_mean_over_the_interval():
+    # Two engines (data parallel): sums and counts add up before dividing.
+    before = promtext.engine_snapshot(_ttft(12, 0.6) + _ttft(3, 0.3, engine="1"))
+    after = promtext.engine_snapshot(_ttft(20, 1.0) + _ttft(7, 0.9, engine="1"))
+    means = promtext.latency_means(before, after)
+    assert means["ttft"] == pytest.approx(1000 * (0.4 + 0.6) / (8 + 4))
+    assert means["tpot"] is None and means["requests"] is None
+    # Nothing observed in between: no mean rather than 0/0.
+    assert promtext.latency_means(after, after)["ttft"] is None
+
+
+def test_latency_means_read_the_pre_0_11_itl_name():
+    old = "vllm:time_per_output_token_seconds"
+    means = promtext.latency_means(promtext.engine_snapshot(_ttft(10, 0.1, name=old)),
+                                   promtext.engine_snapshot(_ttft(110, 2.1, name=old)))
+    assert means["itl"] == pytest.approx(20.0)
+
+
 def test_special_values_and_timestamps():
     fams = promtext.parse('a NaN\nb{x="1"} -Inf 123\n')
     assert math.isnan(fams["a"].samples[0].value)

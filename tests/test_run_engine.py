@@ -71,6 +71,13 @@ def test_default_matrix_four_outcomes(default_run):
         assert (cell_dir / rec.engine_log).stat().st_size > 0
         assert (cell_dir / "telemetry.csv").exists()
     assert chat.probes and chat.probes["levels"][0]["completed"] > 0
+    # vLLM's own latency histograms saw exactly the level's requests; the client's figures sit
+    # on top of the server's by the HTTP leg, never under it.
+    level = chat.probes["levels"][0]
+    server = level["server_metrics"]["server_latency_ms"]
+    assert server["requests"] == level["completed"]
+    assert 0 < server["ttft"] <= level["ttft_ms"]["mean"]
+    assert 0 < server["e2el"] <= level["e2el_ms"]["mean"]
 
 
 def test_no_engine_outlives_the_run(default_run):

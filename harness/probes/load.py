@@ -363,6 +363,8 @@ class _MetricsWatch:
             "kv_cache_usage_peak": self.peaks.get("kv_cache_usage"),
             "num_requests_running_peak": self.peaks.get("num_requests_running"),
             "num_requests_waiting_peak": self.peaks.get("num_requests_waiting"),
+            # The server's own means over the level: what the client's figures should match.
+            "server_latency_ms": promtext.latency_means(self.before, after),
         }
 
 

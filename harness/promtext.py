@@ -4,8 +4,8 @@
 picks the vLLM gauges and counters the probes track (KV usage, preemptions, prefix cache,
 token and request counters, and the latency histograms whose sums and counts
 `latency_means()` turns into the server's own mean TTFT/TPOT/ITL/E2EL), accepting both the
-V1 names and their pre-0.12 aliases (see ../shared/vllm-logs.md §9.3); `cache_config_info()` returns the labels of
-`vllm:cache_config_info`. Pure functions, no I/O.
+V1 names and their pre-0.12 aliases (see ../shared/vllm-logs.md §9.3);
+`cache_config_info()` returns the labels of `vllm:cache_config_info`. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -195,14 +195,9 @@ def latency_means(
     (E2EL observations); None where a histogram is missing or saw nothing."""
     out: dict[str, float | None] = {}
     for key in HISTOGRAMS:
-        s0, s1 = before.get(f"{key}_sum"), after.get(f"{key}_sum")
-        n0, n1 = before.get(f"{key}_count"), after.get(f"{key}_count")
-        if None in (s0, s1, n0, n1) or n1 <= n0:
-            out[key] = None
-        else:
-            out[key] = 1000 * (s1 - s0) / (n1 - n0)
-    n0, n1 = before.get("e2el_count"), after.get("e2el_count")
-    out["requests"] = None if n0 is None or n1 is None else n1 - n0
+        seconds, n = _delta(before, after, f"{key}_sum"), _delta(before, after, f"{key}_count")
+        out[key] = 1000 * seconds / n if seconds is not None and n is not None and n > 0 else None
+    out["requests"] = _delta(before, after, "e2el_count")
     return out
 
 
@@ -210,8 +205,11 @@ def counter_deltas(
     before: dict[str, float | None], after: dict[str, float | None]
 ) -> dict[str, float | None]:
     """after − before for each counter both snapshots have; None where either lacks it."""
-    out: dict[str, float | None] = {}
-    for key in COUNTERS:
-        a, b = after.get(key), before.get(key)
-        out[key] = None if a is None or b is None else a - b
-    return out
+    return {key: _delta(before, after, key) for key in COUNTERS}
+
+
+def _delta(
+    before: dict[str, float | None], after: dict[str, float | None], key: str
+) -> float | None:
+    a, b = after.get(key), before.get(key)
+    return None if a is None or b is None else a - b

@@ -22,7 +22,7 @@ HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1
 MATRIX ?= matrix.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install chromium matrix test report bench bench-parse bench-probe bench-plan clean-venv
+.PHONY: install chromium matrix nightly test report bench bench-parse bench-probe bench-plan clean-venv
 
 install: $(HARNESS_STAMP)
 
@@ -50,6 +50,10 @@ matrix: install
 
 report: install
 	$(PY) -m harness report
+
+# The nightly job's logic (run, publish, diff against the last published run): see .github/workflows.
+nightly: install
+	$(PY) -m harness nightly --matrix $(MATRIX) --out nightly
 
 # Headless Chromium renders the report in one test; installed from Debian's packages when missing.
 chromium:

@@ -195,8 +195,8 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
             final = runner.run_cell(cell, devices, _DriverRecords(request["reusable"]))
         except _AlreadyRecorded as hit:
             return {"node": node, "reused": hit.key}
-        folder = Path(tmp) / request["run_id"]
-        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+        folder = store.run_dir(Path(tmp), request["run_id"])
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != store.MANIFEST}
         return {"node": node, "final": final.cell_id, "files": files,
                 "entries": [e.model_dump(mode="json") for e in runner.manifest.cells]}
@@ -251,12 +251,16 @@ class ClusterRun:
     node_retries: int = NODE_RETRIES
 
     def __post_init__(self) -> None:
-        self.manifest = RunManifest(
+        self.log = store.RunWriter(self.options.results_dir, RunManifest(
             run_id=self.run_id, matrix_path=str(self.matrix.path),
             matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
             started_at=store.utcnow(), host=self.host.fingerprint,
-        )
+        ))
         self.redactor = Redactor(env=os.environ)
+
+    @property
+    def manifest(self) -> RunManifest:
+        return self.log.manifest
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
         ray = ray_module()
@@ -271,8 +275,7 @@ class ClusterRun:
                                                      title="vLLM matrix on Ray", show_nodes=True) as view:
                 self.view = view
                 self._run(ray, cells, emit)
-                self.manifest.finished_at = store.utcnow()
-                store.write_manifest(self.options.results_dir, self.manifest)
+                self.log.finish()
                 view.summary()
         finally:
             ray.shutdown()
@@ -280,9 +283,9 @@ class ClusterRun:
 
     def _run(self, ray, cells: list[Cell], emit) -> None:
         results = self.options.results_dir
-        # key -> (newest record, its outcome), as store.recorded_keys; skipped records are rerun.
-        recorded = {} if self.options.force else {r.key: (p, r.outcome) for p, r in store.iter_records(results)}
-        reusable = sorted(k for k, (_, outcome) in recorded.items() if outcome != "skipped")
+        # key -> (newest record path, record); skipped records are rerun.
+        recorded = {} if self.options.force else store.recorded_keys(results)
+        reusable = sorted(k for k, (_, record) in recorded.items() if record.outcome != "skipped")
         # The board lives with the driver, so losing any other node never loses progress events.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
@@ -312,7 +315,7 @@ class ClusterRun:
         for cell in cells:
             why_not = placement_problem(cell, offered, self.resource_prefix)
             if why_not:
-                self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
+                self.log.not_on_host(cell.cell_id, why_not)
                 self.view.add(cell.cell_id, "no node", detail=why_not)
                 continue
             attempts[cell.cell_id] = _Attempt(cell)
@@ -374,31 +377,25 @@ class ClusterRun:
         self.view.nodes[cell.cell_id] = result["node"]
         if "not_placed" in result:
             reason = f"{result['node']}: {result['not_placed']}"
-            self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=reason))
+            self.log.not_on_host(cell.cell_id, reason)
             self.view.add(cell.cell_id, "not on its node", detail=reason)
             return None
-        results = self.options.results_dir
         if "reused" in result:
-            path = recorded[result["reused"]][0]
-            old = store.read_record(path)
-            self._enter(ManifestEntry(cell_id=cell.cell_id, key=old.key, status="reused", outcome=old.outcome,
-                                      record=str(path.relative_to(results).parent)))
+            path, old = recorded[result["reused"]]
+            self.log.reused(cell.cell_id, old.key, old.outcome, path)
             self.view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
             return old
-        folder = results / self.run_id
         # Logs and series first, records last: a record never names a file not yet written.
         files = sorted(result["files"].items(), key=lambda item: Path(item[0]).name == store.RECORD)
         records = []
         for rel, data in files:
             if Path(rel).name == store.RECORD:
                 records.append(CellRecord.model_validate_json(data))
-                store.write_record(results, records[-1])
-            else:
-                store.atomic_write_text(folder / rel, data.decode("utf-8"))
+            self.log.store_file(rel, data)
         for entry in result["entries"]:
             if attempt.lost:  # the manifest keeps why this cell ran more than once
                 entry = {**entry, "reason": "; then ".join(attempt.lost) + "; retried"}
-            self._enter(ManifestEntry.model_validate(entry))
+            self.log.enter(ManifestEntry.model_validate(entry))
         for record in sorted(records, key=lambda r: r.started_at):
             self.view.nodes[record.cell_id] = result["node"]
             self.view.done(record)
@@ -415,12 +412,6 @@ class ClusterRun:
         rec = CellRecord(run_id=self.run_id, cell_id=cell.cell_id, key=cell_key(cell, version), cell=cell,
                          host=host, started_at=now, finished_at=now, outcome="failed", failure_class="other",
                          failure_detail=self.redactor.redact(detail), remedy=remedy, engine_version=version)
-        path = store.write_record(self.options.results_dir, rec)
-        self._enter(ManifestEntry(cell_id=cell.cell_id, key=rec.key, status="ran", outcome="failed",
-                                  record=str(path.parent.relative_to(self.options.results_dir))))
+        self.log.ran(rec)
         self.view.done(rec)
         return rec
-
-    def _enter(self, entry: ManifestEntry) -> None:
-        self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
-        store.write_manifest(self.options.results_dir, self.manifest)

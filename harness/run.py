@@ -37,6 +37,7 @@ from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
+from harness.probes.validation import settings as validation_settings
 from harness.probes.validation import validate
 from harness.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
                              free_port, reap_stale)
@@ -49,7 +50,6 @@ from harness.schema import (
     EngineFacts,
     EngineVersions,
     HostFingerprint,
-    ManifestEntry,
     MetricsFacts,
     RunManifest,
     Timings,
@@ -177,19 +177,28 @@ class MatrixRun:
     run_id: str = field(default_factory=store.new_run_id)
 
     def __post_init__(self) -> None:
-        self.manifest = RunManifest(
+        self.log = store.RunWriter(self.options.results_dir, RunManifest(
             run_id=self.run_id, matrix_path=str(self.matrix.path),
             matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
             started_at=store.utcnow(), host=self.host.fingerprint,
-        )
+        ))
         self.pids_dir = self.options.results_dir / PIDS_DIR
         self.redactor = Redactor(env=os.environ)
         self.view = Progress([], mode="quiet")  # replaced by run(); run_cell alone (a Ray task) shows nothing
         self.probe_spec = self.matrix.spec.probe
         self.nvml: Nvml | None = None  # an open NVML for hygiene and telemetry; None: each opens its own
         self._engines: set[EngineProcess] = set()
-        self._lock = threading.Lock()
         self.interrupted = False
+
+    @property
+    def manifest(self) -> RunManifest:
+        return self.log.manifest
+
+    def key(self, cell: Cell, engine_version: str | None, revision: str | None = None) -> str:
+        """The cell's identity: what it is and how it is measured (probe, validation, timeouts)."""
+        return cell_key(cell, engine_version, revision, probe=self.probe_spec,
+                        validation=validation_settings("reasoning" in cell.model.tags),
+                        timeouts=self.matrix.spec.timeouts.model_dump())
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
         """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
@@ -201,7 +210,7 @@ class MatrixRun:
             for cell in cells:
                 devices, why_not = self.host.eligible(cell)
                 if devices is None:
-                    self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
+                    self.log.not_on_host(cell.cell_id, why_not)
                     view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
                     continue
                 by_id[cell.cell_id] = cell
@@ -219,8 +228,7 @@ class MatrixRun:
                 placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
                 self._schedule(placeable, clean, by_id, used, recorded, emit)
                 self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
-            self.manifest.finished_at = store.utcnow()
-            store.write_manifest(self.options.results_dir, self.manifest)
+            self.log.finish()
             view.summary()
         return self.manifest
 
@@ -260,13 +268,9 @@ class MatrixRun:
                     proc.stop(grace=2.0)
                 raise
 
-    def _enter(self, entry: ManifestEntry) -> None:
-        with self._lock:
-            self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
-            store.write_manifest(self.options.results_dir, self.manifest)
-
     # ------------------------------------------------------------------ one cell
-    def run_cell(self, cell: Cell, devices: list[Device], recorded: dict[str, Path]) -> CellRecord:
+    def run_cell(self, cell: Cell, devices: list[Device],
+                 recorded: dict[str, tuple[Path, CellRecord]]) -> CellRecord:
         view = self.view
         started, t0 = store.utcnow(), time.monotonic()
         engine = self.host.engines[cell.engine.name]
@@ -283,20 +287,19 @@ class MatrixRun:
             rec.skip_reason = str(exc)
             return self._finish(rec, t0)
         except FetchError as exc:
-            rec.key = cell_key(cell, engine.vllm)
+            rec.key = self.key(cell, engine.vllm)
             # The fetch error's message says what to do (accept the licence, fix the repo id).
             rec.outcome, rec.failure_class = "failed", exc.failure_class
             rec.failure_detail = rec.remedy = str(exc)
             return self._finish(rec, t0)
         model_dir = rec.fetch.path or cell.model.source
         revision = rec.fetch.revision_sha or model_fingerprint(model_dir)
-        rec.key = cell_key(cell, engine.vllm, revision)
+        rec.key = self.key(cell, engine.vllm, revision)
         previous = recorded.get(rec.key)
         if previous is not None:
-            old = store.read_record(previous)
+            path, old = previous
             if old.outcome != "skipped":
-                self._enter(ManifestEntry(cell_id=cell.cell_id, key=rec.key, status="reused", outcome=old.outcome,
-                                          record=str(previous.relative_to(self.options.results_dir).parent)))
+                self.log.reused(cell.cell_id, rec.key, old.outcome, path)
                 view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
                 return old
         if self.options.plan:
@@ -332,7 +335,7 @@ class MatrixRun:
         t0 = time.monotonic()
         rec = failed.model_copy(update={
             "cell_id": retry_cell.cell_id, "cell": retry_cell, "autofit_of": failed.cell_id,
-            "key": cell_key(retry_cell, failed.engine_version, failed.fetch.revision_sha if failed.fetch else None),
+            "key": self.key(retry_cell, failed.engine_version, failed.fetch.revision_sha if failed.fetch else None),
             "started_at": store.utcnow(), "outcome": "skipped", "failure_class": None, "failure_detail": None,
             "remedy": None, "facts": None, "metrics": None, "validation": None, "probes": None,
             "telemetry": None, "timings": Timings(), "engine_exit_code": None, "command": [],
@@ -343,7 +346,7 @@ class MatrixRun:
     def _serve(self, rec: CellRecord, cell: Cell, model_dir: str, devices: list[Device], deadline: float) -> None:
         """Start, check and stop the engine; `deadline` (monotonic) is the cell's timeouts.cell_s."""
         view, timeouts = self.view, self.matrix.spec.timeouts
-        folder = store.cell_dir(self.options.results_dir, self.run_id, cell.cell_id)
+        folder = self.log.cell_dir(cell.cell_id)
         port, api_key = free_port(), engine_api_key()
         redactor = Redactor([api_key], env=os.environ)
         cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
@@ -429,8 +432,8 @@ class MatrixRun:
             self._engines.discard(proc)
             rec.engine_exit_code = proc.poll()
             rec.telemetry = sampler.stop(_generated_tokens(rec.probes))
-            sampler.write_series(folder / "telemetry.csv")
-            rec.telemetry["series"] = "telemetry.csv"
+            sampler.write_series(folder / store.TELEMETRY)
+            rec.telemetry["series"] = store.TELEMETRY
         rec.facts = parse_log_file(log_path)
         if expired.is_set():
             rec.outcome, rec.failure_class = "failed", "timeout"
@@ -450,9 +453,7 @@ class MatrixRun:
         t.harness_overhead_s = round(max(t.total_s - accounted, 0.0), 3)
         rec.finished_at = store.utcnow()
         rec = CellRecord.model_validate(self.redactor.redact_obj(rec.model_dump(mode="json")))
-        path = store.write_record(self.options.results_dir, rec)
-        self._enter(ManifestEntry(cell_id=rec.cell_id, key=rec.key, status="ran", outcome=rec.outcome,
-                                  record=str(path.parent.relative_to(self.options.results_dir))))
+        self.log.ran(rec)
         self.view.done(rec)
         return rec
 

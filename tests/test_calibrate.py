@@ -9,7 +9,7 @@ from harness.cli import main
 from harness.plan import calibration as cal
 from harness.plan import refit
 from harness.schema import Cell, CellRecord, EngineConfig, EngineFacts, EngineInstall, HostFingerprint, ModelSpec
-from harness.store import write_record
+from tests.reportdata import write_run
 
 OBS = Path(__file__).resolve().parents[1] / "harness" / "plan_data" / "observations"
 SEED002 = OBS / "seed002_h100_vllm011.json"
@@ -31,7 +31,7 @@ def _record(tmp: Path, version: str, activation: float, kv: float, name: str = "
                      host=HostFingerprint(hostname="h", os="linux", python="3.11", harness_version="0"),
                      started_at="2025-01-01T00:00:00", outcome="ok", facts=facts,
                      plan={"kv_cache_gib": 51.0, "weights_gib": 14.99})
-    write_record(tmp, rec)
+    write_run(tmp, [rec])
 
 
 def test_calibrate_drift_alarm_on_new_version(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from harness.errors import InputError
@@ -11,7 +12,7 @@ from harness.report import render_reports
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", metavar="RUN",
-                        help="run ids whose run pages to rebuild (default: every run); "
+                        help="run ids or run folders whose run pages to rebuild (default: every run); "
                              "the index, matrix, insights, device pages and exports always cover all runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default: reports)")
@@ -19,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if not args.results.is_dir():
-        raise InputError(f"--results {args.results}: no such folder (run `python -m harness run` first)")
-    written = render_reports(args.results, args.reports, args.runs or None)
+        raise InputError(f"--results {args.results}: no such folder (a fresh clone has an empty results/; "
+                         "the published runs under reports/data/runs are read as well)")
+    written = render_reports(args.results, args.reports, args.runs or None,
+                             warn=lambda line: print(line, file=sys.stderr))
     print(f"{len(written)} files written under {args.reports}/ (start at {args.reports / 'README.md'})")
     return 0

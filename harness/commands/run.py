@@ -10,6 +10,7 @@ from harness.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
 from harness.run import MatrixRun, RunOptions, check_placements, discover_host
+from harness.schema import RunManifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    execute(args)
+    return 0
+
+
+def execute(args: argparse.Namespace) -> RunManifest:
+    """Run the matrix and render its reports; the run's manifest (also for `nightly`)."""
     matrix = load_matrix(args.matrix)
     ray_address = args.ray_address or matrix.spec.ray.address
     if ray_address:
@@ -54,5 +61,6 @@ def main(args: argparse.Namespace) -> int:
         runner = MatrixRun(matrix, host, options)
     manifest = runner.run(cells, emit=emit if args.json else None)
     if not args.no_report:
-        render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id])
-    return 0
+        render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id],
+                       warn=lambda line: print(line, file=sys.stderr))
+    return manifest

@@ -23,6 +23,14 @@ COMPLETION_PROMPT = "Question: What is 2+2?\nAnswer:"
 MAX_TOKENS = 16
 REASONING_MAX_TOKENS = 1024
 
+
+
+def settings(reasoning: bool) -> dict[str, object]:
+    """What the validation asks and allows: part of a cell's identity (harness.schema.cell_key)."""
+    return {"prompt": PROMPT, "completion_prompt": COMPLETION_PROMPT, "temperature": 0,
+            "max_tokens": REASONING_MAX_TOKENS if reasoning else MAX_TOKENS}
+
+
 _WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
     "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,

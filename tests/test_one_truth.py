@@ -73,7 +73,7 @@ def test_the_run_page_shows_what_the_runner_wrote(runs):
     row = next(line for line in index.splitlines() if line.startswith(f"| [{first}]"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == "cpu" and cells[5] == recs[CHAT].engine_version
-    assert cells[6:10] == ["1", "1", "0", "1"]  # ok, failed, skipped, not on host
+    assert cells[6:10] == ["1", "1", "0", "2"]  # ok, failed, skipped, not on host (2 models x H100)
     # the device page links each cell to a run page section that exists
     device = (reports / "devices" / "cpu.md").read_text()
     assert f"../runs/{first}.md#" in device or any(f"../runs/{i}.md#" in device for i in runs["ids"])

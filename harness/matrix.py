@@ -4,7 +4,7 @@ Validation happens before anything starts. Every error is one line naming the fi
 column, the place in the document and the fix; all of a matrix's errors are raised together as
 one `InputError` (exit code 2).
 Checks that need the installed vLLM (engine-arg names and types) live in `check_engine_args`,
-fed by `harness.engine_info`, so `plan` and `report` still work on a laptop without vLLM.
+fed by `harness.engine.info`, so `plan` and `report` still work on a laptop without vLLM.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def select(cells: list[Cell], only: str | None) -> list[Cell]:
 def check_engine_args(matrix: Matrix, engine_args: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Refuse engine args the installed vLLM's own parser does not know, with "did you mean".
 
-    `engine_args` maps engine name -> {dest: action description} from `harness.engine_info`.
+    `engine_args` maps engine name -> {dest: action description} from `harness.engine.info`.
     """
     problems = []
     for ci, cfg in enumerate(matrix.spec.configs):

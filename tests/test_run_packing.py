@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
-from harness.devices import Nvml, host_devices
+from harness.host.devices import Nvml, host_devices
 from harness.errors import InputError
 from harness.matrix import load_matrix
-from harness.run import Host, MatrixRun, RunOptions, check_placements
+from harness.run.runner import Host, MatrixRun, RunOptions, check_placements
 from harness.schema import EngineVersions, HostFingerprint
 
 STANDIN = Path(__file__).parent / "standin"

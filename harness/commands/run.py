@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cluster import ClusterRun, ray_module
+from harness.run.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
-from harness.run import MatrixRun, RunOptions, check_placements, discover_host
+from harness.run.runner import MatrixRun, RunOptions, check_placements, discover_host
 from harness.schema import RunManifest
 
 

@@ -170,7 +170,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.get("fits"),
         "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),
-        # The sampler's independent figures (harness.telemetry), beside vLLM's own claims.
+        # The sampler's independent figures (harness.run.telemetry), beside vLLM's own claims.
         "peak_rss_gib": (telemetry.get("process") or {}).get("rss_peak_gib"),
         "gpu_peak_memory_gib": telemetry.get("gpu_memory_used_peak_gib"),
         "energy_j": telemetry.get("energy_j"),

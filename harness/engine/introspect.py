@@ -1,7 +1,7 @@
 """Standalone script run INSIDE an engine's interpreter (never imported by the harness).
 
-`python engine_probe.py versions` prints the installed vLLM/torch/transformers versions as JSON
-(fast: package metadata only). `python engine_probe.py args` also imports vLLM's own CLI parser
+`python introspect.py versions` prints the installed vLLM/torch/transformers versions as JSON
+(fast: package metadata only). `python introspect.py args` also imports vLLM's own CLI parser
 and prints every engine/server argument it knows, so the harness can validate matrix.yaml
 against the exact vLLM that will run. Keep this file free of harness imports.
 """

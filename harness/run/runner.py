@@ -4,7 +4,7 @@ Per cell: fetch the model -> plan -> spawn the engine (127.0.0.1, free port, ran
 its own GPUs, DEBUG log) -> wait for /health and /v1/models -> read /metrics -> validate
 "What is 2+2?" -> probe -> stop the whole process group -> parse the log -> write the record.
 A startup failure, crash or hang ends that cell with its outcome recorded; the matrix goes on.
-This module and `harness.process` are the only ones that touch processes, ports and GPUs.
+This module and `harness.engine.process` are the only ones that touch processes, ports and GPUs.
 """
 
 from __future__ import annotations
@@ -25,23 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import __version__, promtext, store
-from harness.devices import Nvml, cpu_info, host_devices, match_selector
-from harness.engine_info import cli_flags, engine_arg_actions, engine_versions
+from harness import __version__, store
+from harness.engine import metrics as vllm_metrics
+from harness.host.devices import Nvml, cpu_info, host_devices, match_selector
+from harness.engine.info import cli_flags, engine_arg_actions, engine_versions
 from harness.errors import InputError
-from harness.fetch import FetchError, OfflineMissing, fetch_model
-from harness.hygiene import check_gpus, wait_for_clean_gpus
+from harness.run.fetch import FetchError, OfflineMissing, fetch_model
+from harness.host.hygiene import check_gpus, wait_for_clean_gpus
 from harness.matrix import Matrix
-from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
+from harness.run.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import settings as validation_settings
 from harness.probes.validation import validate
-from harness.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
+from harness.engine.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
                              free_port, reap_stale)
-from harness.progress import NOT_ON_HOST, Progress
+from harness.run.progress import NOT_ON_HOST, Progress
 from harness.redact import Redactor
 from harness.schema import (
     Cell,
@@ -55,7 +56,7 @@ from harness.schema import (
     Timings,
     cell_key,
 )
-from harness.telemetry import Sampler
+from harness.run.telemetry import Sampler
 
 def _slot(device: Device) -> int:
     """Scheduling slot of a device: its GPU index, -1 for the CPU."""
@@ -503,7 +504,7 @@ def _scrape_metrics(base: str, api_key: str) -> MetricsFacts | None:
             text = resp.read().decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError):
         return None
-    labels = promtext.cache_config_info(promtext.parse(text)) or {}
+    labels = vllm_metrics.cache_config_info(vllm_metrics.parse(text)) or {}
 
     def num(key: str, cast=int):
         value = labels.get(key)

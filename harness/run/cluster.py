@@ -14,7 +14,7 @@ a matching cell returns before any engine starts (then listed as reused, as loca
 
 A node lost mid-cell (raylet or machine gone, worker killed) gets the cell tried once more on
 another node; a second loss is recorded as failed with the reason. The engine dies with the
-task's worker: its first process by the parent-death signal (`harness.process`), the rest by a
+task's worker: its first process by the parent-death signal (`harness.engine.process`), the rest by a
 watchdog process per task (`guard_engines`), so a lost node or driver leaves no engine behind.
 
 Ray is an optional extra (`pip install '.[ray]'`): it is imported only when a cluster is used.
@@ -40,10 +40,10 @@ import yaml
 from harness import store
 from harness.errors import InputError
 from harness.matrix import Matrix, MatrixFile
-from harness.process import PIDS_DIR, reap_stale
-from harness.progress import Progress
+from harness.engine.process import PIDS_DIR, reap_stale
+from harness.run.progress import Progress
 from harness.redact import Redactor
-from harness.run import Host, MatrixRun, RunOptions, terminate_as_interrupt, discover_host
+from harness.run.runner import Host, MatrixRun, RunOptions, terminate_as_interrupt, discover_host
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
 RESOURCE_PREFIX = "gpu_"
@@ -156,7 +156,7 @@ def guard_engines(worker_pid: int, scratch: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-_GUARD = "import sys; from harness.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
+_GUARD = "import sys; from harness.run.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
 # Starts its arguments as a detached process and exits: the guard becomes nobody's child, because
 # Ray kills a dying worker's own children (RAY_kill_child_processes_on_worker_exit) — guard included.
 _DETACH = ("import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, "

@@ -1,6 +1,6 @@
 """What an engine install is: its versions and the engine arguments its vLLM accepts.
 
-Runs `engine_probe.py` in the engine's own interpreter (the harness never imports vllm). The
+Runs `introspect.py` in the engine's own interpreter (the harness never imports vllm). The
 argument list costs a vLLM import (~10 s), so it is cached per interpreter and vLLM version.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from harness.errors import InputError
 from harness.schema import EngineInstall, EngineVersions
 
-PROBE = Path(__file__).with_name("engine_probe.py")
+PROBE = Path(__file__).with_name("introspect.py")
 MARK = "@@ENGINE_PROBE@@"
 
 

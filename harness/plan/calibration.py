@@ -7,7 +7,8 @@ Two kinds of rows:
   family / vLLM version spec / platform / tp / enforce_eager and merged least specific first;
 * fitted rows (written by `calibrate`): one per vLLM version range (versions.range_specs) and
   constant group, optionally per family. A range that has no fitted value for a constant borrows
-  the nearest range's (older first), and the plan says so.
+  it from the range reached across the fewest boundaries that change that constant (then the
+  nearest, older first), and the plan says so.
 
 Activation is modelled, not tabulated, so one row covers every model. vLLM's profile run peaks
 either in the dummy sampler pass (logits for max_num_seqs rows of the vocabulary in fp32, plus
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.plan.model import ModelFacts
-from harness.plan.versions import in_range, range_of, range_specs
+from harness.plan.versions import crossings, in_range, range_of, range_specs
 
 GIB = 1 << 30
 FITTED = "fit"  # rows whose source starts with this are owned (replaced) by calibrate
@@ -47,6 +48,10 @@ DEFAULTS: dict[str, Any] = {"sampler_factor": 1.0, "hidden_bytes": 2.0, "forward
                             "activation_scale": 1.0, "non_torch_gib": 0.0, "non_torch_tp_gib": 0.0,
                             "non_torch_tp_step_gib": 0.0, "non_torch_pp_gib": 0.0, "cuda_graph_gib": 0.0,
                             "cuda_graph_in_budget": False, "weights_factor": 1.0}
+GROUPS = {"sampler_factor": "activation", "hidden_bytes": "activation", "forward_factor": "activation",
+          "moe_factor": "activation", "activation_scale": "activation", "non_torch_gib": "non_torch",
+          "non_torch_tp_gib": "non_torch", "non_torch_tp_step_gib": "non_torch", "non_torch_pp_gib": "non_torch",
+          "cuda_graph_gib": "cuda_graph", "cuda_graph_in_budget": "cuda_graph", "weights_factor": "weights"}
 MOE_CHUNK_TOKENS = 32768  # fused MoE processes at most this many tokens per call (VLLM_FUSED_MOE_CHUNK_SIZE)
 
 
@@ -118,9 +123,10 @@ def constants_for(table: list[dict], *, family: str, vllm_version: str | None, p
     fitted = [r for r in table if is_fitted(r) and _matches(r, **match)]
     specs = range_specs()
     own = specs.index(range_of(vllm_version))
-    order = [own] + list(range(own - 1, -1, -1)) + list(range(own + 1, len(specs)))
     borrowed = []
     for key in CONSTANTS:
+        # nearest range across the fewest boundaries that change this constant; older wins ties
+        order = sorted(range(len(specs)), key=lambda i: (crossings(i, own, GROUPS[key]), abs(i - own), i > own))
         for i in order:
             rows = sorted((r for r in fitted if r.get("vllm") == specs[i] and key in r), key=specificity)
             if rows:

@@ -53,6 +53,9 @@ def minor(version: str) -> str:
 #   0.20  that estimate is on by default and subtracted before the KV cache is sized
 #   0.26  hybrid (attention + Mamba/linear) models share one KV pool with padded pages
 RANGE_BOUNDS = ("0.17", "0.18", "0.20", "0.26")
+# What each boundary changes: a range with no fitted value for a constant borrows from the range
+# reached across the fewest boundaries that change that constant's group.
+BOUND_CHANGES = {"0.17": "activation", "0.18": "non_torch", "0.20": "cuda_graph", "0.26": "hybrid"}
 
 
 def range_specs() -> list[str]:
@@ -60,6 +63,12 @@ def range_specs() -> list[str]:
     specs = [f"<{RANGE_BOUNDS[0]}"]
     specs += [f">={a},<{b}" for a, b in zip(RANGE_BOUNDS, RANGE_BOUNDS[1:])]
     return specs + [f">={RANGE_BOUNDS[-1]}"]
+
+
+def crossings(a: int, b: int, group: str) -> int:
+    """How many boundaries between range indices a and b change `group`."""
+    lo, hi = min(a, b), max(a, b)
+    return sum(1 for bound in RANGE_BOUNDS[lo:hi] if BOUND_CHANGES[bound] == group)
 
 
 def range_of(version: str | None) -> str:

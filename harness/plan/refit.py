@@ -48,7 +48,8 @@ class Sample:
     vllm_version: str | None = None
     config: dict[str, Any] | None = None  # inline config (observations of local tiny models)
     plan: dict[str, Any] | None = None  # the prediction stored next to the measurement
-    origin: str = ""
+    origin: str = ""  # where the numbers are stated: a log's URL, a record's path
+    dataset: str = ""  # the observation file (its `source` names the publication) or "results"
 
     @property
     def platform(self) -> str:
@@ -67,7 +68,7 @@ def samples_from_records(records: list[tuple[Path, CellRecord]]) -> list[Sample]
         out.append(Sample(label=rec.cell_id, model=rec.cell.model.source, gpu=rec.cell.gpu,
                           args=dict(rec.cell.config.args), env=dict(rec.cell.config.env), facts=f,
                           total_gib=f.total_gpu_memory_gib, vllm_version=f.vllm_version or rec.engine_version,
-                          plan=rec.plan, origin=str(path)))
+                          plan=rec.plan, origin=str(path), dataset="results"))
     return out
 
 
@@ -78,7 +79,8 @@ def samples_from_observations(path: Path) -> list[Sample]:
         out.append(Sample(label=row["label"], model=row["model"], gpu=row["gpu"], args=row.get("args", {}),
                           env=row.get("env", {}), facts=EngineFacts.model_validate(row["measured"]),
                           total_gib=row.get("total_gib"), vllm_version=row.get("vllm_version"),
-                          config=row.get("config"), origin=row.get("source") or f"{path.name}:{row['label']}"))
+                          config=row.get("config"), origin=row.get("source") or f"{path.name}:{row['label']}",
+                          dataset=path.name))
     return out
 
 
@@ -218,20 +220,23 @@ def fit(samples: list[Sample], base: list[dict]) -> list[dict]:
             continue
         prepared = [(s, s.model_facts()) for s in group]
         head = {"family": "*", "vllm": spec, "platform": "cuda"}
+        data = sorted({s.dataset for s in group if s.dataset})
         prior = cal.constants_for(kept, family="*", vllm_version=group[0].vllm_version)
         act = fit_activation(prepared, prior)
         if act:
-            rows.append({**head, **act, "source": f"{cal.FITTED}: activation over {act['n']} runs"})
+            rows.append({**head, **act, "source": f"{cal.FITTED}: activation over {act['n']} runs", "data": data})
         nt = fit_non_torch(group)
         if nt:
-            rows.append({**head, **nt, "source": f"{cal.FITTED}: non-torch and CUDA graph over {len(group)} runs"})
+            rows.append({**head, **nt, "source": f"{cal.FITTED}: non-torch and CUDA graph over {len(group)} runs",
+                         "data": data})
         by_family: dict[str, list[tuple[Sample, ModelFacts]]] = {}
         for s, mf in prepared:
             by_family.setdefault(mf.family, []).append((s, mf))
         for family, members in sorted(by_family.items()):
             w = fit_weights(members)
             if w:
-                rows.append({**head, "family": family, **w, "source": f"{cal.FITTED}: weights of {w['n']} runs"})
+                rows.append({**head, "family": family, **w, "source": f"{cal.FITTED}: weights of {w['n']} runs",
+                             "data": sorted({s.dataset for s, _ in members if s.dataset})})
     order = {spec: i for i, spec in enumerate(range_specs())}
     hand = [r for r in kept if not cal.is_fitted(r)]
     fitted = sorted([r for r in kept if cal.is_fitted(r)] + rows, key=lambda r: order.get(r.get("vllm"), -1))

@@ -101,3 +101,10 @@ def test_unknown_gpu_names_the_closest_and_the_flag(capsys):
     assert main(["plan", "--model", "Qwen/Qwen3-0.6B", "--gpu", "H300"]) == 2
     err = capsys.readouterr().err
     assert "closest known: H100, H200" in err and "--gpu-memory-gib" in err
+
+
+def test_docs_list_every_gpu_of_the_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plan.md").read_text()
+    table = json.loads((CATALOG.parent / "gpus.json").read_text())["gpus"]
+    for row in table:
+        assert f"| {row['name']}" in doc and f"| {row['memory_gib']} |" in doc, row["name"]

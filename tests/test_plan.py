@@ -308,3 +308,20 @@ def test_nvml_total_excludes_what_the_driver_reserves():
     info = SimpleNamespace(total=85_520_809_984, reserved=494_731_264, free=0, used=0)
     lib = SimpleNamespace(nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=lambda handle, version=None: info)
     assert devices._nvml_total_gib(lib, object()) == 79.19
+
+
+def test_linear_attention_layers_hold_state_not_kv():
+    """A Gated DeltaNet hybrid (3 linear-attention layers to 1 full): only the full layers cost KV
+    per token; each linear layer holds one fixed state per request, split over TP."""
+    cfg = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+           "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+           "vocab_size": 151936, "intermediate_size": 5120, "max_position_embeddings": 32768,
+           "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2,
+           "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+           "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "torch_dtype": "bfloat16"}
+    facts = model_facts(cfg)
+    assert facts.state_bytes_per_layer == ((2 * 16 * 128 + 32 * 128) * 3 + 32 * 128 * 128) * 2
+    one, two = (kv_layout(facts, tp=tp, kv_dtype_bytes=2, block_size=16) for tp in (1, 2))
+    assert (one.full_layers, one.state_layers) == (2, 6)
+    assert one.bytes_per_token == 2 * 2 * 2 * 256 * 2  # two full layers' K and V only
+    assert two.state_bytes == one.state_bytes // 2

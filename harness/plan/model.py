@@ -155,7 +155,17 @@ def _layer_kinds(cfg: dict[str, Any], layers: int, window: int | None) -> tuple[
 
 
 def _state_bytes(cfg: dict[str, Any], hidden: int) -> int:
-    """Per-layer recurrent state (conv + SSM) of a Mamba-style layer, in elements x 2 bytes."""
+    """Per-layer recurrent state of one request (conv + SSM), in elements x 2 bytes, before TP.
+
+    Gated DeltaNet (Qwen3-Next style `linear_*` fields): a causal conv over q, k and v plus one
+    k x v matrix per value head. Mamba: conv over the inner width plus d_state per inner channel."""
+    if cfg.get("linear_num_value_heads"):
+        nk = _positive("linear_num_key_heads", cfg.get("linear_num_key_heads") or cfg["linear_num_value_heads"])
+        nv = _positive("linear_num_value_heads", cfg["linear_num_value_heads"])
+        dk = _positive("linear_key_head_dim", cfg.get("linear_key_head_dim") or 128)
+        dv = _positive("linear_value_head_dim", cfg.get("linear_value_head_dim") or 128)
+        kernel = _positive("linear_conv_kernel_dim", cfg.get("linear_conv_kernel_dim") or 4)
+        return ((2 * nk * dk + nv * dv) * (kernel - 1) + nv * dk * dv) * 2
     d_state = int(_first(cfg, "mamba_d_state", "ssm_state_size", "state_size", default=16))
     d_conv = int(_first(cfg, "mamba_d_conv", "conv_kernel", default=4))
     expand = int(_first(cfg, "mamba_expand", "expand", default=2))

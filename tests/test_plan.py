@@ -244,7 +244,8 @@ def test_autofit_prefers_vllm_estimate_then_measured_replan():
 # --------------------------------------------------------------------------- robustness (issue 20)
 @pytest.mark.parametrize("config,args,needle", [
     ([1, 2], {}, "not a JSON object"),
-    ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0, "vocab_size": 100}, {}, "num_attention_heads"),
+    ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0, "vocab_size": 100}, {},
+     "num_attention_heads"),
     (None, {"tensor_parallel_size": 0}, "tensor_parallel_size"),
     (None, {"max_model_len": -5}, "max_model_len"),
     (None, {"gpu_memory_utilization": 2}, "gpu_memory_utilization"),

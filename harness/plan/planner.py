@@ -109,7 +109,8 @@ def gpu_budget(plan: Plan, facts: ModelFacts, ea: EngineArgs, weights: WeightEst
                           vllm_version=vllm_version, platform="cuda", tp=ea.tp, enforce_eager=ea.enforce_eager)
     plan.calibration = list(c.rows)
     if c.borrowed:
-        plan.notes.append("no fitted constants for this vLLM range: " + "; ".join(c.borrowed))
+        plan.notes.append("constants borrowed from other vLLM ranges (none fitted for this one): "
+                          + "; ".join(c.borrowed))
 
     def stage_weights(raw: float) -> float:
         return measured["weights_gib"] * GIB if "weights_gib" in measured else raw * c.weights_factor

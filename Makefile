@@ -78,8 +78,14 @@ $(GUIDELLM_VENV)/bin/guidellm:
 bench-probe: install $(GUIDELLM_VENV)/bin/guidellm
 	GUIDELLM_VENV=$(GUIDELLM_VENV) $(PY) -m tests.bench.bench_probe
 
-bench-plan: install
-	$(PY) -m tests.bench.bench_plan
+# llm-d-planner is the peer the planner benchmark compares against: pinned, its own venv.
+LLMD_VENV ?= .venv-llmd-planner
+$(LLMD_VENV)/bin/python:
+	$(PYTHON) -m venv $(LLMD_VENV)
+	$(LLMD_VENV)/bin/pip install -q "llm-d-planner==0.3.3"
+
+bench-plan: install $(LLMD_VENV)/bin/python
+	HF_HUB_OFFLINE=1 LLMD_PYTHON=$(LLMD_VENV)/bin/python $(PY) -m tests.bench.bench_plan
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "diff": "regressions between two runs; exit code 1 when any",
     "calibrate": "refit the planner's calibration table from all records",
     "build-models": "build the tiny models the CPU matrix uses",
+    "doctor": "check this box for the matrix (GPUs, engines, disk, hub, fit); exit 1 when a check fails",
 }
 
 

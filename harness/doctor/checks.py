@@ -72,7 +72,7 @@ def gpu_checks(facts: GpusFacts) -> list[Check]:
 
 def _gpu_row(g: GpuFacts) -> Check:
     d = g.device
-    seen = (f"{d.name}, {d.memory_total_gib:.1f} GiB ({d.memory_free_gib:.1f} free), "
+    seen = (f"{d.name}, {d.memory_total_gib:g} GiB ({d.memory_free_gib:g} free), "
             f"compute capability {d.compute_capability or '?'}, PCI {d.pci_bus_id or '?'}")
     signs = []
     if g.ecc_uncorrected:

@@ -207,6 +207,30 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "--disk-reserve-gib" in proc.stderr
 
 
+# --------------------------------------------------------------------------- the nightly job's first step
+def test_nightly_doctor_step_stops_the_job_with_the_table_as_summary(tmp_path):
+    steps = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly-matrix.yml").read_text())["jobs"]["matrix"]["steps"]
+    names = [s["name"] for s in steps]
+    step = next(s for s in steps if s.get("id") == "doctor")
+    assert names.index(step["name"]) < names.index("Run the matrix")
+    (tmp_path / ".venv").symlink_to(ENGINE_PYTHON.parent.parent)  # the step runs .venv/bin/python
+    bare = tmp_path / "bare-venv"
+    venv.create(bare, with_pip=False)
+    summary = tmp_path / "summary.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "GITHUB_STEP_SUMMARY": str(summary)}
+    for python, rc in ((bare / "bin" / "python", 1), (ENGINE_PYTHON, 0)):
+        env["MATRIX"] = str(write_matrix(tmp_path, [str(TINY / "tiny-chat")], python=python))
+        summary.write_text("")
+        res = subprocess.run(["bash", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert res.returncode == rc, res.stdout + res.stderr
+        table = summary.read_text()
+        if rc:
+            assert table.startswith("## harness doctor\n") and "| engines | engine venv | ❌ fail |" in table
+        else:
+            assert table == ""  # a healthy box leaves the summary to the diff
+
+
 # --------------------------------------------------------------------------- GPUs on recorded boxes
 def gpus_of(fake: FakePynvml) -> GpusFacts:
     nvml = Nvml.open(fake)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -164,6 +166,18 @@ def test_model_missing_from_cache_offline_fails_with_one_line(tmp_path, hub_env)
     assert "in the HF cache" in proc.stdout
 
 
+def test_unreachable_hub_fails_and_names_what_the_cache_lacks(tmp_path, hub_env):
+    with socket.socket() as sock:  # a port nobody listens on: connection refused at once
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    proc = doctor(write_matrix(tmp_path, ["org/tiny"]), {**hub_env, "HF_ENDPOINT": closed, "HF_TOKEN": GOOD_TOKEN},
+                  "--results", str(tmp_path / "r"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    hub, model = problems(proc)
+    assert hub.startswith(f"FAIL models/hub: cannot reach {closed}") and "HF_HUB_OFFLINE=1" in hub
+    assert model.startswith("FAIL models/model tiny: not in the HF cache")
+
+
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     if os.geteuid() != 0:
@@ -229,6 +243,20 @@ def test_nightly_doctor_step_stops_the_job_with_the_table_as_summary(tmp_path):
             assert table.startswith("## harness doctor\n") and "| engines | engine venv | ❌ fail |" in table
         else:
             assert table == ""  # a healthy box leaves the summary to the diff
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_matrix_runs_the_fast_doctor_first_and_goes_on_when_it_fails(tmp_path):
+    log = tmp_path / "log"
+    py = tmp_path / "py"  # stands in for the venv's python: records its arguments, fails the doctor
+    py.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *doctor*) exit 1;; esac\n')
+    py.chmod(0o755)
+    res = subprocess.run(["make", "-o", "install", "matrix", f"PY={py}", "MATRIX=m.yaml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines() == ["-m harness doctor --fast --matrix m.yaml",
+                                            "-m harness run --matrix m.yaml"]
+    assert "doctor found problems (above); running the matrix anyway" in res.stdout
 
 
 # --------------------------------------------------------------------------- GPUs on recorded boxes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx2
@@ -78,8 +79,8 @@ def gather_engines(matrix: Matrix) -> list[EngineState]:
             raw = engine_torch(engine)
         except InputError as exc:  # missing interpreter or a probe that cannot run: a finding here
             state.error = str(exc)
-        except (OSError, TimeoutError) as exc:
-            state.error = f"engine '{engine.name}' ({engine.python}): probe failed: {exc}"
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:  # cannot start, hangs, garbles
+            state.error = f"engine '{engine.name}' ({engine.python}): probe failed: {type(exc).__name__}: {exc}"
         else:
             state.versions = EngineVersions.model_validate(raw)
             for key in ("torch_error", "torch_cuda", "cuda_available", "cuda_device_count", "cuda_error"):
@@ -126,7 +127,8 @@ def gather_models(specs: list[ModelSpec], *, check_access: bool) -> tuple[HubFac
     hub = HubFacts(offline=bool(constants.HF_HUB_OFFLINE), endpoint=constants.ENDPOINT, cache=constants.HF_HUB_CACHE,
                    token_source=("HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login") if token else None)
     api = HfApi(token=token)
-    if not hub.offline and token and check_access:
+    # The token matters only for hub models this host will fetch; an unused hub is not contacted.
+    if not hub.offline and token and check_access and any(not s.is_local for s in specs):
         _check_token(api, hub)
         if hub.token_valid is False:
             # The token row says it; read the models anonymously so each is not one more 401.

@@ -56,6 +56,7 @@ gib, steps, pause = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 dev = torch.device("cuda", 0)
 props = torch.cuda.get_device_properties(dev)
 print(json.dumps({"event": "device", "uuid": str(getattr(props, "uuid", "")), "name": props.name}), flush=True)
+time.sleep(pause)  # the context alone first: the harness marks this level before the steps
 blocks, step = [], int(gib * 2**30 / steps) if steps else 0
 for i in range(steps):
     blocks.append(torch.ones(step, dtype=torch.uint8, device=dev))
@@ -115,9 +116,13 @@ def _g(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- inventory
-def nvidia_smi() -> list[dict[str, str]]:
-    out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
+def nvidia_smi() -> list[dict[str, str]] | None:
+    """nvidia-smi's own inventory; None where it is not installed."""
+    try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except FileNotFoundError:
+        return None
     return [dict(zip(SMI_FIELDS, (v.strip() for v in row))) for row in csv.reader(io.StringIO(out)) if row]
 
 
@@ -141,15 +146,15 @@ def compare_inventory(devices: list[Device], smi: list[dict[str, str]]) -> list[
 
 # --------------------------------------------------------------------------- telemetry
 def steps_seen(levels: list[float | None], step_gib: float) -> int:
-    """Distinct plateaus the sampler saw climbing: rises of at least half a step between samples."""
+    """Plateaus the sampler saw while memory climbed: each rise of at least half a step between
+    two samples is one. Two steps inside one sample interval count once: that step was missed."""
     seen, last = 0, None
     for v in levels:
         if v is None:
             continue
-        if last is None:
-            last = v
-        elif v - last >= step_gib / 2:
-            seen += max(1, round((v - last) / step_gib))
+        if last is not None and v - last >= step_gib / 2:
+            seen += 1
+        if last is None or v > last:
             last = v
     return seen
 
@@ -206,7 +211,9 @@ def _prove(nvml: Nvml, python: str, gib: float, steps: int, pause: float) -> Rep
     index = _clean_gpu(nvml, gib)
     rep = Report(gpu_name=gpus[index].name, gpu_index=index, gpus=len(gpus), driver=gpus[index].driver_version,
                  cuda=gpus[index].cuda_version, allocated_gib=gib, steps=steps)
-    rep.inventory_mismatches = compare_inventory(devices, nvidia_smi())
+    smi = nvidia_smi()
+    rep.inventory_mismatches = ["nvidia-smi not found: inventory not compared"] if smi is None else \
+        compare_inventory(devices, smi)
     rep.failures += rep.inventory_mismatches
 
     proc = _standin(python, index, gib, steps, pause)

@@ -312,6 +312,15 @@ def test_ecc_errors_and_pending_remaps_warn():
     assert "3 uncorrected ECC errors" in rows["GPU 1"].seen and "remapped rows wait for a GPU reset" in rows["GPU 1"].seen
 
 
+def test_mixed_box_warns_unless_cuda_numbers_gpus_by_pci_bus(monkeypatch):
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    (row,) = [r for r in gpu_checks(gpus_of(FakePynvml("mixed_l4_l40s"))) if r.name == "device order"]
+    assert row.status == "warn" and "(NVIDIA L4, NVIDIA L40S)" in row.seen and "PCI_BUS_ID" in row.remedy
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert not [r for r in gpu_checks(gpus_of(FakePynvml("mixed_l4_l40s"))) if r.name == "device order"]
+    assert not [r for r in gpu_checks(gpus_of(FakePynvml("h100x8_nvswitch"))) if r.name == "device order"]
+
+
 def test_no_nvml_is_fine_without_a_driver_and_fails_with_one():
     assert gpu_checks(GpusFacts(nvml=False, driver_present=False))[0].status == "ok"
     (row,) = gpu_checks(GpusFacts(nvml=False, driver_present=True))

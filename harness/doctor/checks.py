@@ -67,6 +67,14 @@ def gpu_checks(facts: GpusFacts) -> list[Check]:
     rows += _holder_rows(facts)
     if len(facts.gpus) > 1:
         rows.append(Check(area="gpus", name="topology", status="ok", seen=_topology(facts)))
+    models = sorted({g.device.name for g in facts.gpus})
+    if len(models) > 1 and facts.cuda_device_order != "PCI_BUS_ID":
+        # The runner hands a cell NVML indices in CUDA_VISIBLE_DEVICES; CUDA's default numbering
+        # (fastest first) can then give the engine another board than the one the cell was for.
+        rows.append(Check(area="gpus", name="device order", status="warn",
+                          seen=f"GPUs of different models ({', '.join(models)}) and CUDA_DEVICE_ORDER is "
+                               f"{facts.cuda_device_order or 'unset'}: CUDA numbers them fastest first, NVML by PCI bus",
+                          remedy="export CUDA_DEVICE_ORDER=PCI_BUS_ID before the run"))
     return rows
 
 

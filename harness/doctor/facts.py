@@ -65,6 +65,7 @@ class GpuFacts(BaseModel):
 class GpusFacts(BaseModel):
     nvml: bool  # NVML answered
     driver_present: bool  # NVIDIA device nodes or nvidia-smi exist, whatever NVML said
+    cuda_device_order: str | None = None  # the CUDA_DEVICE_ORDER engines inherit
     gpus: list[GpuFacts] = Field(default_factory=list)
 
 

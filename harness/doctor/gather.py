@@ -50,7 +50,7 @@ def gather_gpus(nvml: Nvml | None) -> GpusFacts:
                    for h in hygiene.holders]
         gpus.append(GpuFacts(device=device, holders=holders, hygiene_ok=hygiene.ok, hygiene_reason=hygiene.reason,
                              **nvml.memory_health(device.index)))
-    return GpusFacts(nvml=True, driver_present=True, gpus=gpus)
+    return GpusFacts(nvml=True, driver_present=True, gpus=gpus, cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"))
 
 
 def _command(pid: int, name: str | None, redactor: Redactor) -> str | None:

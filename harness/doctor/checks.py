@@ -20,7 +20,9 @@ def size(n: int | float | None) -> str:
         return "unknown size"
     if n >= GIB:
         return f"{n / GIB:.1f} GiB"
-    return f"{n / 1024**2:.1f} MiB"
+    if n >= 1024**2:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
 
 
 # --------------------------------------------------------------------------- host
@@ -36,8 +38,9 @@ def host_checks(host: HostFacts) -> list[Check]:
     ]
     for disk in host.disks:
         need = disk.need_bytes + host.reserve_bytes
+        models = f"models to download {size(disk.need_bytes)}" if disk.need_bytes else "no model to download"
         seen = (f"{' + '.join(disk.roles)}: {size(disk.free_bytes)} free of {size(disk.total_bytes)}; "
-                f"models to download {size(disk.need_bytes)}, plus {size(host.reserve_bytes)} kept free")
+                f"{models}, plus {size(host.reserve_bytes)} kept free")
         short = disk.free_bytes < need
         rows.append(Check(
             area="host", name="disk", status="fail" if short else "ok", seen=seen,

@@ -312,6 +312,17 @@ def test_ecc_errors_and_pending_remaps_warn():
     assert "3 uncorrected ECC errors" in rows["GPU 1"].seen and "remapped rows wait for a GPU reset" in rows["GPU 1"].seen
 
 
+def test_a_gpu_is_busy_only_when_not_even_the_smallest_ask_fits():
+    fake = FakePynvml("h100x8_nvswitch")  # GPU 3: a 30 GiB job, 48.6 of 79.6 GiB free
+    assert not gather_gpus(Nvml.open(fake), 0.9).gpus[3].hygiene_ok
+    facts = gather_gpus(Nvml.open(fake), 0.5)
+    # Still a compute process on it: the runner's hygiene refuses it whatever the memory.
+    assert not facts.gpus[3].hygiene_ok and "held by pid 4242" in facts.gpus[3].hygiene_reason
+    fake.remove_processes(3)
+    assert gather_gpus(Nvml.open(fake), 0.5).gpus[3].hygiene_ok  # 48.6 free >= 0.5 x 79.6
+    assert not gather_gpus(Nvml.open(fake), 0.9).gpus[3].hygiene_ok  # memory short, holder unseen
+
+
 def test_mixed_box_warns_unless_cuda_numbers_gpus_by_pci_bus(monkeypatch):
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     (row,) = [r for r in gpu_checks(gpus_of(FakePynvml("mixed_l4_l40s"))) if r.name == "device order"]

@@ -14,6 +14,7 @@ from harness.devices import Nvml, cpu_device
 from harness.doctor.checks import engine_checks, gpu_checks, host_checks, matrix_checks, model_checks
 from harness.doctor.facts import Check
 from harness.doctor.gather import gather_cells, gather_engines, gather_gpus, gather_host, gather_models
+from harness.hygiene import DEFAULT_GPU_MEMORY_UTILIZATION
 from harness.matrix import Matrix
 
 __all__ = ["Check", "diagnose", "exit_code"]
@@ -25,8 +26,9 @@ def diagnose(matrix: Matrix, *, results: Path, reserve_gib: float, fast: bool = 
     box); None opens the real one, and none there means no NVIDIA driver."""
     own = nvml is None
     nvml = Nvml.open() if own else nvml
+    asked = [c.config.args.get("gpu_memory_utilization") for c in matrix.cells if c.gpu.lower() != "cpu"]
     try:
-        gpus = gather_gpus(nvml)
+        gpus = gather_gpus(nvml, min((a or DEFAULT_GPU_MEMORY_UTILIZATION for a in asked), default=None))
     finally:
         if own and nvml is not None:
             nvml.close()

@@ -37,15 +37,17 @@ COMMAND_CHARS = 80  # a holder's command line, cut: enough to tell `vllm serve X
 
 
 # --------------------------------------------------------------------------- GPUs
-def gather_gpus(nvml: Nvml | None) -> GpusFacts:
-    """NVML's view of every GPU; `nvml` None: no driver (or no pynvml) on this host."""
+def gather_gpus(nvml: Nvml | None, gpu_memory_utilization: float | None = None) -> GpusFacts:
+    """NVML's view of every GPU; `nvml` None: no driver (or no pynvml) on this host.
+    `gpu_memory_utilization`: the least the matrix's GPU cells ask for (None: vLLM's default),
+    so a GPU counts as busy only when not even that fits beside what holds it."""
     driver_files = Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
     if nvml is None:
         return GpusFacts(nvml=False, driver_present=driver_files)
     redactor = Redactor(env=os.environ)
     gpus = []
     for device in gpu_devices(nvml):
-        hygiene = check_gpus(nvml, [device.index])
+        hygiene = check_gpus(nvml, [device.index], gpu_memory_utilization)
         holders = [GpuHolder(pid=h.pid, command=_command(h.pid, h.name, redactor), used_gib=h.used_gib, kind=h.kind)
                    for h in hygiene.holders]
         gpus.append(GpuFacts(device=device, holders=holders, hygiene_ok=hygiene.ok, hygiene_reason=hygiene.reason,

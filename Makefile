@@ -45,7 +45,9 @@ $(HARNESS_STAMP): $(ENGINE_STAMP) pyproject.toml
 	rm -f $(VENV)/.harness-*
 	touch $@
 
+# The doctor's fast subset (GPUs, engines, disk) first: a problem is one line up front, then the run goes on.
 matrix: install
+	@$(PY) -m harness doctor --fast --matrix $(MATRIX) || echo "make matrix: doctor found problems (above); running the matrix anyway"
 	$(PY) -m harness run --matrix $(MATRIX)
 
 report: install

@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "nightly": "the nightly job: run the matrix, publish, diff against the last published run",
     "calibrate": "refit the planner's calibration table from all records",
     "build-models": "build the tiny models the CPU matrix uses",
+    "doctor": "check this box for the matrix (GPUs, engines, disk, hub, fit); exit 1 when a check fails",
 }
 
 

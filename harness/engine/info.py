@@ -47,6 +47,13 @@ def engine_versions(engine: EngineInstall) -> EngineVersions:
     return EngineVersions.model_validate(_run_probe(engine, "versions", timeout=60))
 
 
+def engine_torch(engine: EngineInstall) -> dict[str, Any]:
+    """The versions plus torch's view of CUDA in the engine's interpreter (imports torch, ~3 s):
+    torch_cuda (its CUDA build, None for a CPU build), cuda_available, cuda_device_count,
+    cuda_error (CUDA's own reason when not available), torch_error (torch does not import)."""
+    return _run_probe(engine, "torch", timeout=120)
+
+
 def engine_arg_actions(engine: EngineInstall, versions: EngineVersions) -> dict[str, dict[str, Any]]:
     """dest -> {flags, kind, type, choices, nargs} for every argument of the engine's server."""
     if not versions.vllm:

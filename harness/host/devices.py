@@ -178,6 +178,27 @@ class Nvml:
         )
         return None if mhz is None else float(mhz)
 
+    def memory_health(self, index: int) -> dict[str, int | bool | None]:
+        """Signs of failing GPU memory, None where the board cannot tell (ECC off, older pynvml):
+        uncorrected ECC errors since the driver loaded, retired pages waiting for a reset
+        (pre-Ampere), remapped rows waiting for a reset and a failed remapping (Ampere and newer)."""
+        h = self.handle(index)
+
+        def call(name: str, *args):
+            fn = getattr(self.lib, name, None)
+            return None if fn is None else self._optional(fn, h, *args)
+
+        uncorrected = call("nvmlDeviceGetTotalEccErrors", getattr(self.lib, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+                           getattr(self.lib, "NVML_VOLATILE_ECC", 0))
+        retired = call("nvmlDeviceGetRetiredPagesPendingStatus")
+        rows = call("nvmlDeviceGetRemappedRows")  # (corrected, uncorrected, pending, failure)
+        return {
+            "ecc_uncorrected": None if uncorrected is None else int(uncorrected),
+            "retired_pages_pending": None if retired is None else bool(retired),
+            "remap_pending": None if rows is None else bool(rows[2]),
+            "remap_failed": None if rows is None else bool(rows[3]),
+        }
+
     def processes(self, index: int) -> list[GpuProcess]:
         """Compute then graphics processes on the GPU, one entry per pid (compute wins)."""
         seen: dict[int, GpuProcess] = {}

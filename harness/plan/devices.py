@@ -69,7 +69,7 @@ def _nvml_total_gib(lib: Any, handle: Any) -> float:
 @lru_cache(maxsize=1)
 def host_gpus() -> tuple[tuple[str, float], ...]:
     """(name, total GiB) of this host's GPUs via NVML; empty without a driver or pynvml."""
-    from harness.devices import Nvml  # noqa: PLC0415 - the one NVML wrapper; only needed here
+    from harness.host.devices import Nvml  # noqa: PLC0415 - the one NVML wrapper; only needed here
 
     nvml = Nvml.open()
     if nvml is None:

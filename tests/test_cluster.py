@@ -21,7 +21,8 @@ import pytest
 
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
 from raycluster import LocalCluster
-from harness.run.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem, resource_name
+from harness.host.selectors import resource_name
+from harness.run.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.store import iter_records, read_runs
 

@@ -226,7 +226,7 @@ def test_nightly_doctor_step_stops_the_job_with_the_table_as_summary(tmp_path):
     steps = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly-matrix.yml").read_text())["jobs"]["matrix"]["steps"]
     names = [s["name"] for s in steps]
     step = next(s for s in steps if s.get("id") == "doctor")
-    assert names.index(step["name"]) < names.index("Run the matrix")
+    assert names.index(step["name"]) < names.index("Run the matrix and diff against the last published run")
     (tmp_path / ".venv").symlink_to(ENGINE_PYTHON.parent.parent)  # the step runs .venv/bin/python
     bare = tmp_path / "bare-venv"
     venv.create(bare, with_pip=False)

@@ -9,7 +9,9 @@ from pathlib import Path
 from harness.run.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
-from harness.run.runner import MatrixRun, RunOptions, check_placements, discover_host
+from harness.host.fingerprint import discover_host
+from harness.run.cell import RunOptions
+from harness.run.scheduler import Scheduler, check_placements
 from harness.schema import RunManifest
 
 
@@ -58,7 +60,7 @@ def execute(args: argparse.Namespace) -> RunManifest:
         runner = ClusterRun(matrix, host, options, address=ray_address, resource_prefix=ray.resource_prefix,
                             node_retries=ray.node_retries)
     else:
-        runner = MatrixRun(matrix, host, options)
+        runner = Scheduler(matrix, host, options)
     manifest = runner.run(cells, emit=emit if args.json else None)
     if not args.no_report:
         render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id],

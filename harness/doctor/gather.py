@@ -30,7 +30,7 @@ from harness.host.hygiene import check_gpus
 from harness.matrix import Matrix
 from harness.plan import plan_cell
 from harness.redact import Redactor
-from harness.run.runner import Host
+from harness.host.fingerprint import Host
 from harness.schema import Device, EngineVersions, ModelSpec
 
 COMMAND_CHARS = 80  # a holder's command line, cut: enough to tell `vllm serve X` from a notebook

@@ -21,8 +21,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from harness.engine.info import cli_flags
+from harness.schema import Cell
 
 PIDS_DIR = ".engines"
 _PR_SET_PDEATHSIG = 1
@@ -50,6 +54,18 @@ def engine_api_key() -> str:
     """A fresh random key for one engine's `--api-key`. Hex, because a URL-safe token starts
     with "-" one time in 64 and vLLM's argument parser then takes it for a flag."""
     return secrets.token_hex(24)
+
+
+def server_command(cell: Cell, model_dir: str, port: int, api_key: str,
+                   actions: dict[str, dict[str, Any]]) -> list[str]:
+    """The OpenAI-compatible server's command line for a cell: bound to 127.0.0.1, the cell's
+    engine args spelled the way the installed vLLM's own parser wants them."""
+    cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", api_key, *cli_flags(cell.config.args, actions)]
+    if cell.model.trust_remote_code and "trust_remote_code" not in cell.config.args:
+        cmd.append("--trust-remote-code")
+    return cmd
 
 
 def _die_with_parent() -> None:

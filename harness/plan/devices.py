@@ -14,6 +14,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from harness.host.selectors import names
+
 GIB = 1 << 30
 
 
@@ -25,13 +27,11 @@ def gpu_table() -> list[dict]:
 
 def lookup_gpu(selector: str) -> dict | None:
     """The table row whose longest alias occurs in the selector as a whole word, else None."""
-    sel = selector.lower().replace("_", " ")
     best: tuple[int, dict] | None = None
     for row in gpu_table():
         for alias in [row["name"].lower(), *row["aliases"]]:
-            if re.search(rf"(?<![a-z0-9]){re.escape(alias)}(?![a-z0-9])", sel):
-                if best is None or len(alias) > best[0]:
-                    best = (len(alias), row)
+            if names(selector, alias) and (best is None or len(alias) > best[0]):
+                best = (len(alias), row)
     return best[1] if best else None
 
 

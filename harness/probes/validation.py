@@ -84,6 +84,14 @@ def _post(url: str, api_key: str, body: dict, timeout: float) -> dict:
         return json.loads(resp.read())
 
 
+def ask(base_url: str, model: str, api_key: str, question: str, *, max_tokens: int = MAX_TOKENS,
+        timeout: float = 60) -> str:
+    """One chat question at temperature 0; the answer's text (the tiny models' fact check)."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens}
+    return _post(f"{base_url}/v1/chat/completions", api_key, body, timeout)["choices"][0]["message"].get("content") or ""
+
+
 def validate(base_url: str, model: str, api_key: str, *, model_dir: str | None = None,
              reasoning: bool = False, timeout: float = 120) -> Validation:
     """Ask the server; raises on transport errors (the runner classifies crashes and hangs)."""

@@ -3,7 +3,7 @@
 The driver (`python -m harness run --ray-address ADDRESS`) asks for every cell `num_gpus` =
 TP x PP plus the custom resource `gpu_<selector>` (`gpu_H100`, `gpu_cpu`, ...) that nodes declare
 with `ray start --resources`, so a cell lands on a node with the right devices. The task runs the
-same cell runner as a local run (`MatrixRun.run_cell`) in a scratch results folder and returns
+same cell runner as a local run (`CellRunner.run`) in a scratch results folder and returns
 the records, engine logs and telemetry; the driver stores them under its own results/ with
 `harness.store`, exactly where a local run puts them. Cells no live node can take are listed as
 "no node with this device" instead of waiting forever.
@@ -43,10 +43,12 @@ from harness.matrix import Matrix, MatrixFile
 from harness.engine.process import PIDS_DIR, reap_stale
 from harness.run.progress import Progress
 from harness.redact import Redactor
-from harness.run.runner import Host, MatrixRun, RunOptions, terminate_as_interrupt, discover_host
+from harness.host.fingerprint import Host, discover_host
+from harness.host.selectors import RESOURCE_PREFIX, resource_name
+from harness.run.cell import CellRunner, RunOptions
+from harness.run.scheduler import terminate_as_interrupt
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
-RESOURCE_PREFIX = "gpu_"
 NO_NODE = "no node with this device"
 NODE_RETRIES = 1  # a cell lost with its node is tried this many more times, then recorded failed
 SCRATCH_PREFIX = "vllm-harness-cell-"  # a task's results folder on its node
@@ -59,11 +61,6 @@ def ray_module():
     except ImportError:
         raise InputError("--ray-address needs Ray: pip install '.[ray]'") from None
     return ray
-
-
-def resource_name(gpu: str, prefix: str = RESOURCE_PREFIX) -> str:
-    """The custom Ray resource a node declares once per device of a type: gpu_H100, gpu_cpu."""
-    return prefix + slug(gpu)
 
 
 def devices_needed(cell: Cell) -> int:
@@ -189,17 +186,20 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
         _start_guard(Path(tmp))
         options = RunOptions(results_dir=Path(tmp), progress="quiet", **request["options"])
-        runner = MatrixRun(matrix, host, options, run_id=request["run_id"])
-        runner.view = _BoardView(post)
+        # The node writes into a scratch run log; the driver stores what it sends back.
+        scratch = store.RunWriter(Path(tmp), RunManifest(run_id=request["run_id"], matrix_path=str(matrix.path),
+                                                         matrix_sha256="", started_at=store.utcnow(),
+                                                         host=host.fingerprint))
+        runner = CellRunner(matrix, host, options, scratch, request["run_id"], view=_BoardView(post))
         try:
-            final = runner.run_cell(cell, devices, _DriverRecords(request["reusable"]))
+            final = runner.run(cell, devices, _DriverRecords(request["reusable"]))
         except _AlreadyRecorded as hit:
             return {"node": node, "reused": hit.key}
         folder = store.run_dir(Path(tmp), request["run_id"])
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != store.MANIFEST}
         return {"node": node, "final": final.cell_id, "files": files,
-                "entries": [e.model_dump(mode="json") for e in runner.manifest.cells]}
+                "entries": [e.model_dump(mode="json") for e in scratch.manifest.cells]}
 
 
 class Board:
@@ -240,7 +240,7 @@ class _Attempt:
 
 @dataclass
 class ClusterRun:
-    """`MatrixRun.run` over a Ray cluster: same records, same manifest, same resume."""
+    """The scheduler's run over a Ray cluster: same records, same manifest, same resume."""
 
     matrix: Matrix
     host: Host  # the driver's: engine args were checked with it, the manifest names it

@@ -249,12 +249,14 @@ def read_runs(roots: Iterable[Path]) -> RunLog:
     return RunLog(runs=[runs[k] for k in sorted(runs)], problems=problems)
 
 
+def newest_by_key(records: Iterable[tuple[Path, CellRecord]]) -> dict[str, tuple[Path, CellRecord]]:
+    """Cell key -> (newest record path, record), records given oldest run first."""
+    return {record.key: (path, record) for path, record in records}
+
+
 def recorded_keys(root: Path) -> dict[str, tuple[Path, CellRecord]]:
     """Cell key -> (newest record path, record): what a rerun of the same matrix may reuse."""
-    newest: dict[str, tuple[Path, CellRecord]] = {}
-    for path, record in read_runs([root]).records():
-        newest[record.key] = (path, record)
-    return newest
+    return newest_by_key(read_runs([root]).records())
 
 
 # --------------------------------------------------------------------------- writing

@@ -17,6 +17,8 @@ from harness.errors import InputError
 from harness.matrix import load_matrix
 from harness.host.fingerprint import Host
 from harness.run.cell import RunOptions
+from harness import store
+from harness.run.packing import expected_seconds
 from harness.run.scheduler import Scheduler, check_placements
 from harness.schema import EngineVersions, HostFingerprint
 
@@ -126,3 +128,31 @@ def test_cell_timeout_stops_a_cell_that_runs_too_long(tmp_path, monkeypatch):
     rec = json.loads(next((tmp_path / "results").glob("*/*/record.json")).read_text())
     assert [e.outcome for e in manifest.cells] == ["failed"]
     assert rec["failure_class"] == "timeout" and "timeouts.cell_s (6 s) during validation" in rec["failure_detail"]
+
+
+def test_recorded_durations_put_the_longest_cells_first(tmp_path, monkeypatch):
+    """What the runner wrote sets each job's expected duration: on two GPUs, a second run starts
+    the two cells whose records say they took longest before the short one (matrix order would
+    start m1 and m2 and leave m3 for last)."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    run, trace = fake_run(tmp_path, FakePynvml("rtx4090x2_pcie"))
+    run.matrix.path.write_text(run.matrix.path.read_text().replace("gpus: [H100]", "gpus: [RTX 4090]"))
+    matrix = load_matrix(run.matrix.path)
+    cells = [next(c for c in matrix.cells if c.config.name == "tp1" and c.model.name == name)
+             for name in ("m1", "m2", "m3")]
+    first = Scheduler(matrix, run.host, run.options)
+    first.nvml = run.nvml
+    first.run(cells)
+    for path, record in store.read_runs([tmp_path / "results"]).records():  # as if m2 and m3 were slow
+        if record.cell.model.name != "m1":
+            record.timings.spawn_to_ready_s = 400.0 if record.cell.model.name == "m2" else 500.0
+            store.atomic_write_text(path, record.model_dump_json())
+    expected = expected_seconds(r for _, r in store.read_runs([tmp_path / "results"]).records())
+    assert expected[cells[2].cell_id] > expected[cells[1].cell_id] > expected[cells[0].cell_id]
+    trace.unlink()
+    again = Scheduler(matrix, run.host, RunOptions(results_dir=tmp_path / "results", plan=False, progress="quiet",
+                                                  force=True, gpu_wait_s=0.5))
+    again.nvml = run.nvml
+    again.run(cells)
+    spans = sorted((json.loads(line) for line in trace.read_text().splitlines()), key=lambda s: s["start"])
+    assert spans[-1]["model"] == "m1", spans

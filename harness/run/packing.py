@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.schema import Device
+from harness.schema import CellRecord, Device
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,20 @@ class Job:
     gpus_needed: int
     eligible: frozenset[int]
     est_s: float | None = None
+
+
+def expected_seconds(records: Iterable[CellRecord]) -> dict[str, float]:
+    """Each cell's expected duration from its newest record with timings: spawn -> ready plus
+    validation and probes (what dominates a cell; fetch and stop are short or cached)."""
+    newest: dict[str, tuple[str, float]] = {}
+    for record in records:
+        t = record.timings
+        if t.spawn_to_ready_s is None:
+            continue
+        seconds = t.spawn_to_ready_s + (t.validation_s or 0.0) + (t.probes_s or 0.0)
+        if record.cell_id not in newest or record.started_at > newest[record.cell_id][0]:
+            newest[record.cell_id] = (record.started_at, seconds)
+    return {cell_id: seconds for cell_id, (_, seconds) in newest.items()}
 
 
 def slots_from_devices(devices: Iterable[Device]) -> list[Slot]:

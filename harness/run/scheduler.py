@@ -24,7 +24,8 @@ from harness.host.hygiene import check_gpus
 from harness.host.selectors import match_selector
 from harness.matrix import Matrix
 from harness.run.cell import CellRunner, RunOptions
-from harness.run.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
+from harness.run.packing import (Job, Slot, device_lock_keys, expected_seconds, lock_devices, next_assignments,
+                                 unrunnable)
 from harness.run.progress import NOT_ON_HOST, Progress
 from harness.schema import Cell, CellRecord, Device, RunManifest
 
@@ -87,7 +88,9 @@ class Scheduler:
         """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
         self.cells.nvml = self.nvml
         reap_stale(self.cells.pids_dir)
-        recorded = {} if self.options.force else store.recorded_keys(self.options.results_dir)
+        earlier = store.read_runs([self.options.results_dir]).records()
+        recorded = {} if self.options.force else store.newest_by_key(earlier)
+        expected = expected_seconds(r for _, r in earlier)  # packing puts the longest cells first
         with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
             self.cells.view = view
             jobs, by_id, used = [], {}, {}
@@ -100,7 +103,8 @@ class Scheduler:
                 by_id[cell.cell_id] = cell
                 used.update({_slot(d): d for d in devices})
                 needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
-                jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices))))
+                jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices)),
+                                est_s=expected.get(cell.cell_id)))
             slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, getattr(d, "numa_node", None),
                                                               getattr(d, "nvlink_island", None))
                      for d in used.values()]

@@ -4,7 +4,7 @@ the real engine where the real one can answer (see tests/test_run_engine.py).
 
 Put `tests/standin` first on PYTHONPATH and run `python -m vllm.entrypoints.openai.api_server`.
 It prints vLLM-style startup lines, waits STANDIN_START_S, serves /health, /v1/models, /metrics
-and chat/completions answering "4", and appends {cvd, start, end, pid} to STANDIN_TRACE at exit.
+and chat/completions answering "4", and appends {cvd, start, end, pid, model} to STANDIN_TRACE at exit.
 """
 
 import argparse
@@ -30,7 +30,7 @@ def trace() -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started,
-                                 "end": time.time(), "pid": os.getpid()}) + "\n")
+                                 "end": time.time(), "pid": os.getpid(), "model": args.served_model_name}) + "\n")
 
 
 def on_term(signum, frame):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,3 +137,109 @@ def test_remedy_uses_budget_numbers():
     _, _, remedy = classify_failure(text)
     assert "weights take 14.2 GiB of the 12 GiB budget" in remedy
     assert "raise gpu_memory_utilization to at least 0.65" in remedy
+
+
+# --------------------------------------------------------------------------- normaliser
+from harness.parse.lines import _parse, clean, strip_prefixes  # noqa: E402
+
+CANONICAL = "ValueError: No available memory for the cache blocks."
+
+
+@pytest.mark.parametrize(
+    ("raw", "proc"),
+    [
+        ("Dez 01 01:35:10 gpu-host vllm[1234]: " + CANONICAL, None),  # journald, German month
+        ("окт 22 01:35:10 gpu-host python3[77]: " + CANONICAL, None),  # Russian
+        ("12月 22 01:35:10 gpu-host python3[77]: " + CANONICAL, None),  # Japanese
+        ("janv. 05 09:00:01 h vllm[9]: " + CANONICAL, None),  # French, abbreviated with a dot
+        ("[Error] (Process) " + CANONICAL, None),  # supervisor tags
+        ("[Info] " + CANONICAL, None),
+        ("2025-04-06T07:55:21.108632509Z " + CANONICAL, None),  # docker --timestamps
+        ("  | [2025-03-10T15:07:20Z] " + CANONICAL, None),  # CI log table
+        ("vllm-1  | " + CANONICAL, None),  # docker compose
+        ("(RayWorkerWrapper pid=13, ip=10.0.0.2) " + CANONICAL, "RayWorkerWrapper"),
+        ("2025-08-21T15:04:45Z vllm-1  | (EngineCore_DP0 pid=7) " + CANONICAL, "EngineCore_DP0"),  # stacked
+        ("> " + CANONICAL, None),  # Markdown quote
+        ("`" + CANONICAL + "`", None),  # inline code around the whole line
+        ("\x1b[31m" + CANONICAL + "\x1b[0m", None),
+    ],
+)
+def test_normaliser_cuts_foreign_prefixes(raw, proc):
+    line = _parse(clean(raw))
+    assert line.msg == CANONICAL and line.proc == proc
+    cls, evidence, _ = classify_failure(raw)
+    assert cls == "kv_cache_insufficient" and evidence == CANONICAL
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # 0.8+
+        "INFO 10-03 10:15:50 gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # ≤0.7
+        "INFO 2025-10-03 10:15:50.123 gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # wrapper, full date
+        "INFO 2025-10-03 10:15:50,123 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+        "INFO 2025-10-03 10:15:50,123 default_VLLMDeployment ujj4diu5 gpu_worker.py:298 - Available KV cache memory: 54.13 GiB",
+        "Dez 01 01:35:10 gpu-host vllm[1234]: (EngineCore_DP0 pid=1) INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: **54.13** GiB",  # Markdown emphasis
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: *54.13 GiB*",
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: __54.13__ GiB",
+        "[36m(EngineCore_DP0 pid=1)[0m INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+    ],
+)
+def test_every_header_form_gives_one_canonical_line(raw):
+    line = _parse(clean(raw))
+    assert line.has_header and line.level == "INFO"
+    assert line.msg == "Available KV cache memory: 54.13 GiB"
+    assert parse_log(raw).kv_cache_gib == 54.13
+
+
+def test_normaliser_keeps_backticks_inside_a_message():
+    raw = "INFO 10-03 10:15:50 [gpu_worker.py:1] use `--kv-cache-memory=123456` to fit"
+    assert _parse(clean(raw)).msg.endswith("`--kv-cache-memory=123456` to fit")
+    assert parse_log(raw).kv_cache_memory_recommendation_bytes == 123456
+
+
+PREFIXES = [
+    "Dez 01 01:35:10 gpu-host vllm[1234]: ", "2025-04-06T07:55:21.108Z ", "vllm-1  | ", "[Error] (Process) ",
+    "(RayWorkerWrapper pid=13, ip=10.0.0.2) ", "(EngineCore_DP0 pid=7) ", "> ", "  | ", "2024-01-02 03:04:05,678 - app - INFO - ",
+]
+HEADER_LINES = [line for line in FRAGMENTS if _parse(clean(line)).has_header][:200]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PREFIXES), max_size=3), st.sampled_from(HEADER_LINES))
+def test_any_prefix_stack_gives_the_same_canonical_line(prefixes, line):
+    plain = _parse(clean(line))
+    wrapped = _parse(clean("".join(prefixes) + line))
+    assert (wrapped.msg, wrapped.level) == (plain.msg, plain.level)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_normaliser_never_raises_and_only_shortens(text):
+    cleaned = clean(text)
+    stripped, _, _ = strip_prefixes(cleaned)
+    assert len(stripped) <= len(cleaned) <= len(text)
+
+
+def test_normaliser_regexes_stay_linear():
+    import time
+
+    nasty = [
+        "Dez 01 01:35:10 " + "a" * 200_000,
+        "[" + "1;" * 100_000 + "m [0m",
+        "*" * 100_000 + "1",
+        "__" * 100_000 + "1",
+        "**1" * 60_000,
+        "INFO 2024-01-01 00:00:00,1 " + "a " * 100_000 + ":1]",
+        "(" + "a" * 100_000 + " pid=1)",
+        "[Error] (" + "x" * 100_000,
+        "> " * 100_000 + "x",
+        "2025-04-06T07:55:21" * 10_000,
+        "No available shared memory broadcast block found in " + "9" * 100_000,
+    ]
+    start = time.perf_counter()
+    for text in nasty:
+        parse_log(text)
+        parse_log(text + "\n" + text)
+    assert time.perf_counter() - start < 5

@@ -193,6 +193,12 @@ def test_every_header_form_gives_one_canonical_line(raw):
     assert parse_log(raw).kv_cache_gib == 54.13
 
 
+def test_normaliser_keeps_a_redacted_name_of_asterisks():
+    raw = "HFValidationError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '****/models/x'."
+    assert "'****/models/x'" in _parse(clean(raw)).msg
+    assert _parse(clean("**Error** at **14.99** GiB")).msg == "Error at 14.99 GiB"
+
+
 def test_normaliser_keeps_backticks_inside_a_message():
     raw = "INFO 10-03 10:15:50 [gpu_worker.py:1] use `--kv-cache-memory=123456` to fit"
     assert _parse(clean(raw)).msg.endswith("`--kv-cache-memory=123456` to fit")

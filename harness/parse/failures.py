@@ -77,7 +77,8 @@ _spec("unsupported_architecture", 1, r"Model architectures? \[?([^\]]{1,300}?)\]
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
 _spec("gated_or_auth", 1, r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)")
-_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
+# (the lookbehind starts a name at its first character: linear time on a long run of name characters)
+_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
 _spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
@@ -117,7 +118,6 @@ _STAGE_FRAMES = (
     ("determine_available_memory", "profiling"), ("load_model", "weight loading"), ("load_weights", "weight loading"),
     ("create_weights", "weight loading"), ("weight_loader", "weight loading"),
 )
-_STAGE_LINES = (("Capturing", "graph capture"), ("Memory profiling", "profiling"))
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -136,9 +136,10 @@ class Failures:
 
     def _track_stage(self, line: LogLine, msg: str) -> None:
         if line.level in ("INFO", "DEBUG"):
-            if msg.startswith(("Capturing", "Memory profiling")):
-                self.stage = next(stage for head, stage in _STAGE_LINES if msg.startswith(head))
-                self.frame_stage = False
+            # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
+            # takes" (printed by every worker, in any order) ends one, so it is no marker
+            if msg.startswith("Capturing"):
+                self.stage, self.frame_stage = "graph capture", False
             return
         if "Traceback" in msg:
             self.frame_stage = False
@@ -365,7 +366,7 @@ def _remedy_oom_other(m, facts: Facts) -> str:
             "CUDA graphs), lower max_num_seqs / max_num_batched_tokens, or set enforce_eager")
 
 
-_WARMUP_REQS = re.compile(r"with (\d{1,7}) dummy requests")
+_WARMUP_REQS = re.compile(r"sampler with (\d{1,7})(?!\d)")
 
 
 def _arch_name(m) -> str:

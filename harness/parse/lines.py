@@ -31,6 +31,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
 # Markdown emphasis around a number or size a user highlighted: **14.99**, *0.90*, __8 GiB__
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
+_BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
 # vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it):
 # `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]`,
 # and wrappers that print a full date with milliseconds and extra fields before the file:line.
@@ -111,8 +112,8 @@ def clean(raw: str) -> str:
         raw = raw.rstrip("`")
     if "*" in raw or "__" in raw:
         raw = _EMPHASIS.sub(r"\2", raw)
-        if "**" in raw:  # bold around words or a whole line
-            raw = raw.replace("**", "")
+        if "**" in raw:  # bold around words or a whole line (not a run of *: a redacted name)
+            raw = _BOLD.sub(r"\1", raw)
     return raw
 
 

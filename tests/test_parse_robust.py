@@ -249,3 +249,13 @@ def test_normaliser_regexes_stay_linear():
         parse_log(text)
         parse_log(text + "\n" + text)
     assert time.perf_counter() - start < 5
+
+
+def test_a_prefixed_line_is_never_taken_for_a_wrapped_continuation():
+    text = (
+        "INFO 04-27 10:13:05 llm_engine.py:275] # GPU blocks: 0, # CPU blocks: 256 ..............................\n"
+        "2024-04-27 10:13:05 | ERROR | stderr | Traceback (most recent call last):\n"
+    )
+    facts = parse_log(text)
+    assert facts.failure_class == "kv_cache_insufficient"
+    assert facts.failure_evidence.endswith("..............................")

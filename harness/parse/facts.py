@@ -397,7 +397,7 @@ def _oom_new(m, line, f):
     f.put(line, "total_gpu_memory_gib", num(m.group(1)), 3)
 
 
-@rule("total capacity", r"\(GPU \d+; " + _NUM + r" GiB total capacity")
+@rule("total capacity", r"\((?:GPU|NPU|XPU) \d+; " + _NUM + r" GiB total capacity")  # torch < 2.3 wording; NPU: Ascend
 def _oom_old(m, line, f):
     f.put(line, "total_gpu_memory_gib", num(m.group(1)), 3)
 

@@ -83,6 +83,8 @@ _spec("model_not_found", 3, r"Invalid repository ID or local directory specified
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
 _spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
 _spec("chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False)
+# other request-time template failures: the template does not parse, or rejects the messages
+_spec("chat_template_missing", 2, r"Error in applying chat template from request: (.{1,200})|while applying chat template|jinja2\.exceptions\.(Template\w{0,20}Error): (.{1,200})", fatal=False)
 # --- hardware
 # vLLM's ValueError, and compressed-tensors' RuntimeError whose message is a tuple of strings
 _spec("quantization_unsupported", 1, r"(?:The quantization method (\S+)|Quantization scheme) is not supported for (?:', ')?the current GPU\. Min(?:imum)? capability: (\d+)\. (?:', ')?Current capability: (\d+)")
@@ -421,6 +423,17 @@ def _remedy_repo_id(name: str) -> str:
 
 
 def _remedy_chat(m, facts: Facts) -> str:
+    text = m.group(0)
+    if "Conversation roles must alternate" in m.string:
+        return ("a request failed: the model's chat template wants strictly alternating user/assistant "
+                "messages (often no system message): merge consecutive messages, or pass --chat-template "
+                "with a template that accepts them")
+    if text.startswith("jinja2"):
+        return (f"a request failed: the chat template does not render ({m.group(2)}: {m.group(3).strip()}): "
+                "fix the template given with --chat-template or in the tokenizer's config")
+    if "applying chat template" in text:
+        return ("a request failed in the chat template (the messages do not fit it; the error under this "
+                "line says how): adapt the request, or pass --chat-template with a template that accepts it")
     return "the tokenizer has no chat template: pass --chat-template FILE, or use /v1/completions"
 
 

@@ -230,6 +230,7 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
             and (width == 0 or last_len == width)
             and len(pending.msg) < _MAX_JOINED
             and not _STANDALONE.match(raw)
+            and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
         ):
             width = width or last_len
             last_len = len(raw)

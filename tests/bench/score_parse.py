@@ -5,8 +5,8 @@ Each `<name>.expected.json` states some keys; every stated key is one check:
   outcome        -> the outcome score        failure_class -> the class score (null included)
   everything else (numbers, version, platform, model, engine_args, evidence and remedy
   substrings) -> the field score.
-Sets: the tuning corpus (tests/fixtures/logs), the held-back part (tests/fixtures/logs/heldout,
-kept out of the rules while they were written) and the two together.
+Sets: the tuning corpus (tests/fixtures/logs), each held-back part (tests/fixtures/logs/heldout*,
+kept out of the rules while they were written) and all together.
 """
 
 from __future__ import annotations
@@ -86,14 +86,15 @@ def score_dir(directory: Path) -> tuple[Score, int]:
 
 def main(argv: list[str]) -> int:
     verbose = "-v" in argv
-    tuning, n_tuning = score_dir(LOGS)
-    held, n_held = score_dir(LOGS / "heldout")
     whole = Score()
-    whole.add(tuning)
-    whole.add(held)
-    print(tuning.line("tuning", n_tuning))
-    print(held.line("held-back", n_held))
-    print(whole.line("whole", n_tuning + n_held))
+    rows = [("tuning", LOGS)] + [(d.name, d) for d in sorted(LOGS.glob("heldout*")) if d.is_dir()]
+    total = 0
+    for name, directory in rows:
+        score, n = score_dir(directory)
+        print(score.line(name, n))
+        whole.add(score)
+        total += n
+    print(whole.line("whole", total))
     if verbose:
         for miss in whole.misses:
             print("  miss:", miss)

@@ -136,13 +136,8 @@ class Failures:
     shm_ready: bool = False  # the engine was ready when the first of them was printed
     ready_after_shm: bool = False
 
-    def _track_stage(self, line: LogLine, msg: str) -> None:
-        if line.level in ("INFO", "DEBUG"):
-            # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
-            # takes" (printed by every worker, in any order) ends one, so it is no marker
-            if msg.startswith("Capturing"):
-                self.stage, self.frame_stage = "graph capture", False
-            return
+    def _track_stage(self, msg: str) -> None:
+        """From an ERROR or level-less line: a traceback starts, or a frame names a stage."""
         if "Traceback" in msg:
             self.frame_stage = False
         elif "in " in msg or "(" in msg:
@@ -169,8 +164,15 @@ class Failures:
             self.ready_after_shm = True
         if msg[:3] == "No " and self._track_shm(msg, facts):
             return
-        self._track_stage(line, msg)
-        gates = _INFO_GATE if line.level in ("INFO", "DEBUG") else _GATE
+        if line.level in ("INFO", "DEBUG"):
+            gates = _INFO_GATE
+            # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
+            # takes" (printed by every worker, in any order) ends one, so it is no marker
+            if msg[:9] == "Capturing":
+                self.stage, self.frame_stage = "graph capture", False
+        else:
+            gates = _GATE
+            self._track_stage(msg)
         for gate in gates:
             if gate in msg:
                 break

@@ -160,9 +160,10 @@ def strip_prefixes(raw: str) -> tuple[str, str | None, str | None]:
 
 
 def _parse(raw: str) -> LogLine:
-    line = _uvicorn(raw)
-    if line is not None:
-        return line
+    if raw[:5] in _UVICORN and raw[5:6] in (":", "I"):  # inline: the commonest line of a long log
+        line = _uvicorn(raw)
+        if line is not None:
+            return line
     m = _HEADER.search(raw, 0, 400)
     if m is None:
         if raw[:1] == "{" and '"message"' in raw:

@@ -259,3 +259,20 @@ def test_a_prefixed_line_is_never_taken_for_a_wrapped_continuation():
     facts = parse_log(text)
     assert facts.failure_class == "kv_cache_insufficient"
     assert facts.failure_evidence.endswith("..............................")
+
+
+SHM = "(EngineCore_DP0 pid=1) INFO 12-09 11:2{}:53 [shm_broadcast.py:466] No available shared memory broadcast block found in 60 seconds."
+
+
+def test_shared_memory_waits_are_a_hang_only_when_no_ready_line_follows():
+    waits = "\n".join(SHM.format(i) for i in range(3))
+    assert parse_log(waits).failure_class == "timeout"
+    assert parse_log(SHM.format(0)).failure_class is None  # one wait: a slow step, not yet a hang
+    slow_compile = waits + "\n(APIServer pid=2) INFO:     Application startup complete."
+    assert parse_log(slow_compile).failure_class is None and parse_log(slow_compile).outcome == "ready"
+    served = 'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK'
+    hung_while_serving = served + "\n" + waits
+    facts = parse_log(hung_while_serving)
+    assert (facts.outcome, facts.failure_class) == ("ready", "timeout")
+    assert "3 × 60 s" in facts.remedy
+    assert parse_log(waits + "\n" + served).failure_class is None  # served after the waits

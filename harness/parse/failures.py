@@ -133,8 +133,7 @@ class Failures:
     shm_waits: int = 0  # "no available shared memory broadcast block" lines
     shm_line: str | None = None
     shm_seconds: float = 60.0
-    shm_ready: bool = False  # the engine was ready when the first of them was printed
-    ready_after_shm: bool = False
+    shm_ready: bool = False  # the engine was ready when the last of them was printed
 
     def _track_stage(self, msg: str) -> None:
         """From an ERROR or level-less line: a traceback starts, or a frame names a stage."""
@@ -152,16 +151,14 @@ class Failures:
         if m is None:
             return False
         if not self.shm_waits:
-            self.shm_line, self.shm_ready = msg, facts.ready
+            self.shm_line = msg
         self.shm_waits += 1
         self.shm_seconds = num(m.group(1))
-        self.ready_after_shm = False
+        self.shm_ready = facts.ready
         return True
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
-        if self.shm_waits and facts.ready and not self.shm_ready:
-            self.ready_after_shm = True
         if msg[:3] == "No " and self._track_shm(msg, facts):
             return
         if line.level in ("INFO", "DEBUG"):
@@ -209,10 +206,10 @@ class Failures:
             return "weight loading"
         return "after weight loading" if facts.loading_done else None
 
-    def _hang(self) -> Hit | None:
+    def _hang(self, facts: Facts) -> Hit | None:
         """Two or more "no available block" waits and no ready line after them: a hang (one
         wait, or waits that end in a ready engine, are a slow compile or load)."""
-        if self.shm_waits < 2 or self.ready_after_shm or self.shm_line is None:
+        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready):
             return None
         m = _SHM_HANG.match(self.shm_line)
         assert m is not None
@@ -220,7 +217,7 @@ class Failures:
 
     def result(self, facts: Facts) -> tuple[str, str, str] | None:
         hit = self.best
-        hang = self._hang()
+        hang = self._hang(facts)
         if hang is not None and (hit is None or hit.prio > hang.prio):
             hit = hang
         if hit is None:

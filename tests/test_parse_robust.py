@@ -276,3 +276,23 @@ def test_shared_memory_waits_are_a_hang_only_when_no_ready_line_follows():
     assert (facts.outcome, facts.failure_class) == ("ready", "timeout")
     assert "3 × 60 s" in facts.remedy
     assert parse_log(waits + "\n" + served).failure_class is None  # served after the waits
+
+
+OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 44.53 GiB of which 263.25 MiB is free."
+
+
+@pytest.mark.parametrize(
+    ("above", "cls", "says"),
+    [
+        ('[rank0]:   File "/x/vllm/worker/model_runner.py", line 1, in load_model', "oom_weight_load", "weights do not fit"),
+        ('[rank0]:   File "/x/vllm/executor/gpu_executor.py", line 114, in determine_num_available_blocks', "oom_other", "profiling forward pass"),
+        ("INFO 11-22 07:19:26 model_runner.py:1413] Capturing cudagraphs for decoding.", "oom_other", "CUDA graph capture"),
+        ('  File "/x/vllm/v1/worker/gpu_model_runner.py", line 3221, in _dummy_sampler_run', "oom_other", "warming up the sampler"),
+        ("INFO 11-22 07:19:26 model_runner.py:1067] Loading model weights took 19.9073 GB", "oom_other", "after the weights loaded"),
+        ("", "oom_other", "does not show the stage"),
+    ],
+)
+def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
+    facts = parse_log(above + "\n" + OOM)
+    assert facts.failure_class == cls and says in facts.remedy
+    assert ("stage not shown" in facts.failure_evidence) == (above == "")

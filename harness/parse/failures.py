@@ -233,12 +233,13 @@ class Failures:
         cls, evidence = hit.cls, hit.evidence
         if hit is hang:
             return cls, evidence, _remedy_hang(self.shm_waits, self.shm_seconds)
-        if cls == "oom_other" and hit.prio == 3:
+        if cls == "oom_other" and hit.prio == 3:  # a bare OOM: its stage decides
             if hit.stage == "weight loading":
                 cls = "oom_weight_load"
             elif hit.stage is None:
                 evidence = _evidence(evidence, _NO_STAGE) + _NO_STAGE
-            return cls, evidence, _REMEDIES[cls](hit.match, facts) if cls != "oom_other" else _remedy_oom_stage(hit.match, facts, hit.stage)
+        if cls == "oom_other":
+            return cls, evidence, _remedy_oom_other(hit.match, facts, hit.stage)
         return cls, evidence, _REMEDIES[cls](hit.match, facts)
 
 
@@ -333,21 +334,7 @@ _STAGE_REMEDY = {
 }
 
 
-def _remedy_oom_stage(m, facts: Facts, stage: str | None) -> str:
-    util = facts.get("gpu_memory_utilization")
-    lower = f"lower gpu_memory_utilization below {_fmt(util)}" if util else "lower gpu_memory_utilization"
-    if stage in _STAGE_REMEDY:
-        return _STAGE_REMEDY[stage].format(lower=lower)
-    alloc = _ALLOC.search(m.string)
-    ask = f"a {_fmt(num(alloc.group(1)))} {alloc.group(2)}iB allocation failed" if alloc else "an allocation failed"
-    total = facts.get("total_gpu_memory_gib")
-    on = f" on this {_fmt(total)} GiB GPU" if total else ""
-    return (f"out of GPU memory: {ask}{on}; the excerpt does not show the stage, so keep the lines "
-            f"above the error (weights too big: tensor_parallel_size {_tp_next(facts)} or a quantized "
-            f"checkpoint; after loading: {lower}, lower max_num_seqs, or set enforce_eager)")
-
-
-def _remedy_oom_other(m, facts: Facts) -> str:
+def _remedy_oom_other(m, facts: Facts, stage: str | None) -> str:
     text = m.group(0)
     if text.startswith("Free memory on device") or text.startswith("Available memory on node"):
         free, total = num(m.group(1)), num(m.group(2))
@@ -363,8 +350,15 @@ def _remedy_oom_other(m, facts: Facts) -> str:
         return f"out of memory while warming up the {m.group(1)}: {seqs}, or lower gpu_memory_utilization"
     util = facts.get("gpu_memory_utilization")
     lower = f"lower gpu_memory_utilization below {_fmt(util)}" if util else "lower gpu_memory_utilization"
-    return (f"out of GPU memory after the weights loaded: {lower} (leaves room for activations and "
-            "CUDA graphs), lower max_num_seqs / max_num_batched_tokens, or set enforce_eager")
+    if stage in _STAGE_REMEDY:
+        return _STAGE_REMEDY[stage].format(lower=lower)
+    alloc = _ALLOC.search(m.string)
+    ask = f"a {_fmt(num(alloc.group(1)))} {alloc.group(2)}iB allocation failed" if alloc else "an allocation failed"
+    total = facts.get("total_gpu_memory_gib")
+    on = f" on this {_fmt(total)} GiB GPU" if total else ""
+    return (f"out of GPU memory: {ask}{on}; the excerpt does not show the stage, so keep the lines "
+            f"above the error (weights too big: tensor_parallel_size {_tp_next(facts)} or a quantized "
+            f"checkpoint; after loading: {lower}, lower max_num_seqs, or set enforce_eager)")
 
 
 _WARMUP_REQS = re.compile(r"sampler with (\d{1,7})(?!\d)")
@@ -505,11 +499,11 @@ def _remedy_other(evidence: str) -> str:
 _WRAPPER_ONLY = re.compile(r"^(?:RuntimeError: )?(?:EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered a fatal error|EngineCore hit an exception)|Exception in Replica\(")
 
 
+# (oom_other's remedy also takes the stage: `result` calls it directly)
 _REMEDIES: dict[str, Callable[[re.Match[str], Facts], str]] = {
     "kv_cache_insufficient": _remedy_kv,
     "max_model_len_exceeds_kv": _remedy_maxlen,
     "oom_weight_load": _remedy_oom_load,
-    "oom_other": _remedy_oom_other,
     "unsupported_architecture": _remedy_arch,
     "gated_or_auth": _remedy_gated,
     "model_not_found": _remedy_not_found,

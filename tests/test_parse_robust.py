@@ -296,3 +296,14 @@ def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
     facts = parse_log(above + "\n" + OOM)
     assert facts.failure_class == cls and says in facts.remedy
     assert ("stage not shown" in facts.failure_evidence) == (above == "")
+
+
+def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_not():
+    cut = "(APIServer pid=1) Traceback (most recent call last):\n(APIServer pid=1)   File \"x.py\", line 1, in main"
+    facts = parse_log(cut)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert "ends inside this traceback" in facts.failure_evidence and "keep the full" in facts.remedy
+    caught = "(EngineCore pid=1) WARNING 08-19 18:01:05 [import_utils.py:408] Traceback (most recent call last):"
+    assert parse_log(caught).failure_class is None
+    ray = cut + "\nray.exceptions.RayTaskError(RuntimeError): ray::Worker.init() failed"
+    assert parse_log(ray).failure_evidence.startswith("ray.exceptions.RayTaskError(RuntimeError)")

@@ -60,7 +60,8 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
         values["outcome"] = "ready"
     else:
         # cut before the engine got ready or failed (or not a vLLM log at all)
-        values["outcome"] = "inconclusive" if vllm_log or len(values) > 1 else "unknown"
+        vllm_log = vllm_log or len(values) > 1 or failures.shm_waits > 0
+        values["outcome"] = "inconclusive" if vllm_log else "unknown"
     return EngineFacts.model_validate(values), config
 
 

@@ -98,17 +98,20 @@ _spec("tp_exceeds_gpus", 1, r"Total number of attention heads \((\d+)\) must be 
 _spec("tp_exceeds_gpus", 1, r"Total number of hidden layers \((\d+)\) must be divisible by pipeline parallel size \((\d+)\)")
 _spec("tp_exceeds_gpus", 1, r"local_world_size \((\d+)\) must be less than or equal to the number of visible devices \((\d+)\)")
 _spec("tp_exceeds_gpus", 2, r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray")
+_spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node")
 # --- hangs
 _spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within " + _N + " seconds")
 # --- wrappers: only the evidence of last resort
-_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered a fatal error|died unexpectedly")
+_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly")
 _spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
+_spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
 _REPO = re.compile(
     r"huggingface\.co/(?!api/|docs/|settings/|models\b)(?:api/models/)?([\w.-]+/[\w.-]+?)(?:/resolve/|/tree/|\.?(?:\s|$|\)))"
     r"|(?:Access to model|Repo model) ([\w.-]+/[\w.-]+)"
 )
-_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit))(?:: (.+)|\s*$)")
+# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
+_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
 _WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|^\s*$")
 
 
@@ -128,6 +131,7 @@ class Failures:
     best: Hit | None = None
     last_exception: str | None = None  # for "other": the root error printed before a wrapper
     saw_traceback: bool = False
+    open_traceback: str | None = None  # an ERROR/level-less "Traceback" line no exception line closed yet
     stage: str | None = None  # the start-up stage the log last showed (for an OOM)
     frame_stage: bool = False  # `stage` came from the current traceback's frames
     shm_waits: int = 0  # "no available shared memory broadcast block" lines
@@ -135,10 +139,13 @@ class Failures:
     shm_seconds: float = 60.0
     shm_ready: bool = False  # the engine was ready when the last of them was printed
 
-    def _track_stage(self, msg: str) -> None:
-        """From an ERROR or level-less line: a traceback starts, or a frame names a stage."""
+    def _track_stage(self, msg: str, fatal_level: bool) -> None:
+        """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
+        (A traceback vLLM logs at WARNING is one it caught: it never ends the run.)"""
         if "Traceback" in msg:
             self.frame_stage = False
+            if self.open_traceback is None and fatal_level:
+                self.open_traceback = msg
         elif "in " in msg or "(" in msg:
             for mark, stage in _STAGE_FRAMES:
                 if mark in msg:
@@ -169,7 +176,7 @@ class Failures:
                 self.stage, self.frame_stage = "graph capture", False
         else:
             gates = _GATE
-            self._track_stage(msg)
+            self._track_stage(msg, line.level != "WARNING")
         for gate in gates:
             if gate in msg:
                 break
@@ -177,8 +184,8 @@ class Failures:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
-        if any(mark in msg for mark in _NOT_FATAL):
-            return
+        if msg[:6] == "raise " or any(mark in msg for mark in _NOT_FATAL):
+            return  # a traceback's source line echoes the message: the message line follows
         if facts.repo is None and ("huggingface.co/" in msg or "model " in msg):
             rm = _REPO.search(msg)
             if rm:
@@ -192,6 +199,8 @@ class Failures:
                 break
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
+            if em:
+                self.open_traceback = None  # the traceback ended in its exception line
             if em and em.group(2) and not _WRAPPER_EXC.search(em.group(2)):
                 self.last_exception = msg
 
@@ -224,6 +233,9 @@ class Failures:
             if self.last_exception and self.saw_traceback and not facts.ready:
                 evidence = _evidence(self.last_exception)
                 return "other", evidence, _remedy_other(evidence)
+            if self.open_traceback and not facts.ready:
+                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
+                return "other", evidence, _remedy_other(evidence)
             return None
         if hit.cls == "other":
             evidence = _evidence(self.last_exception) if self.last_exception else hit.evidence
@@ -243,6 +255,7 @@ class Failures:
         return cls, evidence, _REMEDIES[cls](hit.match, facts)
 
 
+_CUT_TRACEBACK = " [the excerpt ends inside this traceback]"
 _NO_STAGE = " [stage not shown in this excerpt: weight loading, profiling, CUDA graph capture or sampling]"
 
 
@@ -457,6 +470,9 @@ def _remedy_tp(m, facts: Facts) -> str:
         ok = [d for d in (1, 2, 4, 8, 16) if heads % d == 0 and d != size]
         what = "tensor_parallel_size" if "heads" in text else "pipeline_parallel_size"
         return f"{what} must divide {heads}: use {what} {max(d for d in ok if d < size) if any(d < size for d in ok) else ok[0]}"
+    if text.startswith("Ray does not allocate"):
+        return ("no GPU of the Ray placement group is on the node that runs vLLM: start vLLM on a GPU "
+                "node of the cluster, or give the placement group a GPU bundle there")
     if m.lastindex and m.lastindex >= 2 and m.group(2):
         want, have = int(m.group(1)), int(m.group(2))
         return (f"{want} GPUs requested (tensor_parallel_size × pipeline_parallel_size), {have} "
@@ -490,13 +506,19 @@ def _remedy_hang(waits: int, seconds: float) -> str:
 
 
 def _remedy_other(evidence: str) -> str:
+    if "raylet" in evidence.lower():
+        return ("Ray could not start its worker processes (raylet registration failed): clear the Ray "
+                "session (`ray stop`, remove /tmp/ray) and retry, or use --distributed-executor-backend mp")
+    if evidence.endswith(_CUT_TRACEBACK):
+        return ("the log is cut inside a traceback, before its exception line: keep the full engine "
+                "output, stderr included, and parse it again")
     if _WRAPPER_ONLY.search(evidence):
         return ("the log holds only the wrapper, not the root cause (traceback cut or in another "
                 "process's output): keep the full engine output, stderr included, and parse it again")
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(r"^(?:RuntimeError: )?(?:EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered a fatal error|EngineCore hit an exception)|Exception in Replica\(")
+_WRAPPER_ONLY = re.compile(r"EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\(")
 
 
 # (oom_other's remedy also takes the stage: `result` calls it directly)

@@ -102,7 +102,7 @@ _spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node"
 # --- hangs
 _spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within " + _N + " seconds")
 # --- wrappers: only the evidence of last resort
-_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly")
+_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly")
 _spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
 _spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
@@ -112,7 +112,7 @@ _REPO = re.compile(
 )
 # `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
 _EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
-_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|^\s*$")
+_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$")
 
 
 # Start-up stages an OOM can happen in, by what the log prints in them (progress lines) and
@@ -146,7 +146,10 @@ class Failures:
             self.frame_stage = False
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg
-        elif "in " in msg or "(" in msg:
+            return
+        if self.open_traceback is None and fatal_level and msg.lstrip().startswith('File "'):
+            self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+        if "in " in msg or "(" in msg:
             for mark, stage in _STAGE_FRAMES:
                 if mark in msg:
                     if not self.frame_stage:  # outermost frame wins within one traceback
@@ -518,7 +521,7 @@ def _remedy_other(evidence: str) -> str:
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(r"EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\(")
+_WRAPPER_ONLY = re.compile(r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\(")
 
 
 # (oom_other's remedy also takes the stage: `result` calls it directly)

@@ -181,7 +181,9 @@ class EngineFacts(Record):
     gpu_name: str | None = None
     tp_size: int | None = None
     pp_size: int | None = None
-    outcome: Literal["ready", "failed", "unknown"] = "unknown"
+    # ready: the engine served (a failure_class then names a run-time failure, e.g. a request's);
+    # failed: it never got ready; inconclusive: a vLLM log cut before either; unknown: no vLLM log
+    outcome: Literal["ready", "failed", "inconclusive", "unknown"] = "unknown"
     failure_class: FailureClass | None = None
     failure_evidence: str | None = None
     remedy: str | None = None

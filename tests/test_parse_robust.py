@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,7 @@ def test_binary_noise_never_raises(blob):
 @given(st.integers(min_value=0, max_value=len(SAMPLE)))
 def test_truncated_log_never_raises(cut):
     facts = parse_log(SAMPLE[:cut])
-    assert facts.outcome in ("ready", "failed", "unknown")
+    assert facts.outcome in ("ready", "failed", "inconclusive", "unknown")
 
 
 @settings(max_examples=60, deadline=None)
@@ -136,3 +137,173 @@ def test_remedy_uses_budget_numbers():
     _, _, remedy = classify_failure(text)
     assert "weights take 14.2 GiB of the 12 GiB budget" in remedy
     assert "raise gpu_memory_utilization to at least 0.65" in remedy
+
+
+# --------------------------------------------------------------------------- normaliser
+from harness.parse.lines import _parse, clean, strip_prefixes  # noqa: E402
+
+CANONICAL = "ValueError: No available memory for the cache blocks."
+
+
+@pytest.mark.parametrize(
+    ("raw", "proc"),
+    [
+        ("Dez 01 01:35:10 gpu-host vllm[1234]: " + CANONICAL, None),  # journald, German month
+        ("окт 22 01:35:10 gpu-host python3[77]: " + CANONICAL, None),  # Russian
+        ("12月 22 01:35:10 gpu-host python3[77]: " + CANONICAL, None),  # Japanese
+        ("janv. 05 09:00:01 h vllm[9]: " + CANONICAL, None),  # French, abbreviated with a dot
+        ("[Error] (Process) " + CANONICAL, None),  # supervisor tags
+        ("[Info] " + CANONICAL, None),
+        ("2025-04-06T07:55:21.108632509Z " + CANONICAL, None),  # docker --timestamps
+        ("  | [2025-03-10T15:07:20Z] " + CANONICAL, None),  # CI log table
+        ("vllm-1  | " + CANONICAL, None),  # docker compose
+        ("(RayWorkerWrapper pid=13, ip=10.0.0.2) " + CANONICAL, "RayWorkerWrapper"),
+        ("2025-08-21T15:04:45Z vllm-1  | (EngineCore_DP0 pid=7) " + CANONICAL, "EngineCore_DP0"),  # stacked
+        ("> " + CANONICAL, None),  # Markdown quote
+        ("`" + CANONICAL + "`", None),  # inline code around the whole line
+        ("\x1b[31m" + CANONICAL + "\x1b[0m", None),
+    ],
+)
+def test_normaliser_cuts_foreign_prefixes(raw, proc):
+    line = _parse(clean(raw))
+    assert line.msg == CANONICAL and line.proc == proc
+    cls, evidence, _ = classify_failure(raw)
+    assert cls == "kv_cache_insufficient" and evidence == CANONICAL
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # 0.8+
+        "INFO 10-03 10:15:50 gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # ≤0.7
+        "INFO 2025-10-03 10:15:50.123 gpu_worker.py:298] Available KV cache memory: 54.13 GiB",  # wrapper, full date
+        "INFO 2025-10-03 10:15:50,123 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+        "INFO 2025-10-03 10:15:50,123 default_VLLMDeployment ujj4diu5 gpu_worker.py:298 - Available KV cache memory: 54.13 GiB",
+        "Dez 01 01:35:10 gpu-host vllm[1234]: (EngineCore_DP0 pid=1) INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: **54.13** GiB",  # Markdown emphasis
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: *54.13 GiB*",
+        "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: __54.13__ GiB",
+        "[36m(EngineCore_DP0 pid=1)[0m INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB",
+    ],
+)
+def test_every_header_form_gives_one_canonical_line(raw):
+    line = _parse(clean(raw))
+    assert line.has_header and line.level == "INFO"
+    assert line.msg == "Available KV cache memory: 54.13 GiB"
+    assert parse_log(raw).kv_cache_gib == 54.13
+
+
+def test_normaliser_keeps_a_redacted_name_of_asterisks():
+    raw = "HFValidationError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '****/models/x'."
+    assert "'****/models/x'" in _parse(clean(raw)).msg
+    assert _parse(clean("**Error** at **14.99** GiB")).msg == "Error at 14.99 GiB"
+
+
+def test_normaliser_keeps_backticks_inside_a_message():
+    raw = "INFO 10-03 10:15:50 [gpu_worker.py:1] use `--kv-cache-memory=123456` to fit"
+    assert _parse(clean(raw)).msg.endswith("`--kv-cache-memory=123456` to fit")
+    assert parse_log(raw).kv_cache_memory_recommendation_bytes == 123456
+
+
+PREFIXES = [
+    "Dez 01 01:35:10 gpu-host vllm[1234]: ", "2025-04-06T07:55:21.108Z ", "vllm-1  | ", "[Error] (Process) ",
+    "(RayWorkerWrapper pid=13, ip=10.0.0.2) ", "(EngineCore_DP0 pid=7) ", "> ", "  | ", "2024-01-02 03:04:05,678 - app - INFO - ",
+]
+HEADER_LINES = [line for line in FRAGMENTS if _parse(clean(line)).has_header][:200]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PREFIXES), max_size=3), st.sampled_from(HEADER_LINES))
+def test_any_prefix_stack_gives_the_same_canonical_line(prefixes, line):
+    plain = _parse(clean(line))
+    wrapped = _parse(clean("".join(prefixes) + line))
+    assert (wrapped.msg, wrapped.level) == (plain.msg, plain.level)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_normaliser_never_raises_and_only_shortens(text):
+    cleaned = clean(text)
+    stripped, _, _ = strip_prefixes(cleaned)
+    assert len(stripped) <= len(cleaned) <= len(text)
+
+
+def test_normaliser_regexes_stay_linear():
+    import time
+
+    nasty = [
+        "Dez 01 01:35:10 " + "a" * 200_000,
+        "[" + "1;" * 100_000 + "m [0m",
+        "*" * 100_000 + "1",
+        "__" * 100_000 + "1",
+        "**1" * 60_000,
+        "INFO 2024-01-01 00:00:00,1 " + "a " * 100_000 + ":1]",
+        "(" + "a" * 100_000 + " pid=1)",
+        "[Error] (" + "x" * 100_000,
+        "> " * 100_000 + "x",
+        "2025-04-06T07:55:21" * 10_000,
+        "No available shared memory broadcast block found in " + "9" * 100_000,
+    ]
+    start = time.perf_counter()
+    for text in nasty:
+        parse_log(text)
+        parse_log(text + "\n" + text)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_prefixed_line_is_never_taken_for_a_wrapped_continuation():
+    text = (
+        "INFO 04-27 10:13:05 llm_engine.py:275] # GPU blocks: 0, # CPU blocks: 256 ..............................\n"
+        "2024-04-27 10:13:05 | ERROR | stderr | Traceback (most recent call last):\n"
+    )
+    facts = parse_log(text)
+    assert facts.failure_class == "kv_cache_insufficient"
+    assert facts.failure_evidence.endswith("..............................")
+
+
+SHM = "(EngineCore_DP0 pid=1) INFO 12-09 11:2{}:53 [shm_broadcast.py:466] No available shared memory broadcast block found in 60 seconds."
+
+
+def test_shared_memory_waits_are_a_hang_only_when_no_ready_line_follows():
+    waits = "\n".join(SHM.format(i) for i in range(3))
+    assert parse_log(waits).failure_class == "timeout"
+    assert parse_log(SHM.format(0)).failure_class is None  # one wait: a slow step, not yet a hang
+    slow_compile = waits + "\n(APIServer pid=2) INFO:     Application startup complete."
+    assert parse_log(slow_compile).failure_class is None and parse_log(slow_compile).outcome == "ready"
+    served = 'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK'
+    hung_while_serving = served + "\n" + waits
+    facts = parse_log(hung_while_serving)
+    assert (facts.outcome, facts.failure_class) == ("ready", "timeout")
+    assert "3 × 60 s" in facts.remedy
+    assert parse_log(waits + "\n" + served).failure_class is None  # served after the waits
+
+
+OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 44.53 GiB of which 263.25 MiB is free."
+
+
+@pytest.mark.parametrize(
+    ("above", "cls", "says"),
+    [
+        ('[rank0]:   File "/x/vllm/worker/model_runner.py", line 1, in load_model', "oom_weight_load", "weights do not fit"),
+        ('[rank0]:   File "/x/vllm/executor/gpu_executor.py", line 114, in determine_num_available_blocks', "oom_other", "profiling forward pass"),
+        ("INFO 11-22 07:19:26 model_runner.py:1413] Capturing cudagraphs for decoding.", "oom_other", "CUDA graph capture"),
+        ('  File "/x/vllm/v1/worker/gpu_model_runner.py", line 3221, in _dummy_sampler_run', "oom_other", "warming up the sampler"),
+        ("INFO 11-22 07:19:26 model_runner.py:1067] Loading model weights took 19.9073 GB", "oom_other", "after the weights loaded"),
+        ("", "oom_other", "does not show the stage"),
+    ],
+)
+def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
+    facts = parse_log(above + "\n" + OOM)
+    assert facts.failure_class == cls and says in facts.remedy
+    assert ("stage not shown" in facts.failure_evidence) == (above == "")
+
+
+def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_not():
+    cut = "(APIServer pid=1) Traceback (most recent call last):\n(APIServer pid=1)   File \"x.py\", line 1, in main"
+    facts = parse_log(cut)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert "ends inside this traceback" in facts.failure_evidence and "keep the full" in facts.remedy
+    caught = "(EngineCore pid=1) WARNING 08-19 18:01:05 [import_utils.py:408] Traceback (most recent call last):"
+    assert parse_log(caught).failure_class is None
+    ray = cut + "\nray.exceptions.RayTaskError(RuntimeError): ray::Worker.init() failed"
+    assert parse_log(ray).failure_evidence.startswith("ray.exceptions.RayTaskError(RuntimeError)")

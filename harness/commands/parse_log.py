@@ -33,7 +33,9 @@ def summary(facts: EngineFacts) -> str:
     f = facts
     head = f"outcome: {f.outcome}"
     if f.failure_class:
-        head += f" ({f.failure_class})"
+        head += f" ({f.failure_class}{', while serving' if f.outcome == 'ready' else ''})"
+    elif f.outcome == "inconclusive":
+        head += " (the log ends before the engine was ready or failed: cut short?)"
     lines = [head]
     ident = [
         f"vLLM {f.vllm_version}" if f.vllm_version else None,

@@ -33,10 +33,15 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
     config = LogConfig()
     feed_facts = _facts.feed
     feed_failure = failures.feed
+    vllm_log = False  # any line with vLLM's header, or any fact: the text is a vLLM log
     for line in logical_lines(lines):
         msg = line.msg
-        if not msg or is_noise(msg):
+        if not msg:
             continue
+        if is_noise(msg):
+            facts.ready = True  # only a serving engine logs stats, requests and HTTP accesses
+            continue
+        vllm_log = vllm_log or line.has_header
         # DEBUG lines are most of a DEBUG log; only a few state facts (all in GiB, or blocks)
         if line.level != "DEBUG" or "GiB" in msg or "blocks" in msg:
             feed_facts(line, facts)
@@ -49,10 +54,14 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
     if failure is not None:
         cls, evidence, remedy = failure
         values.update(failure_class=cls, failure_evidence=evidence, remedy=remedy)
-        fatal = cls != "chat_template_missing" or not facts.ready
-        values["outcome"] = "failed" if fatal else "ready"
+        # a chat-template error is raised by a request: the engine was serving
+        values["outcome"] = "ready" if facts.ready or cls == "chat_template_missing" else "failed"
+    elif facts.ready:
+        values["outcome"] = "ready"
     else:
-        values["outcome"] = "ready" if facts.ready else "unknown"
+        # cut before the engine got ready or failed (or not a vLLM log at all)
+        vllm_log = vllm_log or len(values) > 1 or failures.shm_waits > 0
+        values["outcome"] = "inconclusive" if vllm_log else "unknown"
     return EngineFacts.model_validate(values), config
 
 

@@ -397,15 +397,22 @@ def _oom_new(m, line, f):
     f.put(line, "total_gpu_memory_gib", num(m.group(1)), 3)
 
 
-@rule("total capacity", r"\(GPU \d+; " + _NUM + r" GiB total capacity")
+@rule("total capacity", r"\((?:GPU|NPU|XPU) \d+; " + _NUM + r" GiB total capacity")  # torch < 2.3 wording; NPU: Ascend
 def _oom_old(m, line, f):
     f.put(line, "total_gpu_memory_gib", num(m.group(1)), 3)
 
 
 # --------------------------------------------------------------------------- readiness
+# Anything only a serving engine prints: the server's start lines, an offline LLM() run's
+# progress bars (it never prints a server line), a request the OpenAI layer failed to
+# preprocess, and a request told that the running engine died. (Stats, request and HTTP access lines mean the same; `scan` drops them as noise.)
 @rule("Application startup complete", r"Application startup complete")
 @rule("Starting vLLM", r"Starting vLLM (?:API )?server")
 @rule("init engine (profile", r"init engine \(profile")
+@rule("Processed prompts:", r"^Processed prompts: +\d{1,3}%")
+@rule("Adding requests:", r"^Adding requests: +\d{1,3}%")
+@rule("Error in preprocessing prompt inputs", r"Error in preprocessing prompt inputs")
+@rule("EngineDeadError", r"EngineDeadError")  # raised to requests when a running engine dies
 def _ready(m, line, f):
     f.ready = True
 

@@ -4,6 +4,12 @@ Patterns are matched line by line; the most specific cause wins (wrappers such a
 core initialization failed" only count when nothing above them explains the failure, and
 then the last exception line before them is the evidence). Remedies are built at the end,
 from the log's own numbers (budget, weights, estimate, compute capability, TP size).
+
+Besides single lines, three things are followed across lines: the start-up stage an OOM
+happened in (weight loading, profiling, CUDA graph capture, sampler warm-up: from the progress
+lines and the traceback frames above the error; said so when the excerpt does not show it),
+the shared-memory broadcast hang (the "no available block" line repeating with no ready line
+after it), and whether the engine was ready before the failure (a request-time failure).
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ _GATE = (
     "rror", "memory", "not supported", "imed out", "imeout", "gated", "divisible",
     "GPUs", "placement group", "chat template", "failed", "not found", "Not Found",
     "restricted", "valid model", "local folder", "died", "fatal", "Exception",
-    "OutOfMemory", "capability", "does not recognize", "Invalid", "HF_TOKEN",
+    "OutOfMemory", "capability", "does not recognize", "Invalid", "HF_TOKEN", "Repo id",
+    "_check_scheme", "hit an exception",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
 # DEBUG chat-template error, and errors an app logger re-logged at INFO.
-_INFO_GATE = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out")
+_INFO_GATE = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out",
+              "blocks: 0")
+# A failed try that vLLM retries or works around (the Hub file list of a local path): not a cause.
+_NOT_FATAL = ("Error retrieving ",)
 
 
 @dataclass
@@ -38,7 +48,7 @@ class Hit:
     evidence: str
     match: re.Match[str]
     fatal: bool = True
-    oom_during_load: bool = False
+    stage: str | None = None  # for OOM: the start-up stage it happened in, if the log shows it
 
 
 Spec = tuple[str, int, re.Pattern[str], bool]  # class, priority, pattern, fatal
@@ -56,6 +66,7 @@ _spec("max_model_len_exceeds_kv", 1, r"The model's max seq len \(" + _N + r"\) i
 _spec("kv_cache_insufficient", 1, r"No available memory for the cache blocks")
 _spec("kv_cache_insufficient", 1, r"more than the " + _N + r" GiB of CPU memory reserved for it on node \d+, leaving none for the KV cache")
 _spec("kv_cache_insufficient", 4, r"^Available KV cache memory: (-[\d.]+) ?GiB", fatal=False)
+_spec("kv_cache_insufficient", 4, r"^# \w+ blocks: 0(?:,|$)", fatal=False)  # ≤0.7: 0 blocks, the error follows
 _spec("oom_other", 1, r"Free memory on device(?: \S+)? \(" + _N + "/" + _N + r" GiB\) on startup is less than desired GPU memory utilization \(" + _N + ", " + _N)
 _spec("oom_other", 1, r"Available memory on node \d+ \(" + _N + "/" + _N + r" GiB\) on (?:startup|kv cache allocation) is less than")
 _spec("oom_weight_load", 1, r"Failed to load model - not enough GPU memory")
@@ -66,11 +77,19 @@ _spec("unsupported_architecture", 1, r"Model architectures? \[?([^\]]{1,300}?)\]
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
 _spec("gated_or_auth", 1, r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)")
-_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
+# (the lookbehind starts a name at its first character: linear time on a long run of name characters)
+_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
+# huggingface_hub's validator: the name is neither an existing directory nor a repo id
+_spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
 _spec("chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False)
+# other request-time template failures: the template does not parse, or rejects the messages
+_spec("chat_template_missing", 2, r"Error in applying chat template from request: (.{1,200})|while applying chat template|jinja2\.exceptions\.(Template\w{0,20}Error): (.{1,200})", fatal=False)
 # --- hardware
-_spec("quantization_unsupported", 1, r"(?:The quantization method (\S+)|Quantization scheme) is not supported for the current GPU\. Min(?:imum)? capability: (\d+)\. Current capability: (\d+)")
+# vLLM's ValueError, and compressed-tensors' RuntimeError whose message is a tuple of strings
+_spec("quantization_unsupported", 1, r"(?:The quantization method (\S+)|Quantization scheme) is not supported for (?:', ')?the current GPU\. Min(?:imum)? capability: (\d+)\. (?:', ')?Current capability: (\d+)")
+# a cut excerpt that shows only the frames of the scheme check
+_spec("quantization_unsupported", 4, r"\b_check_scheme_supported\b")
 _spec("quantization_unsupported", 2, r"Unknown quantization method: (\S+)|Unsupported quantization method")
 _spec("dtype_unsupported", 1, r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0\. Your (.+?) GPU (?:has compute capability (\d+\.\d+)|does not have a compute capability)")
 # --- parallelism
@@ -79,17 +98,32 @@ _spec("tp_exceeds_gpus", 1, r"Total number of attention heads \((\d+)\) must be 
 _spec("tp_exceeds_gpus", 1, r"Total number of hidden layers \((\d+)\) must be divisible by pipeline parallel size \((\d+)\)")
 _spec("tp_exceeds_gpus", 1, r"local_world_size \((\d+)\) must be less than or equal to the number of visible devices \((\d+)\)")
 _spec("tp_exceeds_gpus", 2, r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray")
+_spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node")
 # --- hangs
 _spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within " + _N + " seconds")
 # --- wrappers: only the evidence of last resort
-_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|EngineCore hit an exception|EngineCore encountered a fatal error|died unexpectedly")
+_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly")
+_spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
+_spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
 _REPO = re.compile(
     r"huggingface\.co/(?!api/|docs/|settings/|models\b)(?:api/models/)?([\w.-]+/[\w.-]+?)(?:/resolve/|/tree/|\.?(?:\s|$|\)))"
     r"|(?:Access to model|Repo model) ([\w.-]+/[\w.-]+)"
 )
-_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit))(?:: (.+)|\s*$)")
-_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|^\s*$")
+# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
+_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
+_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$")
+
+
+# Start-up stages an OOM can happen in, by what the log prints in them (progress lines) and
+# the frame names of their tracebacks. The outermost frame of a traceback names the stage.
+_STAGE_FRAMES = (
+    ("capture_model", "graph capture"), ("capture_end", "graph capture"), ("torch.cuda.graph(", "graph capture"),
+    ("_dummy_sampler_run", "sampling"), ("profile_run", "profiling"), ("determine_num_available_blocks", "profiling"),
+    ("determine_available_memory", "profiling"), ("load_model", "weight loading"), ("load_weights", "weight loading"),
+    ("create_weights", "weight loading"), ("weight_loader", "weight loading"),
+)
+_SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
 @dataclass
@@ -97,10 +131,55 @@ class Failures:
     best: Hit | None = None
     last_exception: str | None = None  # for "other": the root error printed before a wrapper
     saw_traceback: bool = False
+    open_traceback: str | None = None  # an ERROR/level-less "Traceback" line no exception line closed yet
+    stage: str | None = None  # the start-up stage the log last showed (for an OOM)
+    frame_stage: bool = False  # `stage` came from the current traceback's frames
+    shm_waits: int = 0  # "no available shared memory broadcast block" lines
+    shm_line: str | None = None
+    shm_seconds: float = 60.0
+    shm_ready: bool = False  # the engine was ready when the last of them was printed
+
+    def _track_stage(self, msg: str, fatal_level: bool) -> None:
+        """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
+        (A traceback vLLM logs at WARNING is one it caught: it never ends the run.)"""
+        if "Traceback" in msg:
+            self.frame_stage = False
+            if self.open_traceback is None and fatal_level:
+                self.open_traceback = msg
+            return
+        if self.open_traceback is None and fatal_level and msg.lstrip().startswith('File "'):
+            self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+        if "in " in msg or "(" in msg:
+            for mark, stage in _STAGE_FRAMES:
+                if mark in msg:
+                    if not self.frame_stage:  # outermost frame wins within one traceback
+                        self.stage, self.frame_stage = stage, True
+                    return
+
+    def _track_shm(self, msg: str, facts: Facts) -> bool:
+        m = _SHM_HANG.match(msg)
+        if m is None:
+            return False
+        if not self.shm_waits:
+            self.shm_line = msg
+        self.shm_waits += 1
+        self.shm_seconds = num(m.group(1))
+        self.shm_ready = facts.ready
+        return True
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
-        gates = _INFO_GATE if line.level in ("INFO", "DEBUG") else _GATE
+        if msg[:3] == "No " and self._track_shm(msg, facts):
+            return
+        if line.level in ("INFO", "DEBUG"):
+            gates = _INFO_GATE
+            # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
+            # takes" (printed by every worker, in any order) ends one, so it is no marker
+            if msg[:9] == "Capturing":
+                self.stage, self.frame_stage = "graph capture", False
+        else:
+            gates = _GATE
+            self._track_stage(msg, line.level != "WARNING")
         for gate in gates:
             if gate in msg:
                 break
@@ -108,6 +187,8 @@ class Failures:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
+        if msg[:6] == "raise " or any(mark in msg for mark in _NOT_FATAL):
+            return  # a traceback's source line echoes the message: the message line follows
         if facts.repo is None and ("huggingface.co/" in msg or "model " in msg):
             rm = _REPO.search(msg)
             if rm:
@@ -117,18 +198,46 @@ class Failures:
                 continue
             m = pattern.search(msg)
             if m:
-                self.best = Hit(cls, prio, _evidence(msg), m, fatal, not facts.loading_done)
+                self.best = Hit(cls, prio, _evidence(msg), m, fatal, self._oom_stage(msg, facts) if cls == "oom_other" else None)
                 break
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
+            if em:
+                self.open_traceback = None  # the traceback ended in its exception line
             if em and em.group(2) and not _WRAPPER_EXC.search(em.group(2)):
                 self.last_exception = msg
 
+    def _oom_stage(self, msg: str, facts: Facts) -> str | None:
+        if "warming up sampler" in msg:
+            return "sampling"
+        if "create" in msg and "weights" in msg:  # "Failed to create unquantized linear weights: …"
+            return "weight loading"
+        if self.stage is not None:
+            return self.stage
+        if facts.loading_started and not facts.loading_done:
+            return "weight loading"
+        return "after weight loading" if facts.loading_done else None
+
+    def _hang(self, facts: Facts) -> Hit | None:
+        """Two or more "no available block" waits and no ready line after them: a hang (one
+        wait, or waits that end in a ready engine, are a slow compile or load)."""
+        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready):
+            return None
+        m = _SHM_HANG.match(self.shm_line)
+        assert m is not None
+        return Hit("timeout", 5, _evidence(f"{self.shm_line} (printed {self.shm_waits}×)"), m)
+
     def result(self, facts: Facts) -> tuple[str, str, str] | None:
         hit = self.best
+        hang = self._hang(facts)
+        if hang is not None and (hit is None or hit.prio > hang.prio):
+            hit = hang
         if hit is None:
             if self.last_exception and self.saw_traceback and not facts.ready:
                 evidence = _evidence(self.last_exception)
+                return "other", evidence, _remedy_other(evidence)
+            if self.open_traceback and not facts.ready:
+                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
                 return "other", evidence, _remedy_other(evidence)
             return None
         if hit.cls == "other":
@@ -136,15 +245,28 @@ class Failures:
             return "other", evidence, _remedy_other(evidence)
         if not hit.fatal and facts.ready and hit.cls != "chat_template_missing":
             return None
-        cls = hit.cls
-        if cls == "oom_other" and hit.prio == 3 and hit.oom_during_load and (facts.loading_started or facts.get("weights_gib") is None):
-            cls = "oom_weight_load"
-        return cls, hit.evidence, _REMEDIES[cls](hit.match, facts)
+        cls, evidence = hit.cls, hit.evidence
+        if hit is hang:
+            return cls, evidence, _remedy_hang(self.shm_waits, self.shm_seconds)
+        if cls == "oom_other" and hit.prio == 3:  # a bare OOM: its stage decides
+            if hit.stage == "weight loading":
+                cls = "oom_weight_load"
+            elif hit.stage is None:
+                evidence = _evidence(evidence, _NO_STAGE) + _NO_STAGE
+        if cls == "oom_other":
+            return cls, evidence, _remedy_oom_other(hit.match, facts, hit.stage)
+        return cls, evidence, _REMEDIES[cls](hit.match, facts)
 
 
-def _evidence(msg: str) -> str:
+_CUT_TRACEBACK = " [the excerpt ends inside this traceback]"
+_NO_STAGE = " [stage not shown in this excerpt: weight loading, profiling, CUDA graph capture or sampling]"
+
+
+def _evidence(msg: str, note: str = "") -> str:
+    """The line, cut to leave room for a note appended after it."""
     msg = msg.strip()
-    return msg if len(msg) <= EVIDENCE_MAX else msg[: EVIDENCE_MAX - 1] + "…"
+    room = EVIDENCE_MAX - len(note)
+    return msg if len(msg) <= room else msg[: room - 1] + "…"
 
 
 # --------------------------------------------------------------------------- remedies
@@ -215,7 +337,20 @@ def _remedy_oom_load(m, facts: Facts) -> str:
             "checkpoint (AWQ/GPTQ/FP8), or a GPU with more memory")
 
 
-def _remedy_oom_other(m, facts: Facts) -> str:
+_ALLOC = re.compile(r"Tried to allocate " + _N + r" ([KMGT])iB")
+_STAGE_REMEDY = {
+    "graph capture": "out of memory during CUDA graph capture (weights and KV cache already allocated): set "
+                     "enforce_eager, or {lower} (the graphs need room outside the KV cache), or capture fewer "
+                     "sizes (lower max_num_seqs)",
+    "profiling": "out of memory in the profiling forward pass (one batch of max_num_batched_tokens): lower "
+                 "max_num_batched_tokens or max_model_len, or {lower}",
+    "sampling": "out of memory while warming up the sampler: lower max_num_seqs, or {lower}",
+    "after weight loading": "out of GPU memory after the weights loaded (profiling, CUDA graphs or the "
+                            "sampler): {lower}, lower max_num_seqs / max_num_batched_tokens, or set enforce_eager",
+}
+
+
+def _remedy_oom_other(m, facts: Facts, stage: str | None) -> str:
     text = m.group(0)
     if text.startswith("Free memory on device") or text.startswith("Available memory on node"):
         free, total = num(m.group(1)), num(m.group(2))
@@ -226,11 +361,23 @@ def _remedy_oom_other(m, facts: Facts) -> str:
         return (f"only {_fmt(free)} of {_fmt(total)} GiB is free at startup{asked}: set "
                 f"gpu_memory_utilization <= {fit:.2f} or stop the other processes using the {what}")
     if "warming up" in text:
-        return f"out of memory while warming up the {m.group(1)}: lower max_num_seqs or gpu_memory_utilization"
+        reqs = _WARMUP_REQS.search(m.string)
+        seqs = f"set max_num_seqs below {reqs.group(1)} (it warms up with that many dummy requests)" if reqs else "lower max_num_seqs"
+        return f"out of memory while warming up the {m.group(1)}: {seqs}, or lower gpu_memory_utilization"
     util = facts.get("gpu_memory_utilization")
     lower = f"lower gpu_memory_utilization below {_fmt(util)}" if util else "lower gpu_memory_utilization"
-    return (f"out of GPU memory after the weights loaded: {lower} (leaves room for activations and "
-            "CUDA graphs), lower max_num_seqs / max_num_batched_tokens, or set enforce_eager")
+    if stage in _STAGE_REMEDY:
+        return _STAGE_REMEDY[stage].format(lower=lower)
+    alloc = _ALLOC.search(m.string)
+    ask = f"a {_fmt(num(alloc.group(1)))} {alloc.group(2)}iB allocation failed" if alloc else "an allocation failed"
+    total = facts.get("total_gpu_memory_gib")
+    on = f" on this {_fmt(total)} GiB GPU" if total else ""
+    return (f"out of GPU memory: {ask}{on}; the excerpt does not show the stage, so keep the lines "
+            f"above the error (weights too big: tensor_parallel_size {_tp_next(facts)} or a quantized "
+            f"checkpoint; after loading: {lower}, lower max_num_seqs, or set enforce_eager)")
+
+
+_WARMUP_REQS = re.compile(r"sampler with (\d{1,7})(?!\d)")
 
 
 def _arch_name(m) -> str:
@@ -267,6 +414,8 @@ def _remedy_gated(m, facts: Facts) -> str:
 
 
 def _remedy_not_found(m, facts: Facts) -> str:
+    if m.group(0).startswith("Repo id must"):
+        return _remedy_repo_id(m.group(1))
     name = next((g for g in m.groups() if g and not g.isdigit()), None) or facts.repo
     what = f"'{name}'" if name else "the model"
     return (f"check the model id {what}: no such Hub repository or local directory with a "
@@ -274,11 +423,35 @@ def _remedy_not_found(m, facts: Facts) -> str:
             "download it first")
 
 
+def _remedy_repo_id(name: str) -> str:
+    if name.startswith("~"):
+        return (f"'{name}' starts with '~', which nothing expanded: give the absolute path of the "
+                "model directory (or a Hub id namespace/name)")
+    return (f"'{name}' is not a directory here, so it was taken for a Hub repo id, which it cannot be: "
+            "check the path (inside a container: is the volume mounted there?) or give a Hub id namespace/name")
+
+
 def _remedy_chat(m, facts: Facts) -> str:
+    text = m.group(0)
+    if "Conversation roles must alternate" in m.string:
+        return ("a request failed: the model's chat template wants strictly alternating user/assistant "
+                "messages (often no system message): merge consecutive messages, or pass --chat-template "
+                "with a template that accepts them")
+    if text.startswith("jinja2"):
+        return (f"a request failed: the chat template does not render ({m.group(2)}: {m.group(3).strip()}): "
+                "fix the template given with --chat-template or in the tokenizer's config")
+    if "applying chat template" in text:
+        return ("a request failed in the chat template (the messages do not fit it; the error under this "
+                "line says how): adapt the request, or pass --chat-template with a template that accepts it")
     return "the tokenizer has no chat template: pass --chat-template FILE, or use /v1/completions"
 
 
 def _remedy_quant(m, facts: Facts) -> str:
+    if not m.re.groups:  # only the frames of the scheme check: the numbers were cut off
+        cc = f" (this one: {facts.compute_capability})" if facts.compute_capability else ""
+        return ("the checkpoint's quantization scheme needs a newer GPU than this one" + cc + ": the "
+                "excerpt is cut before the capability numbers; use a GPU with a higher compute "
+                "capability or a checkpoint in another format (e.g. AWQ/GPTQ)")
     if m.group(0).startswith(("Unknown", "Unsupported")):
         return f"upgrade vLLM: quantization {m.group(1) or ''} is not known to this version".replace("  ", " ")
     method = m.group(1) or "scheme"
@@ -300,6 +473,9 @@ def _remedy_tp(m, facts: Facts) -> str:
         ok = [d for d in (1, 2, 4, 8, 16) if heads % d == 0 and d != size]
         what = "tensor_parallel_size" if "heads" in text else "pipeline_parallel_size"
         return f"{what} must divide {heads}: use {what} {max(d for d in ok if d < size) if any(d < size for d in ok) else ok[0]}"
+    if text.startswith("Ray does not allocate"):
+        return ("no GPU of the Ray placement group is on the node that runs vLLM: start vLLM on a GPU "
+                "node of the cluster, or give the placement group a GPU bundle there")
     if m.lastindex and m.lastindex >= 2 and m.group(2):
         want, have = int(m.group(1)), int(m.group(2))
         return (f"{want} GPUs requested (tensor_parallel_size × pipeline_parallel_size), {have} "
@@ -311,7 +487,9 @@ def _remedy_tp(m, facts: Facts) -> str:
 def _remedy_timeout(m, facts: Facts) -> str:
     text = m.group(0)
     if "Watchdog" in text:
-        return ("a collective between GPUs hung (NCCL watchdog): check the interconnect "
+        limit = _NCCL_TIMEOUT.search(m.string)
+        after = f" for {_fmt(int(limit.group(1)) / 1000)} s" if limit else ""
+        return (f"a collective between GPUs hung{after} (NCCL watchdog): check the interconnect "
                 "(try NCCL_P2P_DISABLE=1), shared memory size (--shm-size), and that no rank died")
     if "engine core" in text:
         return "the engine core took too long to start (slow weight loading): raise VLLM_ENGINE_READY_TIMEOUT_S"
@@ -320,21 +498,37 @@ def _remedy_timeout(m, facts: Facts) -> str:
     return "a worker stopped answering: check that every rank is alive (the lines above this one)"
 
 
+_NCCL_TIMEOUT = re.compile(r"Timeout\(ms\)=(\d{1,12})")
+
+
+def _remedy_hang(waits: int, seconds: float) -> str:
+    return (f"the engine hung: no worker took work from the shared-memory broadcast queue for "
+            f"{waits} × {_fmt(seconds)} s. Look above for a worker that died or is stuck (NCCL, OOM); "
+            "with several GPUs try NCCL_P2P_DISABLE=1 or --disable-custom-all-reduce; a very long "
+            "compilation or weight quantization prints this too, and then ends in a ready engine")
+
+
 def _remedy_other(evidence: str) -> str:
+    if "raylet" in evidence.lower():
+        return ("Ray could not start its worker processes (raylet registration failed): clear the Ray "
+                "session (`ray stop`, remove /tmp/ray) and retry, or use --distributed-executor-backend mp")
+    if evidence.endswith(_CUT_TRACEBACK):
+        return ("the log is cut inside a traceback, before its exception line: keep the full engine "
+                "output, stderr included, and parse it again")
     if _WRAPPER_ONLY.search(evidence):
         return ("the log holds only the wrapper, not the root cause (traceback cut or in another "
                 "process's output): keep the full engine output, stderr included, and parse it again")
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(r"^(?:RuntimeError: )?(?:EngineCore failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered a fatal error)")
+_WRAPPER_ONLY = re.compile(r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\(")
 
 
+# (oom_other's remedy also takes the stage: `result` calls it directly)
 _REMEDIES: dict[str, Callable[[re.Match[str], Facts], str]] = {
     "kv_cache_insufficient": _remedy_kv,
     "max_model_len_exceeds_kv": _remedy_maxlen,
     "oom_weight_load": _remedy_oom_load,
-    "oom_other": _remedy_oom_other,
     "unsupported_architecture": _remedy_arch,
     "gated_or_auth": _remedy_gated,
     "model_not_found": _remedy_not_found,

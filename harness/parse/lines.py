@@ -1,10 +1,18 @@
-"""Physical log text -> logical vLLM log lines (the parser's first stage).
+"""Physical log text -> canonical logical vLLM log lines (the parser's first stage).
 
-Handles what sits between vLLM's formatter and us: ANSI colours, CRLF, foreign prefixes
-(docker compose, journald, app loggers wrapping vLLM's output), vLLM process prefixes
-(`(EngineCore_DP0 pid=1)`, `(Worker_TP1 pid=2)`, `(RayWorkerWrapper pid=3, ip=…)`),
-0.32+ JSON log lines, and lines hard-wrapped by a terminal. Memory is bounded: a physical
-line longer than MAX_LINE characters is cut (the rest is skipped, never buffered).
+The normaliser in front of the fact and failure rules. It removes what sits between vLLM's
+formatter and us: ANSI colours (also pasted without their ESC byte), CRLF, Markdown from pasted
+issues (quote marks, inline-code backticks around a whole line, emphasis around numbers), and
+any prefix ahead of vLLM's own `LEVEL date [file:line]` header in every form vLLM printed
+(0.2: `INFO 08-29 20:48:52 llm_engine.py:70]`, 0.8+: `[file.py:70]`, full dates with
+milliseconds from logging wrappers). Known foreign prefixes are also cut from lines that carry
+no vLLM header (tracebacks, bare exceptions): ISO/docker/buildkite timestamps, journald
+`Mon DD HH:MM:SS host proc[pid]:` with the month in any locale, docker compose `svc  | `,
+supervisor tags `[Error] (Process)`, and vLLM/Ray process prefixes (`(EngineCore_DP0 pid=1)`,
+`(RayWorkerWrapper pid=3, ip=…)`). 0.32+ JSON log lines are unpacked, and lines a terminal
+hard-wrapped are re-joined. Every regex here is anchored or bounded (no nested unbounded
+repeats), so no input makes it backtrack quadratically. Memory is bounded: a physical line
+longer than MAX_LINE characters is cut (the rest is skipped, never buffered).
 """
 
 from __future__ import annotations
@@ -19,11 +27,29 @@ _WRAP_MIN = 70  # terminals narrower than this are not worth guessing about
 _MAX_JOINED = 8 * 1024  # a wrapped logical line never grows past this
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it).
+# ANSI colour codes whose ESC byte was lost in a paste: `[36m(RayWorkerVllm pid=5) [0m`
+_ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
+# Markdown emphasis around a number or size a user highlighted: **14.99**, *0.90*, __8 GiB__
+_EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
+_BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
+# vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it):
+# `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]`,
+# and wrappers that print a full date with milliseconds and extra fields before the file:line.
 _HEADER = re.compile(
-    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d-\d\d \d\d:\d\d:\d\d)(?:[.,]\d+)? "
-    r"\[?[^\s\]]{1,200}?:\d+\] ?"
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ((?:\d{4}-)?\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,]\d{1,9})? "
+    r"(?:[\w.-]{1,64} ){0,3}?\[?[^\s\]]{1,200}?:\d+(?:\] ?| - )"
 )
+# Foreign prefixes of a header-less line, cut one after the other (at most _MAX_PREFIXES).
+_PREFIX = re.compile(
+    r"(?:\[?\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?\]?"  # ISO, docker, CI
+    r"|(?:[^\W\d_]{2,10}\.?|\d{1,2}月) {1,2}\d{1,2} \d\d:\d\d:\d\d [\w.-]{1,64} [\w./@-]{1,64}\[\d{1,10}\]:"  # journald
+    r"|[\w.-]{1,64} {1,8}\|(?= )"  # docker compose service
+    r"|\|(?= )|>+"  # CI log table column, Markdown quote
+    r"|\[(?:Error|Info|Warning|Warn|Debug|Critical|Fatal|ERROR|INFO|WARNING|DEBUG)\](?: \([^()]{1,40}\))?"  # supervisor tags
+    r"|\((\w[^()]{0,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)"  # vLLM/Ray process prefix
+    r") ?"
+)
+_MAX_PREFIXES = 6
 # The last `(name pid=N[, ip=…])` group before the header names the process.
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
@@ -71,12 +97,27 @@ _UVICORN = frozenset(level[:5] for level in _UVICORN_LEVELS)
 
 
 def clean(raw: str) -> str:
-    """Without ANSI colour codes and carriage returns."""
+    """Without ANSI colour codes (with or without their ESC byte), carriage returns and the
+    Markdown a pasted issue adds; each step is gated by a substring test (the common line
+    pays a few `in` checks)."""
     if "\x1b" in raw:
         raw = _ANSI.sub("", raw)
     if "\r" in raw:
         raw = raw.replace("\r", "")
+    if "[0m" in raw:
+        raw = _ANSI_LOST.sub("", raw)
+    if raw[:1] in _MARKDOWN_START:
+        raw = raw.lstrip("`> ")
+    if raw[-1:] == "`":
+        raw = raw.rstrip("`")
+    if "*" in raw or "__" in raw:
+        raw = _EMPHASIS.sub(r"\2", raw)
+        if "**" in raw:  # bold around words or a whole line (not a run of *: a redacted name)
+            raw = _BOLD.sub(r"\1", raw)
     return raw
+
+
+_MARKDOWN_START = frozenset("`>")
 
 
 # Lines that fill long logs and never state a fact or a failure: request/stat chatter.
@@ -87,22 +128,59 @@ _NOISE_PREFIXES = (
 
 
 def is_noise(msg: str) -> bool:
-    """Periodic stats, per-request and HTTP access lines (the bulk of a long-running log)."""
+    """Periodic stats, per-request and HTTP access lines (the bulk of a long-running log).
+    Only a serving engine prints them."""
     if msg.startswith(_NOISE_PREFIXES):
         return not msg.startswith("Engine 0") or "throughput" in msg[:40]
-    return ' HTTP/1.' in msg and msg[-3:].isalpha()  # uvicorn access line: ... HTTP/1.1" 200 OK
+    # uvicorn access line: ... HTTP/1.1" 200 OK / 400 Bad Request
+    return ' HTTP/1.' in msg and (msg[-3:].isalpha() or msg[-3:] == " OK")
 
 
-def _parse(raw: str) -> LogLine:
-    if raw[:5] in _UVICORN and raw[5:6] in (":", "I"):  # uvicorn's own "INFO:     …" lines
+def _uvicorn(raw: str) -> LogLine | None:
+    """uvicorn's own `INFO:     …` lines."""
+    if raw[:5] in _UVICORN and raw[5:6] in (":", "I"):
         head, _, rest = raw.partition(":")
         if head in _UVICORN_LEVELS:
             return LogLine(rest.strip(), None, None, head, False)
+    return None
+
+
+def strip_prefixes(raw: str) -> tuple[str, str | None, str | None]:
+    """A header-less line without its foreign prefixes, and the process a prefix named."""
+    text = raw.lstrip()
+    proc = pid = None
+    for _ in range(_MAX_PREFIXES):
+        m = _PREFIX.match(text)
+        if m is None or not m.end():
+            break
+        if m.group(2):
+            proc, pid = m.group(1).strip(), m.group(2)
+        text = text[m.end():].lstrip()
+    return text, proc, pid
+
+
+def _parse(raw: str) -> LogLine:
+    if raw[:5] in _UVICORN and raw[5:6] in (":", "I"):  # inline: the commonest line of a long log
+        line = _uvicorn(raw)
+        if line is not None:
+            return line
     m = _HEADER.search(raw, 0, 400)
     if m is None:
         if raw[:1] == "{" and '"message"' in raw:
             return _parse_json(raw)
-        return LogLine(raw.strip())
+        text, proc, pid = strip_prefixes(raw)
+        if text is not raw and text:
+            line = _uvicorn(text)
+            if line is not None:
+                line.proc, line.pid = proc, pid
+                return line
+            if text[:1] == "{" and '"message"' in text:
+                return _parse_json(text)
+            # the rest may hold a header after all (`> INFO …`, a prefix longer than 400)
+            m = _HEADER.match(text)
+            if m is not None:
+                return LogLine(text[m.end():].rstrip(), proc, pid, m.group(1), True)
+        return LogLine(text.rstrip(), proc, pid)
     start = m.start()
     proc = pid = None
     if start and "pid=" in raw[:start]:
@@ -153,6 +231,7 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
             and (width == 0 or last_len == width)
             and len(pending.msg) < _MAX_JOINED
             and not _STANDALONE.match(raw)
+            and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
         ):
             width = width or last_len
             last_len = len(raw)

@@ -13,16 +13,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from harness.cache import cache_dir
 from harness.errors import InputError
 from harness.schema import EngineInstall, EngineVersions
 
 PROBE = Path(__file__).with_name("introspect.py")
 MARK = "@@ENGINE_PROBE@@"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vllm-harness"
 
 
 def _run_probe(engine: EngineInstall, what: str, timeout: float) -> dict[str, Any]:

@@ -148,6 +148,8 @@ class Device(Record):
     compute_capability: str | None = None
     pci_bus_id: str | None = None
     uuid: str | None = None
+    numa_node: int | None = None  # topology, for packing multi-GPU cells
+    nvlink_island: int | None = None  # GPUs with the same island talk over NVLink
 
 
 class EngineVersions(Record):
@@ -249,6 +251,103 @@ class Timings(Record):
     harness_overhead_s: float | None = None
 
 
+# --------------------------------------------------------------------------- typed payloads
+class LatencyStats(Record):
+    """One latency metric over a probe level's requests, in milliseconds."""
+
+    mean: float | None = None
+    median: float | None = None
+    std: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+class ProbeLevel(Record):
+    """One probe level (a concurrency, or a request rate), with `vllm bench serve` metrics."""
+
+    concurrency: int | None = None
+    request_rate: float | None = None  # rate mode: requests/s offered
+    requests: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    duration_s: float | None = None
+    ttft_ms: LatencyStats | None = None
+    tpot_ms: LatencyStats | None = None
+    itl_ms: LatencyStats | None = None
+    e2el_ms: LatencyStats | None = None
+    request_throughput: float | None = None
+    output_throughput: float | None = None
+    total_token_throughput: float | None = None
+    total_input_tokens: int | None = None
+    total_output_tokens: int | None = None
+    stop_reason: str | None = None
+    server_metrics: dict[str, Any] | None = None  # /metrics deltas and the server's own latency means
+
+
+class ProbeResult(Record):
+    """What a probe run returns (`probe --json`, a record's `probes`); docs/probe.md."""
+
+    levels: list[ProbeLevel] = Field(default_factory=list)
+    client: dict[str, Any] | None = None  # the client's version, event loop and measured ceiling
+    profile: dict[str, Any] | None = None  # the ProbeProfile that ran
+    warmup: dict[str, Any] | None = None
+    stop_reason: str | None = None
+    duration_s: float | None = None
+
+
+class TelemetrySummary(Record):
+    """The sampler's summary of a cell (`harness.run.telemetry`); the series is in `series`."""
+
+    interval_s: float | None = None
+    samples: int | None = None
+    duration_s: float | None = None
+    rate_hz: float | None = None
+    events: dict[str, float] = Field(default_factory=dict)  # event -> seconds since spawn
+    process: dict[str, Any] | None = None  # RSS and CPU of the engine's process tree
+    gpus: dict[str, dict[str, Any]] | None = None  # per GPU index: memory, utilization, power, energy
+    gpu_memory_used_peak_gib: float | None = None
+    energy_j: float | None = None
+    note: str | None = None
+    errors: list[str] = Field(default_factory=list)
+    series: str | None = None  # the CSV next to the record
+
+
+class PlanPrediction(Record):
+    """The planner's prediction for a cell (`plan --json`; docs/plan.md). GiB are per GPU; tokens
+    as vLLM reports them."""
+
+    platform: Literal["cuda", "cpu"]
+    vllm_version: str | None = None
+    total_memory_gib: float | None = None
+    gpu_memory_utilization: float | None = None
+    budget_gib: float | None = None  # what vLLM may use: total x utilization (GPU), KV space (CPU)
+    weights_gib: float | None = None
+    activation_gib: float | None = None
+    non_torch_gib: float | None = None
+    cuda_graph_gib: float | None = None
+    kv_cache_gib: float | None = None
+    kv_cache_tokens: int | None = None
+    num_blocks: int | None = None
+    block_size: int | None = None
+    kv_bytes_per_token: float | None = None
+    max_model_len: int | None = None
+    max_concurrency: float | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    fits: bool | None = None
+    failure_class: str | None = None  # the class vLLM would fail with, from the fixed vocabulary
+    reason: str = ""
+    suggestion: str | None = None
+    fix: dict[str, Any] | None = None  # engine-arg changes of the cheapest fix
+    fix_env: dict[str, str] | None = None  # env changes of that fix (CPU KV space)
+    fixes: list[dict[str, Any]] = Field(default_factory=list)  # every single change that fits
+    valid_tp: list[int] = Field(default_factory=list)
+    exact: bool = False  # tokens are vLLM's own arithmetic (CPU budget, uniform layers)
+    weights_source: str | None = None
+    calibration: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
 class CellRecord(Record):
     schema_version: int = SCHEMA_VERSION
     run_id: str
@@ -270,9 +369,9 @@ class CellRecord(Record):
     facts: EngineFacts | None = None
     metrics: MetricsFacts | None = None
     validation: Validation | None = None
-    probes: dict[str, Any] | None = None
-    telemetry: dict[str, Any] | None = None
-    plan: dict[str, Any] | None = None
+    probes: ProbeResult | None = None
+    telemetry: TelemetrySummary | None = None
+    plan: PlanPrediction | None = None
     timings: Timings = Field(default_factory=Timings)
     engine_log: str | None = None  # path relative to the record's folder
     autofit_of: str | None = None  # cell id of the failed attempt this retry fixes

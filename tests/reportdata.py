@@ -256,7 +256,7 @@ def cpu_records(run_id: str = CPU_RUN, started_at: str = "2025-10-02T08:00:00+00
         make_record(run_id=run_id, model="Qwen2.5-7B", source="Qwen/Qwen2.5-7B-Instruct", host=cpu_host(),
                     gpu="cpu", engine="vllm-cpu", outcome="skipped", started_at=started_at, validation=None,
                     skip_reason="predicted not to fit: 14.2 GiB weights > 7.7 GiB RAM", facts=None,
-                    plan={"weights_gib": 14.2, "fits": False, "reason": "weights exceed memory"}),
+                    plan={"platform": "cpu", "weights_gib": 14.2, "fits": False, "reason": "weights exceed memory"}),
     ]
 
 

@@ -40,7 +40,7 @@ def _record(tmp: Path, version: str, activation: float, kv: float, name: str = "
     rec = CellRecord(run_id=f"run-{name}", cell_id="llama8b__H100__c__e", key="k", cell=cell,
                      host=HostFingerprint(hostname="h", os="linux", python="3.11", harness_version="0"),
                      started_at="2025-01-01T00:00:00", outcome="ok", facts=facts,
-                     plan={"kv_cache_gib": 51.0, "weights_gib": 14.99})
+                     plan={"platform": "cuda", "kv_cache_gib": 51.0, "weights_gib": 14.99})
     write_run(tmp, [rec])
 
 

@@ -21,11 +21,12 @@ RUN_A, RUN_B = "20251010T000000Z-cpuhost", "20251011T000000Z-cpuhost"
 
 def _level(metric: str, stat: str, factor: float) -> Callable[[CellRecord], None]:
     def plant(record: CellRecord) -> None:
-        for level in record.probes["levels"]:
+        for level in record.probes.levels:
             if stat:
-                level[metric][stat] *= factor
+                stats = getattr(level, metric)
+                setattr(stats, stat, getattr(stats, stat) * factor)
             else:
-                level[metric] *= factor
+                setattr(level, metric, getattr(level, metric) * factor)
     return plant
 
 
@@ -39,7 +40,7 @@ PLANT: dict[str, Callable[[CellRecord], None]] = {
     "num_gpu_blocks": _set("facts", "num_gpu_blocks", 64),
     "max_concurrency": _set("facts", "max_concurrency", 1.0),
     "spawn_to_ready_s": _set("timings", "spawn_to_ready_s", 90.0),
-    "load_s": _set("facts", "load_seconds", 20.0),
+    "load_s": _set("facts", "load_seconds", 40.0),
     "output_throughput": _level("output_throughput", "", 0.5),
     "ttft_median_ms": _level("ttft_ms", "median", 2.0),
     "ttft_p99_ms": _level("ttft_ms", "p99", 2.0),
@@ -47,7 +48,7 @@ PLANT: dict[str, Callable[[CellRecord], None]] = {
     "itl_median_ms": _level("itl_ms", "median", 2.0),
     "itl_p99_ms": _level("itl_ms", "p99", 2.0),
     "e2el_median_ms": _level("e2el_ms", "median", 2.0),
-    "failed_requests": lambda r: r.probes["levels"][0].update(failed=3),
+    "failed_requests": lambda r: setattr(r.probes.levels[0], "failed", 3),
     "status": lambda r: (setattr(r, "outcome", "failed"), setattr(r, "failure_class", "timeout")),
     "validation": _set("validation", "passed", False),
 }

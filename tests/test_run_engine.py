@@ -66,14 +66,14 @@ def test_default_matrix_four_outcomes(default_run):
     for rec in (chat, random_, unsupported, long_):
         assert rec.timings.startup_s and rec.timings.harness_overhead_s is not None
         assert rec.timings.harness_overhead_s < 1.0, rec.timings
-        assert rec.telemetry["process"]["rss_peak_gib"] > 0
+        assert rec.telemetry.process["rss_peak_gib"] > 0
         cell_dir = default_run["results"] / rec.run_id / rec.cell_id
         assert (cell_dir / rec.engine_log).stat().st_size > 0
         assert (cell_dir / "telemetry.csv").exists()
-    assert chat.probes and chat.probes["levels"][0]["completed"] > 0
+    assert chat.probes and chat.probes.levels[0].completed > 0
     # vLLM's own latency histograms saw exactly the level's requests; the client's figures sit
     # on top of the server's by the HTTP leg, never under it.
-    level = chat.probes["levels"][0]
+    level = chat.probes.levels[0].model_dump()
     server = level["server_metrics"]["server_latency_ms"]
     assert server["requests"] == level["completed"]
     assert 0 < server["ttft"] <= level["ttft_ms"]["mean"]

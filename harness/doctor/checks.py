@@ -131,8 +131,8 @@ def _topology(facts: GpusFacts) -> str:
     islands: dict[int, list[int]] = {}
     numa: dict[int, list[int]] = {}
     for g in facts.gpus:
-        island = getattr(g.device, "nvlink_island", None)
-        node = getattr(g.device, "numa_node", None)
+        island = g.device.nvlink_island
+        node = g.device.numa_node
         if island is not None:
             islands.setdefault(island, []).append(g.device.index)
         if node is not None:

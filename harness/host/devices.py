@@ -254,7 +254,7 @@ def cpu_device() -> Device:
 
 
 def gpu_devices(nvml: Nvml) -> list[Device]:
-    """One Device per NVML GPU, with `numa_node` and `nvlink_island` as extra fields.
+    """One Device per NVML GPU, with its `numa_node` and `nvlink_island`.
 
     `nvlink_island` numbers the groups of GPUs joined by NVLink, directly or through NVSwitches;
     None for a GPU without active links. Packing prefers placing a TP group inside one island.

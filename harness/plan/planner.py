@@ -20,6 +20,7 @@ from harness.plan.engine_args import resolve as resolve_args
 from harness.plan.kv import capacity, fits_one_request, kv_layout, largest_max_model_len
 from harness.plan.model import ModelFacts
 from harness.plan.weights import GIB, WeightEstimate, padded_vocab, weights_from_config
+from harness.schema import PlanPrediction
 
 __all__ = ["Plan", "gpu_budget", "cpu_budget", "plan_model", "scheduler_defaults", "tp_valid", "valid_tp_sizes"]
 
@@ -28,39 +29,8 @@ MAX_UTILIZATION = 0.95  # vLLM refuses to start when free memory < utilization x
 MIN_USEFUL_LEN = 1024  # a max_model_len fix shorter than this (or than asked) is no fix
 
 
-class Plan(BaseModel):
-    """One cell's prediction. Memory values are GiB per GPU; tokens as vLLM reports them."""
-
-    platform: Literal["cuda", "cpu"]
-    vllm_version: str | None = None
-    total_memory_gib: float | None = None
-    gpu_memory_utilization: float | None = None
-    budget_gib: float | None = None  # what vLLM may use: total x utilization (GPU), KV space (CPU)
-    weights_gib: float | None = None
-    activation_gib: float | None = None
-    non_torch_gib: float | None = None
-    cuda_graph_gib: float | None = None
-    kv_cache_gib: float | None = None
-    kv_cache_tokens: int | None = None
-    num_blocks: int | None = None
-    block_size: int | None = None
-    kv_bytes_per_token: float | None = None
-    max_model_len: int | None = None
-    max_concurrency: float | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    fits: bool | None = None
-    failure_class: str | None = None  # the class vLLM would fail with, from the fixed vocabulary
-    reason: str = ""
-    suggestion: str | None = None
-    fix: dict[str, Any] | None = None  # engine-arg changes of the cheapest fix
-    fix_env: dict[str, str] | None = None  # env changes of that fix (CPU KV space)
-    fixes: list[dict[str, Any]] = Field(default_factory=list)  # every single change that fits
-    valid_tp: list[int] = Field(default_factory=list)
-    exact: bool = False  # tokens are vLLM's own arithmetic (CPU budget, uniform layers)
-    weights_source: str | None = None
-    calibration: list[str] = Field(default_factory=list)
-    notes: list[str] = Field(default_factory=list)
+# The prediction's shape is part of the record contract, so it lives with the records.
+Plan = PlanPrediction
 
 
 def _gib(x: float) -> float:

@@ -47,7 +47,7 @@ class Sample:
     total_gib: float | None = None
     vllm_version: str | None = None
     config: dict[str, Any] | None = None  # inline config (observations of local tiny models)
-    plan: dict[str, Any] | None = None  # the prediction stored next to the measurement
+    plan: Plan | dict[str, Any] | None = None  # the prediction stored next to the measurement
     origin: str = ""  # where the numbers are stated: a log's URL, a record's path
     dataset: str = ""  # the observation file (its `source` names the publication) or "results"
 

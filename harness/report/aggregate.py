@@ -97,8 +97,8 @@ def level_value(level: dict[str, Any], metric: str, stat: str = "median") -> flo
 
 def probe_levels(record: CellRecord) -> list[dict[str, Any]]:
     """Probe levels sorted by concurrency (the probe may store them in any order)."""
-    levels = (record.probes or {}).get("levels") or []
-    return sorted((lv for lv in levels if isinstance(lv, dict)), key=lambda lv: lv.get("concurrency") or 0)
+    levels = [lv.model_dump() for lv in record.probes.levels] if record.probes else []
+    return sorted(levels, key=lambda lv: lv.get("concurrency") or 0)
 
 
 def _probe_summary(record: CellRecord) -> dict[str, Any]:
@@ -118,8 +118,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
     """The flat view of one record: what tables, insights, diffs and exports use."""
     facts = record.facts
     metrics = record.metrics
-    plan = record.plan or {}
-    telemetry = record.telemetry or {}
+    plan, telemetry = record.plan, record.telemetry
     device, device_memory = device_of(record)
     log = (path.parent / record.engine_log) if record.engine_log else None
     log = log if log is not None and log.exists() else None  # a published record has no log here
@@ -168,12 +167,12 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
         "estimated_max_model_len": fact("estimated_max_model_len"),
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
-        "plan_fits": plan.get("fits"),
-        "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),
+        "plan_fits": plan.fits if plan else None,
+        "plan_kv_cache_tokens": plan.kv_cache_tokens if plan else None,
         # The sampler's independent figures (harness.run.telemetry), beside vLLM's own claims.
-        "peak_rss_gib": (telemetry.get("process") or {}).get("rss_peak_gib"),
-        "gpu_peak_memory_gib": telemetry.get("gpu_memory_used_peak_gib"),
-        "energy_j": telemetry.get("energy_j"),
+        "peak_rss_gib": (telemetry.process or {}).get("rss_peak_gib") if telemetry else None,
+        "gpu_peak_memory_gib": telemetry.gpu_memory_used_peak_gib if telemetry else None,
+        "energy_j": telemetry.energy_j if telemetry else None,
         **_probe_summary(record),
     }
 

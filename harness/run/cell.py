@@ -36,7 +36,8 @@ from harness.probes.validation import validate
 from harness.redact import Redactor
 from harness.run.fetch import FetchError, OfflineMissing, fetch_model, model_fingerprint
 from harness.run.telemetry import Sampler
-from harness.schema import Cell, CellRecord, Device, EngineFacts, Outcome, Timings, cell_key
+from harness.schema import (Cell, CellRecord, Device, EngineFacts, Outcome, ProbeResult, TelemetrySummary, Timings,
+                            cell_key)
 
 # Substrings of engine log lines that move a cell from "starting" to the next phase.
 _PHASES = (("Loading weights", "loading"), ("Starting to load model", "loading"),
@@ -153,7 +154,7 @@ class CellRunner:
             view.phase(cell.cell_id, "planning")
             memory = next((d.memory_total_gib for d in devices if d.kind == "gpu"), None)
             plan = plan_cell(cell, memory, vllm_version=engine.vllm)
-            rec.plan = plan.model_dump(mode="json")
+            rec.plan = plan
             if plan.fits is False and cell.config.skip_if_unfit:
                 rec.skip_reason = f"predicted not to fit: {plan.reason}" + (
                     f"; fix: {plan.suggestion}" if plan.suggestion else "")
@@ -247,8 +248,9 @@ class CellRunner:
                 view.phase(cell.cell_id, "probing")
                 probe_t0 = time.monotonic()
                 sampler.mark_probes_start()
-                rec.probes = run_profile(base, cell.model.name, api_key, profile, tokenizer_dir=model_dir,
-                                         request_timeout=timeouts.request_s)
+                rec.probes = ProbeResult.model_validate(run_profile(
+                    base, cell.model.name, api_key, profile, tokenizer_dir=model_dir,
+                    request_timeout=timeouts.request_s))
                 sampler.mark_probes_end()
                 timings.probes_s = round(time.monotonic() - probe_t0, 3)
         except EngineExited as exc:
@@ -274,9 +276,9 @@ class CellRunner:
             timings.stop_s = round(proc.stop(self.options.stop_grace_s), 3)
             self._engines.discard(proc)
             rec.engine_exit_code = proc.poll()
-            rec.telemetry = sampler.stop(_generated_tokens(rec.probes))
+            rec.telemetry = TelemetrySummary.model_validate(sampler.stop(_generated_tokens(rec.probes)))
             sampler.write_series(folder / store.TELEMETRY)
-            rec.telemetry["series"] = store.TELEMETRY
+            rec.telemetry.series = store.TELEMETRY
         rec.facts = parse_log_file(log_path)
         if expired.is_set():
             rec.outcome, rec.failure_class = "failed", "timeout"
@@ -333,7 +335,7 @@ def probe_profile(spec: str | dict[str, Any] | None, max_concurrency: float | No
     raise InputError(f"probe: unknown profile {spec!r}; use quick, none or a mapping of probe settings")
 
 
-def _generated_tokens(probes: dict[str, Any] | None) -> int | None:
+def _generated_tokens(probes: ProbeResult | None) -> int | None:
     if not probes:
         return None
-    return sum(int(level.get("total_output_tokens") or 0) for level in probes.get("levels", [])) or None
+    return sum(level.total_output_tokens or 0 for level in probes.levels) or None

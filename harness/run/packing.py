@@ -62,7 +62,7 @@ def expected_seconds(records: Iterable[CellRecord]) -> dict[str, float]:
 def slots_from_devices(devices: Iterable[Device]) -> list[Slot]:
     """GPU devices of the inventory (harness.host.devices) -> slots with their topology hints."""
     return [
-        Slot(d.index, getattr(d, "numa_node", None), getattr(d, "nvlink_island", None))
+        Slot(d.index, d.numa_node, d.nvlink_island)
         for d in devices
         if d.kind == "gpu"
     ]

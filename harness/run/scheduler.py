@@ -105,8 +105,7 @@ class Scheduler:
                 needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
                 jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices)),
                                 est_s=expected.get(cell.cell_id)))
-            slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, getattr(d, "numa_node", None),
-                                                              getattr(d, "nvlink_island", None))
+            slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island)
                      for d in used.values()]
             with lock_devices(device_lock_keys(used.values()), self.run_id):
                 # GPUs a foreign process holds right now are kept out of the packing while others

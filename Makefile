@@ -22,7 +22,7 @@ HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1
 MATRIX ?= matrix.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install chromium matrix nightly test report bench bench-parse bench-probe bench-plan clean-venv
+.PHONY: install chromium matrix nightly lint test test-fast report bench bench-parse bench-probe bench-plan clean-venv
 
 install: $(HARNESS_STAMP)
 
@@ -63,8 +63,18 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the report screenshot test will be skipped"; }
 
-test: install chromium
+# Lint and types first: CI runs `make test`, so it enforces them.
+lint: install
+	$(PY) -m ruff check harness tests
+	$(PY) -m ruff format --check harness tests
+	$(PY) -m mypy harness
+
+test: install chromium lint
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The tests that start no engine (and no Ray cluster, no browser): the inner loop.
+test-fast: install
+	$(PY) -m pytest -n 2 -q -m "not engine and not slow" $(PYTEST_ARGS)
 
 bench: bench-parse bench-probe bench-plan
 

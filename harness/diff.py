@@ -236,7 +236,7 @@ def compare_value(metric: Metric, cell_id: str, before: Any, after: Any, concurr
 def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
     changes = []
     if a["outcome"] != b["outcome"]:
-        kind = "improvement" if b["outcome"] == "ok" else "regression" if a["outcome"] == "ok" else "info"
+        kind: Kind = "improvement" if b["outcome"] == "ok" else "regression" if a["outcome"] == "ok" else "info"
         changes.append(Change(cell_id, kind, "status", a["outcome"], b["outcome"],
                               note=b["failure_class"] or b["skip_reason"] or ""))
     elif a["outcome"] == "failed" and a["failure_class"] != b["failure_class"]:

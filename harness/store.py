@@ -25,11 +25,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from harness.redact import Redactor, redact_obj
 from harness.schema import SCHEMA_VERSION, CellRecord, ManifestEntry, Outcome, RunManifest
+
+M = TypeVar("M", CellRecord, RunManifest)
 
 RECORD = "record.json"
 MANIFEST = "manifest.json"
@@ -123,7 +126,7 @@ def _check_version(path: Path, data: object) -> str | None:
     return None
 
 
-def _load(path: Path, model: type[CellRecord] | type[RunManifest]):
+def _load(path: Path, model: type[M]) -> tuple[M | None, Problem | None]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -144,7 +147,7 @@ def _load(path: Path, model: type[CellRecord] | type[RunManifest]):
 def read_record(path: Path) -> CellRecord:
     """One record; a newer schema or a damaged file raises ValueError naming the path and reason."""
     record, problem = _load(Path(path), CellRecord)
-    if problem:
+    if record is None:
         raise ValueError(str(problem))
     return record
 
@@ -224,8 +227,8 @@ def _read_one_run(root: Path, folder: Path, problems: list[Problem], published: 
         if path.parent.name in listed:
             continue
         record, problem = _load(path, CellRecord)
-        if problem:
-            problems.append(problem)
+        if record is None:
+            problems.append(problem)  # type: ignore[arg-type]  # _load gives one or the other
             continue
         run.cells.append(LoggedCell(record.cell_id, "ran", record, path, published=published))
     return run

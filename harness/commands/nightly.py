@@ -42,7 +42,8 @@ def pick_baseline(runs: list[Run], new: Run, wanted: str | None) -> Run | None:
     earlier = [r for r in runs if r.published and r.run_id < new.run_id and r.manifest and not r.interrupted]
     host = new.manifest.host.hostname if new.manifest else None
     same_host = [r for r in earlier if r.manifest and r.manifest.host.hostname == host]
-    return (same_host or earlier or [None])[-1]
+    candidates = same_host or earlier
+    return candidates[-1] if candidates else None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ def execute(args: argparse.Namespace) -> RunManifest:
         sys.stdout.write(record.model_dump_json() + "\n")
         sys.stdout.flush()
 
+    runner: ClusterRun | Scheduler
     if ray_address:
         ray = matrix.spec.ray
         runner = ClusterRun(matrix, host, options, address=ray_address, resource_prefix=ray.resource_prefix,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from harness.doctor.facts import CellState, Check, EngineState, GpuFacts, GpusFacts, HostFacts, HubFacts, ModelState
+from harness.doctor.facts import CellState, Check, Status, EngineState, GpuFacts, GpusFacts, HostFacts, HubFacts, ModelState
 
 GIB = 1024**3
 LOW_RAM_GIB = 2.0  # below this much available RAM even a tiny CPU-engine cell struggles
@@ -103,7 +103,7 @@ def _gpu_row(g: GpuFacts) -> Check:
 def _holder_rows(facts: GpusFacts) -> list[Check]:
     busy = [g for g in facts.gpus if not g.hygiene_ok]
     # The runner packs cells around busy GPUs: only a box with no clean GPU left is a failure.
-    status = "fail" if len(busy) == len(facts.gpus) else "warn"
+    status: Status = "fail" if len(busy) == len(facts.gpus) else "warn"
     rows = []
     for g in facts.gpus:
         if not g.holders and g.hygiene_ok:

@@ -53,9 +53,10 @@ class Nvml:
         """Initialise NVML; None when there is no driver, no library, or no pynvml."""
         if lib is None:
             try:
-                import pynvml as lib  # noqa: PLC0415 - optional at run time, absent on some hosts
+                import pynvml  # noqa: PLC0415 - optional at run time, absent on some hosts
             except ImportError:
                 return None
+            lib = pynvml
         try:
             lib.nvmlInit()
         except lib.NVMLError:
@@ -150,7 +151,9 @@ class Nvml:
             except self.lib.NVMLError:
                 # PCIe-only cards answer NotSupported for link 0; higher links InvalidArgument.
                 break
-            peers.append(_text(remote.busId))
+            bus = _text(remote.busId)
+            if bus is not None:
+                peers.append(bus)
         return peers
 
     def utilization_pct(self, index: int) -> float | None:
@@ -231,6 +234,7 @@ def cpu_info() -> dict[str, Any]:
                     break
     except OSError:
         pass  # not Linux: platform.processor() below
+    count: int | None
     try:
         count = len(os.sched_getaffinity(0))  # a cpuset-limited container sees fewer cores
     except AttributeError:

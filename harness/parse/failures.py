@@ -25,7 +25,7 @@ from harness.parse.lines import LogLine
 EVIDENCE_MAX = 600
 
 # Cheap gate: a line can only be a failure line if it holds one of these.
-_GATE = (
+_GATE: tuple[str, ...] = (
     "rror", "memory", "not supported", "imed out", "imeout", "gated", "divisible",
     "GPUs", "placement group", "chat template", "failed", "not found", "Not Found",
     "restricted", "valid model", "local folder", "died", "fatal", "Exception",
@@ -35,7 +35,7 @@ _GATE = (
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
 # DEBUG chat-template error, and errors an app logger re-logged at INFO.
-_INFO_GATE = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out",
+_INFO_GATE: tuple[str, ...] = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out",
               "blocks: 0")
 # A failed try that vLLM retries or works around (the Hub file list of a local path): not a cause.
 _NOT_FATAL = ("Error retrieving ",)

@@ -13,7 +13,7 @@ API for the runner: `plan_cell(cell, device_memory_gib, vllm_version=...)` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from harness.plan.devices import gpu_memory_gib, host_gpu_gib, lookup_gpu
 from harness.plan.engine_args import ArgError, EngineArgs, check_total_gib
@@ -30,7 +30,7 @@ __all__ = ["ArgError", "EngineArgs", "Plan", "ModelFacts", "autofit_args", "fact
 AUTOFIT_CLASSES = ("max_model_len_exceeds_kv", "kv_cache_insufficient")
 
 
-def _platform(cell: Cell) -> str:
+def _platform(cell: Cell) -> Literal["cpu", "cuda"]:
     return "cpu" if cell.gpu.strip().lower() == "cpu" else "cuda"
 
 
@@ -80,9 +80,10 @@ def autofit_args(cell: Cell, facts: EngineFacts, plan: Plan | dict | None) -> di
         return None
     if facts.estimated_max_model_len:
         return {"max_model_len": int(facts.estimated_max_model_len)}
-    measured = {"weights_gib": facts.weights_gib, "activation_peak_gib": facts.activation_peak_gib,
-                "non_torch_gib": facts.non_torch_gib, "cuda_graph_gib": facts.cuda_graph_gib}
-    if any(v is not None for v in measured.values()):
+    measured = {k: v for k, v in {"weights_gib": facts.weights_gib, "activation_peak_gib": facts.activation_peak_gib,
+                                  "non_torch_gib": facts.non_torch_gib, "cuda_graph_gib": facts.cuda_graph_gib}.items()
+                if v is not None}
+    if measured:
         replanned = plan_cell(cell, facts.total_gpu_memory_gib, vllm_version=facts.vllm_version, measured=measured)
         if replanned.fix:
             return dict(replanned.fix)

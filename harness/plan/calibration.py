@@ -111,7 +111,7 @@ class Constants:
 
 def constants_for(table: list[dict], *, family: str, vllm_version: str | None, platform: str = "cuda",
                   tp: int = 1, enforce_eager: bool = False) -> Constants:
-    match = {"family": family, "platform": platform, "tp": tp, "enforce_eager": enforce_eager}
+    match: dict[str, Any] = {"family": family, "platform": platform, "tp": tp, "enforce_eager": enforce_eager}
     values = dict(DEFAULTS)
     used: list[dict] = []
     hand = [r for r in table if not is_fitted(r) and _matches(r, **match)

@@ -118,7 +118,7 @@ def _quant(cfg: dict[str, Any]) -> Quant | None:
         return Quant(method, 8, block=tuple(block) if block else None,
                      ignored=tuple(q.get("ignored_layers") or q.get("modules_to_not_convert") or ()))
     if method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
-        return Quant(method, int(q.get("bits", q.get("w_bit", 4))),
+        return Quant(method, int(q.get("bits", q.get("w_bit", 4)) or 4),
                      q.get("group_size", q.get("q_group_size", 128)))
     if method == "mxfp4":
         return Quant(method, 4, 32, ignored=tuple(q.get("modules_to_not_convert") or ()))

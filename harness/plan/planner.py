@@ -201,7 +201,8 @@ def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_
 
 def _verdict(plan: Plan, ctx: _Context, ea: EngineArgs, layout, budget: Budget, search_fixes: bool) -> Plan:
     kv_b = budget.kv_bytes_min
-    cap = capacity(layout, kv_b, plan.max_model_len, batched_tokens=ea.batched_tokens,
+    max_len = plan.max_model_len or 0  # resolved from the config before a verdict
+    cap = capacity(layout, kv_b, max_len, batched_tokens=ea.batched_tokens,
                    vllm_version=ctx.vllm_version)
     plan.num_blocks, plan.kv_cache_tokens = cap.num_blocks, cap.tokens
     plan.max_concurrency = round(cap.max_concurrency, 4)
@@ -215,7 +216,7 @@ def _verdict(plan: Plan, ctx: _Context, ea: EngineArgs, layout, budget: Budget, 
         plan.fits, plan.failure_class = False, "kv_cache_insufficient"
         plan.reason = (f"no memory left for the KV cache ({_gib(kv_b):.2f} GiB after weights, "
                        f"activation and non-torch memory)")
-    elif not fits_one_request(layout, kv_b, plan.max_model_len, batched_tokens=ea.batched_tokens,
+    elif not fits_one_request(layout, kv_b, max_len, batched_tokens=ea.batched_tokens,
                               vllm_version=ctx.vllm_version):
         plan.fits, plan.failure_class = False, "max_model_len_exceeds_kv"
         plan.reason = (f"max_model_len {plan.max_model_len} needs more KV cache than the "
@@ -242,9 +243,10 @@ def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: 
 
     fixes: list[dict[str, Any]] = []
     if layout is not None and kv_b > 0:
-        longest = largest_max_model_len(layout, kv_b, plan.max_model_len, batched_tokens=ea.batched_tokens,
+        asked = plan.max_model_len or 0
+        longest = largest_max_model_len(layout, kv_b, asked, batched_tokens=ea.batched_tokens,
                                         vllm_version=ctx.vllm_version)
-        if longest >= min(MIN_USEFUL_LEN, plan.max_model_len):
+        if longest >= min(MIN_USEFUL_LEN, asked):
             fixes.append({"args": {"max_model_len": longest}})
     if ctx.platform == "cpu":
         space = ea.cpu_kv_space_gib or 0

@@ -239,7 +239,7 @@ def fit(samples: list[Sample], base: list[dict]) -> list[dict]:
                              "data": sorted({s.dataset for s, _ in members if s.dataset})})
     order = {spec: i for i, spec in enumerate(range_specs())}
     hand = [r for r in kept if not cal.is_fitted(r)]
-    fitted = sorted([r for r in kept if cal.is_fitted(r)] + rows, key=lambda r: order.get(r.get("vllm"), -1))
+    fitted = sorted([r for r in kept if cal.is_fitted(r)] + rows, key=lambda r: order.get(str(r.get("vllm")), -1))
     return hand + fitted
 
 

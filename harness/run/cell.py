@@ -77,6 +77,12 @@ class RecordSink(Protocol):
     def reused(self, cell_id: str, key: str, outcome: Outcome, path: Path) -> None: ...
 
 
+class Recorded(Protocol):
+    """The records a rerun may reuse, by key (a dict locally; on a Ray node, the driver's keys)."""
+
+    def get(self, key: str, default: None = None) -> tuple[Path, CellRecord] | None: ...
+
+
 class _Quiet:
     def phase(self, cell_id: str, phase: str) -> None:
         pass
@@ -117,8 +123,7 @@ class CellRunner:
         for proc in list(self._engines):
             proc.stop(grace=2.0)
 
-    def run(self, cell: Cell, devices: list[Device],
-                 recorded: dict[str, tuple[Path, CellRecord]]) -> CellRecord:
+    def run(self, cell: Cell, devices: list[Device], recorded: Recorded) -> CellRecord:
         view = self.view
         started, t0 = store.utcnow(), time.monotonic()
         engine = self.host.engines[cell.engine.name]

@@ -326,6 +326,7 @@ class ClusterRun:
                 self._show(ray.get(board.drain.remote()), attempts)
                 for ref in ready:
                     attempt = attempts.pop(pending.pop(ref))
+                    record: CellRecord | None
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:  # the runner itself raised on the node

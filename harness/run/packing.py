@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +84,8 @@ def choose_gpus(candidates: Sequence[Slot], n: int) -> tuple[int, ...] | None:
     return tuple(sorted(s.index for s in sorted(within, key=lambda s: s.index)[:n]))
 
 
-def _groups(slots: Iterable[Slot], key) -> dict:
-    out: dict = {}
+def _groups(slots: Iterable[Slot], key: Callable[[Slot], Hashable]) -> dict[Hashable, list[Slot]]:
+    out: dict[Hashable, list[Slot]] = {}
     for s in slots:
         out.setdefault(key(s), []).append(s)
     return out
@@ -167,7 +167,7 @@ def simulate(
     """Replay `next_assignments` over cells that take `durations[id]` seconds (default: their
     estimates), as the runner would; returns every placement. `busy_until`: GPUs another job
     holds at the start, and until when."""
-    actual = durations or {j.id: j.est_s for j in jobs}
+    actual = durations or {j.id: j.est_s or 0.0 for j in jobs}
     bad = unrunnable(jobs, slots)
     schedule = Schedule(unrunnable=[j.id for j in bad])
     pending = [j for j in jobs if j not in bad]
@@ -223,7 +223,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 

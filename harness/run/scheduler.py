@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +133,7 @@ class Scheduler:
 
     def _schedule(self, jobs: list[Job], slots: list[Slot], by_id: dict[str, Cell], used: dict[int, Device],
                   recorded: dict[str, tuple[Path, CellRecord]], emit) -> None:
-        pending, busy, running = list(jobs), set(), {}
+        pending, busy, running = list(jobs), set[int](), dict[Future[CellRecord], tuple[int, ...]]()
         with ThreadPoolExecutor(max_workers=max(1, len(slots)), thread_name_prefix="cell") as pool:
             try:
                 while pending or running:

@@ -1,7 +1,8 @@
 """Record factories for the report and diff tests.
 
-`seed002_records()` holds the numbers of seed 002 (six cells on one H100, 79.18 GiB), so a golden
-test can rebuild that seed's summary table. `cpu_records()` mimics the CPU matrix: tiny local
+`seed002_records()` holds the numbers of a published vLLM 0.11 memory table (six cells on one H100,
+79.18 GiB), so a golden
+test can rebuild that table. `cpu_records()` mimics the CPU matrix: tiny local
 models with probes, a wrong answer, an unsupported architecture, a gated model and a skip.
 `write_run()` stores records and a manifest the way the runner does.
 """
@@ -157,7 +158,7 @@ def _h100(model: str, source: str, config: str = "default", tp: int = 1, outcome
 
 
 def seed002_records() -> list[CellRecord]:
-    """Seed 002's six H100 cells, in the seed's order (the manifest order)."""
+    """The published table's six H100 cells, in its order (the manifest order)."""
     return [
         _h100("Deepseek-R1", "deepseek-ai/DeepSeek-R1", outcome="failed", quantization="fp8",
               failure_class="oom_weight_load",
@@ -210,7 +211,7 @@ SEED002_SUMMARY = """\
 | Llama-3.1-8B | SUCCESS | 14.99 | 4.76 | 0.13 | -0.45 | 51.38 | 1 | 16000 |
 | Qwen3-0.6B | SUCCESS | 1.12 | 5.56 | 0.13 | 0.10 | 64.45 | 1 | 16000 |
 """
-"""Seed 002's summary table, verbatim."""
+"""That table's summary, verbatim."""
 
 
 def _cpu(run_id: str, model: str, started_at: str, config: str = "default", outcome: str = "ok",
@@ -280,7 +281,7 @@ def write_run(results_dir: Path, records: list[CellRecord], not_on_host: tuple[s
 
 
 def populate(results_dir: Path) -> None:
-    """A results/ folder with the H100 seed run and two CPU runs (the second one slower)."""
+    """A results/ folder with the H100 run and two CPU runs (the second one slower)."""
     write_run(results_dir, seed002_records())
     write_run(results_dir, cpu_records(), not_on_host=("Qwen3-0.6B__H100__default__vllm",))
     write_run(results_dir, cpu_records(CPU_RUN_2, "2025-10-03T08:00:00+00:00", scale=0.8))

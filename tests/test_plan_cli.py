@@ -1,4 +1,4 @@
-"""`plan` verb: one model/config as JSON, flags of design.md "Plan", bad input exits 2."""
+"""`plan` verb: one model/config as JSON, flags of docs/plan.md, bad input exits 2."""
 
 from __future__ import annotations
 

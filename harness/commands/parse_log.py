@@ -12,7 +12,7 @@ from harness.schema import EngineFacts
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a vLLM engine log (any version, any prefix)")
-    parser.add_argument("--json", action="store_true", help="print the facts as JSON (design.md keys)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON (the keys of docs/parse-log.md)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`python -m harness plan`: predict memory fit without starting an engine.
 
 Two forms: one model/config (`--config CONFIG_JSON` or `--model SOURCE`, flags as in
-design.md "Plan"), or every cell of a matrix (`--matrix matrix.yaml`) as a table.
+docs/plan.md), or every cell of a matrix (`--matrix matrix.yaml`) as a table.
 """
 
 from __future__ import annotations

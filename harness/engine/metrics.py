@@ -4,7 +4,7 @@
 picks the vLLM gauges and counters the probes track (KV usage, preemptions, prefix cache,
 token and request counters, and the latency histograms whose sums and counts
 `latency_means()` turns into the server's own mean TTFT/TPOT/ITL/E2EL), accepting both the
-V1 names and their pre-0.12 aliases (see ../shared/vllm-logs.md §9.3);
+V1 names and their pre-0.12 aliases (vLLM renamed the cache-config gauges at 0.12);
 `cache_config_info()` returns the labels of `vllm:cache_config_info`. Pure functions, no I/O.
 """
 

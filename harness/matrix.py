@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import InputError
+from harness.probes.profiles import check_spec as check_probe_spec
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 
 DEFAULT_ENGINE_PYTHON = ".venv/bin/python"
@@ -45,7 +46,7 @@ class ConfigEntry(_Strict):
     env: dict[str, str | int | float | bool] = Field(default_factory=dict)
     autofit: bool = False
     skip_if_unfit: bool = True
-
+    probe: str | dict[str, Any] | None = None  # overrides the matrix's `probe:` for this config
 
 
 def _range_problem(key: str, value: Any) -> str | None:
@@ -152,6 +153,7 @@ def load_matrix(path: str | Path) -> Matrix:
     except ValidationError as exc:
         raise InputError(_explain(path, nodes, exc)) from None
     _check_unique(path, nodes, spec)
+    _check_probes(path, nodes, spec)
     for ci, cfg in enumerate(spec.configs):
         for key, value in cfg.args.items():
             problem = _range_problem(key, value)
@@ -175,7 +177,7 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
                     config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,
-                                          skip_if_unfit=cfg.skip_if_unfit)
+                                          skip_if_unfit=cfg.skip_if_unfit, probe=cfg.probe)
                     cell = Cell(model=model, gpu=gpu, config=config, engine=install)
                     if spec.include and not any(r.matches(cell) for r in spec.include):
                         continue
@@ -351,6 +353,16 @@ def _check_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
             _check_duplicate_keys(path, item)
+
+
+def _check_probes(path: Path, nodes: yaml.Node, spec: MatrixFile) -> None:
+    """Probe profiles (the matrix's and each config's) are checked before any engine starts."""
+    places = [(("probe",), spec.probe)]
+    places += [(("configs", i, "probe"), c.probe) for i, c in enumerate(spec.configs) if c.probe is not None]
+    for loc, value in places:
+        problem = check_probe_spec(value)
+        if problem:
+            raise InputError(f"{_where(path, nodes, loc, at_key=False)}: {_dotted(loc)}: {problem}")
 
 
 def _check_unique(path: Path, nodes: yaml.Node, spec: MatrixFile) -> None:

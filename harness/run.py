@@ -35,6 +35,7 @@ from harness.matrix import Matrix
 from harness.packing import Job, Slot, device_lock_keys, lock_devices, next_assignments, unrunnable
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
+from harness.probes import profiles
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import validate
@@ -395,7 +396,8 @@ class MatrixRun:
                                       reasoning="reasoning" in cell.model.tags,
                                       timeout=timeouts.request_s)
             timings.validation_s = rec.validation.seconds
-            profile = probe_profile(self.probe_spec, rec.metrics.kv_cache_max_concurrency if rec.metrics else None)
+            profile = probe_profile(self.probe_spec if cell.config.probe is None else cell.config.probe,
+                                    rec.metrics.kv_cache_max_concurrency if rec.metrics else None)
             if profile is not None and rec.validation.passed:
                 stage = "probes"
                 view.phase(cell.cell_id, "probing")
@@ -479,14 +481,11 @@ def _judge(rec: CellRecord) -> None:
 
 
 def probe_profile(spec: str | dict[str, Any] | None, max_concurrency: float | None) -> ProbeProfile | None:
-    """The matrix's `probe:` ("quick", "none", or a ProbeProfile mapping), capped by KV concurrency."""
-    if spec in (None, "none", "off"):
-        return None
-    if spec == "quick":
-        return ProbeProfile.quick(max_concurrency)
-    if isinstance(spec, dict):
-        return ProbeProfile.model_validate(spec).capped(max_concurrency)
-    raise InputError(f"probe: unknown profile {spec!r}; use quick, none or a mapping of probe settings")
+    """The matrix's `probe:` (see `harness.probes.profiles.resolve`), capped by KV concurrency."""
+    problem = profiles.check_spec(spec)  # the matrix was checked at load; a caller's spec may not be
+    if problem:
+        raise InputError(f"probe: {problem}")
+    return profiles.resolve(spec, max_concurrency)
 
 
 def _generated_tokens(probes: dict[str, Any] | None) -> int | None:

@@ -64,6 +64,7 @@ class EngineConfig(Record):
     autofit: bool = False  # retry once with the planner's / vLLM's fix when KV does not fit
     # A cell predicted not to fit is skipped (saves GPU minutes); false runs it to see the real failure.
     skip_if_unfit: bool = True
+    probe: str | dict[str, Any] | None = None  # this config's `probe:`; None: the matrix's
 
     @property
     def gpus_needed(self) -> int:

@@ -2,10 +2,10 @@
 
 One asyncio client (one aiohttp session, unlimited connector) streams completions or chat
 requests and timestamps every read with `time.perf_counter`. Definitions follow
-`vllm/benchmarks/serve.py` (see ../shared/vllm-logs.md §10): TTFT = first chunk carrying
-choices; ITL = every gap between such chunks, pooled; E2EL = time of the last such chunk;
-TPOT = (E2EL − TTFT)/(output tokens − 1); throughputs over the level's wall time; failed
-requests contribute no tokens.
+`vllm/benchmarks/serve.py`: TTFT = first chunk carrying choices; ITL = every gap between such
+chunks, pooled; E2EL = time of the last such chunk; TPOT = (E2EL − TTFT)/(output tokens − 1);
+throughputs over the level's wall time; failed requests contribute no tokens. A profile in
+mode "capacity" runs a `CapacitySearch` over these levels instead of a fixed list.
 
 Speed matters more than elegance here (a client that saturates first reports itself): per
 chunk the loop does a byte split and one compiled-regex search, and parses JSON only for

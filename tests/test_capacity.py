@@ -142,7 +142,7 @@ def test_the_search_ends_within_its_budget():
 def test_rate_search_finds_a_sustainable_rate_the_same_way():
     # Poisson arrivals: in flight ~ rate x E2EL, so TTFT rises with the rate; no exact answer,
     # but the strategy (doubling, bisection, a rate that held twice) is checkable.
-    profile = capacity_profile({"ttft_p99": 320}, search="rate", start_rate=2.0, requests=16,
+    profile = capacity_profile({"ttft_p99": 320}, search="rate", start_rate=8.0, requests=16,
                                rounds=2, rate_precision=0.25, budget_s=90)
     with StubProcess(StubConfig(ttft=0.1, ttft_step=0.04)) as url:
         res = search(url, profile)
@@ -150,11 +150,11 @@ def test_rate_search_finds_a_sustainable_rate_the_same_way():
     trace = cap["trace"]
     rates = [t["request_rate"] for t in trace]
     grow = [t for t in trace if t["phase"] == "grow"]
-    assert [t["request_rate"] for t in grow] == [2.0 * 2**i for i in range(len(grow))]
+    assert [t["request_rate"] for t in grow] == [8.0 * 2**i for i in range(len(grow))]
     assert all(t["passed"] for t in grow[:-1]) and not grow[-1]["passed"]
     assert cap["concurrency"] is None and cap["limited_by"] == "slo" and cap["confirmed"]
     rate = cap["request_rate"]
-    assert rate >= 2.0 and sum(t["passed"] for t in trace if t["request_rate"] == rate) >= 2
+    assert rate >= 8.0 and sum(t["passed"] for t in trace if t["request_rate"] == rate) >= 2
     assert trace[-1]["phase"] == "confirm" and trace[-1]["request_rate"] == rate
     bad = cap["failed_level"]["request_rate"]
     assert bad > rate and bad - rate <= 0.25 * rate

@@ -9,6 +9,7 @@ formula. The stub runs in its own process so its clock is not disturbed by the c
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from harness.errors import InputError
 from harness.matrix import load_matrix
-from harness.probes.capacity import CapacitySearch
+from harness.probes.capacity import CapacityResult, CapacitySearch
 from harness.probes.load import RequestResult, run_profile, summarize
 from harness.probes.profiles import CHAT_SLO, ProbeProfile, check_spec, resolve
 from harness.probes.stub import StubConfig, StubProcess
@@ -79,6 +80,8 @@ def test_search_finds_the_formula_capacity_in_the_fewest_levels(ttft, step, targ
     assert cap["goodput_rps"] == min(t["goodput_rps"] for t in at)
     assert cap["goodput_rps"] == pytest.approx(min(t["request_throughput"] for t in at))
     assert res["stop_reason"] == cap["stop_reason"]
+    # What a record stores reads back as the typed result (through JSON, as from record.json).
+    assert CapacityResult.model_validate(json.loads(json.dumps(cap))).concurrency == capacity
 
 
 def test_capacity_one():

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import InputError
+from harness.probes.profiles import check_spec as check_probe_spec
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -46,7 +47,7 @@ class ConfigEntry(_Strict):
     env: dict[str, str | int | float | bool] = Field(default_factory=dict)
     autofit: bool = False
     skip_if_unfit: bool = True
-
+    probe: str | dict[str, Any] | None = None  # overrides the matrix's `probe:` for this config
 
 
 def _range_problem(key: str, value: Any) -> str | None:
@@ -154,6 +155,7 @@ def load_matrix(path: str | Path) -> Matrix:
     except ValidationError as exc:
         raise_all(path, problems + list(dict.fromkeys(_explain(path, nodes, err) for err in exc.errors())))
     problems += _duplicate_names(path, nodes, spec)
+    problems += _probe_problems(path, nodes, spec)
     for ci, cfg in enumerate(spec.configs):
         for key, value in cfg.args.items():
             problem = _range_problem(key, value)
@@ -178,7 +180,7 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
                     config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,
-                                          skip_if_unfit=cfg.skip_if_unfit)
+                                          skip_if_unfit=cfg.skip_if_unfit, probe=cfg.probe)
                     cell = Cell(model=model, gpu=gpu, config=config, engine=install)
                     if spec.include and not any(r.matches(cell) for r in spec.include):
                         continue
@@ -366,6 +368,14 @@ def _duplicate_keys(path: Path, node: yaml.Node | None) -> list[str]:
         for item in node.value:
             problems += _duplicate_keys(path, item)
     return problems
+
+
+def _probe_problems(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]:
+    """Probe profiles (the matrix's and each config's) are checked before any engine starts."""
+    places = [(("probe",), spec.probe)]
+    places += [(("configs", i, "probe"), c.probe) for i, c in enumerate(spec.configs) if c.probe is not None]
+    return [f"{_where(path, nodes, loc, at_key=False)}: {_dotted(loc)}: {problem}"
+            for loc, value in places if (problem := check_probe_spec(value))]
 
 
 def _duplicate_names(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]:

@@ -69,6 +69,7 @@ class EngineConfig(Record):
     autofit: bool = False  # retry once with the planner's / vLLM's fix when KV does not fit
     # A cell predicted not to fit is skipped (saves GPU minutes); false runs it to see the real failure.
     skip_if_unfit: bool = True
+    probe: str | dict[str, Any] | None = None  # this config's `probe:`; None: the matrix's
 
     @property
     def gpus_needed(self) -> int:
@@ -293,6 +294,9 @@ class ProbeResult(Record):
     warmup: dict[str, Any] | None = None
     stop_reason: str | None = None
     duration_s: float | None = None
+    # a capacity search's answer (harness.probes.capacity.CapacityResult: concurrency or rate,
+    # goodput, output tok/s, tok/s per user, the objectives and every measured level)
+    capacity: dict[str, Any] | None = None
 
 
 class TelemetrySummary(Record):

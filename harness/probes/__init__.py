@@ -1,8 +1,9 @@
 """Latency/throughput probes against OpenAI-compatible servers (`vllm bench serve` metrics).
 
-`run_profile` / `arun_profile` run a `ProbeProfile` and return the design's probe JSON;
-`measure_client_ceiling` calibrates this client against the zero-delay stub. Names resolve
-lazily so `python -m harness.probes.stub` does not import the stub module twice.
+`run_profile` / `arun_profile` run a `ProbeProfile` (a ladder, a rate list, or a capacity
+search at service-level objectives, `harness.probes.capacity`) and return the probe JSON of
+docs/probe.md; `measure_client_ceiling` calibrates this client against the zero-delay stub.
+Names resolve lazily so `python -m harness.probes.stub` does not import the stub module twice.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 One asyncio client (one aiohttp session, unlimited connector) streams completions or chat
 requests and timestamps every read with `time.perf_counter`. Definitions follow
-`vllm/benchmarks/serve.py` (see ../shared/vllm-logs.md §10): TTFT = first chunk carrying
-choices; ITL = every gap between such chunks, pooled; E2EL = time of the last such chunk;
-TPOT = (E2EL − TTFT)/(output tokens − 1); throughputs over the level's wall time; failed
-requests contribute no tokens.
+`vllm/benchmarks/serve.py`: TTFT = first chunk carrying choices; ITL = every gap between such
+chunks, pooled; E2EL = time of the last such chunk; TPOT = (E2EL − TTFT)/(output tokens − 1);
+throughputs over the level's wall time; failed requests contribute no tokens. A profile in
+mode "capacity" runs a `CapacitySearch` over these levels instead of a fixed list.
 
 Speed matters more than elegance here (a client that saturates first reports itself): per
 chunk the loop does a byte split and one compiled-regex search, and parses JSON only for
@@ -26,6 +26,8 @@ import random
 import re
 import statistics
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ import aiohttp
 
 from harness import __version__
 from harness.engine import metrics as vllm_metrics
+from harness.probes.capacity import CapacitySearch
 from harness.probes.profiles import ProbeProfile
 from harness.probes.prompts import PromptFactory
 from harness.probes.stub import StubProcess
@@ -187,15 +190,16 @@ def _percentile(sorted_xs: list[float], q: float) -> float:
 
 
 def stats_ms(xs: list[float]) -> dict[str, float | None]:
-    """mean/median/std/p90/p99 in ms of values in seconds; None for an empty list."""
+    """mean/median/std/p90/p95/p99 in ms of values in seconds; None for an empty list."""
     if not xs:
-        return {"mean": None, "median": None, "std": None, "p90": None, "p99": None}
+        return {"mean": None, "median": None, "std": None, "p90": None, "p95": None, "p99": None}
     s = sorted(xs)
     return {
         "mean": statistics.fmean(s) * 1000,
         "median": statistics.median(s) * 1000,
         "std": statistics.pstdev(s) * 1000,
         "p90": _percentile(s, 90) * 1000,
+        "p95": _percentile(s, 95) * 1000,
         "p99": _percentile(s, 99) * 1000,
     }
 
@@ -375,6 +379,34 @@ def _normalise_base(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
+def server_problem(base_url: str, model: str, api_key: str | None,
+                   timeout: float = 10.0) -> str | None:
+    """Why a server cannot be probed (no answer, an HTTP error, not an OpenAI model list,
+    the model not served), in one line; None when `/v1/models` lists the model."""
+    url = _normalise_base(base_url) + "/v1/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=timeout) as resp:
+            body = resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        hint = " (check --api-key)" if exc.code in (401, 403) else ""
+        return f"GET {url} answered HTTP {exc.code}{hint}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"cannot reach {url}: {getattr(exc, 'reason', None) or exc}"
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return f"GET {url} did not answer JSON (is this an OpenAI-compatible server?)"
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return f"GET {url} did not answer an OpenAI model list"
+    served = [str(m.get("id")) for m in entries if isinstance(m, dict)]
+    if model not in served:
+        return f"the server does not serve model {model!r} (it serves: {', '.join(served) or 'none'})"
+    return None
+
+
 def build_workload(base_url: str, model: str, api_key: str | None, profile: ProbeProfile,
                    prompts: PromptFactory, n: int, seed: int, timeout: float) -> Workload:
     chat = profile.endpoint == "chat"
@@ -463,6 +495,7 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
     levels: list[dict[str, Any]] = []
     stop_reason = "completed"
     warmup: dict[str, Any] | None = None
+    capacity: dict[str, Any] | None = None  # mode "capacity": CapacityResult
     async with new_session() as session:
         if profile.warmup_requests:
             wl = build_workload(base_url, model, api_key, profile, prompts,
@@ -472,7 +505,18 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
             if all(not r.ok for r in res):
                 stop_reason = f"warmup_failed: {res[0].error}"
         # A server that failed every warm-up request would only time out level by level.
-        to_run = [] if stop_reason.startswith("warmup") else profile.levels()
+        warm = not stop_reason.startswith("warmup")
+        if profile.mode == "capacity" and warm:
+            async def level_runner(lp: ProbeProfile, level: float, index: int) -> dict[str, Any]:
+                result = await run_level(session, base_url, model, api_key, lp, prompts, level,
+                                         index, request_timeout)
+                _flag_client_bound(result, client_ceiling)
+                return result
+
+            search = CapacitySearch(profile, level_runner, started)
+            capacity = (await search.run()).model_dump()
+            levels, stop_reason = search.levels, capacity["stop_reason"]
+        to_run = profile.levels() if warm and profile.mode != "capacity" else []
         for index, level in enumerate(to_run):
             result = await run_level(session, base_url, model, api_key, profile, prompts,
                                      level, index, request_timeout)
@@ -488,7 +532,7 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
                                    f" tok/s at concurrency {level} is under "
                                    f"{1 + profile.min_throughput_gain:.2f}x the previous level's")
                     break
-    return {
+    out = {
         "levels": levels,
         "client": {
             "harness_version": __version__,
@@ -507,6 +551,9 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
         "stop_reason": stop_reason,
         "duration_s": time.perf_counter() - started,
     }
+    if profile.mode == "capacity":
+        out["capacity"] = capacity
+    return out
 
 
 def _run(coro):

@@ -3,9 +3,12 @@
 It answers `/v1/completions` and `/v1/chat/completions` with `max_tokens` (or
 `max_completion_tokens`) content chunks, the first after `ttft` seconds and the rest `itl`
 apart on an absolute schedule (no drift), plus `/v1/models`, `/health` and a `/metrics` page
-with vLLM-style counters. Faults for tests: usage in its own chunk, inside the last content
-chunk, or absent; non-streaming JSON answers; an error event after N chunks; a connection
-cut after N chunks; a server that goes silent; an HTTP error status.
+with vLLM-style counters. With `ttft_step` the first chunk comes `ttft_step` later for every
+request already in flight when a request arrives: a server of known capacity at a TTFT
+objective (closed loop at concurrency c: TTFT = ttft + ttft_step x (c - 1)). Faults for
+tests: usage in its own chunk, inside the last content chunk, or absent; non-streaming JSON
+answers; an error event after N chunks; a connection cut after N chunks; a server that goes
+silent; an HTTP error status on every path.
 
 Raw asyncio streams and pre-built byte strings keep its per-chunk cost low: with zero delays
 it is the "infinitely fast server" the client ceiling is measured against
@@ -31,13 +34,14 @@ UsageMode = Literal["final", "in_last_chunk", "none"]
 @dataclass
 class StubConfig:
     ttft: float = 0.0  # seconds from request to first content chunk
+    ttft_step: float = 0.0  # extra TTFT per other request in flight when this one arrives
     itl: float = 0.0  # seconds between content chunks
     usage: UsageMode = "final"
     stream: bool = True  # False: always answer with one JSON body, like a non-streaming server
     error_after: int | None = None  # send an SSE error event after this many chunks
     cut_after: int | None = None  # close the connection after this many chunks
     hang: bool = False  # read the request, then never answer
-    status: int = 200  # a non-200 answers with an error body
+    status: int = 200  # a non-200 answers every path with an error body
     prompt_tokens: int | None = None  # reported prompt_tokens; default: whitespace words
     token_text: str = " tok"
 
@@ -152,6 +156,11 @@ class StubServer:
     async def _route(self, method: str, path: str, body: bytes,
                      writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False closes the connection."""
+        if self.config.status != 200 and not self.config.hang:
+            self._respond(writer, self.config.status,
+                          b'{"error":{"message":"stub error","code":%d}}' % self.config.status)
+            await writer.drain()
+            return True
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
             self.requests += 1
             self._in_flight += 1
@@ -185,13 +194,10 @@ class StubServer:
     async def _generate(self, path: str, req: dict, writer: asyncio.StreamWriter) -> bool:
         cfg = self.config
         start = time.perf_counter()
+        # Counted at arrival; _route has already counted this request itself.
+        ttft = cfg.ttft + cfg.ttft_step * (self._in_flight - 1)
         if cfg.hang:
             await asyncio.sleep(3600)
-        if cfg.status != 200:
-            self._respond(writer, cfg.status,
-                          b'{"error":{"message":"stub error","code":%d}}' % cfg.status)
-            await writer.drain()
-            return True
         chat = path.endswith("chat/completions")
         n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
         model = str(req.get("model", "stub"))
@@ -200,7 +206,7 @@ class StubServer:
         p_tok = cfg.prompt_tokens if cfg.prompt_tokens is not None else len(str(prompt).split())
         usage = {"prompt_tokens": p_tok, "completion_tokens": n, "total_tokens": p_tok + n}
         if not cfg.stream or not req.get("stream"):
-            await self._sleep_until(start + cfg.ttft + cfg.itl * max(0, n - 1))
+            await self._sleep_until(start + ttft + cfg.itl * max(0, n - 1))
             text = cfg.token_text * n
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": "length"} if chat else
@@ -233,7 +239,7 @@ class StubServer:
                 writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
                 await writer.drain()
                 return True
-            await self._sleep_until(start + cfg.ttft + cfg.itl * i)
+            await self._sleep_until(start + ttft + cfg.itl * i)
             if i == n - 1 and cfg.usage == "in_last_chunk":
                 writer.write(_chunk(head + piece.replace(b'"finish_reason":null',
                                                          b'"finish_reason":"length"')
@@ -241,7 +247,7 @@ class StubServer:
             else:
                 writer.write(content)
             # With zero delays, skipping drain lets chunks coalesce like a fast real server.
-            if cfg.itl or cfg.ttft:
+            if cfg.itl or ttft:
                 await writer.drain()
         if cfg.usage == "final":
             writer.write(_chunk(head + b'],"usage":%s}\n\n' % usage_json))
@@ -267,7 +273,8 @@ class StubProcess:
     def __enter__(self) -> str:
         cfg = self.config
         cmd = [sys.executable, "-m", "harness.probes.stub", "--ttft", str(cfg.ttft),
-               "--itl", str(cfg.itl), "--usage", cfg.usage]
+               "--ttft-step", str(cfg.ttft_step), "--itl", str(cfg.itl), "--usage", cfg.usage,
+               "--status", str(cfg.status)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self._proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -287,10 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--ttft", type=float, default=0.0)
+    p.add_argument("--ttft-step", type=float, default=0.0)
     p.add_argument("--itl", type=float, default=0.0)
+    p.add_argument("--status", type=int, default=200)
     p.add_argument("--usage", choices=["final", "in_last_chunk", "none"], default="final")
     args = p.parse_args(argv)
-    server = StubServer(StubConfig(ttft=args.ttft, itl=args.itl, usage=args.usage), args.port)
+    config = StubConfig(ttft=args.ttft, ttft_step=args.ttft_step, itl=args.itl,
+                        usage=args.usage, status=args.status)
+    server = StubServer(config, args.port)
 
     async def serve() -> None:
         await server.start()

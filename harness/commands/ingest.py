@@ -97,20 +97,28 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{folder}: not a folder (give a folder of engine logs)")
     if args.tp is not None and args.tp < 1:
         raise InputError(f"--tp {args.tp}: the tensor-parallel size is at least 1")
+    ingest_folder(folder, args.results, {"gpu": args.gpu, "model": args.model, "tp": args.tp})
+    return 0
+
+
+def ingest_folder(folder: Path, results: Path, given: dict[str, Any], run_id: str | None = None,
+                  origin: str | None = None) -> str:
+    """Every engine log under `folder` -> one run of records under `results`; returns its id.
+    `given`: the command line's gpu, model and tp (a sidecar wins over them, the log over both);
+    `origin`: what the manifest names as the logs' place (default: the folder)."""
     logs = find_logs(folder)
     if not logs:
         raise InputError(f"{folder}: no log files ({', '.join(LOG_SUFFIXES)}) in it")
     redactor = Redactor(env=os.environ)
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     started = utcnow()
     listing = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size}" for p in logs)
-    log = RunWriter(args.results, RunManifest(
-        run_id=run_id, matrix_path=f"{INGESTED}:{folder}",
+    log = RunWriter(results, RunManifest(
+        run_id=run_id, matrix_path=f"{INGESTED}:{origin or folder}",
         matrix_sha256=hashlib.sha256(listing.encode()).hexdigest(),
         started_at=started, host=_placeholder_host(),
     ))
     hosts: list[HostFingerprint] = []
-    given = {"gpu": args.gpu, "model": args.model, "tp": args.tp}
     for path in logs:
         record = ingest_one(path, folder, run_id, started, redactor, {**given, **sidecar(path)})
         if record is None:
@@ -123,8 +131,8 @@ def main(args: argparse.Namespace) -> int:
     if len(hosts) == 1:
         log.manifest.host = hosts[0]
     log.finish()
-    print(f"{len(hosts)} records in {args.results / run_id}")
-    return 0
+    print(f"{len(hosts)} records in {results / run_id}")
+    return run_id
 
 
 def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor,

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+from matplotlib.patches import Patch  # noqa: E402
 
 # Okabe-Ito: distinguishable with colour-vision deficiencies, on white
 COLORS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
@@ -54,8 +55,9 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
     """Stacked bars, one per cell (per GPU when TP > 1), against the device's total memory and
     the share `--gpu-memory-utilization` grants; failed cells are hatched and labelled with
     their class; each segment of 1 GiB or more carries its value."""
-    rows = [r for r in rows if any(isinstance(r.get(k), (int, float)) for k, _ in MEMORY_PARTS)]
-    if not rows:
+    rows = [r for r in rows if r.get("outcome") in ("failed", "inconclusive")
+            or any(isinstance(r.get(k), (int, float)) for k, _ in MEMORY_PARTS)]
+    if not any(isinstance(r.get(k), (int, float)) for r in rows for k, _ in MEMORY_PARTS):
         return None
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(9, 2.2 + 0.5 * len(rows)), layout="constrained")
@@ -64,23 +66,24 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
         y = list(range(len(rows)))
         failed = [r.get("outcome") != "ok" for r in rows]
         left = [0.0] * len(rows)
+        totals = sorted({float(r["device_memory_gib"]) for r in rows if isinstance(r.get("device_memory_gib"), (int, float))})
+        scale = max([*totals, *(sum(_num(r.get(k)) for k, _ in MEMORY_PARTS) for r in rows)])
         for (key, name), color in zip(MEMORY_PARTS, COLORS):
             widths = [_num(r.get(key)) for r in rows]
-            bars = ax.barh(y, widths, left=left, color=color, label=name, height=0.6, edgecolor="white", linewidth=0.5)
+            bars = ax.barh(y, widths, left=left, color=color, height=0.6, edgecolor="white", linewidth=0.5)
             for bar, width, bad in zip(bars, widths, failed):
                 if bad:
                     bar.set_hatch("///")
-                if width >= 1.0:
+                if width >= 0.04 * scale:  # narrower segments would not hold their label
                     ax.text(bar.get_x() + width / 2, bar.get_y() + bar.get_height() / 2, f"{width:.2f}",
                             ha="center", va="center", fontsize=8, color="white" if color != COLORS[6] else "black")
             left = [a + b for a, b in zip(left, widths)]
-        top = max(left)
         for i, (total, bad) in enumerate(zip(left, failed)):
-            note = f"{total:.2f} GiB"
+            note = f"{total:.2f} GiB" if total else "no memory figures"
             if bad:
                 note += f"  ✗ {rows[i].get('failure_class') or rows[i].get('outcome')}"
-            ax.text(total + top * 0.01, i, note, va="center", fontsize=8, color="#b00000" if bad else "#333333")
-        totals = sorted({float(r["device_memory_gib"]) for r in rows if isinstance(r.get("device_memory_gib"), (int, float))})
+            # right of every bar and line, so no label crosses the total or the budget line
+            ax.text(scale * 1.02, i, note, va="center", fontsize=8, color="#b00000" if bad else "#333333")
         for total in totals:
             ax.axvline(total, color="#333333", linestyle="--", linewidth=1.2, label=f"Device total {total:.2f} GiB")
         budgets = sorted({float(r["gpu_memory_utilization"]) * float(r["device_memory_gib"]) for r in rows
@@ -89,12 +92,15 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
         for budget in budgets:
             ax.axvline(budget, color="#CC0000", linestyle=":", linewidth=1.5,
                        label=f"Utilization budget {budget:.2f} GiB")
-        ax.set_xlim(0, max([top, *totals]) * 1.25)
+        ax.set_xlim(0, scale * 1.45)
         ax.set_yticks(y, [("✗ " if bad else "") + label for label, bad in zip(labels, failed)])
         ax.invert_yaxis()  # first cell on top, as in the table
         ax.set_xlabel("Memory per GPU (GiB); hatched: the cell failed")
         ax.set_title(title)
-        fig.legend(loc="outside lower center", ncol=3, frameon=False)
+        # legend patches of their own: a hatched (failed) first bar must not stand for its part
+        parts = [Patch(facecolor=color, label=name) for (_, name), color in zip(MEMORY_PARTS, COLORS)]
+        fig.legend(handles=parts + ax.get_legend_handles_labels()[0], loc="outside lower center", ncol=3,
+                   frameon=False)
         return _save(fig, path)
 
 

@@ -366,7 +366,9 @@ class Renderer:
                 "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "inconclusive", "not_on_host")},
                 "page": f"runs/{run.run_id}.md", "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
             })
+        ingested = [r for r in self.results.runs if r.manifest and r.manifest.matrix_path.startswith("ingested:")]
         return self._write(self.reports_dir / "README.md", "index.md.j2", runs=runs, devices=devices,
+                           ingested=len(ingested),
                            problems=self.results.problems,
                            exports=[rel(p, self.reports_dir) for p in exports],
                            versions=sorted({v for d in devices for v in d["versions"]}))

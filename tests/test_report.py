@@ -60,6 +60,7 @@ def pages(tree: Path) -> list[Path]:
 
 
 def run_page(tree: Path, run_id: str) -> str:
+    """`tree` is a folder holding reports/ (the module's tree or a test's tmp_path)."""
     return (tree / "reports" / "runs" / f"{run_id}.md").read_text()
 
 
@@ -214,6 +215,22 @@ def test_run_page_sections(tree):
     assert "`--kv-cache-memory-bytes 53414341735` (49.75 GiB)" in gpu
     assert "[Engine log](../../results/" in gpu
     assert "| Validation (s) |" not in gpu  # no record of that run states it
+
+
+def test_cpu_run_page_starts_with_the_cells_that_ran(tmp_path):
+    """96 cells for GPUs this host lacks are one line per device, after the 4 that ran."""
+    records = rd.cpu_records()[:4]
+    absent = tuple(f"m{i}__{gpu}__default__vllm" for gpu in ("H100", "A100") for i in range(48))
+    rd.write_run(tmp_path / "results", records, not_on_host=absent)
+    render_reports(tmp_path / "results", tmp_path / "reports")
+    text = run_page(tmp_path, rd.CPU_RUN)
+    first = tables(text)[0]
+    assert [r[0] for r in first[1:]] == ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-bert"]
+    assert text.index("| **tiny-llama** |") < text.index("## Not run on this host")
+    section = text.split("## Not run on this host", 1)[1].split("## Detailed results")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("- ")]
+    assert lines == ["- **H100**: 48 cells — no H100 on this host", "- **A100**: 48 cells — no H100 on this host"]
+    assert text.count("<a id=") == 4  # a section per cell with a record only
 
 
 def test_single_chunk_latency_is_not_a_measurement(tmp_path):

@@ -26,7 +26,7 @@ import pandas as pd
 from harness import store
 from harness.report import insights, plots, sections, tables
 from harness.report.aggregate import Results, Run, RunCell, capacity_trace, is_missing, level_value, probe_levels
-from harness.report.tables import MISSING, Column
+from harness.report.tables import MISSING
 from harness.schema import FAILURE_CLASSES, slug
 
 TEMPLATES = Path(__file__).parent / "templates"

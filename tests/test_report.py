@@ -233,6 +233,19 @@ def test_cpu_run_page_starts_with_the_cells_that_ran(tmp_path):
     assert text.count("<a id=") == 4  # a section per cell with a record only
 
 
+def test_a_gated_model_is_a_failure_with_its_note(tmp_path):
+    """The only failure is gated_or_auth: the page must not claim every cell worked."""
+    records = [r for r in rd.cpu_records() if r.cell.model.name in ("tiny-llama", "Llama-3.2-1B")]
+    rd.write_run(tmp_path / "results", records)
+    render_reports(tmp_path / "results", tmp_path / "reports")
+    cpu = (tmp_path / "reports" / "devices" / "cpu.md").read_text()
+    assert "None: every attempted cell" not in cpu and "No cell on this device failed" not in cpu
+    why = cpu.split("## Why cells failed", 1)[1]
+    assert "`gated_or_auth`" in why and "GatedRepoError: 401 Client Error" in why
+    insights = (tmp_path / "reports" / "insights.md").read_text()
+    assert "Llama-3.2-1B" not in insights.split("## Tensor parallelism needed", 1)[1].split("##")[0]
+
+
 def test_single_chunk_latency_is_not_a_measurement(tmp_path):
     record = rd.cpu_records()[0]
     for level in record.probes["levels"]:

@@ -65,6 +65,7 @@ MEMORY_COLUMNS = [
     Column("vLLM", lambda r: cell(r["engine_version"]) or MISSING),
     Column("TP/PP", lambda r: f"{r['tp']}/{r['pp']}"),
     Column("max_model_len (tokens)", _num("max_model_len", tokens), right=True),
+    Column("Checkpoint (GiB)", _num("checkpoint_gib", gib), right=True),
     Column("GPU util", _num("gpu_memory_utilization", _pct), right=True),
     Column("Status", lambda r: r["status_link"]),
     Column("Load (s)", _num("load_s", seconds), right=True),
@@ -84,8 +85,8 @@ MEMORY_COLUMNS = [
 
 MEMORY_NOTES = (
     "Memory figures are per GPU, as vLLM logs them (GiB = 2³⁰ bytes); negative CUDA graph or KV cache values are "
-    "printed as vLLM logged them. Load is vLLM's \"Model loading took\", init its \"init engine\" time, "
-    "spawn → ready the harness's own clock. Max concurrency is how many requests of max_model_len tokens the "
+    "printed as vLLM logged them. Checkpoint is the model's size on disk. Load is vLLM's \"Model loading took\", "
+    "init its \"init engine\" time, spawn → ready the harness's own clock. Max concurrency is how many requests of max_model_len tokens the "
     "KV cache holds. The KV cache flags replace `--gpu-memory-utilization` with the KV size vLLM measured for the "
     "requested share; the full-memory figure is vLLM's second suggestion (all free memory), derived from the same "
     "log line to within its 0.01 GiB rounding. — where the log or the run did not give the figure."

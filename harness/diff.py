@@ -81,7 +81,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("itl_p99_ms", "ms", False, 0.10, 2.0, True, True, _level("itl_ms", "p99")),
     Metric("e2el_median_ms", "ms", False, 0.05, 5.0, True, True, _level("e2el_ms")),
     # users served within the SLO (a capacity search): measured under load, so judged by history
-    Metric("capacity", "users", True, 0.10, 1.0, True, False, _row("capacity")),
+    Metric("capacity", "users", True, 0.10, 1.0, True, False, _row("capacity_users")),
 )
 # A noisy metric with too little history is shown (as info) only beyond this relative move.
 UNJUDGED_SHOWN_BEYOND = 0.25

@@ -39,8 +39,9 @@ FailureClass = Literal[
 FAILURE_CLASSES: tuple[str, ...] = FailureClass.__args__  # type: ignore[attr-defined]
 
 # ok: engine ready and validation passed; failed: see failure_class; skipped: not attempted
-# (predicted not to fit, model missing offline, GPU busy) with `skip_reason`.
-Outcome = Literal["ok", "failed", "skipped"]
+# (predicted not to fit, model missing offline, GPU busy) with `skip_reason`; inconclusive: an
+# ingested log that shows neither a ready engine nor a failure (never counted as a failure).
+Outcome = Literal["ok", "failed", "skipped", "inconclusive"]
 
 
 class Record(BaseModel):
@@ -380,6 +381,7 @@ class CellRecord(Record):
     engine_log: str | None = None  # path relative to the record's folder
     autofit_of: str | None = None  # cell id of the failed attempt this retry fixes
     command: list[str] = Field(default_factory=list)  # engine command line, secrets redacted
+    log_source: str | None = None  # ingested: where the log came from (a URL the sidecar names)
 
 
 class ManifestEntry(Record):

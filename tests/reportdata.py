@@ -90,7 +90,7 @@ def probes(scale: float = 1.0, concurrencies: tuple[int, ...] = (1, 4, 16)) -> d
             "output_throughput": 64 * c * 1000 / (ttft + 63 * itl),
             "total_token_throughput": 192 * c * 1000 / (ttft + 63 * itl),
         })
-    return {"levels": levels, "client": {"input_tokens": 128, "output_tokens": 64}}
+    return {"levels": levels, "profile": {"input_tokens": 128, "output_tokens": 64, "requests": 4}}
 
 
 def make_record(

@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "plan": {"schema", "errors", "host", "cache"},
     "probes": {"schema", "errors", "engine"},
     "run": {"schema", "errors", "store", "matrix", "engine", "host", "parse", "plan", "probes", "redact"},
-    "report": {"schema", "errors", "store"},
+    "ingest": {"schema", "errors", "parse", "redact", "store"},
+    "report": {"schema", "errors", "store", "ingest"},  # ingest: only the public-log example builder
     "diff": {"schema", "report"},
     "doctor": {"schema", "errors", "cache", "engine", "host", "matrix", "plan", "redact", "run"},
     "tinymodels": {"schema", "engine", "probes"},

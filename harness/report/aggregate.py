@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.schema import CellRecord, RunManifest
+from harness.schema import CellRecord, ProbeResult, RunManifest
 from harness.store import Problem, read_runs
 
 GIB = 1024**3
@@ -101,17 +101,81 @@ def probe_levels(record: CellRecord) -> list[dict[str, Any]]:
     return sorted(levels, key=lambda lv: lv.get("concurrency") or 0)
 
 
+def workload(probes: ProbeResult | None) -> str | None:
+    """The probe's workload in words: prompt and output tokens, requests per level, concurrency."""
+    if not probes:
+        return None
+    profile = probes.profile or probes.client or {}
+    levels = [lv.model_dump() for lv in probes.levels]
+    parts = []
+    if profile.get("input_tokens") and profile.get("output_tokens"):
+        parts.append(f"{profile['input_tokens']:,} prompt + {profile['output_tokens']:,} output tokens")
+    requests = profile.get("requests") or max((lv.get("requests") or 0 for lv in levels), default=0)
+    if requests:
+        parts.append(f"≥{requests:,} requests per level" if profile.get("requests") else f"≤{requests:,} requests per level")
+    conc = sorted({lv["concurrency"] for lv in levels if isinstance(lv.get("concurrency"), int)})
+    if conc:
+        parts.append("concurrency " + (f"{conc[0]}" if len(conc) == 1 else ", ".join(map(str, conc))))
+    return "; ".join(parts) or None
+
+
 def _probe_summary(record: CellRecord) -> dict[str, Any]:
     levels = probe_levels(record)
     best = max(levels, key=lambda lv: lv.get("output_throughput") or 0.0, default=None)
     first = levels[0] if levels else None  # lowest concurrency: the latency a lone user sees
+    capacity = (record.probes.capacity if record.probes else None) or {}
     return {
+        "workload": workload(record.probes),
         "best_output_tok_s": level_value(best, "output_throughput") if best else None,
         "best_output_concurrency": best.get("concurrency") if best else None,
         "ttft_ms": level_value(first, "ttft_ms") if first else None,
+        "tpot_ms": level_value(first, "tpot_ms") if first else None,
         "itl_ms": level_value(first, "itl_ms") if first else None,
+        "e2el_ms": level_value(first, "e2el_ms") if first else None,
+        # one chunk per answer: no gap between tokens to time, so TPOT/ITL are not measurements
+        "single_chunk": bool(first) and _single_chunk(first),
         "latency_concurrency": first.get("concurrency") if first else None,
+        "capacity_users": capacity.get("concurrency"),
+        "capacity_slo": slo_text(capacity.get("slo")),
+        "capacity_limited_by": capacity.get("limited_by"),
+        "capacity_output_tok_s": capacity.get("output_throughput"),
+        "capacity_tok_s_per_user": capacity.get("tokens_per_s_per_user"),
+        "capacity_goodput_rps": capacity.get("goodput_rps"),
     }
+
+
+def capacity_trace(record: CellRecord) -> list[dict[str, Any]]:
+    """Every measured level of a capacity search: the frontier plot's points."""
+    trace = ((record.probes.capacity if record.probes else None) or {}).get("trace") or []
+    return [t for t in trace if isinstance(t, dict)]
+
+
+def _single_chunk(level: dict[str, Any]) -> bool:
+    return level_value(level, "tpot_ms") in (None, 0.0) and level_value(level, "itl_ms") in (None, 0.0)
+
+
+def slo_text(slo: Any) -> str | None:
+    """Objectives as the header states them: `ttft_p99_ms: 2000` -> "TTFT p99 ≤ 2,000 ms"."""
+    if not isinstance(slo, dict) or not slo:
+        return None
+    parts = []
+    for name, target in sorted(slo.items()):
+        metric, _, stat = str(name).removesuffix("_ms").partition("_")
+        parts.append(f"{metric.upper()} {stat} ≤ {target:,g} ms")
+    return ", ".join(parts)
+
+
+def _full_kv_gib(facts: Any, util: Any) -> float | None:
+    """vLLM's second `--kv-cache-memory` figure ("to fully utilize gpu memory") differs from the
+    first by free memory at startup minus the requested share (both subtract the same non-KV
+    use and buffer), so it follows from the line's own GiB figures to within their rounding."""
+    if facts is None or facts.kv_cache_memory_recommendation_bytes is None:
+        return None
+    free, total = facts.free_memory_gib_at_startup, facts.total_gpu_memory_gib
+    util = _first(facts.gpu_memory_utilization, util)
+    if free is None or total is None or not isinstance(util, (int, float)):
+        return None
+    return facts.kv_cache_memory_recommendation_bytes / GIB + free - util * total
 
 
 def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
@@ -124,6 +188,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
     log = log if log is not None and log.exists() else None  # a published record has no log here
     fact = (lambda name: getattr(facts, name)) if facts else (lambda name: None)
     tp = _first(_arg(record, "tensor_parallel_size"), fact("tp_size"), 1)
+    util = _first(_arg(record, "gpu_memory_utilization"), fact("gpu_memory_utilization"))
     return {
         "run_id": record.run_id,
         "cell_id": record.cell_id,
@@ -140,6 +205,8 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "device": device,
         "device_memory_gib": device_memory,
         "host": record.host.hostname,
+        "ingested": record.cell.engine.python == "ingested",
+        "log_source": record.log_source,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "outcome": record.outcome,
@@ -150,11 +217,13 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "validation_passed": record.validation.passed if record.validation else None,
         "tp": int(tp),
         "pp": int(_first(_arg(record, "pipeline_parallel_size"), fact("pp_size"), 1)),
-        "max_model_len": _arg(record, "max_model_len"),
-        "gpu_memory_utilization": _first(_arg(record, "gpu_memory_utilization"), fact("gpu_memory_utilization")),
+        # the log's "Maximum concurrency for N tokens per request" states it when the args do not
+        "max_model_len": _first(_arg(record, "max_model_len"), fact("max_concurrency_tokens_per_request")),
+        "gpu_memory_utilization": util,
         "checkpoint_gib": record.fetch.bytes / GIB if record.fetch and record.fetch.bytes else None,
         "spawn_to_ready_s": record.timings.spawn_to_ready_s,
         "load_s": fact("load_seconds"),
+        "init_s": fact("init_engine_seconds"),
         "total_s": record.timings.total_s,
         "weights_gib": fact("weights_gib"),
         "activation_gib": fact("activation_peak_gib"),
@@ -165,6 +234,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "num_gpu_blocks": _first(fact("num_gpu_blocks"), metrics.num_gpu_blocks if metrics else None),
         "max_concurrency": _first(fact("max_concurrency"), metrics.kv_cache_max_concurrency if metrics else None),
         "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
+        "kv_cache_memory_full_gib": _full_kv_gib(facts, util),
         "estimated_max_model_len": fact("estimated_max_model_len"),
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.fits if plan else None,
@@ -173,8 +243,6 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "peak_rss_gib": (telemetry.process or {}).get("rss_peak_gib") if telemetry else None,
         "gpu_peak_memory_gib": telemetry.gpu_memory_used_peak_gib if telemetry else None,
         "energy_j": telemetry.energy_j if telemetry else None,
-        # a capacity search's answer: users served within the objectives (docs/probe.md)
-        "capacity": (record.probes.capacity or {}).get("concurrency") if record.probes else None,
         **_probe_summary(record),
     }
 

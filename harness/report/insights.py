@@ -2,8 +2,9 @@
 
 Each function takes the `latest` table and returns plain rows for the insights template:
 largest model that fits per device, smallest working GPU-memory utilization per model, the
-tensor-parallel size a model needs, the fastest config per model, architectures a vLLM
-version rejects, memory ranges and success rates.
+tensor-parallel size a model needs, the fastest config per model, configs ranked by users
+served within objectives per GPU, architectures a vLLM version rejects, memory ranges and
+success rates.
 """
 
 from __future__ import annotations
@@ -56,11 +57,19 @@ def min_utilization(latest: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+# failures that more GPUs could fix; an auth, validation or architecture failure says nothing
+# about the tensor-parallel size a model needs
+MEMORY_CLASSES = {"kv_cache_insufficient", "max_model_len_exceeds_kv", "oom_weight_load", "oom_other"}
+
+
 def tp_needed(latest: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per model and device: the smallest TP that worked, or the TPs tried when none did."""
+    """Per model and device: the smallest TP that worked, or the TPs tried when none did and
+    the failures were for memory (other failures do not tell)."""
     rows = []
     for (model, device), group in latest.groupby(["model", "device"], sort=True):
         ok = group[group["outcome"] == "ok"]
+        if ok.empty and not MEMORY_CLASSES & set(group["failure_class"].dropna()):
+            continue
         tried = sorted({int(t) for t in group["tp"]})
         rows.append({
             "model": model,
@@ -102,17 +111,30 @@ def memory_ranges(latest: pd.DataFrame) -> list[dict[str, Any]]:
         for column in ("activation_gib", "non_torch_gib", "cuda_graph_gib"):
             values = _numeric(group, column).dropna()
             entry[column] = (float(values.min()), float(values.max())) if not values.empty else None
+        entry["any"] = any(entry[c] for c in ("activation_gib", "non_torch_gib", "cuda_graph_gib"))
         rows.append(entry)
     return rows
 
 
+def capacity_per_gpu(latest: pd.DataFrame) -> list[dict[str, Any]]:
+    """Configs ranked by users served within their objectives per GPU (capacity searches only),
+    per model and device."""
+    found = latest[latest["capacity_users"].notna()] if "capacity_users" in latest else latest.iloc[0:0]
+    rows = []
+    for row in found.to_dict("records"):
+        gpus = int(row["tp"]) * int(row["pp"])
+        rows.append({**row, "gpus": gpus, "users_per_gpu": row["capacity_users"] / gpus})
+    return sorted(rows, key=lambda r: (r["model"].lower(), r["device"], -r["users_per_gpu"], r["config"]))
+
+
 def success_rates(latest: pd.DataFrame) -> list[dict[str, Any]]:
-    """ok / (ok + failed) per device and vLLM version, then overall; skips are counted apart."""
+    """ok / (ok + failed) per device and vLLM version, then overall; skipped and inconclusive
+    cells are counted apart (neither attempted to the end nor failed)."""
     def rate(group: pd.DataFrame, device: str, version: str) -> dict[str, Any]:
         counts = group["outcome"].value_counts()
-        ok, failed, skipped = (int(counts.get(k, 0)) for k in ("ok", "failed", "skipped"))
+        ok, failed, skipped, inconclusive = (int(counts.get(k, 0)) for k in ("ok", "failed", "skipped", "inconclusive"))
         return {"device": device, "engine_version": version, "ok": ok, "failed": failed, "skipped": skipped,
-                "rate": ok / (ok + failed) if ok + failed else None}
+                "inconclusive": inconclusive, "rate": ok / (ok + failed) if ok + failed else None}
 
     keyed = latest.assign(_v=latest["engine_version"].fillna("unknown"))
     rows = [rate(group, device, version) for (device, version), group in keyed.groupby(["device", "_v"], sort=True)]
@@ -155,5 +177,6 @@ def compute(latest: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
         "best_throughput": best_throughput(latest),
         "unsupported": unsupported(latest),
         "memory_ranges": memory_ranges(latest),
+        "capacity": capacity_per_gpu(latest),
         "success": success_rates(latest),
     }

@@ -24,40 +24,32 @@ import jinja2
 import pandas as pd
 
 from harness import store
-from harness.report import insights, plots
-from harness.report.aggregate import Results, Run, RunCell, is_missing, level_value, probe_levels
+from harness.report import insights, plots, sections, tables
+from harness.report.aggregate import Results, Run, RunCell, capacity_trace, is_missing, level_value, probe_levels
+from harness.report.tables import MISSING
 from harness.schema import FAILURE_CLASSES, slug
 
 TEMPLATES = Path(__file__).parent / "templates"
 GIB = 1024**3
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIAL", re.I)
-RUN_STATUS = {"ok": "SUCCESS", "failed": "FAILED", "skipped": "SKIPPED"}
-MANIFEST_STATUS = {"not_on_host": "NOT ON HOST"}
 
 
 # --------------------------------------------------------------------------- template filters
-def num(value: Any, digits: int = 2, missing: str = "N/A") -> str:
-    if is_missing(value) or not isinstance(value, (int, float)):
-        return missing
-    return f"{value:.{digits}f}"
+def num(value: Any, digits: int = 2, missing: str = MISSING) -> str:
+    return tables.fixed(value, digits, missing)
 
 
-def integer(value: Any, missing: str = "N/A") -> str:
-    if is_missing(value) or not isinstance(value, (int, float)):
-        return missing
-    return f"{int(value):,}"
+def integer(value: Any, missing: str = MISSING) -> str:
+    return tables.tokens(value, missing)
 
 
-def percent(value: Any, missing: str = "—") -> str:
+def percent(value: Any, missing: str = MISSING) -> str:
     if is_missing(value) or not isinstance(value, (int, float)):
         return missing
     return f"{value * 100:.0f}%"
 
 
-def cell(value: Any) -> str:
-    """Text safe inside a GFM table cell: no pipe ends the cell, no newline ends the row."""
-    text = "" if value is None else str(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ").strip()
+cell = tables.cell
 
 
 def code(value: Any) -> str:
@@ -65,12 +57,15 @@ def code(value: Any) -> str:
     return f"`{text}`" if text else ""
 
 
+OUTCOME_BADGES = {"ok": "✅ ok", "failed": "❌ failed", "skipped": "⏭️ skipped", "inconclusive": "❔ inconclusive"}
+
+
 def outcome_badge(outcome: str | None) -> str:
-    return {"ok": "✅ ok", "failed": "❌ failed", "skipped": "⏭️ skipped"}.get(outcome or "", "—")
+    return OUTCOME_BADGES.get(outcome or "", MISSING)
 
 
 def validation_badge(passed: Any) -> str:
-    return {True: "✅ passed", False: "❌ wrong answer"}.get(passed, "—") if isinstance(passed, bool) else "—"
+    return {True: "✅ passed", False: "❌ wrong answer"}.get(passed, MISSING) if isinstance(passed, bool) else MISSING
 
 
 def cli_flag(name: str, value: Any) -> str:
@@ -82,6 +77,12 @@ def cli_flag(name: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
+def kv_cache_memory_flag(value: int) -> str:
+    """vLLM logs its advice as `--kv-cache-memory=N`, but the option it has (0.10.2 and later,
+    the releases that print the advice) is `--kv-cache-memory-bytes`."""
+    return f"--kv-cache-memory-bytes {value}"
+
+
 def env_value(name: str, value: str) -> str:
     # the runner redacts upstream; this keeps a token-looking variable out even if one slips by
     return "***" if SECRET_NAME.search(name) else value
@@ -89,7 +90,7 @@ def env_value(name: str, value: str) -> str:
 
 def value_with_unit(value: Any, unit: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return cell(value if value is not None else "N/A")
+        return cell(value if value is not None else MISSING)
     text = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
     return f"{text} {unit}".strip()
 
@@ -104,9 +105,10 @@ def environment() -> jinja2.Environment:
         autoescape=False,  # Markdown, not HTML; table text goes through `cell`
     )
     env.filters.update(num=num, int=integer, pct=percent, cell=cell, code=code, outcome=outcome_badge,
-                       validation=validation_badge, flag=cli_flag, stat=level_value, value=value_with_unit, env_value=env_value, gib=lambda b: num(b / GIB)
-                       if isinstance(b, (int, float)) else "N/A")
-    env.globals.update(failure_classes=FAILURE_CLASSES)
+                       validation=validation_badge, flag=cli_flag, stat=level_value, value=value_with_unit,
+                       env_value=env_value, secs=tables.seconds, ms=tables.ms, evidence=tables.evidence,
+                       gib=lambda b: tables.gib(b / GIB) if isinstance(b, (int, float)) else MISSING)
+    env.globals.update(failure_classes=FAILURE_CLASSES, single_chunk_note=sections.SINGLE_CHUNK_NOTE)
     return env
 
 
@@ -123,14 +125,35 @@ def anchor(cell_id: str) -> str:
     return "cell-" + slug(cell_id).lower().replace(".", "-")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def model_link(row: dict[str, Any]) -> str:
-    if row.get("model_local"):
+    """The model's name, linked to its hub page only when its source is a hub id."""
+    source = str(row.get("model_source") or "")
+    if row.get("model_local") or not HUB_ID.fullmatch(source):
         return f"**{cell(row['model'])}**"
-    return f"[**{cell(row['model'])}**](https://huggingface.co/{row['model_source']})"
+    return f"[**{cell(row['model'])}**](https://huggingface.co/{source})"
 
 
 def records_of(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [] if df.empty else df.to_dict("records")
+
+
+def memory_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows split by device memory size (GiB, to the nearest whole GiB): one table and one plot
+    each, so bars of a 24 GiB and an 80 GiB GPU never share an axis."""
+    groups: dict[int | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        memory = row.get("device_memory_gib")
+        groups.setdefault(round(memory) if isinstance(memory, (int, float)) else None, []).append(row)
+    out = []
+    for size in sorted(groups, key=lambda m: (m is None, m or 0)):
+        members = groups[size]
+        exact = [r["device_memory_gib"] for r in members if isinstance(r.get("device_memory_gib"), (int, float))]
+        out.append({"memory_gib": max(exact) if exact else None, "rows": members,
+                    "suffix": f"-{size}gib" if size is not None else "-unknown-memory"})
+    return out
 
 
 def _clean(folder: Path, patterns: tuple[str, ...]) -> None:
@@ -152,11 +175,15 @@ class Renderer:
         self.reports_dir = Path(reports_dir)
         self.env = environment()
         self.written: list[Path] = []
+        # a capacity search's trace (every measured level) per record: the frontier plots' points
+        self.traces = {c.row["record_path"]: capacity_trace(c.record)
+                       for run in results.runs for c in run.cells if c.row and c.record}
 
     def _write(self, path: Path, template: str, **context: Any) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = self.env.get_template(template).render(**context)
-        path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+        text = tables.prune(re.sub(r"\n{3,}", "\n\n", text))  # an omitted section leaves no gap
+        path.write_text(text.strip("\n") + "\n", encoding="utf-8")
         self.written.append(path)
         return path
 
@@ -177,6 +204,38 @@ class Renderer:
         published = store.record_path(self.reports_dir / "data" / "runs", row["run_id"], row["cell_id"])
         return rel(published if published.exists() else Path(row["record_path"]), page_dir)
 
+    def _sections(self, rows: list[dict[str, Any]], assets: Path, page: Path, name: str,
+                  section_link: Any, why_link: Any) -> list[dict[str, Any]]:
+        """Per memory size: the memory table, its plot, the throughput table, plus the frontier
+        plots; `section_link(row)` is where a row's status points, `why_link(row)` its note."""
+        for row in rows:
+            row["model_link"] = model_link(row)
+            row["status_link"] = f"[{outcome_badge(row['outcome'])}]({section_link(row)})"
+            row["why_link"] = why_link(row)
+        out = []
+        for group in memory_groups(rows):
+            members = group["rows"]
+            size = f" ({group['memory_gib']:.2f} GiB)" if group["memory_gib"] is not None else ""
+            memory = self._plot(plots.memory_breakdown(
+                members, assets / f"memory{group['suffix']}.svg", f"Memory per GPU on {name}{size}"))
+            throughput, workload, notes = sections.throughput_table(members)
+            frontiers = []
+            for model in sorted({r["model"] for r in members}, key=str.lower):
+                points = [(r, t) for r in members if r["model"] == model
+                          for t in self.traces.get(r["record_path"], [])]
+                path = self._plot(plots.frontier(points, assets / f"frontier-{slug(model).lower()}{group['suffix']}.svg",
+                                                 f"{model} on {name}{size}: throughput vs. interactivity"))
+                if path:
+                    frontiers.append({"model": model, "link": rel(path, page.parent)})
+            out.append({
+                "title": f"{name}{size}", "memory_gib": group["memory_gib"], "rows": members,
+                "memory_table": sections.memory_table(members),
+                "memory_plot": rel(memory, page.parent) if memory else None,
+                "throughput_table": throughput, "workload": workload, "throughput_notes": notes,
+                "frontiers": frontiers,
+            })
+        return out
+
     # ----------------------------------------------------------------------- per device
     def devices(self) -> list[dict[str, Any]]:
         latest = self.results.latest
@@ -191,53 +250,44 @@ class Renderer:
                 "hosts": sorted(set(group["host"])),
                 "versions": sorted({str(v) for v in group["engine_version"] if v}),
                 "cells": len(group),
-                "ok": int(counts.get("ok", 0)),
-                "failed": int(counts.get("failed", 0)),
-                "skipped": int(counts.get("skipped", 0)),
+                **{k: int(counts.get(k, 0)) for k in ("ok", "failed", "skipped", "inconclusive")},
                 "rows": records_of(group),
             })
         return out
 
     def device_page(self, device: dict[str, Any]) -> Path:
         page = self.reports_dir / "devices" / f"{device['slug']}.md"
-        assets = page.parent / device["slug"]
         rows = device["rows"]
-        memory = self._plot(plots.memory_breakdown(rows, assets / "memory.svg", f"Memory per GPU on {device['name']}"))
-        load = self._plot(plots.load_times(rows, assets / "load_time.svg", f"Load time per model on {device['name']}"))
+        groups = self._sections(rows, page.parent / device["slug"], page, device["name"],
+                                lambda r: f"../runs/{r['run_id']}.md#{anchor(r['cell_id'])}",
+                                lambda r: f"#{sections.why_anchor(r)}")
+        load = self._plot(plots.load_times(rows, page.parent / device["slug"] / "load_time.svg",
+                                           f"Load time per model on {device['name']}"))
         for row in rows:
+            row["log_link"] = self.log_link(row, page.parent)
             row["run_link"] = f"../runs/{row['run_id']}.md#{anchor(row['cell_id'])}"
-            row["model_link"] = model_link(row)
-        failures = {fc: [r for r in rows if r["failure_class"] == fc and r["failure_class"] != "gated_or_auth"]
-                    for fc in FAILURE_CLASSES}
+        ingested = [r for r in rows if r["ingested"]]
         return self._write(
-            page, "device.md.j2", device=device, rows=rows,
-            failures={fc: cells for fc, cells in failures.items() if cells},
+            page, "device.md.j2", device=device, groups=groups,
+            notes=sections.failure_notes(rows), memory_notes=sections.MEMORY_NOTES,
             skipped=[r for r in rows if r["outcome"] == "skipped"],
             gated=[r for r in rows if r["failure_class"] == "gated_or_auth"],
-            memory_plot=rel(memory, page.parent) if memory else None,
+            ingested=ingested, sources=sorted({r["log_source"] for r in ingested if r["log_source"]}),
             load_plot=rel(load, page.parent) if load else None,
         )
 
     # ----------------------------------------------------------------------- per run
-    def run_view(self, run: Run, page_dir: Path) -> list[dict[str, Any]]:
-        models = [c.row["model"] for c in run.cells if c.row]
-        views = []
-        for number, rc in enumerate(run.cells, 1):
-            views.append(self._cell_view(number, rc, page_dir, models))
-        return views
-
-    def _cell_view(self, number: int, rc: RunCell, page_dir: Path, models: list[str]) -> dict[str, Any]:
+    def _cell_view(self, rc: RunCell, page_dir: Path, models: list[str]) -> dict[str, Any]:
         row = dict(rc.row) if rc.row else None
         parts = rc.cell_id.split("__")
         name = row["model"] if row else parts[0]
         config = row["config"] if row else (parts[2] if len(parts) > 2 else "")
-        # seed 002 names a model's cells by config only when the run holds that model twice
+        # a model's cells are named by config only when the run holds that model twice
         label = f"{name} ({config})" if models.count(name) > 1 else name
-        status = RUN_STATUS.get(row["outcome"], row["outcome"].upper()) if row else MANIFEST_STATUS.get(
-            rc.status, rc.status.upper())
         return {
-            "number": number, "cell_id": rc.cell_id, "anchor": anchor(rc.cell_id), "label": label,
-            "status": status, "manifest_status": rc.status, "reason": rc.reason, "row": row, "record": rc.record,
+            "cell_id": rc.cell_id, "anchor": anchor(rc.cell_id), "label": label,
+            "gpu": parts[1] if len(parts) > 1 else "?",
+            "manifest_status": rc.status, "reason": rc.reason, "row": row, "record": rc.record,
             "log_link": self.log_link(row, page_dir),
             "record_link": self.record_link(row, page_dir),
             "levels": probe_levels(rc.record) if rc.record else [],
@@ -249,28 +299,40 @@ class Renderer:
         page = self.reports_dir / "runs" / f"{run.run_id}.md"
         assets = page.parent / run.run_id
         _clean(assets, ("*.svg",))
-        cells = self.run_view(run, page.parent)
-        rows = [c["row"] for c in cells if c["row"]]
-        memory_plots = []
+        models = [c.row["model"] for c in run.cells if c.row]
+        views = [self._cell_view(rc, page.parent, models) for rc in run.cells]
+        ran = [v for v in views if v["record"] is not None]
+        for number, view in enumerate(ran, 1):
+            view["number"] = number
+        rows = [v["row"] for v in ran]
+        devices = []
         for device in sorted({r["device"] for r in rows}):
             on_device = [r for r in rows if r["device"] == device]
-            path = self._plot(plots.memory_breakdown(on_device, assets / f"memory-{device_slug(device)}.svg",
-                                                     f"Memory per GPU on {device}"))
-            if path:
-                memory_plots.append({"device": device, "link": rel(path, page.parent)})
-        for view in cells:
+            devices.append({"name": device, "groups": self._sections(
+                on_device, assets / device_slug(device), page, device, lambda r: f"#{anchor(r['cell_id'])}",
+                lambda r: f"#{anchor(r['cell_id'])}")})
+        absent: dict[str, dict[str, Any]] = {}
+        for view in views:
+            if view["record"] is None:
+                entry = absent.setdefault(view["gpu"], {"gpu": view["gpu"], "count": 0, "reasons": []})
+                entry["count"] += 1
+                if view["reason"] and view["reason"] not in entry["reasons"]:
+                    entry["reasons"].append(view["reason"])
+        for view in ran:
             path = None
             if view["levels"]:
-                path = self._plot(plots.probe_curves(view["levels"], assets / f"probes-{view['anchor']}.svg",
-                                                     f"{view['label']} on {view['row']['device']}"))
+                title = f"{view['label']} on {view['row']['device']}"
+                if view["row"]["workload"]:
+                    title += f"\n{view['row']['workload']}"
+                path = self._plot(plots.probe_curves(view["levels"], assets / f"probes-{view['anchor']}.svg", title))
             view["probe_plot"] = rel(path, page.parent) if path else None
         manifest = run.manifest
-        host = manifest.host if manifest else (cells[0]["record"].host if cells and cells[0]["record"] else None)
+        host = manifest.host if manifest else (ran[0]["record"].host if ran else None)
         return self._write(
-            page, "run.md.j2", run=run, manifest=manifest, host=host, cells=cells, memory_plots=memory_plots,
+            page, "run.md.j2", run=run, manifest=manifest, host=host, cells=ran, devices=devices,
+            absent=list(absent.values()), memory_notes=sections.MEMORY_NOTES,
             versions=sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
-            devices=sorted({r["device"] for r in rows}),
-            memory=sorted({r["device_memory_gib"] for r in rows if isinstance(r["device_memory_gib"], (int, float))}),
+            kv_flag=kv_cache_memory_flag,
         )
 
     # ----------------------------------------------------------------------- cross-run pages
@@ -301,10 +363,12 @@ class Renderer:
                 "interrupted": run.interrupted,
                 "devices": sorted({r["device"] for r in rows}),
                 "versions": sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
-                "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "not_on_host")},
+                "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "inconclusive", "not_on_host")},
                 "page": f"runs/{run.run_id}.md", "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
             })
+        ingested = [r for r in self.results.runs if r.manifest and r.manifest.matrix_path.startswith("ingested:")]
         return self._write(self.reports_dir / "README.md", "index.md.j2", runs=runs, devices=devices,
+                           ingested=len(ingested),
                            problems=self.results.problems,
                            exports=[rel(p, self.reports_dir) for p in exports],
                            versions=sorted({v for d in devices for v in d["versions"]}))
@@ -345,6 +409,8 @@ def _matrix_cell(cells: pd.DataFrame) -> str:
     classes = sorted({str(f) for f in cells["failure_class"] if f})
     if classes:
         return "❌ " + ", ".join(f"`{c}`" for c in classes)
+    if (cells["outcome"] == "inconclusive").any():
+        return "❔ inconclusive"
     return "⏭️ skipped"
 
 

@@ -372,7 +372,7 @@ def _duplicate_keys(path: Path, node: yaml.Node | None) -> list[str]:
 
 def _probe_problems(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]:
     """Probe profiles (the matrix's and each config's) are checked before any engine starts."""
-    places = [(("probe",), spec.probe)]
+    places: list[tuple[tuple[str | int, ...], Any]] = [(("probe",), spec.probe)]
     places += [(("configs", i, "probe"), c.probe) for i, c in enumerate(spec.configs) if c.probe is not None]
     return [f"{_where(path, nodes, loc, at_key=False)}: {_dotted(loc)}: {problem}"
             for loc, value in places if (problem := check_probe_spec(value))]

@@ -183,7 +183,7 @@ class CapacitySearch:
         )
 
     def _value(self, v: LevelVerdict) -> float:
-        return v.request_rate if self.rate else v.concurrency
+        return float((v.request_rate if self.rate else v.concurrency) or 0)
 
     # ------------------------------------------------------------------ the search
     async def run(self) -> CapacityResult:

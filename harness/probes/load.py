@@ -445,7 +445,7 @@ async def run_level(session, base_url: str, model: str, api_key: str | None,
                     request_timeout: float) -> dict[str, Any]:
     """Run one level (a concurrency, or a request rate) and return its metrics."""
     rate_mode = profile.mode == "rate"
-    concurrency = None if rate_mode else int(level)
+    concurrency = 0 if rate_mode else int(level)
     n = profile.requests if rate_mode else profile.requests_for(concurrency)
     seed = profile.seed + 7919 * (index + 1)  # distinct prompts per level: no cross-level cache hits
     wl = build_workload(base_url, model, api_key, profile, prompts, n, seed, request_timeout)
@@ -459,7 +459,7 @@ async def run_level(session, base_url: str, model: str, api_key: str | None,
         await _concurrency_level(session, wl, run, concurrency)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    out = {"concurrency": concurrency if not rate_mode else profile.max_concurrency}
+    out: dict[str, Any] = {"concurrency": concurrency if not rate_mode else profile.max_concurrency}
     if rate_mode:
         out["request_rate"] = level
     out.update(summarize(run.results, wall, profile.goodput))

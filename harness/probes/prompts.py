@@ -46,6 +46,7 @@ class PromptFactory:
 
     def _exact(self, n_tokens: int, rng: random.Random) -> tuple[str, int]:
         tok = self.tokenizer
+        assert tok is not None  # exact prompts are built only when a tokenizer was found
 
         def count(ids: list[int]) -> tuple[str, int]:
             text = tok.decode(ids)
@@ -69,6 +70,7 @@ class PromptFactory:
                 best = (abs(got - n_tokens), text, got)
             if got == n_tokens:
                 break
+        assert best is not None  # the loop ran at least once
         return best[1], best[2]
 
     def count_output(self, text: str) -> int | None:

@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 UsageMode = Literal["final", "in_last_chunk", "none"]
 
@@ -211,7 +212,7 @@ class StubServer:
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": "length"} if chat else
                       {"index": 0, "text": text, "finish_reason": "length"})
-            out = {"id": "x", "object": "chat.completion" if chat else "text_completion",
+            out: dict[str, object] = {"id": "x", "object": "chat.completion" if chat else "text_completion",
                    "model": model, "choices": [choice]}
             if cfg.usage != "none":
                 out["usage"] = usage
@@ -276,6 +277,7 @@ class StubProcess:
                "--ttft-step", str(cfg.ttft_step), "--itl", str(cfg.itl), "--usage", cfg.usage,
                "--status", str(cfg.status)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None  # stdout=PIPE
         line = self._proc.stdout.readline()
         if not line.startswith("PORT "):
             self.__exit__()
@@ -286,7 +288,8 @@ class StubProcess:
         if self._proc:
             self._proc.terminate()
             self._proc.wait(10)
-            self._proc.stdout.close()
+            if self._proc.stdout:
+                self._proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop  # a faster loop when present keeps the stub further from the limit
 
-        runner = uvloop.run
+        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:

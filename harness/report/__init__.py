@@ -33,8 +33,9 @@ def render_reports(results_dir: Path, reports_dir: Path, runs: list[str] | None 
     published = published_root(reports_dir)
     written = publish(read_runs([Path(results_dir)]), published)
     results = load([Path(results_dir), published])
-    for problem in results.problems if warn else ():
-        warn(f"warning: skipped {problem}")
+    for problem in results.problems:
+        if warn is not None:
+            warn(f"warning: skipped {problem}")
     if runs is not None:
         runs = [Path(r).name for r in runs]  # `results/<run-id>/` works as well as the bare id
         known = {run.run_id for run in results.runs}

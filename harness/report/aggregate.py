@@ -133,7 +133,7 @@ def _probe_summary(record: CellRecord) -> dict[str, Any]:
         "itl_ms": level_value(first, "itl_ms") if first else None,
         "e2el_ms": level_value(first, "e2el_ms") if first else None,
         # one chunk per answer: no gap between tokens to time, so TPOT/ITL are not measurements
-        "single_chunk": bool(first) and _single_chunk(first),
+        "single_chunk": first is not None and _single_chunk(first),
         "latency_concurrency": first.get("concurrency") if first else None,
         "capacity_users": capacity.get("concurrency"),
         "capacity_slo": slo_text(capacity.get("slo")),

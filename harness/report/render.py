@@ -292,7 +292,7 @@ class Renderer:
             "record_link": self.record_link(row, page_dir),
             "levels": probe_levels(rc.record) if rc.record else [],
             "has_memory": bool(rc.record and (rc.record.plan or any(
-                not is_missing(row[p]) for p, _ in plots.MEMORY_PARTS))),
+                not is_missing((row or {}).get(p)) for p, _ in plots.MEMORY_PARTS))),
         }
 
     def run_page(self, run: Run) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from harness.report import insights, plots
+from harness.report import insights, plots, versions
 from harness.report.aggregate import Results, Run, RunCell, is_missing, level_value, probe_levels
 from harness.schema import FAILURE_CLASSES, slug
 
@@ -106,6 +106,7 @@ def environment() -> jinja2.Environment:
     env.filters.update(num=num, int=integer, pct=percent, cell=cell, code=code, outcome=outcome_badge,
                        validation=validation_badge, flag=cli_flag, stat=level_value, value=value_with_unit, env_value=env_value, gib=lambda b: num(b / GIB)
                        if isinstance(b, (int, float)) else "N/A")
+    env.filters.update(anchor=anchor)
     env.globals.update(failure_classes=FAILURE_CLASSES)
     return env
 
@@ -278,7 +279,12 @@ class Renderer:
 
     def insights_page(self) -> Path:
         facts = insights.compute(self.results.latest)
-        return self._write(self.reports_dir / "insights.md", "insights.md.j2", insights=facts)
+        return self._write(self.reports_dir / "insights.md", "insights.md.j2", insights=facts,
+                           version_changes=versions.largest_changes(self.results.latest))
+
+    def versions_page(self) -> Path:
+        return self._write(self.reports_dir / "versions.md", "versions.md.j2", columns=versions.COLUMNS,
+                           comparisons=versions.comparisons(self.results.latest))
 
     def index_page(self, devices: list[dict[str, Any]], exports: list[Path]) -> Path:
         runs = []
@@ -358,5 +364,6 @@ def render_all(results: Results, reports_dir: Path, runs: list[str] | None) -> l
             renderer.run_page(run)
     renderer.matrix_page(devices)
     renderer.insights_page()
+    renderer.versions_page()
     renderer.index_page(devices, renderer.exports())
     return sorted(set(renderer.written))

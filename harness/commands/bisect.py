@@ -125,7 +125,7 @@ class Stepper:
         if version == self.first:
             bisect.check_good(self.metric, obs)
         shown = bisect.value(self.metric, obs)
-        print(f"bisect: vllm {version}: {self.metric} = {bisect._show(shown)} "
+        print(f"bisect: vllm {version}: {self.metric} = {bisect.show(shown)} "
               f"({'reused' if obs.reused else 'ran'}: {obs.path})", file=sys.stderr, flush=True)
         return obs
 
@@ -133,7 +133,7 @@ class Stepper:
 def _evidence(label: str, obs: bisect.Observation, metric: str) -> str:
     row = obs.row
     facts = f"outcome {row['outcome']}" + (f" ({row['failure_class']})" if row.get("failure_class") else "")
-    return (f"  {label}: vllm {obs.version}: {metric} = {bisect._show(bisect.value(metric, obs))}; {facts}; "
+    return (f"  {label}: vllm {obs.version}: {metric} = {bisect.show(bisect.value(metric, obs))}; {facts}; "
             f"record {obs.path}")
 
 

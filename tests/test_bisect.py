@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness.bisect import Observation, comparator, parse_threshold, search
+from harness.bisection import Observation, comparator, parse_threshold, search
 from harness.errors import InputError
 from tests.conftest import ROOT, TINY, harness_env, run_harness
 
@@ -152,3 +152,10 @@ def test_real_bisect_across_two_releases_reports_no_change(tmp_path):
     assert again.returncode == 1, again.stderr[-3000:]
     assert "(2 of 2 releases observed (0 ran, 2 reused))" in again.stdout
     assert watcher.engines() == []  # the second bisect started no engine
+
+
+def test_no_module_next_to_the_engine_probe_shadows_the_standard_library():
+    # engine_probe.py runs as a script inside engine venvs, so its folder comes first on sys.path there.
+    folder = ROOT / "harness"
+    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+    assert not names & sys.stdlib_module_names

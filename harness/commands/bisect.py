@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import bisect, provision
+from harness import bisection, provision
 from harness.engine_info import engine_arg_actions, engine_versions
 from harness.errors import InputError
 from harness.matrix import EngineEntry, Matrix, check_engine_args, expand, load_matrix
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--good", required=True, metavar="V1", help="the older release, taken as good")
     parser.add_argument("--bad", required=True, metavar="V2", help="the newer release, where the metric differs")
     parser.add_argument("--metric", default="status",
-                        help=f"what to compare (default: status): {', '.join(bisect.METRIC_NAMES)}")
+                        help=f"what to compare (default: status): {', '.join(bisection.METRIC_NAMES)}")
     parser.add_argument("--threshold", help="relative move that counts, e.g. 5%% or 0.05 "
                                             "(default: the metric's threshold in `harness diff`)")
     parser.add_argument("--versions", help="comma-separated releases to search instead of asking the package index")
@@ -107,7 +107,7 @@ class Stepper:
         check_engine_args(one, {name: host.arg_actions[name]})
         return host
 
-    def __call__(self, version: str) -> bisect.Observation:
+    def __call__(self, version: str) -> bisection.Observation:
         cell = self.cells[version]
         print(f"bisect: vllm {version} ...", file=sys.stderr, flush=True)
         provision.provision(version, release=self.releases.get(version))
@@ -120,26 +120,26 @@ class Stepper:
         self.runner.run([cell], emit=got.append)
         entry = next(e for e in self.runner.manifest.cells if e.cell_id == cell.cell_id)
         path = self.options.results_dir / (entry.record or "") / "record.json"
-        obs = bisect.Observation(version=version, row=record_row(path, got[0], self.options.results_dir),
+        obs = bisection.Observation(version=version, row=record_row(path, got[0], self.options.results_dir),
                                  record=got[0], path=str(path), reused=entry.status == "reused")
         if version == self.first:
-            bisect.check_good(self.metric, obs)
-        shown = bisect.value(self.metric, obs)
-        print(f"bisect: vllm {version}: {self.metric} = {bisect.show(shown)} "
+            bisection.check_good(self.metric, obs)
+        shown = bisection.value(self.metric, obs)
+        print(f"bisect: vllm {version}: {self.metric} = {bisection.show(shown)} "
               f"({'reused' if obs.reused else 'ran'}: {obs.path})", file=sys.stderr, flush=True)
         return obs
 
 
-def _evidence(label: str, obs: bisect.Observation, metric: str) -> str:
+def _evidence(label: str, obs: bisection.Observation, metric: str) -> str:
     row = obs.row
     facts = f"outcome {row['outcome']}" + (f" ({row['failure_class']})" if row.get("failure_class") else "")
-    return (f"  {label}: vllm {obs.version}: {metric} = {bisect.show(bisect.value(metric, obs))}; {facts}; "
+    return (f"  {label}: vllm {obs.version}: {metric} = {bisection.show(bisection.value(metric, obs))}; {facts}; "
             f"record {obs.path}")
 
 
 def main(args: argparse.Namespace) -> int:
-    threshold = bisect.parse_threshold(args.threshold)
-    differs = bisect.comparator(args.metric, threshold)
+    threshold = bisection.parse_threshold(args.threshold)
+    differs = bisection.comparator(args.metric, threshold)
     matrix = load_matrix(args.matrix)
     versions = _versions(args)
     cells = _subject(matrix, args, versions)
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     stepper = Stepper(matrix, cells, options, args.metric, releases)
     print(f"bisect: {len(versions)} releases from {versions[0]} to {versions[-1]}, metric {args.metric}",
           file=sys.stderr, flush=True)
-    result = bisect.search(versions, stepper, differs)
+    result = bisection.search(versions, stepper, differs)
     ran = sum(not o.reused for o in result.observed)
     tally = f"{len(result.observed)} of {len(versions)} releases observed ({ran} ran, {len(result.observed) - ran} reused)"
     if not result.found:

@@ -6,7 +6,8 @@ both ends and then on ⌈log2(n-1)⌉ midpoints at most for n versions; each ver
 compares an observation with the good one. `comparator` builds it for a metric: `status`,
 `validation`, or any metric of `harness.diff` with its threshold (or `--threshold`).
 A search assumes one change in the range: a change that reverted inside it is not seen.
-Running cells and printing belong to `harness.commands.bisect`.
+Running cells and printing belong to `harness.commands.bisect`. (Not named bisect.py: the engine
+probe runs as a script from this folder, and a bisect.py here would shadow the standard library's.)
 """
 
 from __future__ import annotations

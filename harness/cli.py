@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "report": "result records -> Markdown reports (+ plots) under reports/",
     "diff": "regressions between two runs; exit code 1 when any",
     "nightly": "the nightly job: run the matrix, publish, diff against the last published run",
+    "bisect": "first vLLM release between two where a cell's metric changed; exit 1 when none",
     "calibrate": "refit the planner's calibration table from all records",
     "build-models": "build the tiny models the CPU matrix uses",
     "doctor": "check this box for the matrix (GPUs, engines, disk, hub, fit); exit 1 when a check fails",

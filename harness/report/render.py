@@ -24,7 +24,7 @@ import jinja2
 import pandas as pd
 
 from harness import store
-from harness.report import insights, plots, sections, tables
+from harness.report import insights, plots, sections, tables, versions
 from harness.report.aggregate import Results, Run, RunCell, capacity_trace, is_missing, level_value, probe_levels
 from harness.report.tables import MISSING
 from harness.schema import FAILURE_CLASSES, slug
@@ -109,6 +109,7 @@ def environment() -> jinja2.Environment:
                        env_value=env_value, secs=tables.seconds, ms=tables.ms, evidence=tables.evidence,
                        gib=lambda b: tables.gib(b / GIB) if isinstance(b, (int, float)) else MISSING)
     env.globals.update(failure_classes=FAILURE_CLASSES, single_chunk_note=sections.SINGLE_CHUNK_NOTE)
+    env.filters.update(anchor=anchor)
     return env
 
 
@@ -348,7 +349,12 @@ class Renderer:
 
     def insights_page(self) -> Path:
         facts = insights.compute(self.results.latest)
-        return self._write(self.reports_dir / "insights.md", "insights.md.j2", insights=facts)
+        return self._write(self.reports_dir / "insights.md", "insights.md.j2", insights=facts,
+                           version_changes=versions.largest_changes(self.results.latest))
+
+    def versions_page(self) -> Path:
+        return self._write(self.reports_dir / "versions.md", "versions.md.j2", columns=versions.COLUMNS,
+                           comparisons=versions.comparisons(self.results.latest))
 
     def index_page(self, devices: list[dict[str, Any]], exports: list[Path]) -> Path:
         runs = []
@@ -429,5 +435,6 @@ def render_all(results: Results, reports_dir: Path, runs: list[str] | None) -> l
             renderer.run_page(run)
     renderer.matrix_page(devices)
     renderer.insights_page()
+    renderer.versions_page()
     renderer.index_page(devices, renderer.exports())
     return sorted(set(renderer.written))

@@ -28,7 +28,7 @@ from typing import Any
 from harness import __version__, promtext, store
 from harness.devices import Nvml, cpu_info, host_devices, match_selector
 from harness.engine_info import cli_flags, engine_arg_actions, engine_versions
-from harness.errors import InputError
+from harness.errors import DiskFull, InputError
 from harness.fetch import FetchError, OfflineMissing, fetch_model
 from harness.hygiene import check_gpus, wait_for_clean_gpus
 from harness.matrix import Matrix
@@ -38,10 +38,10 @@ from harness.plan import autofit_args, plan_cell
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import validate
-from harness.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
-                             free_port, reap_stale)
+from harness.process import (DISK_FULL_ERRNOS, PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout,
+                             engine_api_key, free_port, reap_stale)
 from harness.progress import NOT_ON_HOST, Progress
-from harness.redact import Redactor
+from harness.redact import Redactor, secret_env_values
 from harness.schema import (
     Cell,
     CellRecord,
@@ -183,35 +183,42 @@ class MatrixRun:
             started_at=store.utcnow(), host=self.host.fingerprint,
         )
         self.pids_dir = self.options.results_dir / PIDS_DIR
-        self.redactor = Redactor(env=os.environ)
+        # Values of the configs' `env` named as secrets are masked in logs and records, like the harness's own.
+        self.config_secrets = {v for c in self.matrix.cells for v in secret_env_values(c.config.env)}
+        self.redactor = Redactor(self.config_secrets, env=os.environ)
         self.view = Progress([], mode="quiet")  # replaced by run(); run_cell alone (a Ray task) shows nothing
         self.probe_spec = self.matrix.spec.probe
         self.nvml: Nvml | None = None  # an open NVML for hygiene and telemetry; None: each opens its own
         self._engines: set[EngineProcess] = set()
         self._lock = threading.Lock()
         self.interrupted = False
+        self.lock_paths: list[str] = []  # device lock files run() holds; kept in engine pid files
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
-        """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
-        reap_stale(self.pids_dir)
-        recorded = {} if self.options.force else store.recorded_keys(self.options.results_dir)
-        with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
-            self.view = view
-            jobs, by_id, used = [], {}, {}
-            for cell in cells:
-                devices, why_not = self.host.eligible(cell)
-                if devices is None:
-                    self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
-                    view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
-                    continue
-                by_id[cell.cell_id] = cell
-                used.update({_slot(d): d for d in devices})
-                needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
-                jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices))))
-            slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, getattr(d, "numa_node", None),
-                                                              getattr(d, "nvlink_island", None))
-                     for d in used.values()]
-            with lock_devices(device_lock_keys(used.values()), self.run_id):
+        """Run the cells: each on its own devices, cells on disjoint GPUs at the same time.
+
+        The device locks come first: a run refused by them writes nothing and touches no engine;
+        holding them, it reaps only engines whose own run no longer holds its locks."""
+        placed = [(cell, *self.host.eligible(cell)) for cell in cells]
+        used = {_slot(d): d for _, devices, _ in placed for d in devices or ()}
+        with terminate_as_interrupt(), lock_devices(device_lock_keys(used.values()), self.run_id) as lock:
+            self.lock_paths = [str(p) for p in lock.paths]
+            reap_stale(self.pids_dir, held_locks=lock.paths)
+            recorded = {} if self.options.force else store.recorded_keys(self.options.results_dir)
+            with Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
+                self.view = view
+                jobs, by_id = [], {}
+                for cell, devices, why_not in placed:
+                    if devices is None:
+                        self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
+                        view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
+                        continue
+                    by_id[cell.cell_id] = cell
+                    needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
+                    jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices))))
+                slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, getattr(d, "numa_node", None),
+                                                                  getattr(d, "nvlink_island", None))
+                         for d in used.values()]
                 # GPUs a foreign process holds right now are kept out of the packing while others
                 # are free; cells that only fit on them come last and meet the hygiene wait/skip.
                 held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
@@ -219,9 +226,9 @@ class MatrixRun:
                 placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
                 self._schedule(placeable, clean, by_id, used, recorded, emit)
                 self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
-            self.manifest.finished_at = store.utcnow()
-            store.write_manifest(self.options.results_dir, self.manifest)
-            view.summary()
+                self.manifest.finished_at = store.utcnow()
+                _disk_write(lambda: store.write_manifest(self.options.results_dir, self.manifest), "the run manifest")
+                view.summary()
         return self.manifest
 
     def _held_gpus(self, indices: list[int]) -> set[int]:
@@ -263,7 +270,7 @@ class MatrixRun:
     def _enter(self, entry: ManifestEntry) -> None:
         with self._lock:
             self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
-            store.write_manifest(self.options.results_dir, self.manifest)
+            _disk_write(lambda: store.write_manifest(self.options.results_dir, self.manifest), "the run manifest")
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell, devices: list[Device], recorded: dict[str, Path]) -> CellRecord:
@@ -294,7 +301,7 @@ class MatrixRun:
         previous = recorded.get(rec.key)
         if previous is not None:
             old = store.read_record(previous)
-            if old.outcome != "skipped":
+            if reusable(old):
                 self._enter(ManifestEntry(cell_id=cell.cell_id, key=rec.key, status="reused", outcome=old.outcome,
                                           record=str(previous.relative_to(self.options.results_dir).parent)))
                 view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
@@ -344,17 +351,25 @@ class MatrixRun:
         """Start, check and stop the engine; `deadline` (monotonic) is the cell's timeouts.cell_s."""
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = store.cell_dir(self.options.results_dir, self.run_id, cell.cell_id)
+        try:
+            _reserve(folder)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            _disk_full(rec, f"no room for the cell's files in {folder}: {exc.strerror}; engine not started")
+            return
         port, api_key = free_port(), engine_api_key()
-        redactor = Redactor([api_key], env=os.environ)
+        redactor = Redactor([api_key, *self.config_secrets], env=os.environ)
+        # The key goes through the environment: argv is readable by every local user (ps, /proc).
         cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),
-               "--api-key", api_key, *cli_flags(cell.config.args, self.host.arg_actions[cell.engine.name])]
+               *cli_flags(cell.config.args, self.host.arg_actions[cell.engine.name])]
         if cell.model.trust_remote_code and "trust_remote_code" not in cell.config.args:
             cmd.append("--trust-remote-code")
         rec.command = [redactor.redact(part) for part in cmd]
         env = {**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_LOGGING_COLOR": "0", "NO_COLOR": "1",
                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1", **cell.config.env}
+               "DO_NOT_TRACK": "1", **cell.config.env, "VLLM_API_KEY": api_key}
         if rec.device_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, rec.device_ids))
         log_path = folder / store.ENGINE_LOG
@@ -365,7 +380,8 @@ class MatrixRun:
                 if needle in line:
                     view.phase(cell.cell_id, phase)
 
-        proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line)
+        proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line,
+                             owner={"run_id": self.run_id, "locks": self.lock_paths})
         base = f"http://127.0.0.1:{port}"
         view.phase(cell.cell_id, "starting")
         spawned = time.monotonic()
@@ -381,6 +397,7 @@ class MatrixRun:
         watchdog.start()
         timings = rec.timings
         stage = "startup"
+        series_error: OSError | None = None
         try:
             try:
                 timings.spawn_to_ready_s = round(proc.wait_ready(base, api_key, timeouts.ready_s), 3)
@@ -429,9 +446,20 @@ class MatrixRun:
             self._engines.discard(proc)
             rec.engine_exit_code = proc.poll()
             rec.telemetry = sampler.stop(_generated_tokens(rec.probes))
-            sampler.write_series(folder / "telemetry.csv")
-            rec.telemetry["series"] = "telemetry.csv"
-        rec.facts = parse_log_file(log_path)
+            try:
+                sampler.write_series(folder / "telemetry.csv")
+                rec.telemetry["series"] = "telemetry.csv"
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                series_error = exc
+        rec.facts = parse_log_file(log_path) if log_path.exists() else None
+        if proc.log_error is not None and proc.log_error.errno in DISK_FULL_ERRNOS:
+            _disk_full(rec, f"engine.log cut after {proc.log_bytes} bytes: {proc.log_error.strerror}")
+            return
+        if series_error is not None:
+            _disk_full(rec, f"telemetry.csv not written: {series_error.strerror}")
+            return
         if expired.is_set():
             rec.outcome, rec.failure_class = "failed", "timeout"
             rec.failure_detail = f"the cell ran past timeouts.cell_s ({timeouts.cell_s:g} s) during {stage}; engine stopped"
@@ -450,11 +478,78 @@ class MatrixRun:
         t.harness_overhead_s = round(max(t.total_s - accounted, 0.0), 3)
         rec.finished_at = store.utcnow()
         rec = CellRecord.model_validate(self.redactor.redact_obj(rec.model_dump(mode="json")))
-        path = store.write_record(self.options.results_dir, rec)
+        folder = store.cell_dir(self.options.results_dir, self.run_id, rec.cell_id)
+        try:
+            path = store.write_record(self.options.results_dir, rec)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            (folder / RESERVE).unlink(missing_ok=True)  # the room set aside for this record
+            if rec.failure_class != "disk_full":
+                _disk_full(rec, f"record.json not written at first: {exc.strerror}")
+            path = _disk_write(lambda: store.write_record(self.options.results_dir, rec), f"{rec.cell_id}: record")
+        finally:
+            (folder / RESERVE).unlink(missing_ok=True)
         self._enter(ManifestEntry(cell_id=rec.cell_id, key=rec.key, status="ran", outcome=rec.outcome,
                                   record=str(path.parent.relative_to(self.options.results_dir))))
         self.view.done(rec)
         return rec
+
+
+# Room set aside in each cell's folder while its engine runs, freed for the record when the disk
+# fills up (an engine's DEBUG log can fill it), so a full disk is still a recorded failure.
+RESERVE = ".reserve"
+RESERVE_BYTES = 1 << 20
+
+
+def _reserve(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise
+            os.write(fd, bytes(RESERVE_BYTES))  # a file system without fallocate
+    except OSError:
+        os.close(fd)
+        (folder / RESERVE).unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _disk_full(rec: CellRecord, what: str) -> None:
+    rec.outcome, rec.failure_class, rec.failure_detail = "failed", "disk_full", what
+    rec.remedy = ("free space on the disk of the results folder (or give --results another one) and rerun; "
+                  "disk_full cells are run again, not reused")
+
+
+def _disk_write(write, what: str):
+    """A results write; a full disk stops the run with one line instead of a traceback."""
+    try:
+        return write()
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(f"{what} not written: {exc.strerror} ({exc.filename or 'results folder'}); "
+                           "free space and rerun: the cells recorded so far are kept") from None
+        raise
+
+
+# Failures that depend on the moment, not on the cell (a slow or busy host, a full disk, a token,
+# an unexplained crash such as a kill): a rerun tries the cell again. Every other failure class
+# is a property of the model, config and engine, so its record is reused like an ok one.
+RETRIED_FAILURES = frozenset({"timeout", "disk_full", "other", "gated_or_auth"})
+_FOREIGN_GPU_MEMORY = "is less than desired GPU memory utilization"  # vLLM: someone else holds the memory
+
+
+def reusable(old: CellRecord) -> bool:
+    """May a rerun reuse this record instead of running the cell again?"""
+    if old.outcome == "ok":
+        return True
+    if old.outcome != "failed" or old.failure_class in RETRIED_FAILURES:
+        return False
+    return not (old.failure_class == "oom_other" and _FOREIGN_GPU_MEMORY in (old.failure_detail or ""))
 
 
 def _judge(rec: CellRecord) -> None:

@@ -174,7 +174,11 @@ def _mtime(path: Path) -> str | None:
 def _copy_redacted(src: Path, dest: Path, redactor: Redactor) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(src, encoding="utf-8", errors="replace", newline="") as fin, open(tmp, "w", encoding="utf-8") as fout:
-        for line in fin:
-            fout.write(redactor.redact(line))
-    os.replace(tmp, dest)
+    try:
+        with open(src, encoding="utf-8", errors="replace", newline="") as fin, open(tmp, "w", encoding="utf-8") as fout:
+            for line in fin:
+                fout.write(redactor.redact(line))
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -258,17 +258,28 @@ class StubServer:
 
 class StubProcess:
     """The stub in a child process (`with StubProcess(cfg) as url:`): its own interpreter,
-    so its timing is not disturbed by the client's GIL and each gets a core."""
+    so its timing is not disturbed by the client's GIL and each gets a core. It runs in its own
+    process group under a guard (`harness.process.Guard`), so it dies with a killed harness."""
 
     def __init__(self, config: StubConfig | None = None) -> None:
         self.config = config or StubConfig()
         self._proc: subprocess.Popen | None = None
+        self._guard = None
 
     def __enter__(self) -> str:
+        from harness.process import Guard  # the stub's own process does not need it
+
         cfg = self.config
         cmd = [sys.executable, "-m", "harness.probes.stub", "--ttft", str(cfg.ttft),
                "--itl", str(cfg.itl), "--usage", cfg.usage]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            self._guard = Guard(self._proc.pid)
+            self._guard.watch([self._proc.pid])
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
         line = self._proc.stdout.readline()
         if not line.startswith("PORT "):
             self.__exit__()
@@ -278,8 +289,14 @@ class StubProcess:
     def __exit__(self, *exc: object) -> None:
         if self._proc:
             self._proc.terminate()
-            self._proc.wait(10)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc.stdout.close()
+        if self._guard:
+            self._guard.release()
 
 
 def main(argv: list[str] | None = None) -> None:

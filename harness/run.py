@@ -453,7 +453,7 @@ class MatrixRun:
                 if exc.errno not in DISK_FULL_ERRNOS:
                     raise
                 series_error = exc
-        rec.facts = parse_log_file(log_path) if log_path.exists() else None
+        rec.facts = parse_log_file(log_path) if log_path.is_file() else None
         if proc.log_error is not None and proc.log_error.errno in DISK_FULL_ERRNOS:
             _disk_full(rec, f"engine.log cut after {proc.log_bytes} bytes: {proc.log_error.strerror}")
             return

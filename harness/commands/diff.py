@@ -14,14 +14,15 @@ from harness.diff import METRICS, diff_runs
 from harness.errors import InputError
 from harness.report.aggregate import Run, load
 from harness.report.render import environment
+from harness.validate import folder, out_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", metavar="RUN_A", help="the baseline run id (a folder under --results)")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--results", type=folder, default="results", help="results folder (default: results)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown report to FILE")
+    parser.add_argument("--markdown", type=out_file, metavar="FILE", help="also write the Markdown report to FILE")
 
 
 def _run(runs: dict[str, Run], name: str, results: Path) -> Run:
@@ -33,8 +34,6 @@ def _run(runs: dict[str, Run], name: str, results: Path) -> Run:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.results.is_dir():
-        raise InputError(f"--results {args.results}: no such folder")
     runs = {run.run_id: run for run in load(args.results).runs}
     diff = diff_runs(_run(runs, args.run_a, args.results), _run(runs, args.run_b, args.results))
     markdown = environment().get_template("diff.md.j2").render(diff=diff, metrics=METRICS)

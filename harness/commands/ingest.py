@@ -1,7 +1,9 @@
 """`ingest DIR [--results DIR]`: a folder of existing vLLM engine logs -> one run of records.
 
 Each log becomes a CellRecord whose model and engine args come from the log itself, so
-`report` can rebuild a compatibility report from logs someone already has. What a log cannot
+`report` can rebuild a compatibility report from logs someone already has. Files that are not
+engine logs (empty, binary, or without a single line the parser knows) are skipped, named on
+stderr, and make no record. What a log cannot
 say (host name, OS, Python) is marked "ingested" instead of guessed; what it does say (GPU
 name, total memory, vLLM version, platform) fills the host fingerprint. Secrets are redacted
 from the stored copy of each log and from the record.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from harness import __version__
@@ -34,14 +37,17 @@ from harness.schema import (
     slug,
 )
 from harness.store import ENGINE_LOG, cell_dir, new_run_id, utcnow, write_manifest, write_record
+from harness.validate import folder as folder_arg
+from harness.validate import is_binary, out_folder
 
 INGESTED = "ingested"
 LOG_SUFFIXES = (".log", ".txt", ".out", ".err")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, help="folder of engine logs (*.log, *.txt, *.out, *.err; searched recursively)")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("dir", type=folder_arg,
+                        help="folder of engine logs (*.log, *.txt, *.out, *.err; searched recursively)")
+    parser.add_argument("--results", type=out_folder, default="results", help="results folder (default: results)")
 
 
 def find_logs(folder: Path) -> list[Path]:
@@ -54,18 +60,22 @@ def find_logs(folder: Path) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     folder: Path = args.dir
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (give a folder of engine logs)")
-    logs = find_logs(folder)
-    if not logs:
+    files = find_logs(folder)
+    if not files:
         raise InputError(f"{folder}: no log files ({', '.join(LOG_SUFFIXES)}) in it")
     redactor = Redactor(env=os.environ)
     run_id = new_run_id()
     started = utcnow()
     entries: list[ManifestEntry] = []
     hosts: list[HostFingerprint] = []
-    for path in logs:
-        record = ingest_one(path, folder, run_id, started, redactor)
+    logs = []
+    for path in files:
+        scanned, why_not = _scan_engine_log(path)
+        if scanned is None:
+            print(f"skipped {path.relative_to(folder)}: {why_not}", file=sys.stderr)
+            continue
+        logs.append(path)
+        record = ingest_one(path, folder, run_id, started, redactor, scanned)
         _copy_redacted(path, cell_dir(args.results, run_id, record.cell_id) / ENGINE_LOG, redactor)
         written = write_record(args.results, record)
         hosts.append(record.host)
@@ -76,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
             )
         )
         print(f"{record.cell_id}: {record.outcome}" + (f" ({record.failure_class})" if record.failure_class else ""))
+    if not logs:
+        raise InputError(f"{folder}: none of its {len(files)} log files is a vLLM engine log")
     listing = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size}" for p in logs)
     manifest = RunManifest(
         run_id=run_id,
@@ -91,8 +103,26 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor) -> CellRecord:
+def _scan_engine_log(path: Path) -> tuple[tuple[EngineFacts, LogConfig] | None, str]:
+    """(facts, config) of an engine log, or (None, why the file is not one)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8192)
+    except OSError as exc:
+        return None, f"cannot read it ({exc.strerror})"
+    if not head:
+        return None, "empty"
+    if is_binary(head):
+        return None, "binary data, not a log"
     facts, config = scan_file(path)
+    if not facts.model_dump(exclude_defaults=True) and config.model is None and not config.args:
+        return None, "not a vLLM engine log (no line the parser knows)"
+    return (facts, config), ""
+
+
+def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor,
+               scanned: tuple[EngineFacts, LogConfig]) -> CellRecord:
+    facts, config = scanned
     stem = str(path.relative_to(folder).with_suffix(""))
     cell = _cell(facts, config, stem)
     version = facts.vllm_version

@@ -165,8 +165,9 @@ class EngineProcess:
         try:
             self.pids_dir.mkdir(parents=True, exist_ok=True)
             self.pid_file.write_text(json.dumps(info))
-        except OSError:
-            self.pid_file = None  # disk full: the guard still covers a killed harness
+        except OSError:  # disk full: the guard still covers a killed harness
+            self.pid_file.unlink(missing_ok=True)
+            self.pid_file = None
 
     def _pump(self) -> None:
         """Copy the engine's output to the log, redacted, until the engine closes it; on a write

@@ -43,7 +43,7 @@ from harness.matrix import Matrix, MatrixFile
 from harness.process import PIDS_DIR, reap_stale
 from harness.progress import Progress
 from harness.redact import Redactor
-from harness.run import Host, MatrixRun, RunOptions, terminate_as_interrupt, discover_host
+from harness.run import Host, MatrixRun, RunOptions, discover_host, reusable, terminate_as_interrupt
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
 RESOURCE_PREFIX = "gpu_"
@@ -280,9 +280,9 @@ class ClusterRun:
 
     def _run(self, ray, cells: list[Cell], emit) -> None:
         results = self.options.results_dir
-        # key -> (newest record, its outcome), as store.recorded_keys; skipped records are rerun.
-        recorded = {} if self.options.force else {r.key: (p, r.outcome) for p, r in store.iter_records(results)}
-        reusable = sorted(k for k, (_, outcome) in recorded.items() if outcome != "skipped")
+        # key -> (newest record, whether a rerun may reuse it), as store.recorded_keys and run.reusable.
+        recorded = {} if self.options.force else {r.key: (p, reusable(r)) for p, r in store.iter_records(results)}
+        keys = sorted(k for k, (_, ok) in recorded.items() if ok)
         # The board lives with the driver, so losing any other node never loses progress events.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
@@ -300,7 +300,7 @@ class ClusterRun:
             cell, need = attempt.cell, devices_needed(attempt.cell)
             request = {"cell": cell.model_dump_json(), "matrix_text": self.matrix.text,
                        "matrix_path": str(self.matrix.path), "run_id": self.run_id, "options": options,
-                       "reusable": reusable, "attempt": attempt.number}
+                       "reusable": keys, "attempt": attempt.number}
             ref = task.options(
                 num_cpus=1, num_gpus=0 if cell.gpu.lower() == "cpu" else need,
                 resources={resource_name(cell.gpu, self.resource_prefix): need},

@@ -22,7 +22,7 @@ HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1
 MATRIX ?= matrix.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install chromium matrix test report bench bench-parse bench-probe bench-plan clean-venv
+.PHONY: install chromium matrix nightly test report bench bench-parse bench-probe bench-plan clean-venv
 
 install: $(HARNESS_STAMP)
 
@@ -45,11 +45,17 @@ $(HARNESS_STAMP): $(ENGINE_STAMP) pyproject.toml
 	rm -f $(VENV)/.harness-*
 	touch $@
 
+# The doctor's fast subset (GPUs, engines, disk) first: a problem is one line up front, then the run goes on.
 matrix: install
+	@$(PY) -m harness doctor --fast --matrix $(MATRIX) || echo "make matrix: doctor found problems (above); running the matrix anyway"
 	$(PY) -m harness run --matrix $(MATRIX)
 
 report: install
 	$(PY) -m harness report
+
+# The nightly job's logic (run, publish, diff against the last published run): see .github/workflows.
+nightly: install
+	$(PY) -m harness nightly --matrix $(MATRIX) --out nightly
 
 # Headless Chromium renders the report in one test; installed from Debian's packages when missing.
 chromium:
@@ -74,8 +80,14 @@ $(GUIDELLM_VENV)/bin/guidellm:
 bench-probe: install $(GUIDELLM_VENV)/bin/guidellm
 	GUIDELLM_VENV=$(GUIDELLM_VENV) $(PY) -m tests.bench.bench_probe
 
-bench-plan: install
-	$(PY) -m tests.bench.bench_plan
+# llm-d-planner is the peer the planner benchmark compares against: pinned, its own venv.
+LLMD_VENV ?= .venv-llmd-planner
+$(LLMD_VENV)/bin/python:
+	$(PYTHON) -m venv $(LLMD_VENV)
+	$(LLMD_VENV)/bin/pip install -q "llm-d-planner==0.3.3"
+
+bench-plan: install $(LLMD_VENV)/bin/python
+	HF_HUB_OFFLINE=1 LLMD_PYTHON=$(LLMD_VENV)/bin/python $(PY) -m tests.bench.bench_plan
 
 clean-venv:
 	rm -rf $(VENV)

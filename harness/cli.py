@@ -22,8 +22,10 @@ VERBS: dict[str, str] = {
     "ingest": "a folder of existing engine logs -> result records",
     "report": "result records -> Markdown reports (+ plots) under reports/",
     "diff": "regressions between two runs; exit code 1 when any",
+    "nightly": "the nightly job: run the matrix, publish, diff against the last published run",
     "calibrate": "refit the planner's calibration table from all records",
     "build-models": "build the tiny models the CPU matrix uses",
+    "doctor": "check this box for the matrix (GPUs, engines, disk, hub, fit); exit 1 when a check fails",
 }
 
 

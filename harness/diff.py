@@ -1,39 +1,42 @@
-"""Run-to-run comparison: regressions and improvements between two runs (the nightly CI gate).
+"""Run-to-run comparison: the regression gate between run A (before) and run B (after).
 
-Pure: takes two aggregated runs (`harness.report.aggregate.Run`) and returns `Change`s; reading
-results/ and printing belong to `harness.commands.diff`. Cells are matched by cell id (model,
-device selector, config, engine install), so a vLLM upgrade compares like with like.
+Pure: takes aggregated runs (`harness.report.aggregate.Run`) and returns a `Diff`; reading the run
+log and printing belong to `harness.commands.diff`. Cells are matched by cell id (model, device
+selector, config, engine install), so a vLLM upgrade compares like with like.
 
-Tracked, with the thresholds a move must pass to count (relative to run A, and at least the
-absolute floor, so noise on tiny values does not flip the gate):
+Two kinds of metric, judged differently:
 
-| metric | better | relative | floor |
-|---|---|---|---|
-| status (ok / failed / skipped) | ok | any flip | |
-| validation (passed) | passed | any flip | |
-| cell present in run B | present | missing | |
-| KV cache tokens, max concurrency | higher | 5 % | 1 token / 0.01 × |
-| spawn → ready, vLLM load time | lower | 20 % | 5 s / 2 s |
-| output token throughput (per concurrency level) | higher | 10 % | 1 tok/s |
-| TTFT median / p99 | lower | 15 % / 25 % | 5 ms / 10 ms |
-| TPOT median, ITL median | lower | 10 % | 1 ms |
-| ITL p99 | lower | 25 % | 5 ms |
-| E2EL median | lower | 15 % | 10 ms |
-| failed requests (per level) | lower | any increase | 1 request |
+- **Deterministic facts** (status, validation, KV cache tokens and blocks, max concurrency, and the
+  memory breakdown: weights, activation, non-torch, CUDA graph, KV GiB) do not move between two
+  runs of the same cell unless something changed, so they are compared tightly: any move beyond
+  the rounding of vLLM's log (the larger of a relative and an absolute tolerance) counts.
+- **Timings and throughput** (spawn → ready, load, and per probe level: output tokens/s, TTFT,
+  TPOT, ITL, E2EL) drift with the machine (±10-15 % between runs on a shared VM). They are judged
+  against the cell's own history, in the style of pyperf and asv: the runs of the same cell key
+  (same host, same measurement) up to run A give a noise band, median ± max(3 × MAD·1.4826, the
+  metric's minimum relative band); run B's value is flagged only outside it, and the change states
+  both values and the band. With fewer than `MIN_HISTORY` runs the band is unknown: a large move
+  is shown as information, never as a regression.
 
-A cell run B did not attempt because its host lacks the device (`not_on_host`) is reported as
-information, not as a regression.
+Signs are always run B relative to run A: `change_pct` = (B − A) / |A| × 100.
+A cell run B did not attempt (its host lacks the device) is information, not a regression.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from harness.report.aggregate import Run, RunCell, level_value, probe_levels
 
 NOT_ATTEMPTED = {"not_on_host"}
+MIN_HISTORY = 3  # runs of a cell (run A included) before its noise band is trusted
+MAD_K = 3.0  # band half-width in robust standard deviations
+HISTORY_RUNS = 10  # the newest runs of a cell that make its band
+
+Kind = Literal["regression", "improvement", "info"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,9 @@ class Metric:
     name: str
     unit: str
     higher_is_better: bool
-    relative: float  # fraction of run A's value
+    relative: float  # deterministic: tolerance; noisy: the band's minimum half-width, of the centre
     floor: float  # absolute move, in `unit`, below which nothing is reported
+    noisy: bool  # judged against the cell's history (True) or tightly (False)
     per_level: bool  # compared at each probe concurrency level present in both runs
     get: Callable[[dict[str, Any]], Any]  # a row (cell) or a probe level -> value
 
@@ -56,25 +60,47 @@ def _level(metric: str, stat: str = "median") -> Callable[[dict[str, Any]], Any]
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("kv_cache_tokens", "tokens", True, 0.05, 1, False, _row("kv_cache_tokens")),
-    Metric("max_concurrency", "×", True, 0.05, 0.01, False, _row("max_concurrency")),
-    Metric("spawn_to_ready_s", "s", False, 0.20, 5.0, False, _row("spawn_to_ready_s")),
-    Metric("load_s", "s", False, 0.20, 2.0, False, _row("load_s")),
-    Metric("output_throughput", "tok/s", True, 0.10, 1.0, True, lambda lv: level_value(lv, "output_throughput")),
-    Metric("ttft_median_ms", "ms", False, 0.15, 5.0, True, _level("ttft_ms")),
-    Metric("ttft_p99_ms", "ms", False, 0.25, 10.0, True, _level("ttft_ms", "p99")),
-    Metric("tpot_median_ms", "ms", False, 0.10, 1.0, True, _level("tpot_ms")),
-    Metric("itl_median_ms", "ms", False, 0.10, 1.0, True, _level("itl_ms")),
-    Metric("itl_p99_ms", "ms", False, 0.25, 5.0, True, _level("itl_ms", "p99")),
-    Metric("e2el_median_ms", "ms", False, 0.15, 10.0, True, _level("e2el_ms")),
-    Metric("failed_requests", "requests", False, 0.0, 1.0, True, lambda lv: level_value(lv, "failed")),
+    # deterministic: vLLM prints GiB with 2 decimals, hence the 0.02 GiB floor
+    Metric("kv_cache_tokens", "tokens", True, 0.005, 1, False, False, _row("kv_cache_tokens")),
+    Metric("num_gpu_blocks", "blocks", True, 0.005, 1, False, False, _row("num_gpu_blocks")),
+    Metric("max_concurrency", "×", True, 0.005, 0.01, False, False, _row("max_concurrency")),
+    Metric("weights_gib", "GiB", False, 0.01, 0.02, False, False, _row("weights_gib")),
+    Metric("activation_gib", "GiB", False, 0.01, 0.02, False, False, _row("activation_gib")),
+    Metric("non_torch_gib", "GiB", False, 0.01, 0.02, False, False, _row("non_torch_gib")),
+    Metric("cuda_graph_gib", "GiB", False, 0.01, 0.02, False, False, _row("cuda_graph_gib")),
+    Metric("kv_cache_gib", "GiB", True, 0.01, 0.02, False, False, _row("kv_cache_gib")),
+    Metric("failed_requests", "requests", False, 0.0, 1.0, False, True, lambda lv: level_value(lv, "failed")),
+    # noisy: judged against the cell's own history
+    Metric("spawn_to_ready_s", "s", False, 0.10, 2.0, True, False, _row("spawn_to_ready_s")),
+    Metric("load_s", "s", False, 0.10, 1.0, True, False, _row("load_s")),
+    Metric("output_throughput", "tok/s", True, 0.05, 1.0, True, True, lambda lv: level_value(lv, "output_throughput")),
+    Metric("ttft_median_ms", "ms", False, 0.05, 2.0, True, True, _level("ttft_ms")),
+    Metric("ttft_p99_ms", "ms", False, 0.10, 5.0, True, True, _level("ttft_ms", "p99")),
+    Metric("tpot_median_ms", "ms", False, 0.05, 0.5, True, True, _level("tpot_ms")),
+    Metric("itl_median_ms", "ms", False, 0.05, 0.5, True, True, _level("itl_ms")),
+    Metric("itl_p99_ms", "ms", False, 0.10, 2.0, True, True, _level("itl_ms", "p99")),
+    Metric("e2el_median_ms", "ms", False, 0.05, 5.0, True, True, _level("e2el_ms")),
 )
+# A noisy metric with too little history is shown (as info) only beyond this relative move.
+UNJUDGED_SHOWN_BEYOND = 0.25
+
+
+@dataclass(frozen=True)
+class Band:
+    """The noise band of a metric from the cell's history: centre ± half."""
+
+    low: float
+    high: float
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{self.low:.4g}..{self.high:.4g} from {self.samples} runs"
 
 
 @dataclass(frozen=True)
 class Change:
     cell_id: str
-    kind: str  # "regression" | "improvement" | "info"
+    kind: Kind
     metric: str
     before: Any
     after: Any
@@ -82,14 +108,34 @@ class Change:
     concurrency: int | None = None
     change_pct: float | None = None
     note: str = ""
+    band: Band | None = None  # noisy metrics judged against history
+
+
+@dataclass
+class CellVerdict:
+    """One line per cell: what became of it from run A to run B."""
+
+    cell_id: str
+    verdict: Literal["regressed", "improved", "changed", "unchanged", "missing", "new", "not attempted"]
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        worst = [c for c in self.changes if c.kind == "regression"] or self.changes
+        shown = ", ".join(describe(c) for c in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        return f"{self.cell_id}: {self.verdict}" + (f" — {shown}" if shown else "")
 
 
 @dataclass
 class Diff:
     run_a: str
     run_b: str
-    changes: list[Change]
-    compared: int  # cells present in both runs
+    cells: list[CellVerdict]
+    compared: int  # cells with a record in both runs
+
+    @property
+    def changes(self) -> list[Change]:
+        return [c for cell in self.cells for c in cell.changes]
 
     @property
     def regressions(self) -> list[Change]:
@@ -104,35 +150,87 @@ class Diff:
         return [c for c in self.changes if c.kind == "info"]
 
     def to_json(self) -> dict[str, Any]:
+        def change(c: Change) -> dict[str, Any]:
+            out = asdict(c)
+            out["band"] = None if c.band is None else asdict(c.band)
+            return out
+
         return {
             "run_a": self.run_a,
             "run_b": self.run_b,
             "compared_cells": self.compared,
-            "regressions": [asdict(c) for c in self.regressions],
-            "improvements": [asdict(c) for c in self.improvements],
-            "info": [asdict(c) for c in self.info],
-            "thresholds": [
+            "cells": [{"cell_id": v.cell_id, "verdict": v.verdict, "summary": v.summary} for v in self.cells],
+            "regressions": [change(c) for c in self.regressions],
+            "improvements": [change(c) for c in self.improvements],
+            "info": [change(c) for c in self.info],
+            "rules": {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS},
+            "metrics": [
                 {"metric": m.name, "unit": m.unit, "better": "higher" if m.higher_is_better else "lower",
-                 "relative": m.relative, "floor": m.floor, "per_concurrency_level": m.per_level}
+                 "judged": "history band" if m.noisy else "tight", "relative": m.relative, "floor": m.floor,
+                 "per_concurrency_level": m.per_level}
                 for m in METRICS
             ],
         }
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return float(value) if ok else None
 
 
-def compare_value(metric: Metric, cell_id: str, before: Any, after: Any, concurrency: int | None = None) -> Change | None:
+def _fmt(value: Any, unit: str) -> str:
+    number = _number(value)
+    if number is None:
+        return str(value)
+    text = f"{number:,.0f}" if unit in ("tokens", "blocks", "requests") else f"{number:,.3g}" if abs(number) >= 100 \
+        else f"{number:.3g}" if unit != "GiB" else f"{number:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def describe(c: Change) -> str:
+    """`metric @N: before → after (+x.x %)`, with the band where history judged it."""
+    where = f" @{c.concurrency}" if c.concurrency is not None else ""
+    if c.metric in ("status", "validation", "failure_class", "cell"):
+        return f"{c.metric}: {c.before} → {c.after}" + (f" ({c.note})" if c.note else "")
+    pct = f" ({c.change_pct:+.1f} %)" if c.change_pct is not None else ""
+    band = f", band {c.band}" if c.band else ""
+    note = f"; {c.note}" if c.note else ""
+    return f"{c.metric}{where}: {_fmt(c.before, c.unit)} → {_fmt(c.after, c.unit)}{pct}{band}{note}"
+
+
+def band_of(metric: Metric, history: list[float]) -> Band | None:
+    """Noise band from the cell's own history (run A included); None while history is too short."""
+    if len(history) < MIN_HISTORY:
+        return None
+    centre = statistics.median(history)
+    mad = statistics.median(abs(v - centre) for v in history) * 1.4826
+    half = max(MAD_K * mad, metric.relative * abs(centre), metric.floor)
+    return Band(centre - half, centre + half, len(history))
+
+
+def compare_value(metric: Metric, cell_id: str, before: Any, after: Any, concurrency: int | None = None,
+                  history: list[float] | None = None) -> Change | None:
     a, b = _number(before), _number(after)
     if a is None or b is None:
         return None  # a metric one run did not measure is not a move
     delta = b - a
-    if abs(delta) < metric.floor or abs(delta) <= metric.relative * abs(a):
-        return None
+    pct = round(100 * delta / abs(a), 1) if a else None
     better = delta > 0 if metric.higher_is_better else delta < 0
+    if not metric.noisy:
+        if abs(delta) < metric.floor or abs(delta) <= metric.relative * abs(a):
+            return None
+        return Change(cell_id, "improvement" if better else "regression", metric.name, before, after, metric.unit,
+                      concurrency, pct)
+    band = band_of(metric, history or [])
+    if band is None:
+        if abs(delta) < metric.floor or abs(delta) <= UNJUDGED_SHOWN_BEYOND * abs(a):
+            return None
+        return Change(cell_id, "info", metric.name, before, after, metric.unit, concurrency, pct,
+                      note=f"not judged: {len(history or [])} of {MIN_HISTORY} runs of history for a noise band")
+    if band.low <= b <= band.high:
+        return None
     return Change(cell_id, "improvement" if better else "regression", metric.name, before, after, metric.unit,
-                  concurrency, round(100 * delta / abs(a), 1) if a else None)
+                  concurrency, pct, band=band)
 
 
 def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
@@ -149,41 +247,88 @@ def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
     return changes
 
 
-def compare_cell(cell_id: str, a: RunCell, b: RunCell) -> list[Change]:
+def _levels(cell: RunCell) -> dict[Any, dict[str, Any]]:
+    return {lv.get("concurrency"): lv for lv in probe_levels(cell.record)} if cell.record else {}
+
+
+def _history_values(metric: Metric, history: list[RunCell], concurrency: Any) -> list[float]:
+    values = []
+    for cell in history:
+        source = _levels(cell).get(concurrency) if metric.per_level else cell.row
+        value = _number(metric.get(source)) if source else None
+        if value is not None:
+            values.append(value)
+    return values
+
+
+def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell] | None = None) -> list[Change]:
+    """Every change of one cell; `history`: the cell's earlier records up to and including A's."""
     assert a.row is not None and b.row is not None
+    history = history if history is not None else [a]
     changes = _status(cell_id, a.row, b.row)
-    levels_a = {lv.get("concurrency"): lv for lv in probe_levels(a.record)} if a.record else {}
-    levels_b = {lv.get("concurrency"): lv for lv in probe_levels(b.record)} if b.record else {}
+    levels_a, levels_b = _levels(a), _levels(b)
     for metric in METRICS:
         if not metric.per_level:
-            change = compare_value(metric, cell_id, metric.get(a.row), metric.get(b.row))
+            change = compare_value(metric, cell_id, metric.get(a.row), metric.get(b.row),
+                                   history=_history_values(metric, history, None))
             changes.extend([change] if change else [])
             continue
         for conc in sorted(set(levels_a) & set(levels_b), key=lambda c: c or 0):
-            change = compare_value(metric, cell_id, metric.get(levels_a[conc]), metric.get(levels_b[conc]), conc)
+            change = compare_value(metric, cell_id, metric.get(levels_a[conc]), metric.get(levels_b[conc]), conc,
+                                   history=_history_values(metric, history, conc))
             changes.extend([change] if change else [])
     return changes
 
 
-def diff_runs(run_a: Run, run_b: Run) -> Diff:
-    """Every change between run A (before) and run B (after), cells in A's order then B's."""
+def cell_history(runs: list[Run], a: RunCell, run_a: str, run_b: str) -> list[RunCell]:
+    """The cell's records with A's key (same measurement, same host) in the newest `HISTORY_RUNS`
+    runs up to run A, run B left out; each record once (a reused cell repeats its original)."""
+    assert a.row is not None
+    key, host = a.row["key"], a.row["host"]
+    seen, out = set(), []
+    for run in runs:
+        if run.run_id > run_a or run.run_id == run_b:
+            continue
+        for cell in run.cells:
+            row = cell.row
+            if row and row["key"] == key and row["host"] == host and row["record_path"] not in seen:
+                seen.add(row["record_path"])
+                out.append(cell)
+    if a.row["record_path"] not in seen:
+        out.append(a)
+    return out[-HISTORY_RUNS:]
+
+
+def _verdict(changes: list[Change]) -> str:
+    kinds = {c.kind for c in changes}
+    return ("regressed" if "regression" in kinds else "improved" if "improvement" in kinds
+            else "changed" if kinds else "unchanged")
+
+
+def diff_runs(run_a: Run, run_b: Run, history: list[Run] | None = None) -> Diff:
+    """Every cell of run A against run B, then cells new in B. `history`: all runs known (oldest
+    first), for the noise bands of timing metrics; without it only run A is history."""
     cells_a = {c.cell_id: c for c in run_a.cells}
     cells_b = {c.cell_id: c for c in run_b.cells}
-    changes: list[Change] = []
+    verdicts: list[CellVerdict] = []
     compared = 0
     for cell_id, a in cells_a.items():
         b = cells_b.get(cell_id)
         if a.row is None:
             continue  # not attempted in A: nothing to regress from
         if b is None or (b.row is None and b.status not in NOT_ATTEMPTED):
-            changes.append(Change(cell_id, "regression", "cell", "present", "missing",
-                                  note="run B has no record for this cell"))
+            verdicts.append(CellVerdict(cell_id, "missing", [Change(cell_id, "regression", "cell", "present", "missing",
+                                                                     note="run B has no record for this cell")]))
         elif b.row is None:
-            changes.append(Change(cell_id, "info", "cell", "present", b.status, note=b.reason or ""))
+            verdicts.append(CellVerdict(cell_id, "not attempted", [Change(cell_id, "info", "cell", "present", b.status,
+                                                                          note=b.reason or "")]))
         else:
             compared += 1
-            changes.extend(compare_cell(cell_id, a, b))
+            past = cell_history(history, a, run_a.run_id, run_b.run_id) if history else [a]
+            changes = compare_cell(cell_id, a, b, past)
+            verdicts.append(CellVerdict(cell_id, _verdict(changes), changes))  # type: ignore[arg-type]
     for cell_id, b in cells_b.items():
         if cell_id not in cells_a and b.row is not None:
-            changes.append(Change(cell_id, "info", "cell", "absent", b.row["outcome"], note="new in run B"))
-    return Diff(run_a.run_id, run_b.run_id, changes, compared)
+            verdicts.append(CellVerdict(cell_id, "new", [Change(cell_id, "info", "cell", "absent", b.row["outcome"],
+                                                                note="new in run B")]))
+    return Diff(run_a.run_id, run_b.run_id, verdicts, compared)

@@ -1,9 +1,10 @@
 """matrix.yaml: load, validate and expand into cells (models x gpus x configs x engines).
 
 Validation happens before anything starts. Every error is one line naming the file, the line and
-column, the place in the document and the fix, and is raised as `InputError` (exit code 2).
+column, the place in the document and the fix; all of a matrix's errors are raised together as
+one `InputError` (exit code 2).
 Checks that need the installed vLLM (engine-arg names and types) live in `check_engine_args`,
-fed by `harness.engine_info`, so `plan` and `report` still work on a laptop without vLLM.
+fed by `harness.engine.info`, so `plan` and `report` still work on a laptop without vLLM.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from harness.errors import InputError
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 
-DEFAULT_ENGINE_PYTHON = ".venv/bin/python"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Arguments the runner owns: a matrix may not set them (they would break isolation or secrecy).
 RUNNER_ARGS = {"host", "port", "api_key", "model", "served_model_name", "uds"}
@@ -63,7 +64,7 @@ def _range_problem(key: str, value: Any) -> str | None:
 
 class EngineEntry(_Strict):
     name: str = Field(min_length=1)
-    python: str = DEFAULT_ENGINE_PYTHON
+    python: str | None = None  # None: the interpreter running the harness (the project's own venv)
 
 
 class Timeouts(_Strict):
@@ -146,18 +147,20 @@ def load_matrix(path: str | Path) -> Matrix:
         raise InputError(f"{where}: YAML syntax error: {problem}; fix the indentation or quoting there") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}:1:1: the matrix must be a mapping with models, gpus and configs")
-    _check_duplicate_keys(path, nodes)
+    # Every problem is listed at once, each located: fixing a matrix should not take N runs.
+    problems = _duplicate_keys(path, nodes)
     try:
         spec = MatrixFile.model_validate(data)
     except ValidationError as exc:
-        raise InputError(_explain(path, nodes, exc)) from None
-    _check_unique(path, nodes, spec)
+        raise_all(path, problems + list(dict.fromkeys(_explain(path, nodes, err) for err in exc.errors())))
+    problems += _duplicate_names(path, nodes, spec)
     for ci, cfg in enumerate(spec.configs):
         for key, value in cfg.args.items():
             problem = _range_problem(key, value)
             if problem:
-                raise InputError(f"{_where(path, nodes, ('configs', ci, 'args', key))}: "
-                                 f"configs[{ci}].args.{key}: {problem}")
+                problems.append(f"{_where(path, nodes, ('configs', ci, 'args', key))}: "
+                                f"configs[{ci}].args.{key}: {problem}")
+    raise_all(path, problems)
     cells = expand(spec, path.parent)
     return Matrix(path=path, spec=spec, cells=cells, text=text, _nodes=nodes)
 
@@ -166,7 +169,7 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
     models = [_model_spec(m, base) for m in spec.models]
     cells = []
     for engine in spec.engines:
-        python = engine.python
+        python = engine.python or sys.executable
         if not Path(python).is_absolute() and "/" in python:
             python = str((base / python).absolute())
         install = EngineInstall(name=engine.name, python=python)
@@ -195,8 +198,9 @@ def select(cells: list[Cell], only: str | None) -> list[Cell]:
 def check_engine_args(matrix: Matrix, engine_args: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Refuse engine args the installed vLLM's own parser does not know, with "did you mean".
 
-    `engine_args` maps engine name -> {dest: action description} from `harness.engine_info`.
+    `engine_args` maps engine name -> {dest: action description} from `harness.engine.info`.
     """
+    problems = []
     for ci, cfg in enumerate(matrix.spec.configs):
         for engine_name, known in engine_args.items():
             for key, value in cfg.args.items():
@@ -205,13 +209,15 @@ def check_engine_args(matrix: Matrix, engine_args: dict[str, dict[str, dict[str,
                 if action is None:
                     hint = difflib.get_close_matches(key, list(known), n=1)
                     fix = f"did you mean '{hint[0]}'?" if hint else "see `vllm serve --help` (spelled in snake_case)"
-                    raise InputError(
+                    problems.append(
                         f"{where}: configs[{cfg.name}].args: unknown engine argument '{key}' for engine "
                         f"'{engine_name}' — {fix}"
                     )
+                    continue
                 problem = _value_problem(action, value)
                 if problem:
-                    raise InputError(f"{where}: configs[{cfg.name}].args.{key}: {problem}")
+                    problems.append(f"{where}: configs[{cfg.name}].args.{key}: {problem}")
+    raise_all(matrix.path, problems)
 
 
 def _value_problem(action: dict[str, Any], value: Any) -> str | None:
@@ -295,8 +301,15 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _explain(path: Path, nodes: yaml.Node, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+def raise_all(path: Path, problems: list[str]) -> None:
+    """One located line per problem; one problem reads as before, several under a count."""
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        raise InputError(f"{path}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+def _explain(path: Path, nodes: yaml.Node, err: Any) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # pydantic appends union-member names ("str", "list[str]") to loc; keep the document path.
     while loc and _node_at(nodes, loc) is None and _key_node_at(nodes, loc) is None and len(loc) > 1:
@@ -339,21 +352,23 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _check_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
+def _duplicate_keys(path: Path, node: yaml.Node | None) -> list[str]:
+    problems: list[str] = []
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key, value in node.value:
             if key.value in seen:
                 line, col = key.start_mark.line + 1, key.start_mark.column + 1
-                raise InputError(f"{path}:{line}:{col}: key '{key.value}' appears twice; keep one")
+                problems.append(f"{path}:{line}:{col}: key '{key.value}' appears twice; keep one")
             seen.add(key.value)
-            _check_duplicate_keys(path, value)
+            problems += _duplicate_keys(path, value)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _check_duplicate_keys(path, item)
+            problems += _duplicate_keys(path, item)
+    return problems
 
 
-def _check_unique(path: Path, nodes: yaml.Node, spec: MatrixFile) -> None:
+def _duplicate_names(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]:
     base = path.parent
     groups = {
         "models": [_model_spec(m, base).name for m in spec.models],
@@ -361,13 +376,15 @@ def _check_unique(path: Path, nodes: yaml.Node, spec: MatrixFile) -> None:
         "engines": [e.name for e in spec.engines],
         "gpus": list(spec.gpus),
     }
+    problems = []
     for group, names in groups.items():
         seen: dict[str, int] = {}
         for i, name in enumerate(names):
             if name.lower() in seen:
                 where = _where(path, nodes, (group, i))
-                raise InputError(
+                problems.append(
                     f"{where}: {group}[{i}]: duplicate name '{name}' (also {group}[{seen[name.lower()]}]); "
                     "give each a distinct name"
                 )
             seen[name.lower()] = i
+    return problems

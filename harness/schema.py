@@ -1,7 +1,8 @@
 """Typed records shared by every stage: cells, host fingerprint, engine facts, cell records.
 
-These are the contracts of ../shared/design.md in code. Records are pydantic models so every
-stage reads and writes the same validated JSON; `schema_version` is bumped on breaking change.
+These are the contracts of docs/contracts.md in code. Records are pydantic models so every stage
+reads and writes the same validated JSON; `schema_version` is bumped when the stored shape
+changes, and readers (harness.store) accept every version up to their own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# 2: manifests name a cell's record file (not its folder); keys cover what is measured.
+SCHEMA_VERSION = 2
+# Bumped when the measuring code changes what a number means (probe metric definitions, the
+# validation judge, the log parser's facts); part of every cell key, so old records are not reused.
+MEASUREMENT_VERSION = 2
 
 FailureClass = Literal[
     "kv_cache_insufficient",
@@ -94,8 +99,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def cell_key(cell: Cell, engine_version: str | None, revision_sha: str | None = None) -> str:
-    """Identity for resume: model+revision, device, config (args+env), engine version."""
+def cell_key(
+    cell: Cell,
+    engine_version: str | None,
+    revision_sha: str | None = None,
+    *,
+    probe: Any = None,
+    validation: dict[str, Any] | None = None,
+    timeouts: dict[str, Any] | None = None,
+    origin: str | None = None,
+) -> str:
+    """Identity for resume and history: everything that changes what a cell measures.
+
+    Model and revision, device selector, engine args and env, the engine's vLLM version, the probe
+    profile, the validation settings, the timeouts (a failure they caused must not be reused once
+    they change) and the harness's MEASUREMENT_VERSION. `origin` names a measurement the harness
+    did not make (an ingested log: its content digest), so every such log keeps its own key.
+    """
     ident = {
         # A local folder is known by its content fingerprint (revision_sha), not where it lies.
         "model": cell.model.name if cell.model.is_local else cell.model.source,
@@ -104,7 +124,13 @@ def cell_key(cell: Cell, engine_version: str | None, revision_sha: str | None = 
         "args": cell.config.args,
         "env": cell.config.env,
         "engine_version": engine_version,
+        "probe": probe,
+        "validation": validation,
+        "timeouts": timeouts,
+        "measurement_version": MEASUREMENT_VERSION,
     }
+    if origin is not None:
+        ident["origin"] = origin
     blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -257,7 +283,7 @@ class ManifestEntry(Record):
     key: str | None = None
     status: Literal["ran", "reused", "not_on_host"]
     outcome: Outcome | None = None
-    record: str | None = None  # path relative to results/, for reused records too
+    record: str | None = None  # the record file, relative to the results root (reused ones too)
     reason: str | None = None
 
 

@@ -22,6 +22,24 @@ TINY = ROOT / "harness" / "tinymodels" / "data"
 ENGINE_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
+def _published_state() -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in (ROOT / "reports").rglob("*") if p.is_file()}
+
+
+def pytest_sessionstart(session):
+    session.config._published_before = _published_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The committed reports/ (and its published run log) is the project's product: a test that
+    # rendered or published into it instead of a tmp folder fails the session.
+    before = getattr(session.config, "_published_before", None)
+    if before is not None and _published_state() != before:
+        changed = sorted(set(before.items()) ^ set(_published_state().items()))[:5]
+        print(f"\nerror: the test session changed the repository's reports/: {changed}", file=sys.stderr)
+        session.exitstatus = 1
+
+
 def pytest_collection_modifyitems(items):
     # Real engines share 2 cores: keep every engine test on one xdist worker, one at a time.
     for item in items:

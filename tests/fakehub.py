@@ -10,6 +10,9 @@ to resolve and download a model, with the Hub's status codes and headers:
   ``X-Repo-Commit`` and ``Content-Length``; LFS files (weights) answer 302 to a "CDN" on another
   origin (``localhost`` instead of ``127.0.0.1``) with ``X-Linked-Etag`` (sha256) and
   ``X-Linked-Size``, so the client's "no Authorization header off the Hub" rule is exercised.
+- ``GET /api/whoami-v2``: the token's user (``{"name": "user-<n>"}``), 401 without a known token.
+- ``GET /api/models/{repo}/auth-check``: 200 when the token may read the repo's files, else the same
+  ``GatedRepo`` / ``RepoNotFound`` answers as a download.
 - Errors carry ``X-Error-Code``/``X-Error-Message``: ``RepoNotFound`` (401 without a token, 404 with
   one, as the Hub does so private repos do not leak), ``RevisionNotFound`` (404), ``EntryNotFound``
   (404), ``GatedRepo`` (401 without a token, 403 with a token not granted), and 401
@@ -178,6 +181,7 @@ class _Reply(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+_API_AUTH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/auth-check$")
 _API_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
 _API_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
@@ -207,6 +211,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._check_token()
                 if path == "/api/agent-harnesses":
                     return self._json(_EMPTY_AGENT_REGISTRY, head=head)
+                if path == "/api/whoami-v2":
+                    return self._whoami(head=head)
+                if m := _API_AUTH.match(path):
+                    return self._auth_check(m["repo"], head=head)
                 if m := _API_TREE.match(path):
                     return self._tree(m["repo"], unquote(m["rev"]), m["path"], query, head=head)
                 if m := _API_INFO.match(path):
@@ -274,6 +282,19 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 "createdAt": "2024-01-01T00:00:00.000Z",
             }
             self._json(body, head=head)
+
+        def _whoami(self, *, head: bool) -> None:
+            token = self._token()
+            if token is None:
+                raise _Reply(401, None, "Invalid credentials in Authorization header")
+            self._json({"type": "user", "name": f"user-{sorted(hub.tokens).index(token)}"}, head=head)
+
+        def _auth_check(self, repo_id: str, *, head: bool) -> None:
+            repo = self._repo(repo_id, "main")
+            if repo.gated and self._token() not in repo.granted:
+                status = 401 if self._token() is None else 403
+                raise _Reply(status, "GatedRepo", f"Access to model {repo_id} is restricted.")
+            self._json({"ok": True}, head=head)
 
         def _tree(
             self, repo_id: str, revision: str, sub: str | None, query: dict[str, list[str]], *, head: bool

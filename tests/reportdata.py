@@ -21,7 +21,6 @@ from harness.schema import (
     EngineVersions,
     FetchInfo,
     HostFingerprint,
-    ManifestEntry,
     MetricsFacts,
     ModelSpec,
     RunManifest,
@@ -29,7 +28,7 @@ from harness.schema import (
     Validation,
     cell_key,
 )
-from harness.store import ENGINE_LOG, cell_dir, write_manifest, write_record
+from harness.store import ENGINE_LOG, RunWriter
 
 H100_RUN = "20251001T120000Z-h100host"
 CPU_RUN = "20251002T080000Z-cpuhost"
@@ -263,21 +262,21 @@ def cpu_records(run_id: str = CPU_RUN, started_at: str = "2025-10-02T08:00:00+00
 
 def write_run(results_dir: Path, records: list[CellRecord], not_on_host: tuple[str, ...] = (),
               log_text: str = "INFO vllm ready\n") -> RunManifest:
-    """Store records (with an engine.log each) and their run's manifest, runner style."""
+    """Store records (with an engine.log each) and their run's manifest through the run log, as
+    the runner does."""
     first = records[0]
-    entries = []
+    log = RunWriter(results_dir, RunManifest(run_id=first.run_id, matrix_path="matrix.yaml", matrix_sha256="0" * 64,
+                                             started_at=first.started_at, host=first.host))
     for record in records:
-        path = write_record(results_dir, record)
         if record.engine_log:
-            (cell_dir(results_dir, record.run_id, record.cell_id) / record.engine_log).write_text(log_text)
-        entries.append(ManifestEntry(cell_id=record.cell_id, key=record.key, status="ran", outcome=record.outcome,
-                                     record=path.relative_to(results_dir).as_posix()))
+            folder = log.cell_dir(record.cell_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / record.engine_log).write_text(log_text)
+        log.ran(record)
     for cell_id in not_on_host:
-        entries.append(ManifestEntry(cell_id=cell_id, status="not_on_host", reason="no H100 on this host"))
-    manifest = RunManifest(run_id=first.run_id, matrix_path="matrix.yaml", matrix_sha256="0" * 64,
-                           started_at=first.started_at, finished_at=first.started_at, host=first.host, cells=entries)
-    write_manifest(results_dir, manifest)
-    return manifest
+        log.not_on_host(cell_id, "no H100 on this host")
+    log.finish()
+    return log.manifest
 
 
 def populate(results_dir: Path) -> None:

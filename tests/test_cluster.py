@@ -21,9 +21,10 @@ import pytest
 
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
 from raycluster import LocalCluster
-from harness.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem, resource_name
+from harness.host.selectors import resource_name
+from harness.run.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
-from harness.store import iter_records, read_manifest
+from harness.store import iter_records, read_runs
 
 needs_ray = pytest.mark.skipif(not (ENGINE_PYTHON.parent / "ray").exists(),
                                reason="no Ray in the engine venv: pip install '.[ray]'")
@@ -50,7 +51,7 @@ def records(results: Path) -> dict:
 
 
 def latest_manifest(results: Path):
-    return read_manifest(sorted(results.glob("*/manifest.json"))[-1])
+    return read_runs([results]).runs[-1].manifest
 
 
 # --------------------------------------------------------------------------- without a cluster
@@ -139,7 +140,7 @@ def local_run(tmp_path_factory):
     proc, _ = run_harness(["run", "--matrix", str(matrix_file(tmp, gpus="[cpu, H100]")), "--results", str(tmp / "results"),
                            "--no-report", "--progress", "plain"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return records(tmp / "results")
+    return tmp / "results"
 
 
 def start_driver(matrix: Path, results: Path, address: str) -> subprocess.Popen:
@@ -189,7 +190,7 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
 
     # Same outcomes, keys and record shapes as the local run; engine log and telemetry stored.
     for cell_id in CELLS:
-        ray_rec, loc = recs[cell_id], local_run[cell_id]
+        ray_rec, loc = recs[cell_id], records(local_run)[cell_id]
         assert (ray_rec.outcome, ray_rec.failure_class, ray_rec.key) == (loc.outcome, loc.failure_class, loc.key)
         assert shape(ray_rec) == shape(loc), cell_id
         folder = results / ray_rec.run_id / cell_id
@@ -211,6 +212,20 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
     assert {e.cell_id: e.status for e in latest_manifest(results).cells if e.cell_id in CELLS} == {
         CHAT: "reused", UNSUPPORTED: "reused"}
     assert sorted(line.split('"cell_id":"')[1].split('"')[0] for line in again.stdout.splitlines()) == sorted(CELLS)
+
+    # The cluster's output goes through report and diff like a local run's.
+    reports = tmp_path / "reports"
+    proc, _ = run_harness(["report", "--results", str(results), "--reports", str(reports)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = (reports / "runs" / f"{manifest.run_id}.md").read_text()
+    kv = f"{recs[CHAT].metrics.kv_cache_size_tokens:,}"
+    assert kv in page and "unsupported_architecture" in page and "no record on this host" not in page
+    local = read_runs([local_run]).runs[-1].folder
+    for args, code in (([str(local), str(results / manifest.run_id)], 0), ([str(local), str(results / first_run)], 1)):
+        proc, _ = run_harness(["diff", *args, "--reports", str(reports)])
+        assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the killed first cluster run has no tiny-chat record: the gate names the missing cell
+    assert f"{CHAT}: missing" in proc.stdout
     print(f"driver killed at {killed_at:.0f} s; whole test {time.monotonic() - started:.0f} s", file=sys.stderr)
 
 

@@ -6,7 +6,8 @@ import pytest
 from fixtures.nvml.fake import BOXES, FakePynvml
 
 import pynvml
-from harness.devices import Nvml, cpu_info, host_devices, match_selector
+from harness.host.devices import Nvml, cpu_info, host_devices
+from harness.host.selectors import match_selector
 from harness.schema import Device, HostFingerprint
 
 GPU_BOXES = [b for b in BOXES if b != "no_driver"]

@@ -1,4 +1,5 @@
-"""diff: a planted regression in every tracked metric is flagged; identical runs give nothing."""
+"""diff: a planted regression in every tracked metric is flagged; identical runs give nothing;
+timing metrics are judged against the cell's history, never on one sample."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main as cli_main
-from harness.diff import METRICS, diff_runs
+from harness.diff import METRICS, MIN_HISTORY, diff_runs
 from harness.report.aggregate import load
 from harness.schema import CellRecord
 from tests import reportdata as rd
@@ -35,6 +36,7 @@ def _set(attr: str, name: str, value) -> Callable[[CellRecord], None]:
 # how to make each tracked metric worse on the first CPU cell (tiny-llama)
 PLANT: dict[str, Callable[[CellRecord], None]] = {
     "kv_cache_tokens": _set("facts", "kv_cache_tokens", 1024),
+    "num_gpu_blocks": _set("facts", "num_gpu_blocks", 64),
     "max_concurrency": _set("facts", "max_concurrency", 1.0),
     "spawn_to_ready_s": _set("timings", "spawn_to_ready_s", 90.0),
     "load_s": _set("facts", "load_seconds", 20.0),
@@ -51,8 +53,20 @@ PLANT: dict[str, Callable[[CellRecord], None]] = {
 }
 
 
+# Deterministic facts the CPU cells do not have: planted on the H100 seed run instead.
+MEMORY_PLANT = {
+    "weights_gib": ("weights_gib", 0.5),
+    "activation_gib": ("activation_peak_gib", 1.0),
+    "non_torch_gib": ("non_torch_gib", 0.2),
+    "cuda_graph_gib": ("cuda_graph_gib", 0.3),
+    "kv_cache_gib": ("kv_cache_gib", -2.0),
+}
+NOISY = {m.name for m in METRICS if m.noisy}
+HISTORY = MIN_HISTORY - 1  # earlier runs that, with run A, make a noise band
+
+
 def runs(tmp_path: Path, plant: Callable[[CellRecord], None] | None = None, *, reverse: bool = False,
-         not_on_host: bool = False):
+         not_on_host: bool = False, history: int = 0):
     before = rd.cpu_records(RUN_A)
     after = [copy.deepcopy(r) for r in rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")]
     if plant:
@@ -63,18 +77,23 @@ def runs(tmp_path: Path, plant: Callable[[CellRecord], None] | None = None, *, r
             r.run_id = RUN_A
         for r in after:
             r.run_id = RUN_B
+    for i in range(history):  # earlier runs of the same cells, identical to run A
+        rd.write_run(tmp_path, [r.model_copy(update={"run_id": f"2025100{i + 1}T000000Z-cpuhost",
+                                                     "started_at": f"2025-10-0{i + 1}T00:00:00+00:00"}, deep=True)
+                                for r in before])
     if not_on_host:
         rd.write_run(tmp_path, before)
         rd.write_run(tmp_path, after[1:], not_on_host=(after[0].cell_id,))
     else:
         rd.write_run(tmp_path, before)
         rd.write_run(tmp_path, after)
-    by_id = {run.run_id: run for run in load(tmp_path).runs}
-    return diff_runs(by_id[RUN_A], by_id[RUN_B])
+    loaded = load(tmp_path).runs
+    by_id = {run.run_id: run for run in loaded}
+    return diff_runs(by_id[RUN_A], by_id[RUN_B], loaded)
 
 
 def test_every_tracked_metric_has_a_planted_regression():
-    assert {m.name for m in METRICS} | {"status", "validation"} == set(PLANT)
+    assert {m.name for m in METRICS} | {"status", "validation"} == set(PLANT) | set(MEMORY_PLANT)
 
 
 def test_identical_runs_have_no_changes(tmp_path):
@@ -84,25 +103,69 @@ def test_identical_runs_have_no_changes(tmp_path):
 
 @pytest.mark.parametrize("metric", sorted(PLANT))
 def test_planted_regression_is_flagged(tmp_path, metric):
-    diff = runs(tmp_path, PLANT[metric])
+    diff = runs(tmp_path, PLANT[metric], history=HISTORY if metric in NOISY else 0)
     flagged = {(c.cell_id, c.metric) for c in diff.regressions}
     assert ("tiny-llama__cpu__default__vllm-cpu", metric) in flagged
     assert {cell for cell, _ in flagged} == {"tiny-llama__cpu__default__vllm-cpu"}
     assert not diff.improvements
+    verdicts = {v.cell_id: v.verdict for v in diff.cells}
+    assert verdicts["tiny-llama__cpu__default__vllm-cpu"] == "regressed"
+    assert set(verdicts.values()) - {"regressed"} <= {"unchanged"}
+    if metric in NOISY:  # a flagged timing states its band, which run B is outside of
+        change = next(c for c in diff.regressions if c.metric == metric)
+        assert change.band is not None and change.band.samples == MIN_HISTORY
+        assert not change.band.low <= change.after <= change.band.high
 
 
 @pytest.mark.parametrize("metric", sorted(PLANT))
 def test_the_reverse_move_is_an_improvement(tmp_path, metric):
-    diff = runs(tmp_path, PLANT[metric], reverse=True)
+    diff = runs(tmp_path, PLANT[metric], reverse=True, history=HISTORY if metric in NOISY else 0)
     assert metric in {c.metric for c in diff.improvements}
     assert not diff.regressions
 
 
-def test_moves_within_thresholds_are_ignored(tmp_path):
+@pytest.mark.parametrize("metric", sorted(NOISY))
+def test_a_timing_move_without_history_is_shown_not_counted(tmp_path, metric):
+    diff = runs(tmp_path, PLANT[metric])
+    assert not diff.regressions
+    shown = [c for c in diff.info if c.metric == metric]
+    assert shown and all("not judged" in c.note and c.band is None for c in shown)
+
+
+@pytest.mark.parametrize("metric", sorted(MEMORY_PLANT))
+def test_memory_breakdown_is_compared_tightly(tmp_path, metric):
+    field, delta = MEMORY_PLANT[metric]
+    rd.write_run(tmp_path, rd.seed002_records())
+    after = rd.seed002_records()
+    for record in after:
+        record.run_id = "20991001T000000Z-h100host"
+    target = next(r for r in after if getattr(r.facts, field) is not None)
+    setattr(target.facts, field, getattr(target.facts, field) + delta)
+    rd.write_run(tmp_path, after)
+    loaded = load(tmp_path).runs
+    diff = diff_runs(loaded[0], loaded[1], loaded)
+    assert [(c.cell_id, c.metric) for c in diff.regressions] == [(target.cell_id, metric)]
+    assert diff.regressions[0].band is None  # tight: no history needed
+
+
+def test_moves_within_the_band_are_ignored(tmp_path):
     def small(record: CellRecord) -> None:
-        record.timings.spawn_to_ready_s += 3.0  # 13 %, under 20 % and the 5 s floor
-        _level("ttft_ms", "median", 1.05)(record)
-    assert runs(tmp_path, small).changes == []
+        record.timings.spawn_to_ready_s += 0.5  # under the 2 s floor
+        _level("ttft_ms", "median", 1.03)(record)  # under the 5 % minimum band
+    assert runs(tmp_path, small, history=HISTORY).changes == []
+
+
+def test_the_band_comes_from_the_spread_of_history(tmp_path):
+    """With noisy history, a move that a fixed threshold would flag stays inside the band."""
+    spreads = (0.7, 1.3)  # two earlier runs at ±30 % throughput around run A
+    for i, factor in enumerate(spreads):
+        records = rd.cpu_records(f"2025100{i + 1}T000000Z-cpuhost", f"2025-10-0{i + 1}T00:00:00+00:00")
+        _level("output_throughput", "", factor)(records[0])
+        rd.write_run(tmp_path, records)
+    diff = runs(tmp_path, _level("output_throughput", "", 0.8))  # -20 %: inside a ±30 % spread
+    assert not diff.regressions
+    diff = runs(tmp_path / "x", _level("output_throughput", "", 0.8), history=HISTORY)  # steady history
+    assert "output_throughput" in {c.metric for c in diff.regressions}
 
 
 def test_missing_cell_is_a_regression_not_on_host_is_not(tmp_path):
@@ -117,14 +180,21 @@ def test_missing_cell_is_a_regression_not_on_host_is_not(tmp_path):
 
 def test_cli_exit_codes_json_and_markdown(tmp_path, capsys):
     results = tmp_path / "results"
-    runs(results, PLANT["ttft_median_ms"])
+    runs(results, PLANT["ttft_median_ms"], history=HISTORY)
     md = tmp_path / "diff.md"
-    assert cli_main(["diff", RUN_A, RUN_B, "--results", str(results), "--json", "--markdown", str(md)]) == 1
+    reports = ["--reports", str(tmp_path / "reports")]
+    assert cli_main(["diff", RUN_A, RUN_B, "--results", str(results), "--json", "--markdown", str(md), *reports]) == 1
     out = json.loads(capsys.readouterr().out)
     assert {c["metric"] for c in out["regressions"]} == {"ttft_median_ms"}
-    assert out["thresholds"][0]["metric"] == "kv_cache_tokens"
+    assert out["metrics"][0]["metric"] == "kv_cache_tokens"
+    assert [c["verdict"] for c in out["cells"]].count("regressed") == 1
     text = md.read_text()
-    assert "## Regressions" in text and "| ttft_median_ms | 1 |" in text and "## Thresholds" in text
-    assert cli_main(["diff", RUN_A, RUN_A, "--results", str(results)]) == 0
+    assert "## Regressions" in text and "| ttft_median_ms | 1 |" in text and "## How changes are judged" in text
+    # one summary line per cell comes first, with the sign of B against A
+    assert "tiny-llama__cpu__default__vllm-cpu: regressed — ttft_median_ms @1:" in text and "(+100.0 %)" in text
+    # a run folder works as well as its id
+    assert cli_main(["diff", str(results / RUN_A), str(results / RUN_B), *reports]) == 1
+    capsys.readouterr()
+    assert cli_main(["diff", RUN_A, RUN_A, "--results", str(results), *reports]) == 0
     assert "0** regressions" in capsys.readouterr().out
-    assert cli_main(["diff", RUN_A, "nope", "--results", str(results)]) == 2
+    assert cli_main(["diff", RUN_A, "nope", "--results", str(results), *reports]) == 2

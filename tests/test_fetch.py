@@ -1,4 +1,4 @@
-"""harness.fetch against the real huggingface_hub client and a fake hub on 127.0.0.1.
+"""harness.run.fetch against the real huggingface_hub client and a fake hub on 127.0.0.1.
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, at import, so each fetch runs in
 a fresh subprocess whose environment points at this test's fake hub and its own HF_HOME, exactly
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from fakehub import FakeHub, FakeRepo
 
-from harness.fetch import FetchError, fetch_model, select_files
+from harness.run.fetch import FetchError, fetch_model, select_files
 from harness.schema import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +53,11 @@ TINY_SELECTED = sorted(
 # Runs fetch_model once per call description and prints one JSON result per line.
 _CHILD = r"""
 import json, sys, time
-import harness.fetch
-from harness.fetch import FetchError, OfflineMissing, fetch_model
+import harness.run.fetch
+from harness.run.fetch import FetchError, OfflineMissing, fetch_model
 from harness.schema import ModelSpec
 for call in json.loads(sys.argv[1]):
-    harness.fetch.PROGRESS_INTERVAL_S = call.get("interval", harness.fetch.PROGRESS_INTERVAL_S)
+    harness.run.fetch.PROGRESS_INTERVAL_S = call.get("interval", harness.run.fetch.PROGRESS_INTERVAL_S)
     lines = []
     started = time.monotonic()
     result = {}

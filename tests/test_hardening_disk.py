@@ -19,10 +19,11 @@ import pytest
 
 from harness import store
 from harness.errors import DiskFull
+from harness.host.fingerprint import Host
 from harness.matrix import load_matrix
-from harness.run import MatrixRun, RunOptions, reusable
+from harness.run.cell import RunOptions, reusable
+from harness.run.scheduler import Scheduler
 from harness.schema import Device, EngineVersions, HostFingerprint
-from harness.run import Host
 
 STANDIN = Path(__file__).parent / "standin"
 
@@ -50,7 +51,7 @@ def small_disk(request, tmp_path):
         yield request.param, results
 
 
-def cpu_run(tmp: Path, results: Path, env: str, ready_s: int = 60) -> MatrixRun:
+def cpu_run(tmp: Path, results: Path, env: str, ready_s: int = 60) -> Scheduler:
     model = tmp / "m1"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
@@ -68,7 +69,7 @@ probe: none
     host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
                 fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
                                             harness_version="test"))
-    return MatrixRun(load_matrix(path), host, RunOptions(results_dir=results, plan=False, progress="quiet",
+    return Scheduler(load_matrix(path), host, RunOptions(results_dir=results, plan=False, progress="quiet",
                                                          stop_grace_s=5))
 
 
@@ -90,7 +91,7 @@ def test_a_full_disk_is_a_recorded_disk_full(tmp_path, small_disk, monkeypatch):
     manifest = run.run(run.matrix.cells)
     assert time.monotonic() - started < 40  # the engine never stalled on its log (ready_s is 60)
     assert [e.outcome for e in manifest.cells] == ["failed"] and manifest.finished_at
-    rec = store.read_record(results / manifest.cells[0].record / store.RECORD)
+    rec = store.read_record(results / manifest.cells[0].record)
     assert rec.failure_class == "disk_full" and "engine.log cut after" in rec.failure_detail
     assert "free space" in rec.remedy
     assert rec.engine_exit_code is not None  # the engine was stopped, not left waiting
@@ -118,7 +119,7 @@ def test_a_disk_full_from_the_start_stops_the_run_in_one_line(tmp_path, monkeypa
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(store, "atomic_write_text", full)
-        monkeypatch.setattr("harness.run._reserve", full)
+        monkeypatch.setattr("harness.run.cell._reserve", full)
         _stops_in_one_line(tmp_path, results)
 
 

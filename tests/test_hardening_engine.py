@@ -17,7 +17,7 @@ from test_run_hub import hub_matrix, tiny_chat_files
 from test_run_engine import records_by_cell, small_matrix
 
 from conftest import ENGINE_PYTHON, ROOT, TreeWatcher, harness_cmd, harness_env, wait_for
-from harness.store import read_manifest
+from harness.store import read_runs
 
 pytestmark = pytest.mark.engine
 
@@ -123,7 +123,7 @@ def timeout_then_rerun(tmp_path_factory):
     out["second_code"] = second.wait(600)
     out["second_lines"] = second.lines
     out["records"] = records_by_cell(results)
-    out["manifest"] = read_manifest(sorted(results.glob("*/manifest.json"))[-1])
+    out["manifest"] = read_runs([results]).runs[-1].manifest
     out["left"] = second.watcher.wait_gone(10)
     return out
 

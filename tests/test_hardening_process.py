@@ -16,9 +16,9 @@ import time
 import psutil
 
 from conftest import ROOT, wait_for
-from harness.packing import lock_devices
-from harness.process import EngineProcess, Guard, reap_stale
-from harness.telemetry import Sampler
+from harness.engine.process import EngineProcess, Guard, reap_stale
+from harness.run.packing import lock_devices
+from harness.run.telemetry import Sampler
 
 # The engine stand-in: a parent, a child in its process group that ignores SIGTERM (an EngineCore
 # that does not listen), and a grandchild that left the group with setsid (what vLLM's data-parallel
@@ -35,7 +35,7 @@ time.sleep(600)
 OWNER = """
 import sys, time, psutil
 from pathlib import Path
-from harness.process import EngineProcess
+from harness.engine.process import EngineProcess
 tmp = Path(sys.argv[1])
 proc = EngineProcess([sys.executable, "-c", sys.argv[2]], env={"PATH": "/usr/bin:/bin"}, log_path=tmp / "engine.log",
                      pids_dir=tmp / ".engines", redact=str)

@@ -17,7 +17,7 @@ def test_config_env_secrets_never_reach_the_log_or_the_record(tmp_path, monkeypa
     run = cpu_run(tmp_path, results, f"MY_SERVICE_TOKEN: {SECRET}, STANDIN_SAY: 'connected with {SECRET}'")
     manifest = run.run(run.matrix.cells)
     assert [e.outcome for e in manifest.cells] == ["ok"]
-    folder = results / manifest.cells[0].record
+    folder = (results / manifest.cells[0].record).parent
     log = (folder / store.ENGINE_LOG).read_text()
     assert "connected with ***" in log and SECRET not in log
     assert SECRET not in (folder / store.RECORD).read_text()

@@ -11,10 +11,10 @@ import psutil
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
-import harness.hygiene
+import harness.host.hygiene
 import pynvml
-from harness.devices import Nvml
-from harness.hygiene import check_gpus, wait_for_clean_gpus
+from harness.host.devices import Nvml
+from harness.host.hygiene import check_gpus, wait_for_clean_gpus
 
 GIB = 2**30
 
@@ -150,7 +150,7 @@ def test_without_nvml_the_check_fails_clearly(monkeypatch):
 
 
 def test_hygiene_has_no_way_to_kill_anything():
-    tree = ast.parse(inspect.getsource(harness.hygiene))
+    tree = ast.parse(inspect.getsource(harness.host.hygiene))
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     imports = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}

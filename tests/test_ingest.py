@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from harness.cli import main
-from harness.store import iter_manifests, iter_records
+from harness.store import iter_records, read_runs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"
 HF = "hf_PlantedIngestToken0123456789"
@@ -38,8 +38,8 @@ def test_ingest_folder(tmp_path, capsys):
     stored = (results / tp3.run_id / tp3.cell_id / "engine.log").read_text()
     assert HF not in stored and "sekrit-9" not in stored
     assert HF not in (results / tp3.run_id / tp3.cell_id / "record.json").read_text()
-    manifests = list(iter_manifests(results))
-    assert len(manifests) == 1 and len(manifests[0][1].cells) == 3
+    runs = read_runs([results]).runs
+    assert len(runs) == 1 and len(runs[0].manifest.cells) == 3
 
 
 def test_ingest_bad_input(tmp_path, capsys):

@@ -169,3 +169,36 @@ def test_ray_section(tmp_path):
     assert load_matrix(write(tmp_path, BASE)).spec.ray.address is None
     msg = error_of(tmp_path, BASE + "ray: {adress: auto}\n")
     assert ":12:" in msg and "ray.adress" in msg and "did you mean 'address'" in msg
+
+
+def test_every_error_is_listed_at_once(tmp_path):
+    text = BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5") + \
+        "timeouts: {ready_s: -1}\nexclude: [{modle: x}]\n"
+    message = error_of(tmp_path, text)
+    lines = message.splitlines()
+    assert lines[0].endswith("2 problems:")  # the schema errors: timeouts and the misspelt key
+    assert any("timeouts.ready_s" in line for line in lines) and any("'modle'" in line for line in lines)
+    # once the schema holds, every range and duplicate problem comes together too
+    text = BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5").replace(
+        "name: big", "name: small") + "\n"
+    lines = error_of(tmp_path, text).splitlines()
+    assert lines[0].endswith("2 problems:")
+    assert any("duplicate name 'small'" in line for line in lines)
+    assert any("gpu_memory_utilization must be in (0, 1]" in line for line in lines)
+    for line in lines[1:]:  # each one located
+        assert line.strip().startswith(str(tmp_path / "matrix.yaml") + ":")
+
+
+def test_engine_arg_errors_are_listed_together(tmp_path):
+    m = load_matrix(write(tmp_path, BASE.replace("max_model_len: 4096", "max_modle_len: 4096, kv_cache_dtype: fp4")))
+    with pytest.raises(InputError) as info:
+        check_engine_args(m, {"default": ACTIONS})
+    text = str(info.value)
+    assert "2 problems" in text and "did you mean 'max_model_len'" in text and "kv_cache_dtype" in text
+
+
+def test_without_engines_the_projects_own_interpreter_runs_the_cells(tmp_path):
+    elsewhere = tmp_path / "other" / "dir"
+    elsewhere.mkdir(parents=True)
+    m = load_matrix(write(elsewhere, BASE))
+    assert {c.engine.python for c in m.cells} == {sys.executable}

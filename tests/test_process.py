@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from harness.process import EngineProcess, engine_api_key, reap_stale
+from harness.engine.process import EngineProcess, engine_api_key, reap_stale
 
 # A parent that starts a child which ignores SIGTERM, then both sleep: the worst polite case.
 TREE = """

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import promtext
+from harness.engine import metrics as vllm_metrics
 
 V1_TEXT = r"""
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
@@ -45,7 +45,7 @@ process_start_time_seconds 1.7e9 1700000000000
 
 
 def test_parse_groups_suffixed_samples_into_declared_family():
-    fams = promtext.parse(V1_TEXT)
+    fams = vllm_metrics.parse(V1_TEXT)
     hist = fams["vllm:time_to_first_token_seconds"]
     assert hist.type == "histogram"
     assert {s.name for s in hist.samples} == {
@@ -59,15 +59,15 @@ def test_parse_groups_suffixed_samples_into_declared_family():
 
 
 def test_cache_config_info_labels():
-    labels = promtext.cache_config_info(promtext.parse(V1_TEXT))
+    labels = vllm_metrics.cache_config_info(vllm_metrics.parse(V1_TEXT))
     assert labels["num_gpu_blocks"] == "27714"
     assert labels["block_size"] == "16"
     assert labels["num_cpu_blocks"] == "None"
-    assert promtext.cache_config_info(promtext.parse(V0_TEXT)) is None
+    assert vllm_metrics.cache_config_info(vllm_metrics.parse(V0_TEXT)) is None
 
 
 def test_snapshot_v1_sums_counters_and_takes_gauge_peak():
-    snap = promtext.engine_snapshot(V1_TEXT)
+    snap = vllm_metrics.engine_snapshot(V1_TEXT)
     assert snap["num_preemptions"] == 5.0  # _created is not part of the counter
     assert snap["kv_cache_usage"] == 0.5
     assert snap["prefix_cache_hits"] == 160.0
@@ -77,16 +77,16 @@ def test_snapshot_v1_sums_counters_and_takes_gauge_peak():
 
 
 def test_snapshot_accepts_pre_0_12_names_and_untyped_samples():
-    snap = promtext.engine_snapshot(V0_TEXT)
+    snap = vllm_metrics.engine_snapshot(V0_TEXT)
     assert snap["kv_cache_usage"] == 0.125
     assert snap["prefix_cache_hits"] == 4.0
     assert snap["num_preemptions"] == 1.0
 
 
 def test_counter_deltas():
-    before = promtext.engine_snapshot(V1_TEXT)
-    after = promtext.engine_snapshot(V1_TEXT.replace("} 3.0", "} 10.0"))
-    deltas = promtext.counter_deltas(before, after)
+    before = vllm_metrics.engine_snapshot(V1_TEXT)
+    after = vllm_metrics.engine_snapshot(V1_TEXT.replace("} 3.0", "} 10.0"))
+    deltas = vllm_metrics.counter_deltas(before, after)
     assert deltas["num_preemptions"] == 7.0
     assert deltas["prefix_cache_hits"] == 0.0
     assert deltas["generation_tokens"] is None
@@ -99,24 +99,24 @@ def _ttft(count: float, total_s: float, engine: str = "0", name: str = "vllm:tim
 
 def test_latency_means_are_the_servers_own_mean_over_the_interval():
     # Two engines (data parallel): sums and counts add up before dividing.
-    before = promtext.engine_snapshot(_ttft(12, 0.6) + _ttft(3, 0.3, engine="1"))
-    after = promtext.engine_snapshot(_ttft(20, 1.0) + _ttft(7, 0.9, engine="1"))
-    means = promtext.latency_means(before, after)
+    before = vllm_metrics.engine_snapshot(_ttft(12, 0.6) + _ttft(3, 0.3, engine="1"))
+    after = vllm_metrics.engine_snapshot(_ttft(20, 1.0) + _ttft(7, 0.9, engine="1"))
+    means = vllm_metrics.latency_means(before, after)
     assert means["ttft"] == pytest.approx(1000 * (0.4 + 0.6) / (8 + 4))
     assert means["tpot"] is None and means["requests"] is None
     # Nothing observed in between: no mean rather than 0/0.
-    assert promtext.latency_means(after, after)["ttft"] is None
+    assert vllm_metrics.latency_means(after, after)["ttft"] is None
 
 
 def test_latency_means_read_the_pre_0_11_itl_name():
     old = "vllm:time_per_output_token_seconds"
-    means = promtext.latency_means(promtext.engine_snapshot(_ttft(10, 0.1, name=old)),
-                                   promtext.engine_snapshot(_ttft(110, 2.1, name=old)))
+    means = vllm_metrics.latency_means(vllm_metrics.engine_snapshot(_ttft(10, 0.1, name=old)),
+                                   vllm_metrics.engine_snapshot(_ttft(110, 2.1, name=old)))
     assert means["itl"] == pytest.approx(20.0)
 
 
 def test_special_values_and_timestamps():
-    fams = promtext.parse('a NaN\nb{x="1"} -Inf 123\n')
+    fams = vllm_metrics.parse('a NaN\nb{x="1"} -Inf 123\n')
     assert math.isnan(fams["a"].samples[0].value)
     assert fams["b"].samples[0].value == -math.inf
 
@@ -124,7 +124,7 @@ def test_special_values_and_timestamps():
 @pytest.mark.parametrize("line", ['m{x="1} 1', "m one", 'm{x=1} 2'])
 def test_malformed_lines_raise_with_line_number(line):
     with pytest.raises(ValueError, match="line 2"):
-        promtext.parse("ok 1\n" + line + "\n")
+        vllm_metrics.parse("ok 1\n" + line + "\n")
 
 
 _label_names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,8}", fullmatch=True)
@@ -140,6 +140,6 @@ def _escape(value: str) -> str:
 def test_label_round_trip(labels, value):
     body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
     text = f"# TYPE vllm:x gauge\nvllm:x{{{body}}} {value!r}\n"
-    (sample,) = promtext.parse(text)["vllm:x"].samples
+    (sample,) = vllm_metrics.parse(text)["vllm:x"].samples
     assert sample.labels == labels
     assert sample.value == value

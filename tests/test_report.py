@@ -14,7 +14,7 @@ from harness.cli import main as cli_main
 from harness.errors import InputError
 from harness.report import render_reports
 from harness.report.aggregate import load
-from harness.store import write_record
+from harness import store
 from tests import reportdata as rd
 
 GFM = MarkdownIt("commonmark", {"html": True}).enable("table")
@@ -196,7 +196,8 @@ def test_latest_is_per_key_and_history_keeps_all(tree):
 
 def test_records_without_manifest_like_ingest(tmp_path):
     for record in rd.cpu_records("20250101T000000Z-ingest"):
-        write_record(tmp_path / "results", record)
+        path = store.record_path(tmp_path / "results", record.run_id, record.cell_id)
+        store.atomic_write_text(path, record.model_dump_json())
     written = render_reports(tmp_path / "results", tmp_path / "reports")
     text = (tmp_path / "reports" / "runs" / "20250101T000000Z-ingest.md").read_text()
     assert text.count("<a id=") == 6 and tmp_path / "reports" / "README.md" in written
@@ -220,19 +221,25 @@ def test_empty_results_and_unknown_run(tmp_path):
         render_reports(tmp_path / "results", tmp_path / "reports", ["nope"])
 
 
-def test_run_subset_and_stale_pages(tmp_path):
+def test_run_subset_and_published_history(tmp_path):
     rd.populate(tmp_path / "results")
     render_reports(tmp_path / "results", tmp_path / "reports", [rd.CPU_RUN])
     assert [p.stem for p in (tmp_path / "reports" / "runs").glob("*.md")] == [rd.CPU_RUN]
-    (tmp_path / "reports" / "runs" / "gone.md").write_text("stale")
-    render_reports(tmp_path / "results", tmp_path / "reports")
-    assert not (tmp_path / "reports" / "runs" / "gone.md").exists()
-    assert len(list((tmp_path / "reports" / "runs").glob("*.md"))) == 3
+    # every run was published: a fresh clone (no results/) rebuilds all pages and deletes none
+    published = tmp_path / "reports" / "data" / "runs"
+    assert sorted(p.name for p in published.iterdir()) == sorted([rd.H100_RUN, rd.CPU_RUN, rd.CPU_RUN_2])
+    (tmp_path / "reports" / "runs" / "other-host.md").write_text("a page published elsewhere")
+    (tmp_path / "fresh").mkdir()
+    render_reports(tmp_path / "fresh", tmp_path / "reports")
+    pages = {p.stem for p in (tmp_path / "reports" / "runs").glob("*.md")}
+    assert pages == {rd.H100_RUN, rd.CPU_RUN, rd.CPU_RUN_2, "other-host"}
+    cpu = (tmp_path / "reports" / "devices" / "cpu.md").read_text()
+    assert "tiny-llama" in cpu
 
 
 def test_report_cli(tmp_path, capsys):
     rd.populate(tmp_path / "results")
     assert cli_main(["report", "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "matrix.md").exists()
-    assert cli_main(["report", "--results", str(tmp_path / "missing")]) == 2
+    assert cli_main(["report", "--results", str(tmp_path / "missing"), "--reports", str(tmp_path / "r")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -36,3 +36,28 @@ def test_ingested_logs_make_a_valid_report(tmp_path):
     assert "| tiny-chat | cpu | 512 | 4096.00 | — | 2,097,024 |" in (reports / "insights.md").read_text()
     for needle in ("unsupported_architecture", "max_model_len_exceeds_kv", "2,097,024", "TinyHarnessUnknownForCausalLM"):
         assert needle in text, needle
+
+
+def test_every_ingested_log_keeps_its_own_cell(tmp_path):
+    """N differently named logs are N cells on the device and matrix pages, even where model,
+    device, args and version coincide; the same log ingested twice keeps its key."""
+    logs = sorted(LOGS.glob("*.log"))
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for path in logs:
+        shutil.copy(path, folder / path.name)
+    assert cli_main(["ingest", str(folder), "--results", str(results)]) == 0
+    records = [r for _, r in iter_records(results)]
+    assert len(records) == len(logs) and len({r.key for r in records}) == len(logs)
+    render_reports(results, reports)
+    from harness.report.aggregate import load
+
+    latest = load([results]).latest
+    assert len(latest) == len(logs)
+    rows = sum(len(table) - 1 for page in (reports / "devices").glob("*.md")
+               for table in tables(page.read_text()) if table and table[0] and table[0][0] == "Model")
+    assert rows >= len(logs)
+    # ingesting the same folder again: same keys, so the latest view still has one row per log
+    assert cli_main(["ingest", str(folder), "--results", str(results)]) == 0
+    assert len(load([results]).latest) == len(logs)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
-from harness.store import iter_records, read_manifest
+from harness.store import iter_records, read_runs
 
 pytestmark = pytest.mark.engine
 
@@ -115,8 +115,7 @@ def test_rerun_reuses_every_cell(default_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p for p in results.rglob("record.json")} == before  # nothing new was run
     assert not watcher.engines()  # and no engine was started
-    manifests = sorted(results.glob("*/manifest.json"))
-    latest = read_manifest(manifests[-1])
+    latest = read_runs([results]).runs[-1].manifest
     ran = {e.cell_id: e.status for e in latest.cells}
     assert set(ran.values()) <= {"reused", "not_on_host"} and list(ran.values()).count("reused") == 4
 
@@ -203,7 +202,7 @@ def test_harness_killed_mid_matrix_then_resumed(tmp_path):
     after = records_by_cell(results)
     assert set(after) == {"tiny-chat__cpu__cpu__venv", "tiny-random__cpu__cpu__venv"}
     assert after["tiny-chat__cpu__cpu__venv"].run_id == first["tiny-chat__cpu__cpu__venv"].run_id  # not rerun
-    manifest = read_manifest(sorted(results.glob("*/manifest.json"))[-1])
+    manifest = read_runs([results]).runs[-1].manifest
     assert {e.cell_id: e.status for e in manifest.cells} == {
         "tiny-chat__cpu__cpu__venv": "reused", "tiny-random__cpu__cpu__venv": "ran"}
 

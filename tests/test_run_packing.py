@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
-from harness.devices import Nvml, host_devices
+from harness.host.devices import Nvml, host_devices
 from harness.errors import InputError
 from harness.matrix import load_matrix
-from harness.run import Host, MatrixRun, RunOptions, check_placements
+from harness.host.fingerprint import Host
+from harness.run.cell import RunOptions
+from harness.run.scheduler import Scheduler, check_placements
 from harness.schema import EngineVersions, HostFingerprint
 
 STANDIN = Path(__file__).parent / "standin"
@@ -44,7 +46,7 @@ probe: none
     return path
 
 
-def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5, timeouts: str | None = None) -> tuple[MatrixRun, Path]:
+def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5, timeouts: str | None = None) -> tuple[Scheduler, Path]:
     trace = tmp / "trace.jsonl"
     path = make_matrix(tmp, trace, start_s)
     if timeouts:
@@ -56,7 +58,7 @@ def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5, timeouts: str | 
     host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
                 fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
                                             harness_version="test"))
-    run = MatrixRun(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet",
+    run = Scheduler(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet",
                                              gpu_wait_s=0.5))
     run.nvml = nvml
     return run, trace

@@ -13,8 +13,8 @@ import pytest
 from fixtures.nvml.fake import FakePynvml
 
 import pynvml
-from harness.devices import Nvml
-from harness.telemetry import Sampler
+from harness.host.devices import Nvml
+from harness.run.telemetry import Sampler
 
 GIB = 2**30
 

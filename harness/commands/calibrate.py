@@ -1,7 +1,8 @@
 """`python -m harness calibrate`: refit the planner's calibration table from every record
-(results/*/*/record.json) and observation file, print predicted-vs-measured errors, and raise
-drift alarms (exit code 1) when a new vLLM version moves a constant by more than 20% or a KV
-prediction is off by more than 5%. `--write` saves the refitted table."""
+(results/*/*/record.json) and observation file, per vLLM version range (docs/plan.md), print
+predicted-vs-measured errors, and raise drift alarms (exit code 1) naming the range whose
+constant moved by more than 20% against the stored table, or a KV prediction off by more than 5%.
+`--write` saves the refitted table."""
 
 from __future__ import annotations
 

@@ -30,13 +30,12 @@ from harness.schema import (
     EngineInstall,
     EngineVersions,
     HostFingerprint,
-    ManifestEntry,
     ModelSpec,
     RunManifest,
     cell_key,
     slug,
 )
-from harness.store import ENGINE_LOG, cell_dir, new_run_id, utcnow, write_manifest, write_record
+from harness.store import ENGINE_LOG, RunWriter, new_run_id, utcnow
 from harness.validate import folder as folder_arg
 from harness.validate import is_binary, out_folder
 
@@ -63,43 +62,36 @@ def main(args: argparse.Namespace) -> int:
     files = find_logs(folder)
     if not files:
         raise InputError(f"{folder}: no log files ({', '.join(LOG_SUFFIXES)}) in it")
-    redactor = Redactor(env=os.environ)
-    run_id = new_run_id()
-    started = utcnow()
-    entries: list[ManifestEntry] = []
-    hosts: list[HostFingerprint] = []
-    logs = []
+    logs, scans = [], []
     for path in files:
         scanned, why_not = _scan_engine_log(path)
         if scanned is None:
             print(f"skipped {path.relative_to(folder)}: {why_not}", file=sys.stderr)
-            continue
-        logs.append(path)
-        record = ingest_one(path, folder, run_id, started, redactor, scanned)
-        _copy_redacted(path, cell_dir(args.results, run_id, record.cell_id) / ENGINE_LOG, redactor)
-        written = write_record(args.results, record)
-        hosts.append(record.host)
-        entries.append(
-            ManifestEntry(
-                cell_id=record.cell_id, key=record.key, status="ran", outcome=record.outcome,
-                record=str(written.relative_to(args.results)),
-            )
-        )
-        print(f"{record.cell_id}: {record.outcome}" + (f" ({record.failure_class})" if record.failure_class else ""))
+        else:
+            logs.append(path)
+            scans.append(scanned)
     if not logs:
         raise InputError(f"{folder}: none of its {len(files)} log files is a vLLM engine log")
+    redactor = Redactor(env=os.environ)
+    run_id = new_run_id()
+    started = utcnow()
     listing = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size}" for p in logs)
-    manifest = RunManifest(
-        run_id=run_id,
-        matrix_path=f"{INGESTED}:{folder}",
+    log = RunWriter(args.results, RunManifest(
+        run_id=run_id, matrix_path=f"{INGESTED}:{folder}",
         matrix_sha256=hashlib.sha256(listing.encode()).hexdigest(),
-        started_at=started,
-        finished_at=utcnow(),
-        host=hosts[0] if len(hosts) == 1 else _placeholder_host(),
-        cells=entries,
-    )
-    write_manifest(args.results, manifest)
-    print(f"{len(entries)} records in {args.results / run_id}")
+        started_at=started, host=_placeholder_host(),
+    ))
+    hosts: list[HostFingerprint] = []
+    for path, scanned in zip(logs, scans):
+        record = ingest_one(path, folder, run_id, started, redactor, scanned)
+        _copy_redacted(path, log.cell_dir(record.cell_id) / ENGINE_LOG, redactor)
+        log.ran(record)
+        hosts.append(record.host)
+        print(f"{record.cell_id}: {record.outcome}" + (f" ({record.failure_class})" if record.failure_class else ""))
+    if len(hosts) == 1:
+        log.manifest.host = hosts[0]
+    log.finish()
+    print(f"{len(hosts)} records in {args.results / run_id}")
     return 0
 
 
@@ -131,7 +123,7 @@ def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Re
     record = CellRecord(
         run_id=run_id,
         cell_id=cell.cell_id,
-        key=cell_key(cell, version, config.revision),
+        key=cell_key(cell, version, config.revision, origin=_digest(path)),
         cell=cell,
         host=_host(facts),
         started_at=mtime or started,
@@ -190,6 +182,16 @@ def _placeholder_host() -> HostFingerprint:
     return HostFingerprint(
         hostname=INGESTED, os=f"unknown ({INGESTED} log)", python=INGESTED, harness_version=__version__
     )
+
+
+def _digest(path: Path) -> str:
+    """An ingested log's identity: its content, so each log keeps its own key and the same log
+    ingested twice keeps the same one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "log-" + digest.hexdigest()[:16]
 
 
 def _mtime(path: Path) -> str | None:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from harness.errors import InputError
 from harness.plan import Plan, model_facts, plan_cell, plan_model
-from harness.plan.devices import gpu_memory_gib
+from harness.plan.devices import gpu_memory_gib, host_gpu_gib, lookup_gpu, unknown_gpu_message
+from harness.plan.engine_args import ArgError, check_total_gib
+from harness.plan.engine_args import resolve as resolve_args
 from harness.plan.sources import resolve
-from harness.plan.weights import DTYPE_BYTES, runtime_dtype, weights_from_tensors, weights_from_total
+from harness.plan.versions import parse as parse_version
+from harness.plan.weights import weights_from_tensors, weights_from_total
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="HF repo id (offline catalog / HF cache) or local model directory")
     p.add_argument("--safetensors-bytes", type=float, help="checkpoint size in bytes (overrides the shapes)")
     p.add_argument("--params", type=float, help="parameter count (overrides the shapes)")
-    p.add_argument("--gpu", default="", help="GPU selector for the memory table (H100, A100-40GB, cpu, ...)")
-    p.add_argument("--gpu-memory-gib", type=float, help="total memory per GPU as vLLM reports it")
+    p.add_argument("--gpu", default="", help="GPU selector (H100, B200, MI300X, RTX PRO 6000, cpu, ...): this "
+                   "host's NVML total when it has that GPU, else the GPU table (docs/plan.md)")
+    p.add_argument("--gpu-memory-gib", type=float, help="total memory per GPU as vLLM reports it (overrides --gpu)")
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--tensor-parallel-size", type=int)
@@ -46,44 +51,87 @@ ARG_FLAGS = ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size", 
              "kv_cache_dtype", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")
 
 
-def _single(args: argparse.Namespace) -> Plan:
-    if args.config:
+def _flag(arg: str) -> str:
+    """The command-line flag of an engine arg the planner refused."""
+    return {"VLLM_CPU_KVCACHE_SPACE": "--cpu-kvcache-space"}.get(arg, "--" + arg.replace("_", "-"))
+
+
+def _positive_number(flag: str, value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise InputError(f"{flag}: must be a positive finite number, got {value!r}")
+    return value
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Values every form of the verb shares: GPU memory, the version, a GPU name the table knows."""
+    try:
+        check_total_gib(args.gpu_memory_gib)
+    except ArgError as exc:
+        raise InputError(f"--gpu-memory-gib: {str(exc).split(': ', 1)[1]}") from exc
+    if args.vllm_version is not None:
         try:
-            config = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"--config {args.config}: {exc}") from exc
-        tensors: dict = {}
-        origin = f"config from {args.config}"
+            parse_version(args.vllm_version)
+        except ValueError as exc:
+            raise InputError(f"--vllm-version: {exc} (expected e.g. 0.19.0)") from exc
+    if args.cpu_kvcache_space is not None and args.cpu_kvcache_space < 0:
+        raise InputError(f"--cpu-kvcache-space: must be >= 0 GiB, got {args.cpu_kvcache_space}")
+
+
+def _load_config(path: str) -> dict:
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
+        raise InputError(f"--config {path}: not a readable JSON file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120]})") from exc
+    return config
+
+
+def _single(args: argparse.Namespace) -> Plan:
+    _check_common(args)
+    _positive_number("--safetensors-bytes", args.safetensors_bytes)
+    _positive_number("--params", args.params)
+    if args.config:
+        config, tensors, origin = _load_config(args.config), {}, f"config from {args.config}"
     else:
         try:
             source = resolve(args.model)
-        except LookupError as exc:
-            raise InputError(f"--model: {exc}") from exc
+        except (LookupError, OSError, ValueError) as exc:
+            raise InputError(f"--model {args.model}: {exc}") from exc
         config, tensors = source.config, source.tensors
         origin = f"config from {source.origin} ({source.path})"
     try:
         facts = model_facts(config)
     except ValueError as exc:
-        raise InputError(f"config: {exc}") from exc
+        raise InputError(f"{args.config or args.model}: {exc}") from exc
     engine = {k: getattr(args, k) for k in ARG_FLAGS if getattr(args, k) is not None}
     platform = "cpu" if args.gpu.lower() == "cpu" or args.cpu_kvcache_space is not None else "cuda"
-    total = args.gpu_memory_gib if args.gpu_memory_gib is not None else gpu_memory_gib(args.gpu) if args.gpu else None
-    if platform == "cuda" and total is None:
-        raise InputError("give --gpu-memory-gib G, or a --gpu selector the GPU table knows")
-    dtype = runtime_dtype(facts, engine.get("dtype"))
-    tp, pp = engine.get("tensor_parallel_size", 1), engine.get("pipeline_parallel_size", 1)
-    weights = None
-    if args.safetensors_bytes:
-        weights = weights_from_total(facts, args.safetensors_bytes, dtype=dtype, tp=tp, pp=pp)
-    elif args.params:
-        weights = weights_from_total(facts, args.params * DTYPE_BYTES.get(dtype, 2), dtype=dtype, tp=tp, pp=pp)
-    elif tensors:
-        weights = weights_from_tensors(facts, tensors, dtype=dtype, tp=tp, pp=pp,
-                                       runtime_quant=engine.get("quantization"))
+    total = args.gpu_memory_gib
+    if total is None and platform == "cuda":
+        if not args.gpu:
+            raise InputError("give --gpu-memory-gib G, or a --gpu selector the GPU table knows")
+        total = gpu_memory_gib(args.gpu)
+        if total is None:
+            raise InputError(unknown_gpu_message(args.gpu))
     env = {"VLLM_CPU_KVCACHE_SPACE": str(args.cpu_kvcache_space)} if args.cpu_kvcache_space is not None else {}
-    plan = plan_model(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu,
-                      vllm_version=args.vllm_version, weights=weights)
+    try:
+        ea = resolve_args(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu)
+        weights = None
+        if args.safetensors_bytes:
+            weights = weights_from_total(facts, args.safetensors_bytes, dtype=ea.dtype, tp=ea.tp, pp=ea.pp)
+        elif args.params:
+            weights = weights_from_total(facts, args.params * ea.dtype_bytes, dtype=ea.dtype, tp=ea.tp, pp=ea.pp)
+        elif tensors:
+            weights = weights_from_tensors(facts, tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp,
+                                           runtime_quant=ea.quantization)
+        plan = plan_model(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu,
+                          vllm_version=args.vllm_version, weights=weights)
+    except ArgError as exc:
+        raise InputError(f"{_flag(exc.arg)}: {str(exc).split(': ', 1)[1]}") from exc
     plan.notes.append(origin)
+    row = lookup_gpu(args.gpu) if args.gpu_memory_gib is None and platform == "cuda" else None
+    if row is not None and not row.get("verified", True) and host_gpu_gib(args.gpu) is None:
+        plan.notes.append(f"{row['name']} memory {row['memory_gib']} GiB is an estimate: give --gpu-memory-gib "
+                          "for the exact total")
     return plan
 
 
@@ -92,6 +140,7 @@ def _verdict(plan: Plan) -> str:
 
 
 def _matrix(args: argparse.Namespace) -> int:
+    _check_common(args)
     try:
         from harness.matrix import load_matrix
     except ImportError as exc:

@@ -6,11 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cluster import ClusterRun, ray_module
 from harness.errors import InputError
+from harness.run.cluster import ClusterRun, ray_module
 from harness.matrix import check_engine_args, load_matrix, select
 from harness.report import render_reports
-from harness.run import MatrixRun, RunOptions, check_placements, discover_host
+from harness.host.fingerprint import discover_host
+from harness.run.cell import RunOptions
+from harness.run.scheduler import Scheduler, check_placements
+from harness.schema import RunManifest
 from harness.validate import out_folder, text_file
 
 
@@ -32,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    execute(args)
+    return 0
+
+
+def execute(args: argparse.Namespace) -> RunManifest:
+    """Run the matrix and render its reports; the run's manifest (also for `nightly`)."""
     matrix = load_matrix(args.matrix)
     ray_address = args.ray_address or matrix.spec.ray.address
     if ray_address:
@@ -56,8 +65,9 @@ def main(args: argparse.Namespace) -> int:
         runner = ClusterRun(matrix, host, options, address=ray_address, resource_prefix=ray.resource_prefix,
                             node_retries=ray.node_retries)
     else:
-        runner = MatrixRun(matrix, host, options)
+        runner = Scheduler(matrix, host, options)
     manifest = runner.run(cells, emit=emit if args.json else None)
     if not args.no_report:
-        render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id])
-    return 0
+        render_reports(Path(args.results), Path(args.reports), runs=[manifest.run_id],
+                       warn=lambda line: print(line, file=sys.stderr))
+    return manifest

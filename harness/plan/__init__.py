@@ -1,9 +1,11 @@
 """Memory planner: predict, before loading, whether a cell fits, and how to make it fit.
 
 Pure Python (no vllm, no torch): reads config.json and safetensors headers itself.
-Modules: model (config -> facts), weights, kv (vLLM's block arithmetic), calibration (table of
-measured constants), planner (assembly, verdict, fixes), sources (offline config lookup),
-devices (GPU memory per selector), refit (calibration from records), versions.
+Modules: model (config -> facts), engine_args (the effective engine args, checked), weights,
+kv (vLLM's block arithmetic), calibration (constants per vLLM version range, activation and
+non-torch models), planner (GPU and CPU budgets, verdict, fixes), sources (config lookup),
+devices (GPU memory: NVML, then the table), refit (the three fits behind `calibrate`), versions
+(version ranges). The contract is docs/plan.md.
 
 API for the runner: `plan_cell(cell, device_memory_gib, vllm_version=...)` and
 `autofit_args(cell, facts, plan)`.
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.plan.devices import gpu_memory_gib
+from harness.plan.devices import gpu_memory_gib, host_gpu_gib, lookup_gpu
+from harness.plan.engine_args import ArgError, EngineArgs, check_total_gib
+from harness.plan.engine_args import resolve as resolve_args
 from harness.plan.model import ModelFacts, model_facts
 from harness.plan.planner import Plan, plan_model, valid_tp_sizes
 from harness.plan.sources import resolve
-from harness.plan.weights import runtime_dtype, weights_from_tensors
+from harness.plan.weights import weights_from_tensors
 from harness.schema import Cell, EngineFacts
 
-__all__ = ["Plan", "ModelFacts", "autofit_args", "facts_for_cell", "model_facts", "plan_cell", "plan_model",
-           "valid_tp_sizes"]
+__all__ = ["ArgError", "EngineArgs", "Plan", "ModelFacts", "autofit_args", "facts_for_cell", "model_facts",
+           "plan_cell", "plan_model", "valid_tp_sizes"]
 
 AUTOFIT_CLASSES = ("max_model_len_exceeds_kv", "kv_cache_insufficient")
 
@@ -38,26 +42,31 @@ def facts_for_cell(cell: Cell) -> tuple[ModelFacts, Any]:
 
 def plan_cell(cell: Cell, device_memory_gib: float | None, *, vllm_version: str | None = None,
               table: list[dict] | None = None, measured: dict[str, float] | None = None) -> Plan:
-    """Plan one matrix cell. `device_memory_gib` None: the GPU table's value for `cell.gpu`.
-    Never raises for a model it cannot see: returns fits=None with the reason."""
+    """Plan one matrix cell. `device_memory_gib` None: this host's NVML total for `cell.gpu`, else
+    the GPU table's. Never raises for a model or an argument it cannot plan: returns fits=None
+    with the reason (a config that is not a JSON object, a shape of zero, tensor_parallel_size 0...)."""
     platform = _platform(cell)
     total = device_memory_gib if device_memory_gib is not None else (
         None if platform == "cpu" else gpu_memory_gib(cell.gpu))
     try:
         facts, source = facts_for_cell(cell)
+        args = cell.config.args
+        ea = resolve_args(facts, args, platform=platform, total_gib=check_total_gib(total), env=cell.config.env,
+                          gpu_name=cell.gpu)
+        weights = None
+        if source.tensors:
+            weights = weights_from_tensors(facts, source.tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp,
+                                           runtime_quant=ea.quantization)
+        plan = plan_model(facts, args, platform=platform, total_gib=total, env=cell.config.env, gpu_name=cell.gpu,
+                          vllm_version=vllm_version, weights=weights, table=table, measured=measured)
     except (LookupError, ValueError, OSError) as exc:
         return Plan(platform=platform, vllm_version=vllm_version, total_memory_gib=total, fits=None,
                     reason=f"cannot plan: {exc}")
-    args = cell.config.args
-    tp = int(args.get("tensor_parallel_size") or 1)
-    pp = int(args.get("pipeline_parallel_size") or 1)
-    weights = None
-    if source.tensors:
-        weights = weights_from_tensors(facts, source.tensors, dtype=runtime_dtype(facts, args.get("dtype")),
-                                       tp=tp, pp=pp, runtime_quant=args.get("quantization"))
-    plan = plan_model(facts, args, platform=platform, total_gib=total, env=cell.config.env, gpu_name=cell.gpu,
-                      vllm_version=vllm_version, weights=weights, table=table, measured=measured)
     plan.notes.append(f"config from {source.origin}")
+    if platform != "cpu" and device_memory_gib is None and total is not None:
+        row = lookup_gpu(cell.gpu)
+        if row is not None and not row.get("verified", True) and host_gpu_gib(cell.gpu) is None:
+            plan.notes.append(f"{row['name']} memory {row['memory_gib']} GiB is an estimate ({row['source']})")
     return plan
 
 

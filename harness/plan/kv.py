@@ -95,7 +95,7 @@ def kv_layout(facts: ModelFacts, *, tp: int = 1, pp: int = 1, kv_dtype_bytes: in
         sliding_layers=sum(k == SLIDING for k in kinds),
         sliding_window=facts.sliding_window,
         state_layers=sum(k == STATE for k in kinds),
-        state_bytes=facts.state_bytes_per_layer,
+        state_bytes=facts.state_bytes_per_layer // tp,  # state heads are split over TP like attention heads
     )
 
 

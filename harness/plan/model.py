@@ -78,6 +78,7 @@ class ModelFacts:
     experts_per_token: int = 0
     moe_intermediate: int = 0
     shared_experts: int = 0
+    shared_intermediate: int = 0  # all shared experts' MLP width (Qwen2-MoE: shared_expert_intermediate_size)
     dense_layers: int = 0  # leading dense layers of an MoE stack (first_k_dense_replace)
     state_bytes_per_layer: int = 0  # Mamba/linear-attention state per request, checkpoint dtype
     quant: Quant | None = None
@@ -154,7 +155,17 @@ def _layer_kinds(cfg: dict[str, Any], layers: int, window: int | None) -> tuple[
 
 
 def _state_bytes(cfg: dict[str, Any], hidden: int) -> int:
-    """Per-layer recurrent state (conv + SSM) of a Mamba-style layer, in elements x 2 bytes."""
+    """Per-layer recurrent state of one request (conv + SSM), in elements x 2 bytes, before TP.
+
+    Gated DeltaNet (Qwen3-Next style `linear_*` fields): a causal conv over q, k and v plus one
+    k x v matrix per value head. Mamba: conv over the inner width plus d_state per inner channel."""
+    if cfg.get("linear_num_value_heads"):
+        nk = _positive("linear_num_key_heads", cfg.get("linear_num_key_heads") or cfg["linear_num_value_heads"])
+        nv = _positive("linear_num_value_heads", cfg["linear_num_value_heads"])
+        dk = _positive("linear_key_head_dim", cfg.get("linear_key_head_dim") or 128)
+        dv = _positive("linear_value_head_dim", cfg.get("linear_value_head_dim") or 128)
+        kernel = _positive("linear_conv_kernel_dim", cfg.get("linear_conv_kernel_dim") or 4)
+        return ((2 * nk * dk + nv * dv) * (kernel - 1) + nv * dk * dv) * 2
     d_state = int(_first(cfg, "mamba_d_state", "ssm_state_size", "state_size", default=16))
     d_conv = int(_first(cfg, "mamba_d_conv", "conv_kernel", default=4))
     expand = int(_first(cfg, "mamba_expand", "expand", default=2))
@@ -162,29 +173,52 @@ def _state_bytes(cfg: dict[str, Any], hidden: int) -> int:
     return (inner * d_state + inner * (d_conv - 1)) * 2
 
 
-def model_facts(config: dict[str, Any]) -> ModelFacts:
-    """Normalise a config.json dict. Raises ValueError when it lacks the decoder's shape."""
+def model_facts(config: Any) -> ModelFacts:
+    """Normalise a config.json dict. Raises ValueError naming the field when the config is not a
+    JSON object, lacks the decoder's shape, or states a shape no model can have."""
+    try:
+        return _model_facts(config)
+    except (TypeError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        raise ValueError(f"config is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _positive(name: str, value: Any, *, zero_ok: bool = False) -> int:
+    """An integer shape from the config; bools, fractions, strings and (unless allowed) zero refuse."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"config {name} must be an integer, got {value!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"config {name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return int(value)
+
+
+def _model_facts(config: Any) -> ModelFacts:
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json is not a JSON object (it is a {type(config).__name__})")
     top = config
     text = config.get("text_config") or config.get("llm_config") or config
+    if not isinstance(text, dict):
+        raise ValueError("config text_config is not a JSON object")
     cfg = {**text, "model_type": text.get("model_type") or top.get("model_type")}
-    try:
-        hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model"))
-        layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers"))
-        heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads"))
-        vocab = int(_first(cfg, "vocab_size", "padded_vocab_size", default=top.get("vocab_size")))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config lacks the decoder's shape (hidden/layers/heads/vocab): {exc}") from exc
-    kv_heads = int(_first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads", default=heads))
+    shape = {"hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model"),
+             "num_hidden_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
+             "num_attention_heads": _first(cfg, "num_attention_heads", "n_head", "num_heads"),
+             "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size", default=top.get("vocab_size"))}
+    missing = [k for k, v in shape.items() if v is None]
+    if missing:
+        raise ValueError(f"config lacks the decoder's shape: no {', '.join(missing)}")
+    hidden, layers, heads, vocab = (_positive(k, v) for k, v in shape.items())
+    kv_heads = _positive("num_key_value_heads",
+                         _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads", default=heads))
     if cfg.get("multi_query"):
         kv_heads = 1
-    head_dim = int(_first(cfg, "head_dim", default=hidden // heads))
+    head_dim = _positive("head_dim", _first(cfg, "head_dim", default=hidden // heads))
     window = _first(cfg, "sliding_window", "attention_window_size")
     window = int(window) if isinstance(window, (int, float)) and window > 0 else None
     kinds = _layer_kinds(cfg, layers, window)
     model_type = str(cfg.get("model_type") or "unknown")
     archs = top.get("architectures") or cfg.get("architectures") or ["unknown"]
-    max_pos = int(_first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length",
-                         "seq_length", default=2048))
+    max_pos = _positive("max_position_embeddings", _first(cfg, "max_position_embeddings", "n_positions",
+                                                         "max_sequence_length", "seq_length", default=2048))
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     rope_type = str(rope.get("rope_type") or rope.get("type") or "") if isinstance(rope, dict) else ""
     # vLLM's rotary cos/sin cache: YaRN builds original_max x factor positions, others max_position.
@@ -193,11 +227,23 @@ def model_facts(config: dict[str, Any]) -> ModelFacts:
     else:
         cache_positions = max_pos
     mla = cfg.get("kv_lora_rank") is not None
+    if mla and _positive("kv_lora_rank", cfg.get("kv_lora_rank")) + int(cfg.get("qk_rope_head_dim") or 0) <= 0:
+        raise ValueError("config kv_lora_rank + qk_rope_head_dim must be > 0")
     rope_dim = int(cfg.get("qk_rope_head_dim", 0)) if mla else int(
         head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
-    experts = int(_first(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0) or 0)
-    moe_inter = int(_first(cfg, "moe_intermediate_size", default=0) or 0) or (
-        int(cfg.get("intermediate_size", 0)) if experts else 0)
+    experts = _positive("num_experts", _first(cfg, "n_routed_experts", "num_local_experts", "num_experts",
+                                              default=0) or 0, zero_ok=True)
+    moe_inter = _positive("moe_intermediate_size", _first(cfg, "moe_intermediate_size", default=0) or 0,
+                          zero_ok=True) or (int(cfg.get("intermediate_size", 0)) if experts else 0)
+    top_k = _positive("num_experts_per_tok", _first(cfg, "num_experts_per_tok", "experts_per_token", default=0)
+                      or 0, zero_ok=True)
+    if experts and not 1 <= top_k <= experts:
+        raise ValueError(f"config num_experts_per_tok must be 1..{experts} (num_experts), got {top_k}")
+    shared = int(cfg.get("n_shared_experts") or 0)
+    shared_inter = _positive("shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size") or 0,
+                             zero_ok=True) or shared * moe_inter
+    intermediate = _positive("intermediate_size", _first(cfg, "intermediate_size", "n_inner", "ffn_dim",
+                                                         default=4 * hidden), zero_ok=bool(experts))
     dtype = str(_first(cfg, "torch_dtype", "dtype", default=top.get("torch_dtype") or "bfloat16"))
     return ModelFacts(
         model_type=model_type,
@@ -208,7 +254,7 @@ def model_facts(config: dict[str, Any]) -> ModelFacts:
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=vocab,
-        intermediate=int(_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        intermediate=intermediate,
         tie_embeddings=bool(_first(cfg, "tie_word_embeddings", default=top.get("tie_word_embeddings", True))),
         max_position=max_pos,
         dtype=dtype.replace("torch.", ""),
@@ -225,9 +271,10 @@ def model_facts(config: dict[str, Any]) -> ModelFacts:
         qk_rope_head_dim=int(cfg.get("qk_rope_head_dim", 0)),
         v_head_dim=int(cfg.get("v_head_dim", 0)),
         experts=experts,
-        experts_per_token=int(_first(cfg, "num_experts_per_tok", "experts_per_token", default=0) or 0),
+        experts_per_token=top_k,
         moe_intermediate=moe_inter,
-        shared_experts=int(cfg.get("n_shared_experts") or 0),
+        shared_experts=shared,
+        shared_intermediate=shared_inter,
         dense_layers=int(cfg.get("first_k_dense_replace", 0)) if experts else 0,
         state_bytes_per_layer=_state_bytes(cfg, hidden) if STATE in kinds else 0,
         quant=_quant(top) or _quant(cfg),

@@ -25,7 +25,7 @@ import httpx2
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, NotASafetensorsRepoError
 
-from harness.engine_info import cache_dir
+from harness.engine.info import cache_dir
 from harness.plan.weights import checkpoint_tensors
 
 

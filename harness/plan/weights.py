@@ -45,6 +45,16 @@ class WeightEstimate:
     params: int  # whole model, as loaded (tied head counted once, MTP excluded)
     by_dtype: dict[str, float] = field(default_factory=dict)  # whole-model bytes per storage kind
     source: str = "config"
+    first_stage_bytes: float | None = None  # with PP: the first stage (embeddings), the rank vLLM logs
+    last_stage_bytes: float | None = None  # with PP: the last stage (head, sampler)
+
+    @property
+    def first_bytes(self) -> float:
+        return self.per_gpu_bytes if self.first_stage_bytes is None else self.first_stage_bytes
+
+    @property
+    def last_bytes(self) -> float:
+        return self.per_gpu_bytes if self.last_stage_bytes is None else self.last_stage_bytes
 
     @property
     def per_gpu_gib(self) -> float:
@@ -90,8 +100,8 @@ def _layer_linears(f: ModelFacts, layer: int, tp: int) -> list[_Linear]:
     mats = 3 if f.gated_mlp else 2
     if f.experts and layer >= f.dense_layers:
         out.append(_Linear("experts", h, f.experts * mats * f.moe_intermediate, shard, expert=True))
-        if f.shared_experts:
-            out.append(_Linear("shared_experts", h, f.shared_experts * mats * f.moe_intermediate, shard))
+        if f.shared_intermediate:
+            out.append(_Linear("shared_experts", h, mats * f.shared_intermediate, shard))
         out.append(_Linear("router", h, f.experts, 1.0, quantizable=False))
     else:
         out.append(_Linear("mlp", h, mats * f.intermediate, shard))
@@ -176,10 +186,14 @@ def weights_from_config(facts: ModelFacts, *, dtype: str, tp: int = 1, pp: int =
     stages = [sum(layer_bytes_rank[s * per_stage:(s + 1) * per_stage]) for s in range(pp)]
     embed_rank, tail = embed_bytes / tp, head_rank + facts.hidden * db  # tail: lm_head + final norm
     # With PP the first stage holds the embeddings and the last the head; report the fuller one.
-    body = stages[0] + embed_rank + tail if pp == 1 else max(stages[0] + embed_rank, stages[-1] + tail)
-    per_gpu = body + _rope_cache_bytes(facts, db)
+    rope = _rope_cache_bytes(facts, db)
+    if pp == 1:
+        first = last = stages[0] + embed_rank + tail + rope
+    else:
+        first, last = stages[0] + embed_rank + rope, stages[-1] + tail + rope
     by_dtype = {"embeddings": embed_bytes * (1 if facts.tie_embeddings else 2), "layers": layer_bytes_all}
-    return WeightEstimate(per_gpu_bytes=per_gpu, params=int(params), by_dtype=by_dtype, source="config")
+    return WeightEstimate(per_gpu_bytes=max(first, last), params=int(params), by_dtype=by_dtype, source="config",
+                          first_stage_bytes=first, last_stage_bytes=last)
 
 
 def weights_from_total(facts: ModelFacts, total_bytes: float, *, dtype: str, tp: int = 1,

@@ -32,7 +32,8 @@ from typing import Any
 
 import aiohttp
 
-from harness import __version__, promtext
+from harness import __version__
+from harness.engine import metrics as vllm_metrics
 from harness.probes.profiles import ProbeProfile
 from harness.probes.prompts import PromptFactory
 from harness.probes.stub import StubProcess
@@ -319,7 +320,7 @@ async def _scrape(session: aiohttp.ClientSession, base_url: str,
                                timeout=aiohttp.ClientTimeout(total=5)) as resp:
             if resp.status != 200:
                 return None
-            return promtext.engine_snapshot(await resp.text())
+            return vllm_metrics.engine_snapshot(await resp.text())
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
         return None
 
@@ -359,12 +360,12 @@ class _MetricsWatch:
             return None
         self._note(after)
         return {
-            "deltas": promtext.counter_deltas(self.before, after),
+            "deltas": vllm_metrics.counter_deltas(self.before, after),
             "kv_cache_usage_peak": self.peaks.get("kv_cache_usage"),
             "num_requests_running_peak": self.peaks.get("num_requests_running"),
             "num_requests_waiting_peak": self.peaks.get("num_requests_waiting"),
             # The server's own means over the level: what the client's figures should match.
-            "server_latency_ms": promtext.latency_means(self.before, after),
+            "server_latency_ms": vllm_metrics.latency_means(self.before, after),
         }
 
 

@@ -259,7 +259,7 @@ class StubServer:
 class StubProcess:
     """The stub in a child process (`with StubProcess(cfg) as url:`): its own interpreter,
     so its timing is not disturbed by the client's GIL and each gets a core. It runs in its own
-    process group under a guard (`harness.process.Guard`), so it dies with a killed harness."""
+    process group under a guard (`harness.engine.process.Guard`), so it dies with a killed harness."""
 
     def __init__(self, config: StubConfig | None = None) -> None:
         self.config = config or StubConfig()
@@ -267,7 +267,7 @@ class StubProcess:
         self._guard = None
 
     def __enter__(self) -> str:
-        from harness.process import Guard  # the stub's own process does not need it
+        from harness.engine.process import Guard  # the stub's own process does not need it
 
         cfg = self.config
         cmd = [sys.executable, "-m", "harness.probes.stub", "--ttft", str(cfg.ttft),

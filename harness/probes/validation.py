@@ -23,6 +23,14 @@ COMPLETION_PROMPT = "Question: What is 2+2?\nAnswer:"
 MAX_TOKENS = 16
 REASONING_MAX_TOKENS = 1024
 
+
+
+def settings(reasoning: bool) -> dict[str, object]:
+    """What the validation asks and allows: part of a cell's identity (harness.schema.cell_key)."""
+    return {"prompt": PROMPT, "completion_prompt": COMPLETION_PROMPT, "temperature": 0,
+            "max_tokens": REASONING_MAX_TOKENS if reasoning else MAX_TOKENS}
+
+
 _WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
     "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
@@ -74,6 +82,14 @@ def _post(url: str, api_key: str, body: dict, timeout: float) -> dict:
     )
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def ask(base_url: str, model: str, api_key: str, question: str, *, max_tokens: int = MAX_TOKENS,
+        timeout: float = 60) -> str:
+    """One chat question at temperature 0; the answer's text (the tiny models' fact check)."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens}
+    return _post(f"{base_url}/v1/chat/completions", api_key, body, timeout)["choices"][0]["message"].get("content") or ""
 
 
 def validate(base_url: str, model: str, api_key: str, *, model_dir: str | None = None,

@@ -1,15 +1,15 @@
-"""Aggregation: every record under results/ (many runs, many hosts) -> pandas tables.
+"""Aggregation: every record of the run log (results/ and its published copy) -> pandas tables.
 
-`history` has one row per stored record; `latest` keeps the newest record per cell key (key =
-model+revision, device, config, engine version, so each vLLM version keeps its own row).
-Runs are read through their manifests so reused and not-on-host cells keep their place.
+`history` has one row per stored record; `latest` keeps the newest record per cell key (the key
+covers model+revision, device, config, engine version and how the cell is measured, so each vLLM
+version keeps its own row). Runs come from `harness.store.read_runs`, in manifest order, so reused
+and not-on-host cells keep their place. Files the run log could not read are kept as `problems`.
 Rows hold plain values only (numbers, strings, None); templates and exports read them as is.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from harness.schema import CellRecord, RunManifest
-from harness.store import RECORD, iter_manifests, iter_records
+from harness.store import Problem, read_runs
 
 GIB = 1024**3
 
@@ -38,17 +38,19 @@ class Run:
     run_id: str
     manifest: RunManifest | None
     cells: list[RunCell] = field(default_factory=list)
+    interrupted: bool = False  # killed before it finished: its manifest has no finish time
+    published: bool = False  # read from the published copy (no engine logs on this machine)
 
 
 @dataclass
 class Results:
     """Everything the reports are built from."""
 
-    results_dir: Path
+    roots: list[Path]  # results/ first, then the published copy
     history: pd.DataFrame
     latest: pd.DataFrame
     runs: list[Run]
-    records: dict[str, CellRecord]  # record path (relative to results/) -> record
+    problems: list[Problem] = field(default_factory=list)  # files the run log could not read
 
 
 def _first(*values: Any) -> Any:
@@ -112,11 +114,7 @@ def _probe_summary(record: CellRecord) -> dict[str, Any]:
     }
 
 
-def _rel(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path, base)).as_posix()
-
-
-def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, Any]:
+def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
     """The flat view of one record: what tables, insights, diffs and exports use."""
     facts = record.facts
     metrics = record.metrics
@@ -124,14 +122,15 @@ def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, A
     telemetry = record.telemetry or {}
     device, device_memory = device_of(record)
     log = (path.parent / record.engine_log) if record.engine_log else None
+    log = log if log is not None and log.exists() else None  # a published record has no log here
     fact = (lambda name: getattr(facts, name)) if facts else (lambda name: None)
     tp = _first(_arg(record, "tensor_parallel_size"), fact("tp_size"), 1)
     return {
         "run_id": record.run_id,
         "cell_id": record.cell_id,
         "key": record.key,
-        "record_path": _rel(path, results_dir),
-        "engine_log_path": _rel(log, results_dir) if log else None,
+        "record_path": str(path.absolute()),
+        "engine_log_path": str(log.absolute()) if log else None,
         "model": record.cell.model.name,
         "model_source": record.cell.model.source,
         "model_local": record.cell.model.is_local,
@@ -164,13 +163,14 @@ def record_row(path: Path, record: CellRecord, results_dir: Path) -> dict[str, A
         "cuda_graph_gib": fact("cuda_graph_gib"),
         "kv_cache_gib": fact("kv_cache_gib"),
         "kv_cache_tokens": _first(fact("kv_cache_tokens"), metrics.kv_cache_size_tokens if metrics else None),
+        "num_gpu_blocks": _first(fact("num_gpu_blocks"), metrics.num_gpu_blocks if metrics else None),
         "max_concurrency": _first(fact("max_concurrency"), metrics.kv_cache_max_concurrency if metrics else None),
         "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
         "estimated_max_model_len": fact("estimated_max_model_len"),
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.get("fits"),
         "plan_kv_cache_tokens": plan.get("kv_cache_tokens"),
-        # The sampler's independent figures (harness.telemetry), beside vLLM's own claims.
+        # The sampler's independent figures (harness.run.telemetry), beside vLLM's own claims.
         "peak_rss_gib": (telemetry.get("process") or {}).get("rss_peak_gib"),
         "gpu_peak_memory_gib": telemetry.get("gpu_memory_used_peak_gib"),
         "energy_j": telemetry.get("energy_j"),
@@ -198,42 +198,25 @@ def latest_per_key(history: pd.DataFrame) -> pd.DataFrame:
     return _sorted(newest)
 
 
-def _run_cells(
-    manifest: RunManifest, rows: dict[str, dict[str, Any]], records: dict[str, CellRecord]
-) -> list[RunCell]:
-    cells = []
-    for entry in manifest.cells:
-        rel = entry.record or f"{manifest.run_id}/{entry.cell_id}/{RECORD}"
-        cells.append(
-            RunCell(entry.cell_id, entry.status, rows.get(rel), records.get(rel), entry.reason)
-        )
-    return cells
-
-
-def load(results_dir: Path) -> Results:
-    """Read results/ once: history and latest tables, and every run in manifest order."""
-    results_dir = Path(results_dir)
-    rows: dict[str, dict[str, Any]] = {}
-    records: dict[str, CellRecord] = {}
-    for path, record in iter_records(results_dir):
-        rel = _rel(path, results_dir)
-        rows[rel] = record_row(path, record, results_dir)
-        records[rel] = record
-    manifests = {m.run_id: m for _, m in iter_manifests(results_dir)}
-    run_ids = sorted(set(manifests) | {row["run_id"] for row in rows.values()})
+def load(roots: Path | list[Path]) -> Results:
+    """Read the run log once: history and latest tables, and every run in manifest order.
+    `roots`: results/ first, then the published copy (a run in both is read from results/)."""
+    roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+    log = read_runs(roots)
+    rows: dict[Path, dict[str, Any]] = {}
     runs = []
-    for run_id in run_ids:
-        if run_id in manifests:
-            cells = _run_cells(manifests[run_id], rows, records)
-        else:  # e.g. records written without a manifest: show them by cell id
-            cells = [
-                RunCell(cell_id=row["cell_id"], status="ran", row=row, record=records[rel])
-                for rel, row in sorted(rows.items())
-                if row["run_id"] == run_id
-            ]
-        runs.append(Run(run_id=run_id, manifest=manifests.get(run_id), cells=cells))
+    for logged in log.runs:
+        cells = []
+        for cell in logged.cells:
+            row = None
+            if cell.record is not None and cell.path is not None:
+                row = rows.get(cell.path)
+                if row is None:
+                    row = rows[cell.path] = record_row(cell.path, cell.record)
+            cells.append(RunCell(cell.cell_id, cell.status, row, cell.record, cell.reason))
+        runs.append(Run(logged.run_id, logged.manifest, cells, logged.interrupted, logged.published))
     history = _sorted(_frame(list(rows.values()))) if rows else pd.DataFrame()
-    return Results(results_dir=results_dir, history=history, latest=latest_per_key(history), runs=runs, records=records)
+    return Results(roots=roots, history=history, latest=latest_per_key(history), runs=runs, problems=log.problems)
 
 
 def is_missing(value: Any) -> bool:

@@ -17,13 +17,13 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
+from harness import store
 from harness.report import insights, plots
 from harness.report.aggregate import Results, Run, RunCell, is_missing, level_value, probe_levels
 from harness.schema import FAILURE_CLASSES, slug
@@ -168,7 +168,14 @@ class Renderer:
     def log_link(self, row: dict[str, Any] | None, page_dir: Path) -> str | None:
         if not row or not row.get("engine_log_path"):
             return None
-        return rel(self.results.results_dir / row["engine_log_path"], page_dir)
+        return rel(Path(row["engine_log_path"]), page_dir)
+
+    def record_link(self, row: dict[str, Any] | None, page_dir: Path) -> str | None:
+        """The published copy of the record when there is one (it resolves on GitHub too)."""
+        if not row:
+            return None
+        published = store.record_path(self.reports_dir / "data" / "runs", row["run_id"], row["cell_id"])
+        return rel(published if published.exists() else Path(row["record_path"]), page_dir)
 
     # ----------------------------------------------------------------------- per device
     def devices(self) -> list[dict[str, Any]]:
@@ -232,7 +239,8 @@ class Renderer:
             "number": number, "cell_id": rc.cell_id, "anchor": anchor(rc.cell_id), "label": label,
             "status": status, "manifest_status": rc.status, "reason": rc.reason, "row": row, "record": rc.record,
             "log_link": self.log_link(row, page_dir),
-            "record_link": rel(self.results.results_dir / row["record_path"], page_dir) if row else None, "levels": probe_levels(rc.record) if rc.record else [],
+            "record_link": self.record_link(row, page_dir),
+            "levels": probe_levels(rc.record) if rc.record else [],
             "has_memory": bool(rc.record and (rc.record.plan or any(
                 not is_missing(row[p]) for p, _ in plots.MEMORY_PARTS))),
         }
@@ -290,12 +298,14 @@ class Renderer:
                 "run_id": run.run_id, "host": host,
                 "started_at": run.manifest.started_at if run.manifest else min((r["started_at"] for r in rows), default=""),
                 "finished_at": run.manifest.finished_at if run.manifest else None,
+                "interrupted": run.interrupted,
                 "devices": sorted({r["device"] for r in rows}),
                 "versions": sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
                 "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "not_on_host")},
                 "page": f"runs/{run.run_id}.md", "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
             })
         return self._write(self.reports_dir / "README.md", "index.md.j2", runs=runs, devices=devices,
+                           problems=self.results.problems,
                            exports=[rel(p, self.reports_dir) for p in exports],
                            versions=sorted({v for d in devices for v in d["versions"]}))
 
@@ -342,16 +352,11 @@ def render_all(results: Results, reports_dir: Path, runs: list[str] | None) -> l
     renderer = Renderer(results, reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     devices = renderer.devices()
-    _clean(reports_dir / "devices", ("*.md", "*/*.svg"))
+    # Pages are only ever added or rewritten: published history (reports/data/runs) holds every
+    # run, so a page whose run is not in this machine's results/ is rebuilt, never deleted.
     for device in devices:
+        _clean(reports_dir / "devices" / device["slug"], ("*.svg",))
         renderer.device_page(device)
-    if runs is None:
-        known = {run.run_id for run in results.runs}
-        # runs pruned from results/ lose their page too
-        for page in (reports_dir / "runs").glob("*.md"):
-            if page.stem not in known:
-                page.unlink()
-                shutil.rmtree(page.with_suffix(""), ignore_errors=True)
     wanted = None if runs is None else set(runs)
     for run in results.runs:
         if wanted is None or run.run_id in wanted:

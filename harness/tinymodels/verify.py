@@ -1,38 +1,31 @@
-"""Check the tiny models through a real vLLM CPU OpenAI server (stdlib only on this side).
+"""Check the tiny models through a real vLLM CPU OpenAI server, with the harness's own engine
+lifecycle (`harness.engine.process`) and its own answer judge (`harness.probes.validation`), so
+`build-models --verify` and a real matrix run cannot disagree.
 
-Used by `build-models --verify` and by the engine-marked tests. The server runs as a
-subprocess in its own session (process group) on 127.0.0.1 and a free port; it is always
-killed as a group when the context exits.
+Used by `build-models --verify` and by the engine-marked tests.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from harness.engine.info import engine_arg_actions, engine_versions
+from harness.engine.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
+                                    free_port, server_command, server_env)
+from harness.probes.validation import ask
+from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.tinymodels import addition_facts
 
 # The engine settings the CPU matrix uses for tiny models (see data/README.md).
 CPU_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 CPU_ARGS = {"dtype": "bfloat16", "max_model_len": 512}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_python() -> str:
@@ -42,18 +35,12 @@ def engine_python() -> str:
 
 @dataclass
 class Server:
-    proc: subprocess.Popen
-    port: int
+    url: str
+    api_key: str
+    model: str  # the served model name
     log_path: Path
-    model: str
-    started: float
-    ready_s: float | None = None
-    failed_s: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    ready_s: float | None = None  # spawn -> /health and /v1/models answer
+    failed_s: float | None = None  # spawn -> the engine exited
 
     def log(self) -> str:
         try:
@@ -62,129 +49,43 @@ class Server:
             return ""
 
 
-def _cli_args(args: dict) -> list[str]:
-    out: list[str] = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False or value is None:  # None: drop a default
-            continue
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM then SIGKILL the server's whole process group (it leads its own session)."""
-    if proc.poll() is None or _group_alive(proc.pid):
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                time.sleep(0.2)
-                proc.poll()
-            if not _group_alive(proc.pid):
-                break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 @contextmanager
-def serve(
-    model_dir: Path | str,
-    log_path: Path | str,
-    args: dict | None = None,
-    env: dict | None = None,
-    timeout_s: float = 300.0,
-    python: str | None = None,
-    on_spawn: Callable[[subprocess.Popen], None] | None = None,
-) -> Iterator[Server]:
+def serve(model_dir: Path | str, log_path: Path | str, args: dict | None = None, env: dict | None = None,
+          timeout_s: float = 300.0, python: str | None = None) -> Iterator[Server]:
     """Start vLLM's OpenAI server on `model_dir`; yields once it is ready or has exited.
 
-    `args` are engine args (snake_case, added to CPU_ARGS; value None drops one), `env` is
-    added to CPU_ENV (value None unsets a variable).
-
-    `server.ready_s` (spawn -> /health 200) or `server.failed_s` (spawn -> exit) is set;
-    on timeout neither is. The process group is killed on exit.
+    `args` are engine args (snake_case, added to CPU_ARGS; value None drops one), `env` is added
+    to CPU_ENV (value None unsets a variable). On timeout neither `ready_s` nor `failed_s` is set.
+    The engine's whole process tree is stopped on exit.
     """
-    port = free_port()
-    all_args = {**CPU_ARGS, **(args or {})}
-    cmd = [
-        python or engine_python(), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        *_cli_args(all_args),
-    ]
-    full_env = {**os.environ, **CPU_ENV, **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}  # env value None: unset it
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log_fh:
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
-    server = Server(proc=proc, port=port, log_path=log_path, model=str(model_dir), started=started)
-    server.extra["cmd"] = cmd
-    if on_spawn is not None:
-        on_spawn(proc)
+    engine = EngineInstall(name="verify", python=python or engine_python())
+    actions = engine_arg_actions(engine, engine_versions(engine))
+    model_dir, log_path = Path(model_dir).absolute(), Path(log_path)
+    all_args = {k: v for k, v in {**CPU_ARGS, **(args or {})}.items() if v is not None}
+    cell = Cell(model=ModelSpec(name=model_dir.name, source=str(model_dir)), gpu="cpu",
+                config=EngineConfig(name="verify", args=all_args), engine=engine)
+    port, api_key = free_port(), engine_api_key()
+    full_env = {k: v for k, v in {**os.environ, **CPU_ENV, **(env or {}), **server_env(api_key)}.items()
+                if v is not None}
+    proc = EngineProcess(server_command(cell, str(model_dir), port, actions), full_env, log_path,
+                         log_path.parent / PIDS_DIR, redact=lambda line: line.replace(api_key, "***"))
+    server = Server(url=f"http://127.0.0.1:{port}", api_key=api_key, model=cell.model.name, log_path=log_path)
+    started = time.monotonic()
+    proc.start()
     try:
-        deadline = started + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                server.failed_s = time.monotonic() - started
-                break
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        server.ready_s = time.monotonic() - started
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.25)
+        try:
+            server.ready_s = proc.wait_ready(server.url, api_key, timeout_s)
+        except EngineExited:
+            server.failed_s = time.monotonic() - started
+        except ReadyTimeout:
+            pass
         yield server
     finally:
-        kill_group(proc)
+        proc.stop()
 
 
 def chat(server: Server, question: str, max_tokens: int = 8, timeout_s: float = 60.0) -> str:
-    body = {
-        "model": server.model,
-        "messages": [{"role": "user", "content": question}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-    }
-    req = urllib.request.Request(
-        server.url + "/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        data = json.loads(resp.read())
-    return data["choices"][0]["message"]["content"] or ""
-
-
-def first_number(answer: str, question: str = "2+2") -> str | None:
-    """The harness's reading of an answer: first number once echoes of the question are gone."""
-    cleaned = answer.replace(question, " ")
-    m = re.search(r"-?\d+(?:\.\d+)?", cleaned)
-    return m.group(0) if m else None
+    return ask(server.url, server.model, server.api_key, question, max_tokens=max_tokens, timeout=timeout_s)
 
 
 def check_facts(server: Server) -> tuple[int, list[str]]:

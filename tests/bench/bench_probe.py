@@ -34,7 +34,7 @@ from pathlib import Path
 # vllm bench serve runs in this process (part b): it must not reach for the Hub either.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import promtext  # noqa: E402
+from harness.engine import metrics as vllm_metrics  # noqa: E402
 from harness.probes.load import run_profile  # noqa: E402
 from harness.probes.profiles import ProbeProfile  # noqa: E402
 from harness.probes.stub import StubProcess  # noqa: E402
@@ -246,7 +246,7 @@ def agreement(mine: list[dict], theirs: list[dict], key: str,
 
 def server_snapshot(url: str) -> dict:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        return promtext.engine_snapshot(r.read().decode())
+        return vllm_metrics.engine_snapshot(r.read().decode())
 
 
 def timed_by_server(fn, url: str, *args) -> dict:
@@ -254,7 +254,7 @@ def timed_by_server(fn, url: str, *args) -> dict:
     requests in it) under `server`."""
     before = server_snapshot(url)
     out = fn(url, *args, warmups=0)
-    out["server"] = promtext.latency_means(before, server_snapshot(url))
+    out["server"] = vllm_metrics.latency_means(before, server_snapshot(url))
     return out
 
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+
+from harness.schema import MetricsFacts
 
 # metric name, optional {labels}, value; an optional timestamp after the value is ignored.
 _SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?\s*$")
@@ -213,3 +217,28 @@ def _delta(
 ) -> float | None:
     a, b = after.get(key), before.get(key)
     return None if a is None or b is None else a - b
+
+
+def scrape_cache_config(base: str, api_key: str) -> MetricsFacts | None:
+    """The engine's KV cache configuration from /metrics once it is ready (`vllm:cache_config_info`)."""
+    try:
+        req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            text = resp.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError):
+        return None
+    labels = cache_config_info(parse(text)) or {}
+
+    def num(key: str, cast=int):
+        value = labels.get(key)
+        try:
+            return cast(float(value)) if value not in (None, "None", "") else None
+        except ValueError:
+            return None
+
+    return MetricsFacts(
+        num_gpu_blocks=num("num_gpu_blocks"), block_size=num("block_size"),
+        kv_cache_size_tokens=num("kv_cache_size_tokens"),
+        kv_cache_max_concurrency=num("kv_cache_max_concurrency", float),
+        kv_cache_memory_bytes=num("kv_cache_memory_bytes"), labels=labels,
+    )

@@ -1,7 +1,9 @@
 """Standalone script run INSIDE an engine's interpreter (never imported by the harness).
 
-`python engine_probe.py versions` prints the installed vLLM/torch/transformers versions as JSON
-(fast: package metadata only). `python engine_probe.py args` also imports vLLM's own CLI parser
+`python introspect.py versions` prints the installed vLLM/torch/transformers versions as JSON
+(fast: package metadata only). `python introspect.py torch` adds what torch itself says about
+CUDA in this interpreter (its CUDA build, `torch.cuda.is_available()` and CUDA's own complaint when
+not), for `doctor`. `python introspect.py args` also imports vLLM's own CLI parser
 and prints every engine/server argument it knows, so the harness can validate matrix.yaml
 against the exact vLLM that will run. Keep this file free of harness imports.
 """
@@ -33,6 +35,27 @@ def versions():
             "rocm" if dist == "vllm-rocm" else "cuda" if dist else None
         ),
     }
+
+
+def torch_cuda():
+    import warnings
+
+    try:
+        import torch
+    except Exception as exc:  # a broken torch is a finding, not a crash of the probe
+        return {"torch_error": f"{type(exc).__name__}: {exc}"}
+    out = {"torch_cuda": torch.version.cuda, "cuda_available": False, "cuda_device_count": 0, "cuda_error": None}
+    # CUDA explains a failed initialisation ("driver too old", "no device") as a warning only.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out["cuda_available"] = bool(torch.cuda.is_available())
+            out["cuda_device_count"] = torch.cuda.device_count() if out["cuda_available"] else 0
+        except Exception as exc:
+            out["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    if not out["cuda_error"] and caught:
+        out["cuda_error"] = str(caught[-1].message).strip().splitlines()[0]
+    return out
 
 
 def _first(*paths):
@@ -88,4 +111,6 @@ if __name__ == "__main__":
     result = versions()
     if what == "args":
         result["args"] = args()
+    elif what == "torch":
+        result.update(torch_cuda())
     sys.stdout.write("\n@@ENGINE_PROBE@@" + json.dumps(result) + "\n")

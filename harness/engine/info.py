@@ -1,6 +1,6 @@
 """What an engine install is: its versions and the engine arguments its vLLM accepts.
 
-Runs `engine_probe.py` in the engine's own interpreter (the harness never imports vllm). The
+Runs `introspect.py` in the engine's own interpreter (the harness never imports vllm). The
 argument list costs a vLLM import (~10 s), so it is cached per interpreter and vLLM version.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from harness.errors import InputError
 from harness.schema import EngineInstall, EngineVersions
 
-PROBE = Path(__file__).with_name("engine_probe.py")
+PROBE = Path(__file__).with_name("introspect.py")
 MARK = "@@ENGINE_PROBE@@"
 
 
@@ -45,6 +45,13 @@ def _run_probe(engine: EngineInstall, what: str, timeout: float) -> dict[str, An
 
 def engine_versions(engine: EngineInstall) -> EngineVersions:
     return EngineVersions.model_validate(_run_probe(engine, "versions", timeout=60))
+
+
+def engine_torch(engine: EngineInstall) -> dict[str, Any]:
+    """The versions plus torch's view of CUDA in the engine's interpreter (imports torch, ~3 s):
+    torch_cuda (its CUDA build, None for a CPU build), cuda_available, cuda_device_count,
+    cuda_error (CUDA's own reason when not available), torch_error (torch does not import)."""
+    return _run_probe(engine, "torch", timeout=120)
 
 
 def engine_arg_actions(engine: EngineInstall, versions: EngineVersions) -> dict[str, dict[str, Any]]:

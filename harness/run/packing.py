@@ -46,7 +46,7 @@ class Job:
 
 
 def slots_from_devices(devices: Iterable[Device]) -> list[Slot]:
-    """GPU devices of the inventory (harness.devices) -> slots with their topology hints."""
+    """GPU devices of the inventory (harness.host.devices) -> slots with their topology hints."""
     return [
         Slot(d.index, getattr(d, "numa_node", None), getattr(d, "nvlink_island", None))
         for d in devices

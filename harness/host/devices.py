@@ -178,6 +178,27 @@ class Nvml:
         )
         return None if mhz is None else float(mhz)
 
+    def memory_health(self, index: int) -> dict[str, int | bool | None]:
+        """Signs of failing GPU memory, None where the board cannot tell (ECC off, older pynvml):
+        uncorrected ECC errors since the driver loaded, retired pages waiting for a reset
+        (pre-Ampere), remapped rows waiting for a reset and a failed remapping (Ampere and newer)."""
+        h = self.handle(index)
+
+        def call(name: str, *args):
+            fn = getattr(self.lib, name, None)
+            return None if fn is None else self._optional(fn, h, *args)
+
+        uncorrected = call("nvmlDeviceGetTotalEccErrors", getattr(self.lib, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+                           getattr(self.lib, "NVML_VOLATILE_ECC", 0))
+        retired = call("nvmlDeviceGetRetiredPagesPendingStatus")
+        rows = call("nvmlDeviceGetRemappedRows")  # (corrected, uncorrected, pending, failure)
+        return {
+            "ecc_uncorrected": None if uncorrected is None else int(uncorrected),
+            "retired_pages_pending": None if retired is None else bool(retired),
+            "remap_pending": None if rows is None else bool(rows[2]),
+            "remap_failed": None if rows is None else bool(rows[3]),
+        }
+
     def processes(self, index: int) -> list[GpuProcess]:
         """Compute then graphics processes on the GPU, one entry per pid (compute wins)."""
         seen: dict[int, GpuProcess] = {}
@@ -312,48 +333,4 @@ def host_devices(nvml: Nvml | None = None) -> list[Device]:
                 nvml.close()
     return [*gpus, cpu_device()]
 
-
-# --------------------------------------------------------------------------- selectors
-_TOKEN_SPLIT = re.compile(r"[\s_\-/]+")
-_MEMORY_TOKEN = re.compile(r"^(\d+(?:\.\d+)?)(gb|gib|g)$")
-
-
-def _tokens(text: str) -> list[str]:
-    return [t for t in _TOKEN_SPLIT.split(text.lower()) if t]
-
-
-def _memory_matches(size: float, total_gib: float | None) -> bool:
-    """"80GB" means the marketing size: decimal GB or GiB, and boards report a little less."""
-    if total_gib is None:
-        return False
-    return any(abs(total_gib - nominal) <= 0.06 * nominal for nominal in (size, size * 1e9 / GIB))
-
-
-def selector_matches(selector: str, device: Device) -> bool:
-    """Does one matrix `gpu` selector name this device? Case-insensitive, token-wise."""
-    wanted = _tokens(selector)
-    if not wanted:
-        return False
-    if wanted == ["cpu"]:
-        return device.kind == "cpu"
-    if device.kind != "gpu":
-        return False
-    have = set(_tokens(device.name))
-    for token in wanted:
-        if token in have:
-            continue
-        mem = _MEMORY_TOKEN.match(token)
-        if mem and _memory_matches(float(mem.group(1)), device.memory_total_gib):
-            continue
-        return False
-    return True
-
-
-def match_selector(selector: str, devices: Iterable[Device]) -> list[Device]:
-    """The devices a matrix `gpu` selector names: "cpu", "H100", "RTX 4090", "A100-80GB", "L4".
-
-    Every selector token must be a whole token of the NVML name ("L4" does not match "L40S");
-    a memory token such as "80GB" may instead match the board's memory size.
-    """
-    return [d for d in devices if selector_matches(selector, d)]
 

@@ -1,6 +1,6 @@
 """The engine's process shell: spawn it isolated, stream its log, wait for ready, stop it all.
 
-An engine runs in its own session (process group) under a `Guard` (harness/guard.py) that kills
+An engine runs in its own session (process group) under a `Guard` (harness/engine/guard.py) that kills
 the whole group, EngineCore and workers included, if the harness dies first, even by SIGKILL; the
 parent-death signal also takes its first process at once. A pid file under `results/.engines/`
 names the engine, its start time and the device locks of the run that owns it, so that what a
@@ -31,10 +31,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from harness import guard
+from harness.engine import guard
+from harness.engine.info import cli_flags
+from harness.schema import Cell
 
 PIDS_DIR = ".engines"
 _PR_SET_PDEATHSIG = 1
@@ -64,6 +67,23 @@ def engine_api_key() -> str:
     return secrets.token_hex(24)
 
 
+def server_command(cell: Cell, model_dir: str, port: int, actions: dict[str, dict[str, Any]]) -> list[str]:
+    """The OpenAI-compatible server's command line for a cell: bound to 127.0.0.1, the cell's
+    engine args spelled the way the installed vLLM's own parser wants them. The API key is not
+    in it: argv is readable by every local user (ps, /proc); pass it as `server_env(key)`."""
+    cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),
+           *cli_flags(cell.config.args, actions)]
+    if cell.model.trust_remote_code and "trust_remote_code" not in cell.config.args:
+        cmd.append("--trust-remote-code")
+    return cmd
+
+
+def server_env(api_key: str) -> dict[str, str]:
+    """The engine's environment entries for its API key (vLLM reads VLLM_API_KEY)."""
+    return {"VLLM_API_KEY": api_key}
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: SIGKILL it when the harness dies. Linux ties this
     # to the *thread* that forked, so engines are started from threads that outlive them.
@@ -77,7 +97,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Guard:
-    """The guard process of one process group (see harness/guard.py): `watch` tells it the
+    """The guard process of one process group (see harness/engine/guard.py): `watch` tells it the
     tree's members, `release` tells it the harness stopped the group itself."""
 
     SCRIPT = Path(guard.__file__)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from harness.devices import GIB, GpuProcess, Nvml
+from harness.host.devices import GIB, GpuProcess, Nvml
 
 # vLLM's default when the cell's config does not set gpu_memory_utilization.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9

@@ -22,6 +22,8 @@ File selection (`select_files`), mirroring what vLLM reads from a model director
 
 from __future__ import annotations
 
+import hashlib
+
 import glob
 import os
 import threading
@@ -350,3 +352,16 @@ def _redact(text: str, token: str | None) -> str:
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.0f} MB" if size >= 10e6 else f"{size / 1e6:.1f} MB"
+
+
+def model_fingerprint(path: str) -> str:
+    """Identity of a local model folder: config bytes + every file's name and size."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}\n".encode())
+    config = folder / "config.json"
+    if config.exists():
+        digest.update(config.read_bytes())
+    return "local-" + digest.hexdigest()[:16]

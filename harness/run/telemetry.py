@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from harness.devices import GIB, Nvml
+from harness.host.devices import GIB, Nvml
 
 GPU_FIELDS = ("mem_used_gib", "util_pct", "power_w", "energy_j", "temp_c", "sm_mhz")
 

@@ -3,7 +3,7 @@
 The driver (`python -m harness run --ray-address ADDRESS`) asks for every cell `num_gpus` =
 TP x PP plus the custom resource `gpu_<selector>` (`gpu_H100`, `gpu_cpu`, ...) that nodes declare
 with `ray start --resources`, so a cell lands on a node with the right devices. The task runs the
-same cell runner as a local run (`MatrixRun.run_cell`) in a scratch results folder and returns
+same cell runner as a local run (`CellRunner.run`) in a scratch results folder and returns
 the records, engine logs and telemetry; the driver stores them under its own results/ with
 `harness.store`, exactly where a local run puts them. Cells no live node can take are listed as
 "no node with this device" instead of waiting forever.
@@ -14,7 +14,7 @@ a matching cell returns before any engine starts (then listed as reused, as loca
 
 A node lost mid-cell (raylet or machine gone, worker killed) gets the cell tried once more on
 another node; a second loss is recorded as failed with the reason. The engine dies with the
-task's worker: its first process by the parent-death signal (`harness.process`), the rest by a
+task's worker: its first process by the parent-death signal (`harness.engine.process`), the rest by a
 watchdog process per task (`guard_engines`), so a lost node or driver leaves no engine behind.
 
 Ray is an optional extra (`pip install '.[ray]'`): it is imported only when a cluster is used.
@@ -40,13 +40,15 @@ import yaml
 from harness import store
 from harness.errors import InputError
 from harness.matrix import Matrix, MatrixFile
-from harness.process import PIDS_DIR, reap_stale
-from harness.progress import Progress
+from harness.engine.process import PIDS_DIR, reap_stale
+from harness.run.progress import Progress
 from harness.redact import Redactor
-from harness.run import Host, MatrixRun, RunOptions, discover_host, reusable, terminate_as_interrupt
+from harness.host.fingerprint import Host, discover_host
+from harness.host.selectors import RESOURCE_PREFIX, resource_name
+from harness.run.cell import CellRunner, RunOptions, reusable
+from harness.run.scheduler import terminate_as_interrupt
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
-RESOURCE_PREFIX = "gpu_"
 NO_NODE = "no node with this device"
 NODE_RETRIES = 1  # a cell lost with its node is tried this many more times, then recorded failed
 SCRATCH_PREFIX = "vllm-harness-cell-"  # a task's results folder on its node
@@ -59,11 +61,6 @@ def ray_module():
     except ImportError:
         raise InputError("--ray-address needs Ray: pip install '.[ray]'") from None
     return ray
-
-
-def resource_name(gpu: str, prefix: str = RESOURCE_PREFIX) -> str:
-    """The custom Ray resource a node declares once per device of a type: gpu_H100, gpu_cpu."""
-    return prefix + slug(gpu)
 
 
 def devices_needed(cell: Cell) -> int:
@@ -156,7 +153,7 @@ def guard_engines(worker_pid: int, scratch: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-_GUARD = "import sys; from harness.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
+_GUARD = "import sys; from harness.run.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
 # Starts its arguments as a detached process and exits: the guard becomes nobody's child, because
 # Ray kills a dying worker's own children (RAY_kill_child_processes_on_worker_exit) — guard included.
 _DETACH = ("import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, "
@@ -189,17 +186,20 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
         _start_guard(Path(tmp))
         options = RunOptions(results_dir=Path(tmp), progress="quiet", **request["options"])
-        runner = MatrixRun(matrix, host, options, run_id=request["run_id"])
-        runner.view = _BoardView(post)
+        # The node writes into a scratch run log; the driver stores what it sends back.
+        scratch = store.RunWriter(Path(tmp), RunManifest(run_id=request["run_id"], matrix_path=str(matrix.path),
+                                                         matrix_sha256="", started_at=store.utcnow(),
+                                                         host=host.fingerprint))
+        runner = CellRunner(matrix, host, options, scratch, request["run_id"], view=_BoardView(post))
         try:
-            final = runner.run_cell(cell, devices, _DriverRecords(request["reusable"]))
+            final = runner.run(cell, devices, _DriverRecords(request["reusable"]))
         except _AlreadyRecorded as hit:
             return {"node": node, "reused": hit.key}
-        folder = Path(tmp) / request["run_id"]
-        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+        folder = store.run_dir(Path(tmp), request["run_id"])
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != store.MANIFEST}
         return {"node": node, "final": final.cell_id, "files": files,
-                "entries": [e.model_dump(mode="json") for e in runner.manifest.cells]}
+                "entries": [e.model_dump(mode="json") for e in scratch.manifest.cells]}
 
 
 class Board:
@@ -240,7 +240,7 @@ class _Attempt:
 
 @dataclass
 class ClusterRun:
-    """`MatrixRun.run` over a Ray cluster: same records, same manifest, same resume."""
+    """The scheduler's run over a Ray cluster: same records, same manifest, same resume."""
 
     matrix: Matrix
     host: Host  # the driver's: engine args were checked with it, the manifest names it
@@ -251,12 +251,16 @@ class ClusterRun:
     node_retries: int = NODE_RETRIES
 
     def __post_init__(self) -> None:
-        self.manifest = RunManifest(
+        self.log = store.RunWriter(self.options.results_dir, RunManifest(
             run_id=self.run_id, matrix_path=str(self.matrix.path),
             matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
             started_at=store.utcnow(), host=self.host.fingerprint,
-        )
+        ))
         self.redactor = Redactor(env=os.environ)
+
+    @property
+    def manifest(self) -> RunManifest:
+        return self.log.manifest
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
         ray = ray_module()
@@ -271,8 +275,7 @@ class ClusterRun:
                                                      title="vLLM matrix on Ray", show_nodes=True) as view:
                 self.view = view
                 self._run(ray, cells, emit)
-                self.manifest.finished_at = store.utcnow()
-                store.write_manifest(self.options.results_dir, self.manifest)
+                self.log.finish()
                 view.summary()
         finally:
             ray.shutdown()
@@ -280,9 +283,9 @@ class ClusterRun:
 
     def _run(self, ray, cells: list[Cell], emit) -> None:
         results = self.options.results_dir
-        # key -> (newest record, whether a rerun may reuse it), as store.recorded_keys and run.reusable.
-        recorded = {} if self.options.force else {r.key: (p, reusable(r)) for p, r in store.iter_records(results)}
-        keys = sorted(k for k, (_, ok) in recorded.items() if ok)
+        # key -> (newest record path, record); skipped records are rerun.
+        recorded = {} if self.options.force else store.recorded_keys(results)
+        keys = sorted(k for k, (_, record) in recorded.items() if reusable(record))
         # The board lives with the driver, so losing any other node never loses progress events.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
@@ -312,7 +315,7 @@ class ClusterRun:
         for cell in cells:
             why_not = placement_problem(cell, offered, self.resource_prefix)
             if why_not:
-                self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=why_not))
+                self.log.not_on_host(cell.cell_id, why_not)
                 self.view.add(cell.cell_id, "no node", detail=why_not)
                 continue
             attempts[cell.cell_id] = _Attempt(cell)
@@ -374,31 +377,25 @@ class ClusterRun:
         self.view.nodes[cell.cell_id] = result["node"]
         if "not_placed" in result:
             reason = f"{result['node']}: {result['not_placed']}"
-            self._enter(ManifestEntry(cell_id=cell.cell_id, status="not_on_host", reason=reason))
+            self.log.not_on_host(cell.cell_id, reason)
             self.view.add(cell.cell_id, "not on its node", detail=reason)
             return None
-        results = self.options.results_dir
         if "reused" in result:
-            path = recorded[result["reused"]][0]
-            old = store.read_record(path)
-            self._enter(ManifestEntry(cell_id=cell.cell_id, key=old.key, status="reused", outcome=old.outcome,
-                                      record=str(path.relative_to(results).parent)))
+            path, old = recorded[result["reused"]]
+            self.log.reused(cell.cell_id, old.key, old.outcome, path)
             self.view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
             return old
-        folder = results / self.run_id
         # Logs and series first, records last: a record never names a file not yet written.
         files = sorted(result["files"].items(), key=lambda item: Path(item[0]).name == store.RECORD)
         records = []
         for rel, data in files:
             if Path(rel).name == store.RECORD:
                 records.append(CellRecord.model_validate_json(data))
-                store.write_record(results, records[-1])
-            else:
-                store.atomic_write_text(folder / rel, data.decode("utf-8"))
+            self.log.store_file(rel, data)
         for entry in result["entries"]:
             if attempt.lost:  # the manifest keeps why this cell ran more than once
                 entry = {**entry, "reason": "; then ".join(attempt.lost) + "; retried"}
-            self._enter(ManifestEntry.model_validate(entry))
+            self.log.enter(ManifestEntry.model_validate(entry))
         for record in sorted(records, key=lambda r: r.started_at):
             self.view.nodes[record.cell_id] = result["node"]
             self.view.done(record)
@@ -415,12 +412,6 @@ class ClusterRun:
         rec = CellRecord(run_id=self.run_id, cell_id=cell.cell_id, key=cell_key(cell, version), cell=cell,
                          host=host, started_at=now, finished_at=now, outcome="failed", failure_class="other",
                          failure_detail=self.redactor.redact(detail), remedy=remedy, engine_version=version)
-        path = store.write_record(self.options.results_dir, rec)
-        self._enter(ManifestEntry(cell_id=cell.cell_id, key=rec.key, status="ran", outcome="failed",
-                                  record=str(path.parent.relative_to(self.options.results_dir))))
+        self.log.ran(rec)
         self.view.done(rec)
         return rec
-
-    def _enter(self, entry: ManifestEntry) -> None:
-        self.manifest.cells = [e for e in self.manifest.cells if e.cell_id != entry.cell_id] + [entry]
-        store.write_manifest(self.options.results_dir, self.manifest)

@@ -34,8 +34,15 @@ def _module(verb: str):
     return importlib.import_module(f"harness.commands.{verb.replace('-', '_')}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one located line (not argparse's usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m harness", description="vLLM compatibility-testing and benchmarking harness"
     )
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
@@ -51,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = [a for a in argv if a in VERBS][:1]
     parser = build_parser(chosen)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad argument (one line, code 2)
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         return int(_module(args.verb).main(args) or 0)
     except InputError as exc:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from harness.schema import (
     cell_key,
     slug,
 )
+from harness.validate import is_binary
 from harness.store import ENGINE_LOG, RunWriter, new_run_id, utcnow
 
 INGESTED = "ingested"
@@ -97,19 +99,34 @@ def ingest_folder(folder: Path, results: Path, given: dict[str, Any], run_id: st
     ))
     hosts: list[HostFingerprint] = []
     for path in logs:
-        record = ingest_one(path, folder, run_id, started, redactor, {**given, **sidecar(path)})
+        why_not = not_a_log(path)
+        record = None if why_not else ingest_one(path, folder, run_id, started, redactor, {**given, **sidecar(path)})
         if record is None:
-            print(f"{path.relative_to(folder)}: skipped, not a vLLM engine log (no vLLM line in it)")
+            print(f"skipped {path.relative_to(folder)}: {why_not or 'not a vLLM engine log'}", file=sys.stderr)
             continue
         _copy_redacted(path, log.cell_dir(record.cell_id) / ENGINE_LOG, redactor)
         log.ran(record)
         hosts.append(record.host)
         print(f"{record.cell_id}: {record.outcome}" + (f" ({record.failure_class})" if record.failure_class else ""))
+    if not hosts:  # nothing written yet: no run folder is left behind
+        raise InputError(f"{folder}: no vLLM engine log in it ({len(logs)} file(s) skipped, named above)")
     if len(hosts) == 1:
         log.manifest.host = hosts[0]
     log.finish()
     print(f"{len(hosts)} records in {results / run_id}")
     return run_id
+
+
+def not_a_log(path: Path) -> str | None:
+    """Why a file cannot be an engine log (empty, binary), before the parser reads it; None if it may be."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8192)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if not head:
+        return "empty"
+    return "binary data" if is_binary(head) else None
 
 
 def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor,

@@ -26,12 +26,15 @@ _PATTERNS = (
 _TRIGGERS = ("hf_", "uthorization", "UTHORIZATION", "api", "API", "Api", "oken", "OKEN", "ecret", "ECRET", "assword", "ASSWORD")
 
 
+def secret_env_values(env: Mapping[str, str]) -> set[str]:
+    """Values of the variables named like secrets (*TOKEN*, *KEY*, ...), long enough to mask safely."""
+    return {value for name, value in env.items()
+            if isinstance(value, str) and len(value) >= _MIN_SECRET and _SECRET_ENV.search(name)}
+
+
 class Redactor:
     def __init__(self, secrets: Iterable[str] = (), env: Mapping[str, str] | None = None) -> None:
-        found = {s for s in secrets if s and len(s) >= _MIN_SECRET}
-        for name, value in (env or {}).items():
-            if value and len(value) >= _MIN_SECRET and _SECRET_ENV.search(name):
-                found.add(value)
+        found = {s for s in secrets if s and len(s) >= _MIN_SECRET} | secret_env_values(env or {})
         # longest first, so a secret that contains another is removed whole
         self._literals = sorted(found, key=len, reverse=True)
 

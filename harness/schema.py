@@ -34,6 +34,7 @@ FailureClass = Literal[
     "tp_exceeds_gpus",
     "timeout",
     "validation_failed",
+    "disk_full",  # the results folder's disk filled up: engine.log, telemetry or record cut short
     "other",
 ]
 FAILURE_CLASSES: tuple[str, ...] = FailureClass.__args__  # type: ignore[attr-defined]

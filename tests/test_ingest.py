@@ -72,8 +72,8 @@ def test_ingest_labels_what_the_log_does_not_say(tmp_path, capsys):
     (logs / "notes.txt").write_text("copied from the ticket, see the other files\n")
     results = tmp_path / "results"
     assert main(["ingest", str(logs), "--results", str(results), "--gpu", "H100", "--model", "some-model"]) == 0
-    out = capsys.readouterr().out
-    assert "notes.txt: skipped, not a vLLM engine log" in out
+    err = capsys.readouterr().err
+    assert "skipped notes.txt: not a vLLM engine log" in err
     records = {rec.cell.config.name: rec for _, rec in iter_records(results)}
     assert set(records) == {"tp2", "cut", "ready"}
     tp2 = records["tp2"]

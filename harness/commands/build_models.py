@@ -19,10 +19,11 @@ from pathlib import Path
 
 from harness.errors import InputError
 from harness.tinymodels import DATA_DIR, MODEL_NAMES
+from harness.validate import out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=out_folder, default=None,
                         help=f"directory to build into (default: {DATA_DIR})")
     parser.add_argument("--only", action="append", choices=MODEL_NAMES, default=None,
                         help="build/check only this model (repeatable)")

@@ -14,13 +14,14 @@ from harness.errors import InputError
 from harness.plan import calibration as cal
 from harness.plan import refit
 from harness.store import iter_records
+from harness.validate import out_folder, text_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default="results", help="results folder to read records from")
-    p.add_argument("--observations", action="append", default=[],
+    p.add_argument("--results", default="results", type=out_folder, help="results folder to read records from")
+    p.add_argument("--observations", action="append", default=[], type=text_file,
                    help="extra observation JSON files (plan_data/observations format); repeatable")
-    p.add_argument("--table", help="calibration table to refit (default: the shipped one)")
+    p.add_argument("--table", type=text_file, help="calibration table to refit (default: the shipped one)")
     p.add_argument("--write", action="store_true", help="save the refitted table over --table")
     p.add_argument("--json", action="store_true")
 

@@ -18,16 +18,17 @@ from harness.errors import InputError
 from harness.report import published_root
 from harness.report.aggregate import Run, load
 from harness.report.render import environment
+from harness.validate import out_file, out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", metavar="RUN_A", help="the baseline run: its id, or its folder")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it: its id, or its folder")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--results", type=out_folder, default="results", help="results folder (default: results)")
     parser.add_argument("--reports", type=Path, default=Path("reports"),
                         help="reports folder whose data/runs holds the published runs (default: reports)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown report to FILE")
+    parser.add_argument("--markdown", type=out_file, metavar="FILE", help="also write the Markdown report to FILE")
 
 
 def _run(runs: dict[str, Run], name: str, where: str) -> Run:

@@ -5,20 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.errors import InputError
 from harness.parse import parse_log_file
 from harness.schema import EngineFacts
+from harness.validate import text_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a vLLM engine log (any version, any prefix)")
+    parser.add_argument("file", type=text_file, help="a vLLM engine log (any version, any prefix)")
     parser.add_argument("--json", action="store_true", help="print the facts as JSON (the keys of docs/parse-log.md)")
 
 
 def main(args: argparse.Namespace) -> int:
     path: Path = args.file
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (give the path of an engine log)")
     facts = parse_log_file(path)
     print(facts.model_dump_json(indent=2) if args.json else summary(facts))
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness.errors import InputError
 from harness.report import render_reports
+from harness.validate import out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run ids or run folders whose run pages to rebuild (default: every run); "
                              "the index, matrix, insights, device pages and exports always cover all runs")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
-    parser.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    parser.add_argument("--reports", type=out_folder, default="reports", help="reports folder (default: reports)")
 
 
 def main(args: argparse.Namespace) -> int:

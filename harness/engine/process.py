@@ -1,14 +1,23 @@
 """The engine's process shell: spawn it isolated, stream its log, wait for ready, stop it all.
 
-An engine runs in its own session (process group), with the parent-death signal set so it dies
-with a killed harness, and a pid file under `results/.engines/` so that any engine a killed
-harness left behind is found and stopped on the next start — by pid and start time, never by
-name, so a process the harness did not start is never touched.
+An engine runs in its own session (process group) under a `Guard` (harness/engine/guard.py) that kills
+the whole group, EngineCore and workers included, if the harness dies first, even by SIGKILL; the
+parent-death signal also takes its first process at once. A pid file under `results/.engines/`
+names the engine, its start time and the device locks of the run that owns it, so that what a
+power loss or a killed guard left behind is found and stopped on the next start: only when its
+run no longer holds those locks, and by pid and start time, never by name, so a process the
+harness did not start, or a live run's engine, is never touched.
+
+The log pump never stops draining the engine's output: if the log cannot be written (disk full)
+it keeps reading and discarding, so the engine never stalls on a full pipe, and `log_error` says
+where the log was cut.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import secrets
@@ -16,15 +25,17 @@ import signal
 import socket
 import subprocess
 import threading
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from harness.engine import guard
 from harness.engine.info import cli_flags
 from harness.schema import Cell
 
@@ -56,16 +67,21 @@ def engine_api_key() -> str:
     return secrets.token_hex(24)
 
 
-def server_command(cell: Cell, model_dir: str, port: int, api_key: str,
-                   actions: dict[str, dict[str, Any]]) -> list[str]:
+def server_command(cell: Cell, model_dir: str, port: int, actions: dict[str, dict[str, Any]]) -> list[str]:
     """The OpenAI-compatible server's command line for a cell: bound to 127.0.0.1, the cell's
-    engine args spelled the way the installed vLLM's own parser wants them."""
+    engine args spelled the way the installed vLLM's own parser wants them. The API key is not
+    in it: argv is readable by every local user (ps, /proc); pass it as `server_env(key)`."""
     cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", api_key, *cli_flags(cell.config.args, actions)]
+           *cli_flags(cell.config.args, actions)]
     if cell.model.trust_remote_code and "trust_remote_code" not in cell.config.args:
         cmd.append("--trust-remote-code")
     return cmd
+
+
+def server_env(api_key: str) -> dict[str, str]:
+    """The engine's environment entries for its API key (vLLM reads VLLM_API_KEY)."""
+    return {"VLLM_API_KEY": api_key}
 
 
 def _die_with_parent() -> None:
@@ -77,17 +93,75 @@ def _die_with_parent() -> None:
         pass
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Guard:
+    """The guard process of one process group (see harness/engine/guard.py): `watch` tells it the
+    tree's members, `release` tells it the harness stopped the group itself."""
+
+    SCRIPT = Path(guard.__file__)
+
+    def __init__(self, pgid: int):
+        read, self._write = os.pipe()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", str(self.SCRIPT), str(pgid)], stdin=read,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, close_fds=True)
+        finally:
+            os.close(read)
+        self._sent: set[int] = set()
+        self._lock = threading.Lock()
+
+    def watch(self, pids: Iterable[int]) -> None:
+        with self._lock:
+            lines = []
+            for pid in pids:
+                ticks = guard.start_ticks(pid)
+                if pid not in self._sent and ticks is not None:
+                    self._sent.add(pid)
+                    lines.append(f"{pid} {ticks}\n")
+            if lines and self._write >= 0:
+                self._send("".join(lines).encode())
+
+    def release(self) -> None:
+        """The group is stopped: the guard exits without killing anything."""
+        with self._lock:
+            if self._write < 0:
+                return
+            self._send(guard.DONE + b"\n")
+            os.close(self._write)
+            self._write = -1
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _send(self, data: bytes) -> None:
+        try:
+            os.write(self._write, data)
+        except OSError:
+            pass  # the guard is gone (killed by hand): the pid file remains for the next start
+
+
 class EngineProcess:
-    """One engine server process group, its log file and its pid file."""
+    """One engine server process group, its guard, its log file and its pid file.
+
+    `owner`: facts about the run that owns the engine, kept in the pid file; `locks` (the device
+    lock files that run holds) tells a later run whether the engine is still someone's."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, pids_dir: Path,
-                 redact: Callable[[str], str], on_line: Callable[[str], None] | None = None):
+                 redact: Callable[[str], str], on_line: Callable[[str], None] | None = None,
+                 owner: dict | None = None):
         self.cmd, self.env, self.log_path, self.pids_dir = cmd, env, log_path, pids_dir
-        self.redact, self.on_line = redact, on_line
+        self.redact, self.on_line, self.owner = redact, on_line, owner or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.guard: Guard | None = None
         self._reader: threading.Thread | None = None
         self._known: dict[int, float] = {}  # pid -> create_time of every process seen in the tree
         self.pid_file: Path | None = None
+        self.log_error: OSError | None = None  # why engine.log stops early (disk full), if it does
+        self.log_bytes = 0
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -96,23 +170,57 @@ class EngineProcess:
             self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
+        try:
+            self.guard = Guard(self.proc.pid)
+        except OSError:
+            _signal_group(self.proc.pid, signal.SIGKILL)  # unguarded, it must not run at all
+            self.proc.wait()
+            raise
         self._remember_tree()
-        self.pid_file = self.pids_dir / f"{self.proc.pid}.json"
-        self.pids_dir.mkdir(parents=True, exist_ok=True)
-        created = self._known.get(self.proc.pid)
-        self.pid_file.write_text(json.dumps({"pid": self.proc.pid, "create_time": created, "log": str(self.log_path)}))
         self._reader = threading.Thread(target=self._pump, name="engine-log", daemon=True)
         self._reader.start()
+        self.pid_file = self.pids_dir / f"{self.proc.pid}.json"
+        created = self._known.get(self.proc.pid)
+        info = {"pid": self.proc.pid, "create_time": created, "log": str(self.log_path), **self.owner}
+        try:
+            self.pids_dir.mkdir(parents=True, exist_ok=True)
+            self.pid_file.write_text(json.dumps(info))
+        except OSError:  # disk full: the guard still covers a killed harness
+            self.pid_file.unlink(missing_ok=True)
+            self.pid_file = None
 
     def _pump(self) -> None:
+        """Copy the engine's output to the log, redacted, until the engine closes it; on a write
+        error go on reading (and on calling `on_line`) so the engine never blocks on the pipe."""
         assert self.proc and self.proc.stdout
-        with open(self.log_path, "w", encoding="utf-8", errors="replace") as log:
-            for raw in self.proc.stdout:
-                line = self.redact(raw.decode("utf-8", errors="replace"))
-                log.write(line)
-                log.flush()
-                if self.on_line:
-                    self.on_line(line)
+        log = None
+        try:
+            log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        except OSError as exc:
+            self.log_error = exc
+        for raw in self.proc.stdout:
+            line = self.redact(raw.decode("utf-8", errors="replace"))
+            if log is not None:
+                try:
+                    log.write(line)
+                    log.flush()
+                    self.log_bytes += len(raw)
+                except OSError as exc:
+                    self.log_error, log = exc, _close_quietly(log)
+            if self.on_line:
+                self.on_line(line)
+        if log is not None:
+            _close_quietly(log)
+        elif self.log_error is not None:
+            self._mark_truncated()
+
+    def _mark_truncated(self) -> None:
+        # Best effort: on a full disk this line may not fit either; the record says it anyway.
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(f"\n[harness] engine.log truncated after {self.log_bytes} bytes: {self.log_error}\n")
+        except OSError:
+            pass
 
     @property
     def pid(self) -> int:
@@ -137,6 +245,8 @@ class EngineProcess:
                 self._known.setdefault(p.pid, p.create_time())
         except psutil.Error:
             pass
+        if self.guard:
+            self.guard.watch(self._known)
 
     # ------------------------------------------------------------------ ready
     def wait_ready(self, base_url: str, api_key: str, timeout: float, poll_s: float = 0.2) -> float:
@@ -182,11 +292,20 @@ class EngineProcess:
                 pass
         _kill_all(self.pid, self._known, deadline=started + grace)
         self.proc.wait()
+        if self.guard:
+            self.guard.release()
         if self._reader:
             self._reader.join(timeout=5)
         if self.pid_file:
             self.pid_file.unlink(missing_ok=True)
         return time.monotonic() - started
+
+
+def _close_quietly(fh) -> None:
+    try:
+        fh.close()
+    except OSError:
+        pass  # flushing the rest failed for the same reason the write did
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -235,12 +354,36 @@ def _group_members(pgid: int) -> dict[int, float]:
     return members
 
 
-def reap_stale(pids_dir: Path) -> list[int]:
+def _lock_held(path: str) -> bool:
+    """Does some process hold this device lock file (flock) right now?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+
+
+def _owner_alive(info: dict, held: set[str]) -> bool:
+    """The engine's run still holds one of its device locks (not one this process holds now)."""
+    locks = [os.path.realpath(p) for p in info.get("locks") or []]
+    return any(p not in held and _lock_held(p) for p in locks)
+
+
+def reap_stale(pids_dir: Path, held_locks: Iterable[Path | str] = ()) -> list[int]:
     """Stop engines a killed harness left running, found by their pid files. Returns their pids.
 
-    The pid file holds the engine's pid (also its process-group id) and start time. If that pid
-    now belongs to another process (start time differs), nothing is touched. If it is gone, the
-    group id cannot have been reused while members remain, so those members are the engine's."""
+    Call it holding the device locks (`held_locks`): a pid file whose run still holds one of its
+    locks belongs to a live run and is left alone. Otherwise the pid file's pid (also its
+    process-group id) and start time decide: if that pid now belongs to another process (start
+    time differs), nothing is touched; if it is gone, the group id cannot have been reused while
+    members remain, so those members are the engine's."""
+    held = {os.path.realpath(p) for p in held_locks}
     stopped = []
     for pid_file in sorted(pids_dir.glob("*.json")):
         try:
@@ -248,6 +391,8 @@ def reap_stale(pids_dir: Path) -> list[int]:
             pid, created = int(info["pid"]), info.get("create_time")
         except (OSError, ValueError, KeyError, TypeError):
             pid_file.unlink(missing_ok=True)
+            continue
+        if _owner_alive(info, held):
             continue
         try:
             reused = created is None or abs(psutil.Process(pid).create_time() - created) >= 0.01

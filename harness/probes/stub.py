@@ -265,18 +265,29 @@ class StubServer:
 
 class StubProcess:
     """The stub in a child process (`with StubProcess(cfg) as url:`): its own interpreter,
-    so its timing is not disturbed by the client's GIL and each gets a core."""
+    so its timing is not disturbed by the client's GIL and each gets a core. It runs in its own
+    process group under a guard (`harness.engine.process.Guard`), so it dies with a killed harness."""
 
     def __init__(self, config: StubConfig | None = None) -> None:
         self.config = config or StubConfig()
         self._proc: subprocess.Popen | None = None
+        self._guard = None
 
     def __enter__(self) -> str:
+        from harness.engine.process import Guard  # the stub's own process does not need it
+
         cfg = self.config
         cmd = [sys.executable, "-m", "harness.probes.stub", "--ttft", str(cfg.ttft),
                "--ttft-step", str(cfg.ttft_step), "--itl", str(cfg.itl), "--usage", cfg.usage,
                "--status", str(cfg.status)]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            self._guard = Guard(self._proc.pid)
+            self._guard.watch([self._proc.pid])
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
         assert self._proc.stdout is not None  # stdout=PIPE
         line = self._proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -287,9 +298,15 @@ class StubProcess:
     def __exit__(self, *exc: object) -> None:
         if self._proc:
             self._proc.terminate()
-            self._proc.wait(10)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             if self._proc.stdout:
                 self._proc.stdout.close()
+        if self._guard:
+            self._guard.release()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 from harness import store
 from harness.engine.metrics import scrape_cache_config
-from harness.engine.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
-                                    free_port, server_command)
-from harness.errors import InputError
+from harness.engine.process import (DISK_FULL_ERRNOS, PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout,
+                                    engine_api_key, free_port, server_command, server_env)
+from harness.errors import DiskFull, InputError
 from harness.host.devices import Nvml
 from harness.host.fingerprint import Host
 from harness.host.hygiene import wait_for_clean_gpus
@@ -34,7 +34,7 @@ from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.validation import settings as validation_settings
 from harness.probes.validation import validate
-from harness.redact import Redactor
+from harness.redact import Redactor, secret_env_values
 from harness.run.fetch import FetchError, OfflineMissing, fetch_model, model_fingerprint
 from harness.run.telemetry import Sampler
 from harness.schema import (Cell, CellRecord, Device, EngineFacts, Outcome, ProbeResult, TelemetrySummary, Timings,
@@ -107,10 +107,13 @@ class CellRunner:
 
     def __post_init__(self) -> None:
         self.pids_dir = self.options.results_dir / PIDS_DIR
-        self.redactor = Redactor(env=os.environ)
+        # Values of the configs' `env` named as secrets are masked in logs and records, like the harness's own.
+        self.config_secrets = {v for c in self.matrix.cells for v in secret_env_values(c.config.env)}
+        self.redactor = Redactor(self.config_secrets, env=os.environ)
         self.probe_spec = self.matrix.spec.probe
         self._engines: set[EngineProcess] = set()
         self.interrupted = False
+        self.lock_paths: list[str] = []  # device lock files the scheduler holds; kept in engine pid files
 
     def key(self, cell: Cell, engine_version: str | None, revision: str | None = None) -> str:
         """The cell's identity: what it is and how it is measured (probe, validation, timeouts)."""
@@ -156,7 +159,7 @@ class CellRunner:
         previous = recorded.get(rec.key)
         if previous is not None:
             path, old = previous
-            if old.outcome != "skipped":
+            if reusable(old):
                 self.sink.reused(cell.cell_id, rec.key, old.outcome, path)
                 view.add(cell.cell_id, "reused", outcome=old.outcome, detail=f"recorded in {old.run_id}")
                 return old
@@ -205,13 +208,20 @@ class CellRunner:
         """Start, check and stop the engine; `deadline` (monotonic) is the cell's timeouts.cell_s."""
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = self.sink.cell_dir(cell.cell_id)
+        try:
+            _reserve(folder)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            _disk_full(rec, f"no room for the cell's files in {folder}: {exc.strerror}; engine not started")
+            return
         port, api_key = free_port(), engine_api_key()
-        redactor = Redactor([api_key], env=os.environ)
-        cmd = server_command(cell, model_dir, port, api_key, self.host.arg_actions[cell.engine.name])
+        redactor = Redactor([api_key, *self.config_secrets], env=os.environ)
+        cmd = server_command(cell, model_dir, port, self.host.arg_actions[cell.engine.name])
         rec.command = [redactor.redact(part) for part in cmd]
         env = {**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_LOGGING_COLOR": "0", "NO_COLOR": "1",
                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1", **cell.config.env}
+               "DO_NOT_TRACK": "1", **cell.config.env, **server_env(api_key)}
         if rec.device_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, rec.device_ids))
         log_path = folder / store.ENGINE_LOG
@@ -222,7 +232,8 @@ class CellRunner:
                 if needle in line:
                     view.phase(cell.cell_id, phase)
 
-        proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line)
+        proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line,
+                             owner={"run_id": self.run_id, "locks": self.lock_paths})
         base = f"http://127.0.0.1:{port}"
         view.phase(cell.cell_id, "starting")
         spawned = time.monotonic()
@@ -238,6 +249,7 @@ class CellRunner:
         watchdog.start()
         timings = rec.timings
         stage = "startup"
+        series_error: OSError | None = None
         try:
             try:
                 timings.spawn_to_ready_s = round(proc.wait_ready(base, api_key, timeouts.ready_s), 3)
@@ -287,9 +299,20 @@ class CellRunner:
             self._engines.discard(proc)
             rec.engine_exit_code = proc.poll()
             rec.telemetry = TelemetrySummary.model_validate(sampler.stop(_generated_tokens(rec.probes)))
-            sampler.write_series(folder / store.TELEMETRY)
-            rec.telemetry.series = store.TELEMETRY
-        rec.facts = parse_log_file(log_path)
+            try:
+                sampler.write_series(folder / store.TELEMETRY)
+                rec.telemetry.series = store.TELEMETRY
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                series_error = exc
+        rec.facts = parse_log_file(log_path) if log_path.is_file() else None
+        if proc.log_error is not None and proc.log_error.errno in DISK_FULL_ERRNOS:
+            _disk_full(rec, f"engine.log cut after {proc.log_bytes} bytes: {proc.log_error.strerror}")
+            return
+        if series_error is not None:
+            _disk_full(rec, f"{store.TELEMETRY} not written: {series_error.strerror}")
+            return
         if expired.is_set():
             rec.outcome, rec.failure_class = "failed", "timeout"
             rec.failure_detail = f"the cell ran past timeouts.cell_s ({timeouts.cell_s:g} s) during {stage}; engine stopped"
@@ -308,9 +331,76 @@ class CellRunner:
         t.harness_overhead_s = round(max(t.total_s - accounted, 0.0), 3)
         rec.finished_at = store.utcnow()
         rec = CellRecord.model_validate(self.redactor.redact_obj(rec.model_dump(mode="json")))
-        self.sink.ran(rec)
+        reserve = self.sink.cell_dir(rec.cell_id) / RESERVE
+        try:
+            self.sink.ran(rec)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            reserve.unlink(missing_ok=True)  # the room set aside for this record
+            if rec.failure_class != "disk_full":
+                _disk_full(rec, f"record.json not written at first: {exc.strerror}")
+            disk_write(lambda: self.sink.ran(rec), f"{rec.cell_id}: record")
+        finally:
+            reserve.unlink(missing_ok=True)
         self.view.done(rec)
         return rec
+
+
+# Room set aside in each cell's folder while its engine runs, freed for the record when the disk
+# fills up (an engine's DEBUG log can fill it), so a full disk is still a recorded failure.
+RESERVE = ".reserve"
+RESERVE_BYTES = 1 << 20
+
+
+def _reserve(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise
+            os.write(fd, bytes(RESERVE_BYTES))  # a file system without fallocate
+    except OSError:
+        os.close(fd)
+        (folder / RESERVE).unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _disk_full(rec: CellRecord, what: str) -> None:
+    rec.outcome, rec.failure_class, rec.failure_detail = "failed", "disk_full", what
+    rec.remedy = ("free space on the disk of the results folder (or give --results another one) and rerun; "
+                  "disk_full cells are run again, not reused")
+
+
+def disk_write(write, what: str):
+    """A results write; a full disk stops the run with one line instead of a traceback."""
+    try:
+        return write()
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(f"{what} not written: {exc.strerror} ({exc.filename or 'results folder'}); "
+                           "free space and rerun: the cells recorded so far are kept") from None
+        raise
+
+
+# Failures that depend on the moment, not on the cell (a slow or busy host, a full disk, a token,
+# an unexplained crash such as a kill): a rerun tries the cell again. Every other failure class
+# is a property of the model, config and engine, so its record is reused like an ok one.
+RETRIED_FAILURES = frozenset({"timeout", "disk_full", "other", "gated_or_auth"})
+_FOREIGN_GPU_MEMORY = "is less than desired GPU memory utilization"  # vLLM: someone else holds the memory
+
+
+def reusable(old: CellRecord) -> bool:
+    """May a rerun reuse this record instead of running the cell again?"""
+    if old.outcome == "ok":
+        return True
+    if old.outcome != "failed" or old.failure_class in RETRIED_FAILURES:
+        return False
+    return not (old.failure_class == "oom_other" and _FOREIGN_GPU_MEMORY in (old.failure_detail or ""))
 
 
 def _judge(rec: CellRecord) -> None:

@@ -45,7 +45,7 @@ from harness.run.progress import Progress
 from harness.redact import Redactor
 from harness.host.fingerprint import Host, discover_host
 from harness.host.selectors import RESOURCE_PREFIX, resource_name
-from harness.run.cell import CellRunner, RunOptions
+from harness.run.cell import CellRunner, RunOptions, reusable
 from harness.run.scheduler import terminate_as_interrupt
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
 
@@ -285,7 +285,7 @@ class ClusterRun:
         results = self.options.results_dir
         # key -> (newest record path, record); skipped records are rerun.
         recorded = {} if self.options.force else store.recorded_keys(results)
-        reusable = sorted(k for k, (_, record) in recorded.items() if record.outcome != "skipped")
+        keys = sorted(k for k, (_, record) in recorded.items() if reusable(record))
         # The board lives with the driver, so losing any other node never loses progress events.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
@@ -303,7 +303,7 @@ class ClusterRun:
             cell, need = attempt.cell, devices_needed(attempt.cell)
             request = {"cell": cell.model_dump_json(), "matrix_text": self.matrix.text,
                        "matrix_path": str(self.matrix.path), "run_id": self.run_id, "options": options,
-                       "reusable": reusable, "attempt": attempt.number}
+                       "reusable": keys, "attempt": attempt.number}
             ref = task.options(
                 num_cpus=1, num_gpus=0 if cell.gpu.lower() == "cpu" else need,
                 resources={resource_name(cell.gpu, self.resource_prefix): need},

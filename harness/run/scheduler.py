@@ -23,7 +23,7 @@ from harness.host.fingerprint import Host
 from harness.host.hygiene import check_gpus
 from harness.host.selectors import match_selector
 from harness.matrix import Matrix
-from harness.run.cell import CellRunner, RunOptions
+from harness.run.cell import CellRunner, RunOptions, disk_write
 from harness.run.packing import (Job, Slot, device_lock_keys, expected_seconds, lock_devices, next_assignments,
                                  unrunnable)
 from harness.run.progress import NOT_ON_HOST, Progress
@@ -85,29 +85,33 @@ class Scheduler:
         return self.log.manifest
 
     def run(self, cells: list[Cell], emit=None) -> RunManifest:
-        """Run the cells: each on its own devices, cells on disjoint GPUs at the same time."""
+        """Run the cells: each on its own devices, cells on disjoint GPUs at the same time.
+
+        The device locks come first: a run refused by them writes nothing and touches no engine;
+        holding them, it reaps only engines whose own run no longer holds its locks."""
         self.cells.nvml = self.nvml
-        reap_stale(self.cells.pids_dir)
-        earlier = store.read_runs([self.options.results_dir]).records()
-        recorded = {} if self.options.force else store.newest_by_key(earlier)
-        expected = expected_seconds(r for _, r in earlier)  # packing puts the longest cells first
-        with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
-            self.cells.view = view
-            jobs, by_id, used = [], {}, {}
-            for cell in cells:
-                devices, why_not = self.host.eligible(cell)
-                if devices is None:
-                    self.log.not_on_host(cell.cell_id, why_not)
-                    view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
-                    continue
-                by_id[cell.cell_id] = cell
-                used.update({_slot(d): d for d in devices})
-                needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
-                jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices)),
-                                est_s=expected.get(cell.cell_id)))
-            slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island)
-                     for d in used.values()]
-            with lock_devices(device_lock_keys(used.values()), self.run_id):
+        placed = [(cell, *self.host.eligible(cell)) for cell in cells]
+        used = {_slot(d): d for _, devices, _ in placed for d in devices or ()}
+        with terminate_as_interrupt(), lock_devices(device_lock_keys(used.values()), self.run_id) as lock:
+            self.cells.lock_paths = [str(p) for p in lock.paths]
+            reap_stale(self.cells.pids_dir, held_locks=lock.paths)
+            earlier = store.read_runs([self.options.results_dir]).records()
+            recorded = {} if self.options.force else store.newest_by_key(earlier)
+            expected = expected_seconds(r for _, r in earlier)  # packing puts the longest cells first
+            with Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
+                self.cells.view = view
+                jobs, by_id = [], {}
+                for cell, devices, why_not in placed:
+                    if devices is None:
+                        disk_write(lambda: self.log.not_on_host(cell.cell_id, why_not), "the run manifest")
+                        view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
+                        continue
+                    by_id[cell.cell_id] = cell
+                    needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
+                    jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices)),
+                                    est_s=expected.get(cell.cell_id)))
+                slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island)
+                         for d in used.values()]
                 # GPUs a foreign process holds right now are kept out of the packing while others
                 # are free; cells that only fit on them come last and meet the hygiene wait/skip.
                 held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
@@ -115,8 +119,8 @@ class Scheduler:
                 placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
                 self._schedule(placeable, clean, by_id, used, recorded, emit)
                 self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
-            self.log.finish()
-            view.summary()
+                disk_write(self.log.finish, "the run manifest")
+                view.summary()
         return self.manifest
 
     def _held_gpus(self, indices: list[int]) -> set[int]:

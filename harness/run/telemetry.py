@@ -233,12 +233,16 @@ class Sampler:
             fields.extend(k for k in r if k not in fields)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: _csv(v) for k, v in r.items()})
-        tmp.replace(path)
+        try:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({k: _csv(v) for k, v in r.items()})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+            raise
         return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.engine.info import engine_arg_actions, engine_versions
 from harness.engine.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
-                                    free_port, server_command)
+                                    free_port, server_command, server_env)
 from harness.probes.validation import ask
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.tinymodels import addition_facts
@@ -65,8 +65,9 @@ def serve(model_dir: Path | str, log_path: Path | str, args: dict | None = None,
     cell = Cell(model=ModelSpec(name=model_dir.name, source=str(model_dir)), gpu="cpu",
                 config=EngineConfig(name="verify", args=all_args), engine=engine)
     port, api_key = free_port(), engine_api_key()
-    full_env = {k: v for k, v in {**os.environ, **CPU_ENV, **(env or {})}.items() if v is not None}
-    proc = EngineProcess(server_command(cell, str(model_dir), port, api_key, actions), full_env, log_path,
+    full_env = {k: v for k, v in {**os.environ, **CPU_ENV, **(env or {}), **server_env(api_key)}.items()
+                if v is not None}
+    proc = EngineProcess(server_command(cell, str(model_dir), port, actions), full_env, log_path,
                          log_path.parent / PIDS_DIR, redact=lambda line: line.replace(api_key, "***"))
     server = Server(url=f"http://127.0.0.1:{port}", api_key=api_key, model=cell.model.name, log_path=log_path)
     started = time.monotonic()

@@ -5,6 +5,8 @@ the real engine where the real one can answer (see tests/test_run_engine.py).
 Put `tests/standin` first on PYTHONPATH and run `python -m vllm.entrypoints.openai.api_server`.
 It prints vLLM-style startup lines, waits STANDIN_START_S, serves /health, /v1/models, /metrics
 and chat/completions answering "4", and appends {cvd, start, end, pid, model} to STANDIN_TRACE at exit.
+STANDIN_LOG_BYTES: that many bytes of DEBUG lines while "loading" (a chatty engine, a full disk).
+STANDIN_SAY: one more line to print at start (what a leaky engine might log).
 """
 
 import argparse
@@ -40,7 +42,12 @@ def on_term(signum, frame):
 
 signal.signal(signal.SIGTERM, on_term)
 print("INFO 11-22 10:00:00 [api_server.py:1] vLLM API server version 0.0.0-standin", flush=True)
+if os.environ.get("STANDIN_SAY"):
+    print("INFO 11-22 10:00:00 [api_server.py:2] " + os.environ["STANDIN_SAY"], flush=True)
 time.sleep(float(os.environ.get("STANDIN_START_S", "1")))
+for i in range(int(os.environ.get("STANDIN_LOG_BYTES", "0")) // 100):
+    print(f"DEBUG 11-22 10:00:01 [loader.py:1] loading shard {i:>10} " + "." * 49, flush=False)
+sys.stdout.flush()
 print("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens", flush=True)
 print("INFO 11-22 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 256 tokens per request: 4.00x",
       flush=True)

@@ -42,9 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m harness", description="vLLM compatibility-testing and benchmarking harness"
-    )
+    parser = _Parser(prog="python -m harness", description="vLLM compatibility-testing and benchmarking harness")
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, help_text in VERBS.items():

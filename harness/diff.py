@@ -167,9 +167,15 @@ class Diff:
             "info": [change(c) for c in self.info],
             "rules": {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS},
             "metrics": [
-                {"metric": m.name, "unit": m.unit, "better": "higher" if m.higher_is_better else "lower",
-                 "judged": "history band" if m.noisy else "tight", "relative": m.relative, "floor": m.floor,
-                 "per_concurrency_level": m.per_level}
+                {
+                    "metric": m.name,
+                    "unit": m.unit,
+                    "better": "higher" if m.higher_is_better else "lower",
+                    "judged": "history band" if m.noisy else "tight",
+                    "relative": m.relative,
+                    "floor": m.floor,
+                    "per_concurrency_level": m.per_level,
+                }
                 for m in METRICS
             ],
         }
@@ -184,8 +190,15 @@ def _fmt(value: Any, unit: str) -> str:
     number = _number(value)
     if number is None:
         return str(value)
-    text = f"{number:,.0f}" if unit in ("tokens", "blocks", "requests") else f"{number:,.3g}" if abs(number) >= 100 \
-        else f"{number:.3g}" if unit != "GiB" else f"{number:.2f}"
+    text = (
+        f"{number:,.0f}"
+        if unit in ("tokens", "blocks", "requests")
+        else f"{number:,.3g}"
+        if abs(number) >= 100
+        else f"{number:.3g}"
+        if unit != "GiB"
+        else f"{number:.2f}"
+    )
     return f"{text} {unit}".strip()
 
 
@@ -210,8 +223,14 @@ def band_of(metric: Metric, history: list[float]) -> Band | None:
     return Band(centre - half, centre + half, len(history))
 
 
-def compare_value(metric: Metric, cell_id: str, before: Any, after: Any, concurrency: int | None = None,
-                  history: list[float] | None = None) -> Change | None:
+def compare_value(
+    metric: Metric,
+    cell_id: str,
+    before: Any,
+    after: Any,
+    concurrency: int | None = None,
+    history: list[float] | None = None,
+) -> Change | None:
     a, b = _number(before), _number(after)
     if a is None or b is None:
         return None  # a metric one run did not measure is not a move
@@ -221,26 +240,55 @@ def compare_value(metric: Metric, cell_id: str, before: Any, after: Any, concurr
     if not metric.noisy:
         if abs(delta) < metric.floor or abs(delta) <= metric.relative * abs(a):
             return None
-        return Change(cell_id, "improvement" if better else "regression", metric.name, before, after, metric.unit,
-                      concurrency, pct)
+        return Change(
+            cell_id,
+            "improvement" if better else "regression",
+            metric.name,
+            before,
+            after,
+            metric.unit,
+            concurrency,
+            pct,
+        )
     band = band_of(metric, history or [])
     if band is None:
         if abs(delta) < metric.floor or abs(delta) <= UNJUDGED_SHOWN_BEYOND * abs(a):
             return None
-        return Change(cell_id, "info", metric.name, before, after, metric.unit, concurrency, pct,
-                      note=f"not judged: {len(history or [])} of {MIN_HISTORY} runs of history for a noise band")
+        return Change(
+            cell_id,
+            "info",
+            metric.name,
+            before,
+            after,
+            metric.unit,
+            concurrency,
+            pct,
+            note=f"not judged: {len(history or [])} of {MIN_HISTORY} runs of history for a noise band",
+        )
     if band.low <= b <= band.high:
         return None
-    return Change(cell_id, "improvement" if better else "regression", metric.name, before, after, metric.unit,
-                  concurrency, pct, band=band)
+    return Change(
+        cell_id,
+        "improvement" if better else "regression",
+        metric.name,
+        before,
+        after,
+        metric.unit,
+        concurrency,
+        pct,
+        band=band,
+    )
 
 
 def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
     changes = []
     if a["outcome"] != b["outcome"]:
         kind: Kind = "improvement" if b["outcome"] == "ok" else "regression" if a["outcome"] == "ok" else "info"
-        changes.append(Change(cell_id, kind, "status", a["outcome"], b["outcome"],
-                              note=b["failure_class"] or b["skip_reason"] or ""))
+        changes.append(
+            Change(
+                cell_id, kind, "status", a["outcome"], b["outcome"], note=b["failure_class"] or b["skip_reason"] or ""
+            )
+        )
     elif a["outcome"] == "failed" and a["failure_class"] != b["failure_class"]:
         changes.append(Change(cell_id, "info", "failure_class", a["failure_class"], b["failure_class"]))
     va, vb = a["validation_passed"], b["validation_passed"]
@@ -271,13 +319,20 @@ def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell] | 
     levels_a, levels_b = _levels(a), _levels(b)
     for metric in METRICS:
         if not metric.per_level:
-            change = compare_value(metric, cell_id, metric.get(a.row), metric.get(b.row),
-                                   history=_history_values(metric, history, None))
+            change = compare_value(
+                metric, cell_id, metric.get(a.row), metric.get(b.row), history=_history_values(metric, history, None)
+            )
             changes.extend([change] if change else [])
             continue
         for conc in sorted(set(levels_a) & set(levels_b), key=lambda c: c or 0):
-            change = compare_value(metric, cell_id, metric.get(levels_a[conc]), metric.get(levels_b[conc]), conc,
-                                   history=_history_values(metric, history, conc))
+            change = compare_value(
+                metric,
+                cell_id,
+                metric.get(levels_a[conc]),
+                metric.get(levels_b[conc]),
+                conc,
+                history=_history_values(metric, history, conc),
+            )
             changes.extend([change] if change else [])
     return changes
 
@@ -303,8 +358,15 @@ def cell_history(runs: list[Run], a: RunCell, run_a: str, run_b: str) -> list[Ru
 
 def _verdict(changes: list[Change]) -> str:
     kinds = {c.kind for c in changes}
-    return ("regressed" if "regression" in kinds else "improved" if "improvement" in kinds
-            else "changed" if kinds else "unchanged")
+    return (
+        "regressed"
+        if "regression" in kinds
+        else "improved"
+        if "improvement" in kinds
+        else "changed"
+        if kinds
+        else "unchanged"
+    )
 
 
 def diff_runs(run_a: Run, run_b: Run, history: list[Run] | None = None) -> Diff:
@@ -319,11 +381,30 @@ def diff_runs(run_a: Run, run_b: Run, history: list[Run] | None = None) -> Diff:
         if a.row is None:
             continue  # not attempted in A: nothing to regress from
         if b is None or (b.row is None and b.status not in NOT_ATTEMPTED):
-            verdicts.append(CellVerdict(cell_id, "missing", [Change(cell_id, "regression", "cell", "present", "missing",
-                                                                     note="run B has no record for this cell")]))
+            verdicts.append(
+                CellVerdict(
+                    cell_id,
+                    "missing",
+                    [
+                        Change(
+                            cell_id,
+                            "regression",
+                            "cell",
+                            "present",
+                            "missing",
+                            note="run B has no record for this cell",
+                        )
+                    ],
+                )
+            )
         elif b.row is None:
-            verdicts.append(CellVerdict(cell_id, "not attempted", [Change(cell_id, "info", "cell", "present", b.status,
-                                                                          note=b.reason or "")]))
+            verdicts.append(
+                CellVerdict(
+                    cell_id,
+                    "not attempted",
+                    [Change(cell_id, "info", "cell", "present", b.status, note=b.reason or "")],
+                )
+            )
         else:
             compared += 1
             past = cell_history(history, a, run_a.run_id, run_b.run_id) if history else [a]
@@ -331,6 +412,9 @@ def diff_runs(run_a: Run, run_b: Run, history: list[Run] | None = None) -> Diff:
             verdicts.append(CellVerdict(cell_id, _verdict(changes), changes))  # type: ignore[arg-type]
     for cell_id, b in cells_b.items():
         if cell_id not in cells_a and b.row is not None:
-            verdicts.append(CellVerdict(cell_id, "new", [Change(cell_id, "info", "cell", "absent", b.row["outcome"],
-                                                                note="new in run B")]))
+            verdicts.append(
+                CellVerdict(
+                    cell_id, "new", [Change(cell_id, "info", "cell", "absent", b.row["outcome"], note="new in run B")]
+                )
+            )
     return Diff(run_a.run_id, run_b.run_id, verdicts, compared)

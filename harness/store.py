@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,12 +53,12 @@ class Problem:
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_run_id(now: datetime | None = None) -> str:
     """Sortable and unique enough across hosts: UTC time + short hostname."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     host = socket.gethostname().split(".")[0] or "host"
     return f"{now:%Y%m%dT%H%M%SZ}-{host}"
 
@@ -121,8 +121,10 @@ def _check_version(path: Path, data: object) -> str | None:
     if not isinstance(version, int):
         return f"schema_version {version!r} is not a number"
     if version > SCHEMA_VERSION:
-        return (f"written by a newer harness (schema {version}, this one reads up to {SCHEMA_VERSION}); "
-                "upgrade the harness to read it")
+        return (
+            f"written by a newer harness (schema {version}, this one reads up to {SCHEMA_VERSION}); "
+            "upgrade the harness to read it"
+        )
     return None
 
 
@@ -294,8 +296,15 @@ class RunWriter:
         """Store a record this run produced and list it in the manifest."""
         path = record_path(self.root, self.run_id, record.cell_id)
         atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
-        self.enter(ManifestEntry(cell_id=record.cell_id, key=record.key, status="ran", outcome=record.outcome,
-                                  record=record_ref(self.run_id, record.cell_id)))
+        self.enter(
+            ManifestEntry(
+                cell_id=record.cell_id,
+                key=record.key,
+                status="ran",
+                outcome=record.outcome,
+                record=record_ref(self.run_id, record.cell_id),
+            )
+        )
         return path
 
     def store_file(self, rel: str, data: bytes) -> Path:

@@ -22,9 +22,11 @@ from pathlib import Path
 _SNIFF_BYTES = 8192
 
 
-def finite_float(min: float | None = None, max: float | None = None, *, min_open: bool = False,
-                 max_open: bool = False) -> Callable[[str], float]:
+def finite_float(
+    min: float | None = None, max: float | None = None, *, min_open: bool = False, max_open: bool = False
+) -> Callable[[str], float]:
     """A finite number within [min, max] (`min_open`/`max_open`: the bound itself is excluded)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -37,12 +39,14 @@ def finite_float(min: float | None = None, max: float | None = None, *, min_open
         if max is not None and (value > max or (max_open and value == max)):
             raise argparse.ArgumentTypeError(f"{text} is too large: must be {'<' if max_open else '<='} {max:g}")
         return value
+
     parse.__name__ = "number"  # argparse names the type in its own messages
     return parse
 
 
 def int_in(min: int | None = None, max: int | None = None) -> Callable[[str], int]:
     """A whole number within [min, max]."""
+
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
@@ -53,6 +57,7 @@ def int_in(min: int | None = None, max: int | None = None) -> Callable[[str], in
         if max is not None and value > max:
             raise argparse.ArgumentTypeError(f"{text} is too large: must be <= {max}")
         return value
+
     parse.__name__ = "whole number"
     return parse
 
@@ -68,6 +73,7 @@ def choice_of(names: Iterable[str], what: str = "value") -> Callable[[str], str]
         if text not in known:
             raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; known: {', '.join(known)}")
         return text
+
     parse.__name__ = what
     return parse
 

@@ -42,10 +42,27 @@ def pytest_sessionfinish(session, exitstatus):
 
 # Modules whose tests start no engine but take seconds each (subprocesses of the harness or of an
 # engine's Python, a fake hub, a browser, stand-in engines, timed stubs): left out of `make test-fast`.
-SLOW_MODULES = {"test_doctor", "test_report_browser", "test_plan_hub", "test_fetch", "test_run_hub", "test_cluster",
-                "test_run_packing", "test_process", "test_probe_load", "test_probe_prompts", "test_capacity",
-                "test_tinymodels", "test_telemetry", "test_hardening_process", "test_hardening_disk",
-                "test_hardening_validate", "test_provision", "test_bisect", "test_workflow"}
+SLOW_MODULES = {
+    "test_doctor",
+    "test_report_browser",
+    "test_plan_hub",
+    "test_fetch",
+    "test_run_hub",
+    "test_cluster",
+    "test_run_packing",
+    "test_process",
+    "test_probe_load",
+    "test_probe_prompts",
+    "test_capacity",
+    "test_tinymodels",
+    "test_telemetry",
+    "test_hardening_process",
+    "test_hardening_disk",
+    "test_hardening_validate",
+    "test_provision",
+    "test_bisect",
+    "test_workflow",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -124,8 +141,9 @@ class TreeWatcher:
 
 
 def run_harness(args: list[str], timeout: float = 900, **env: str) -> tuple[subprocess.CompletedProcess, TreeWatcher]:
-    proc = subprocess.Popen(harness_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=harness_env(**env), cwd=ROOT)
+    proc = subprocess.Popen(
+        harness_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness_env(**env), cwd=ROOT
+    )
     watcher = TreeWatcher(proc.pid)
     out, err = proc.communicate(timeout=timeout)
     watcher.stop()

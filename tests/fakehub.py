@@ -122,9 +122,7 @@ class FakeHub:
         """Serve ``root/<org>/<name>/**`` as repo ``org/name`` (every file, relative paths kept)."""
         repos: dict[str, FakeRepo | dict[str, bytes]] = {}
         for repo_dir in sorted(p for p in Path(root).glob("*/*") if p.is_dir()):
-            files = {
-                f.relative_to(repo_dir).as_posix(): f.read_bytes() for f in repo_dir.rglob("*") if f.is_file()
-            }
+            files = {f.relative_to(repo_dir).as_posix(): f.read_bytes() for f in repo_dir.rglob("*") if f.is_file()}
             repos[repo_dir.relative_to(root).as_posix()] = files
         return cls(repos, **kwargs)
 
@@ -146,9 +144,7 @@ class FakeHub:
         """GETs that transferred file content (hub plain files and CDN blobs)."""
         with self._lock:
             return [
-                r
-                for r in self.requests
-                if r.method == "GET" and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
+                r for r in self.requests if r.method == "GET" and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
             ]
 
     def clear_log(self) -> None:
@@ -303,9 +299,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             prefix = f"{sub.strip('/')}/" if sub else ""
             if sub and not any(name.startswith(prefix) for name in repo.files):
-                raise _Reply(
-                    404, "EntryNotFound", f'{sub} does not exist on "{revision}"', {"X-Repo-Commit": repo.sha}
-                )
+                raise _Reply(404, "EntryNotFound", f'{sub} does not exist on "{revision}"', {"X-Repo-Commit": repo.sha})
             entries: dict[str, dict[str, Any]] = {}
             for name in sorted(repo.files):
                 if not name.startswith(prefix):

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from conftest import ENGINE_PYTHON, harness_env
 
 RAY = ENGINE_PYTHON.parent / "ray"
@@ -64,19 +63,35 @@ class LocalCluster:
 
     def _start(self, args: list[str], resources: dict[str, float]) -> Node:
         log = self.logs / f"ray-node{len(self.nodes)}.log"
-        cmd = [str(RAY), "start", "--block", "--disable-usage-stats", "--num-cpus=1",
-               f"--resources={json.dumps(resources)}", f"--dashboard-agent-listen-port={free_port()}",
-               *args]
-        proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
+        cmd = [
+            str(RAY),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--num-cpus=1",
+            f"--resources={json.dumps(resources)}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *args,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         node = Node(proc, log)
         self.nodes.append(node)
         return node
 
     def start_head(self, resources: dict[str, float]) -> Node:
-        node = self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
-                            f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={free_port()}",
-                            f"--dashboard-port={free_port()}"], resources)
+        node = self._start(
+            [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp_dir}",
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-port={free_port()}",
+            ],
+            resources,
+        )
         self._wait(node)
         return node
 
@@ -87,8 +102,10 @@ class LocalCluster:
 
     def wait_alive(self, count: int, timeout: float = 120) -> None:
         """Until the GCS lists `count` live nodes (a driver checks the nodes' resources at start)."""
-        probe = ("import ray; ray.init(address=%r, logging_level='error', log_to_driver=False);"
-                 "print(sum(n['Alive'] for n in ray.nodes()))") % self.address
+        probe = (
+            "import ray; ray.init(address=%r, logging_level='error', log_to_driver=False);"
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        ) % self.address
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             out = subprocess.run([str(ENGINE_PYTHON), "-c", probe], capture_output=True, text=True, env=self.env)

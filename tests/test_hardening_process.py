@@ -14,8 +14,8 @@ import sys
 import time
 
 import psutil
-
 from conftest import ROOT, wait_for
+
 from harness.engine.process import EngineProcess, Guard, reap_stale
 from harness.run.packing import lock_devices
 from harness.run.telemetry import Sampler
@@ -72,8 +72,9 @@ def alive(pids: list[int]) -> list[int]:
 
 
 def test_guard_kills_the_whole_tree_when_its_owner_is_sigkilled(tmp_path):
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), TREE], stdout=subprocess.PIPE,
-                             text=True, env=owner_env())
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path), TREE], stdout=subprocess.PIPE, text=True, env=owner_env()
+    )
     *tree, guard = map(int, owner.stdout.readline().split())
     assert len(tree) == 3 and alive([guard]) == [guard]
     # one of them leaves the engine's session
@@ -115,8 +116,14 @@ def test_log_pump_drains_a_pipe_it_cannot_write(tmp_path):
     log.symlink_to("/dev/full")
     lines = []
     code = "import sys\nfor i in range(20000): print('x' * 100, i)\nprint('last line')"
-    proc = EngineProcess([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, log_path=log,
-                         pids_dir=tmp_path / ".engines", redact=str, on_line=lines.append)
+    proc = EngineProcess(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin"},
+        log_path=log,
+        pids_dir=tmp_path / ".engines",
+        redact=str,
+        on_line=lines.append,
+    )
     proc.start()
     assert proc.exit_code_within(30) == 0
     proc.stop()
@@ -140,15 +147,22 @@ def test_telemetry_series_on_a_full_disk_leaves_no_tmp(tmp_path):
 
 # --------------------------------------------------------------------------- lock before reap
 def start_owned_tree(tmp_path, locks: list[str]) -> EngineProcess:
-    proc = EngineProcess([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"],
-                         env={"PATH": "/usr/bin:/bin"}, log_path=tmp_path / "engine.log",
-                         pids_dir=tmp_path / ".engines", redact=str, owner={"run_id": "r1", "locks": locks})
+    proc = EngineProcess(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"],
+        env={"PATH": "/usr/bin:/bin"},
+        log_path=tmp_path / "engine.log",
+        pids_dir=tmp_path / ".engines",
+        redact=str,
+        owner={"run_id": "r1", "locks": locks},
+    )
     proc.start()
     return proc
 
 
-HOLDER = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)"
+HOLDER = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)"
+)
 
 
 def test_reap_leaves_an_engine_whose_run_holds_its_lock(tmp_path):

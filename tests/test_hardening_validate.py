@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
 from harness.cli import _Parser, main
 from harness.validate import choice_of, finite_float, folder, int_in, positive_int, text_file
 
@@ -62,8 +62,15 @@ def verb_cases(place: Path, kind: str, data: bytes, name: str) -> list[list[str]
         ["run", "--matrix", str(ROOT / "matrix.yaml"), "--results", existing_file],
         ["run", "--matrix", str(ROOT / "matrix.yaml"), "--reports", existing_file],
         ["run", "--matrix", str(ROOT / "matrix.yaml"), "--progress", f"x{name}"],
-        ["run", "--matrix", str(ROOT / "matrix.yaml"), "--only", f"zz-nomatch-{name}*",
-         "--results", str(place / f"res-run-{name}")],
+        [
+            "run",
+            "--matrix",
+            str(ROOT / "matrix.yaml"),
+            "--only",
+            f"zz-nomatch-{name}*",
+            "--results",
+            str(place / f"res-run-{name}"),
+        ],
         ["ingest", missing_folder],
         ["ingest", existing_file],
         ["ingest", str(place / "not-logs"), "--results", str(place / f"res-{name}")],
@@ -137,7 +144,7 @@ def test_finite_float_in_range(value):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(st.integers(min_value=-10**6, max_value=10**6).map(str), st.text(max_size=6)))
+@given(st.one_of(st.integers(min_value=-(10**6), max_value=10**6).map(str), st.text(max_size=6)))
 def test_positive_int(text):
     code, parsed = parse_one(positive_int, text)
     try:

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import psutil
+import pynvml
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
 import harness.host.hygiene
-import pynvml
 from harness.host.devices import Nvml
 from harness.host.hygiene import check_gpus, wait_for_clean_gpus
 

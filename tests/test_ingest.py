@@ -66,8 +66,15 @@ def test_ingest_labels_what_the_log_does_not_say(tmp_path, capsys):
     shutil.copy(FIXTURES / "v0_10_2_tp2_worker_prefixes.log", logs / "tp2.log")  # Worker_TP0 and _TP1 lines
     shutil.copy(FIXTURES / "v0_6_3_t4_v0_header_ready.log", logs / "cut.log")  # neither ready nor an error
     shutil.copy(FIXTURES / "v0_11_debug_full_breakdown.log", logs / "ready.log")
-    (logs / "ready.json").write_text(json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "gpu_memory_gib": 80.0,
-                                                 "source": "https://github.com/example/repo/issues/1"}))
+    (logs / "ready.json").write_text(
+        json.dumps(
+            {
+                "model": "meta-llama/Llama-3.1-8B-Instruct",
+                "gpu_memory_gib": 80.0,
+                "source": "https://github.com/example/repo/issues/1",
+            }
+        )
+    )
     (logs / "tp2.json").write_text(json.dumps({"gpu_memory_gib": 79.18, "tp": 4}))
     (logs / "notes.txt").write_text("copied from the ticket, see the other files\n")
     results = tmp_path / "results"
@@ -99,8 +106,11 @@ def test_ingest_labels_what_the_log_does_not_say(tmp_path, capsys):
     assert "huggingface.co/some-model" not in device  # not a hub id: no link
     assert "| 2/1 |" in device
     insights = (reports / "insights.md").read_text()
-    success = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:8]]
-               for ln in insights.split("## Success rate", 1)[1].splitlines() if ln.startswith("| H100 |")}
+    success = {
+        ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:8]]
+        for ln in insights.split("## Success rate", 1)[1].splitlines()
+        if ln.startswith("| H100 |")
+    }
     # ok, failed, skipped, inconclusive, rate: the cut log is no failure and leaves the rate alone
     assert success == {"0.6.3.post1": ["0", "0", "0", "1", "—"], "unknown": ["1", "1", "0", "0", "50%"]}
 

@@ -27,9 +27,24 @@ configs:
 """
 
 ACTIONS = {
-    "gpu_memory_utilization": {"flags": ["--gpu-memory-utilization"], "kind": "value", "type": "float", "choices": None},
-    "max_model_len": {"flags": ["--max-model-len"], "kind": "value", "type": "human_readable_int_or_auto", "choices": None},
-    "enforce_eager": {"flags": ["--enforce-eager", "--no-enforce-eager"], "kind": "bool_optional", "type": None, "choices": None},
+    "gpu_memory_utilization": {
+        "flags": ["--gpu-memory-utilization"],
+        "kind": "value",
+        "type": "float",
+        "choices": None,
+    },
+    "max_model_len": {
+        "flags": ["--max-model-len"],
+        "kind": "value",
+        "type": "human_readable_int_or_auto",
+        "choices": None,
+    },
+    "enforce_eager": {
+        "flags": ["--enforce-eager", "--no-enforce-eager"],
+        "kind": "bool_optional",
+        "type": None,
+        "choices": None,
+    },
     "kv_cache_dtype": {"flags": ["--kv-cache-dtype"], "kind": "value", "type": "str", "choices": ["auto", "fp8"]},
     "tensor_parallel_size": {"flags": ["--tensor-parallel-size"], "kind": "value", "type": "int", "choices": None},
 }
@@ -61,14 +76,23 @@ def test_expands_models_gpus_configs(tmp_path):
 
 
 def test_include_exclude_rules(tmp_path):
-    m = load_matrix(write(tmp_path, BASE + "include:\n  - {tag: tiny, gpu: cpu}\n  - {gpu: H100}\n"
-                          "exclude:\n  - {config: big, model: 'Qwen*'}\n"))
+    m = load_matrix(
+        write(
+            tmp_path,
+            BASE + "include:\n  - {tag: tiny, gpu: cpu}\n  - {gpu: H100}\n"
+            "exclude:\n  - {config: big, model: 'Qwen*'}\n",
+        )
+    )
     ids = sorted(c.cell_id for c in m.cells)
-    assert ids == sorted([
-        "local-model__cpu__small__default", "local-model__cpu__big__default",
-        "local-model__H100__small__default", "local-model__H100__big__default",
-        "Qwen2.5-0.5B-Instruct__H100__small__default",
-    ])
+    assert ids == sorted(
+        [
+            "local-model__cpu__small__default",
+            "local-model__cpu__big__default",
+            "local-model__H100__small__default",
+            "local-model__H100__big__default",
+            "Qwen2.5-0.5B-Instruct__H100__small__default",
+        ]
+    )
     assert [c.cell_id for c in select(m.cells, "*cpu__big*")] == ["local-model__cpu__big__default"]
 
 
@@ -126,11 +150,14 @@ def test_engine_arg_did_you_mean(tmp_path):
     assert "did you mean 'gpu_memory_utilization'" in msg
 
 
-@pytest.mark.parametrize("args, fragment", [
-    ("{enforce_eager: 1}", "expects true or false"),
-    ("{kv_cache_dtype: fp9}", "did you mean 'fp8'"),
-    ("{tensor_parallel_size: 1.5}", "positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ("{enforce_eager: 1}", "expects true or false"),
+        ("{kv_cache_dtype: fp9}", "did you mean 'fp8'"),
+        ("{tensor_parallel_size: 1.5}", "positive integer"),
+    ],
+)
 def test_engine_arg_values(tmp_path, args, fragment):
     text = BASE.replace("{gpu_memory_utilization: 0.9}", args)
     try:
@@ -144,8 +171,9 @@ def test_engine_arg_values(tmp_path, args, fragment):
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path = write(tmp_path, BASE.replace("0.9}", "1.7}"))
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--matrix", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--matrix", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -155,10 +183,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 def test_default_matrix_has_the_four_cpu_cells():
     m = load_matrix(Path(__file__).parents[1] / "matrix.yaml")
     cpu = sorted(c.cell_id for c in m.cells if c.gpu == "cpu")
-    assert cpu == sorted([
-        "tiny-chat__cpu__cpu__venv", "tiny-random__cpu__cpu__venv", "tiny-unsupported__cpu__cpu__venv",
-        "tiny-chat__cpu__cpu-max-len-beyond-kv__venv", "tiny-chat__cpu__cpu__v0.31",
-    ])
+    assert cpu == sorted(
+        [
+            "tiny-chat__cpu__cpu__venv",
+            "tiny-random__cpu__cpu__venv",
+            "tiny-unsupported__cpu__cpu__venv",
+            "tiny-chat__cpu__cpu-max-len-beyond-kv__venv",
+            "tiny-chat__cpu__cpu__v0.31",
+        ]
+    )
     gpu_models = {c.model.source for c in m.cells if c.gpu != "cpu"}
     assert "meta-llama/Llama-3.1-8B-Instruct" in gpu_models and len(gpu_models) == 8
 
@@ -172,15 +205,19 @@ def test_ray_section(tmp_path):
 
 
 def test_every_error_is_listed_at_once(tmp_path):
-    text = BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5") + \
-        "timeouts: {ready_s: -1}\nexclude: [{modle: x}]\n"
+    text = (
+        BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5")
+        + "timeouts: {ready_s: -1}\nexclude: [{modle: x}]\n"
+    )
     message = error_of(tmp_path, text)
     lines = message.splitlines()
     assert lines[0].endswith("2 problems:")  # the schema errors: timeouts and the misspelt key
     assert any("timeouts.ready_s" in line for line in lines) and any("'modle'" in line for line in lines)
     # once the schema holds, every range and duplicate problem comes together too
-    text = BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5").replace(
-        "name: big", "name: small") + "\n"
+    text = (
+        BASE.replace("gpu_memory_utilization: 0.9", "gpu_memory_utilization: 1.5").replace("name: big", "name: small")
+        + "\n"
+    )
     lines = error_of(tmp_path, text).splitlines()
     assert lines[0].endswith("2 problems:")
     assert any("duplicate name 'small'" in line for line in lines)

@@ -17,24 +17,42 @@ pytestmark = pytest.mark.engine
 
 def matrix(tmp: Path, kv_gib: int) -> Path:
     path = tmp / f"nightly-kv{kv_gib}.yaml"
-    path.write_text("\n".join([
-        f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]",
-        "models:",
-        f"  - model: {TINY / 'tiny-chat'}",
-        "gpus: [cpu]",
-        "configs:",
-        "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}, "
-        f"env: {{VLLM_CPU_KVCACHE_SPACE: {kv_gib}}}}}",
-        "timeouts: {ready_s: 300, request_s: 60}",
-        "probe: none",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]",
+                "models:",
+                f"  - model: {TINY / 'tiny-chat'}",
+                "gpus: [cpu]",
+                "configs:",
+                "  - {name: cpu, args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}, "
+                f"env: {{VLLM_CPU_KVCACHE_SPACE: {kv_gib}}}}}",
+                "timeouts: {ready_s: 300, request_s: 60}",
+                "probe: none",
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
 def nightly(tmp: Path, kv_gib: int):
-    proc, _ = run_harness(["nightly", "--matrix", str(matrix(tmp, kv_gib)), "--results", str(tmp / "results"),
-                           "--reports", str(tmp / "reports"), "--out", str(tmp / "nightly"), "--force",
-                           "--progress", "plain"])
+    proc, _ = run_harness(
+        [
+            "nightly",
+            "--matrix",
+            str(matrix(tmp, kv_gib)),
+            "--results",
+            str(tmp / "results"),
+            "--reports",
+            str(tmp / "reports"),
+            "--out",
+            str(tmp / "nightly"),
+            "--force",
+            "--progress",
+            "plain",
+        ]
+    )
     outputs = dict(line.split("=", 1) for line in (tmp / "nightly" / "outputs.env").read_text().splitlines())
     return proc, outputs, (tmp / "nightly" / "diff.md").read_text()
 

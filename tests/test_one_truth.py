@@ -24,19 +24,24 @@ UNSUPPORTED = "tiny-unsupported__cpu__cpu__venv"
 
 def matrix(tmp: Path, kv_gib: int) -> Path:
     path = tmp / f"matrix-kv{kv_gib}.yaml"
-    path.write_text("\n".join([
-        f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]",
-        "models:",
-        f"  - model: {TINY / 'tiny-chat'}",
-        f"  - model: {TINY / 'tiny-unsupported'}",
-        "gpus: [cpu, H100]",
-        "configs:",
-        "  - name: cpu",
-        "    args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}",
-        f"    env: {{VLLM_CPU_KVCACHE_SPACE: {kv_gib}}}",
-        "timeouts: {ready_s: 300, request_s: 60}",
-        "probe: {name: tiny, concurrency: [1, 2], requests: 4, rounds: 1, warmup_requests: 1}",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]",
+                "models:",
+                f"  - model: {TINY / 'tiny-chat'}",
+                f"  - model: {TINY / 'tiny-unsupported'}",
+                "gpus: [cpu, H100]",
+                "configs:",
+                "  - name: cpu",
+                "    args: {max_model_len: 512, dtype: bfloat16, enforce_eager: true}",
+                f"    env: {{VLLM_CPU_KVCACHE_SPACE: {kv_gib}}}",
+                "timeouts: {ready_s: 300, request_s: 60}",
+                "probe: {name: tiny, concurrency: [1, 2], requests: 4, rounds: 1, warmup_requests: 1}",
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
@@ -46,8 +51,21 @@ def runs(tmp_path_factory):
     results, reports = tmp / "results", tmp / "reports"
     ids = []
     for kv in (2, 2, 2, 1):
-        proc, _ = run_harness(["run", "--matrix", str(matrix(tmp, kv)), "--results", str(results),
-                               "--reports", str(reports), "--force", "--progress", "plain"], timeout=900)
+        proc, _ = run_harness(
+            [
+                "run",
+                "--matrix",
+                str(matrix(tmp, kv)),
+                "--results",
+                str(results),
+                "--reports",
+                str(reports),
+                "--force",
+                "--progress",
+                "plain",
+            ],
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ids.append(store.read_runs([results]).runs[-1].run_id)
     assert len(set(ids)) == 4
@@ -100,8 +118,9 @@ def test_every_run_is_published_with_its_records(runs):
 @pytest.mark.parametrize("pair", [(0, 1), (1, 2), (0, 2)])
 def test_unchanged_runs_pass_the_gate(runs, pair):
     a, b = (runs["ids"][i] for i in pair)
-    proc, _ = run_harness(["diff", a, b, "--results", str(runs["results"]), "--reports", str(runs["reports"]),
-                           "--json"])
+    proc, _ = run_harness(
+        ["diff", a, b, "--results", str(runs["results"]), "--reports", str(runs["reports"]), "--json"]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     out = json.loads(proc.stdout)
     assert out["compared_cells"] == 2 and out["regressions"] == []

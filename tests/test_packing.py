@@ -163,9 +163,7 @@ RECORDED_8XH100 = [
 
 def recorded_jobs():
     return [
-        job(f"{model}-tp{tp}-{k}", tp, seconds)
-        for model, tp, runs in RECORDED_8XH100
-        for k, seconds in enumerate(runs)
+        job(f"{model}-tp{tp}-{k}", tp, seconds) for model, tp, runs in RECORDED_8XH100 for k, seconds in enumerate(runs)
     ]
 
 

@@ -15,7 +15,11 @@ from harness.parse.lines import MAX_LINE, physical_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "logs"
 SAMPLE = (FIXTURES / "v0_11_debug_full_breakdown.log").read_text(encoding="utf-8")
-FRAGMENTS = [line for p in sorted(FIXTURES.glob("*.log")) for line in p.read_text(encoding="utf-8", errors="replace").splitlines()][:400]
+FRAGMENTS = [
+    line
+    for p in sorted(FIXTURES.glob("*.log"))
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines()
+][:400]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,7 +53,12 @@ def test_shuffled_real_lines_never_raise(lines, rnd):
 def test_megabyte_lines_are_cut_not_buffered(tmp_path):
     big = "INFO 10-03 10:15:50 [gpu_worker.py:298] Available KV cache memory: 54.13 GiB " + "x" * 3_000_000
     path = tmp_path / "big.log"
-    path.write_text(big + "\n" + "y" * 1_500_000 + "\nINFO 10-03 10:15:52 [kv_cache_utils.py:1087] GPU KV cache size: 1,048,576 tokens\n")
+    path.write_text(
+        big
+        + "\n"
+        + "y" * 1_500_000
+        + "\nINFO 10-03 10:15:52 [kv_cache_utils.py:1087] GPU KV cache size: 1,048,576 tokens\n"
+    )
     lines = list(physical_lines(io.StringIO(path.read_text())))
     assert all(len(line) <= MAX_LINE for line in lines)
     facts = parse_log_file(path)
@@ -121,7 +130,7 @@ def test_wrapper_defers_to_root_cause_above():
 
 
 def test_unknown_exception_is_other_with_its_line():
-    text = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\nRuntimeError: CUDA error: no kernel image is available for execution on the device"
+    text = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nRuntimeError: CUDA error: no kernel image is available for execution on the device'
     cls, evidence, remedy = classify_failure(text)
     assert cls == "other" and "no kernel image" in evidence and "no kernel image" in remedy
 
@@ -206,8 +215,15 @@ def test_normaliser_keeps_backticks_inside_a_message():
 
 
 PREFIXES = [
-    "Dez 01 01:35:10 gpu-host vllm[1234]: ", "2025-04-06T07:55:21.108Z ", "vllm-1  | ", "[Error] (Process) ",
-    "(RayWorkerWrapper pid=13, ip=10.0.0.2) ", "(EngineCore_DP0 pid=7) ", "> ", "  | ", "2024-01-02 03:04:05,678 - app - INFO - ",
+    "Dez 01 01:35:10 gpu-host vllm[1234]: ",
+    "2025-04-06T07:55:21.108Z ",
+    "vllm-1  | ",
+    "[Error] (Process) ",
+    "(RayWorkerWrapper pid=13, ip=10.0.0.2) ",
+    "(EngineCore_DP0 pid=7) ",
+    "> ",
+    "  | ",
+    "2024-01-02 03:04:05,678 - app - INFO - ",
 ]
 HEADER_LINES = [line for line in FRAGMENTS if _parse(clean(line)).has_header][:200]
 
@@ -284,11 +300,31 @@ OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB. G
 @pytest.mark.parametrize(
     ("above", "cls", "says"),
     [
-        ('[rank0]:   File "/x/vllm/worker/model_runner.py", line 1, in load_model', "oom_weight_load", "weights do not fit"),
-        ('[rank0]:   File "/x/vllm/executor/gpu_executor.py", line 114, in determine_num_available_blocks', "oom_other", "profiling forward pass"),
-        ("INFO 11-22 07:19:26 model_runner.py:1413] Capturing cudagraphs for decoding.", "oom_other", "CUDA graph capture"),
-        ('  File "/x/vllm/v1/worker/gpu_model_runner.py", line 3221, in _dummy_sampler_run', "oom_other", "warming up the sampler"),
-        ("INFO 11-22 07:19:26 model_runner.py:1067] Loading model weights took 19.9073 GB", "oom_other", "after the weights loaded"),
+        (
+            '[rank0]:   File "/x/vllm/worker/model_runner.py", line 1, in load_model',
+            "oom_weight_load",
+            "weights do not fit",
+        ),
+        (
+            '[rank0]:   File "/x/vllm/executor/gpu_executor.py", line 114, in determine_num_available_blocks',
+            "oom_other",
+            "profiling forward pass",
+        ),
+        (
+            "INFO 11-22 07:19:26 model_runner.py:1413] Capturing cudagraphs for decoding.",
+            "oom_other",
+            "CUDA graph capture",
+        ),
+        (
+            '  File "/x/vllm/v1/worker/gpu_model_runner.py", line 3221, in _dummy_sampler_run',
+            "oom_other",
+            "warming up the sampler",
+        ),
+        (
+            "INFO 11-22 07:19:26 model_runner.py:1067] Loading model weights took 19.9073 GB",
+            "oom_other",
+            "after the weights loaded",
+        ),
         ("", "oom_other", "does not show the stage"),
     ],
 )
@@ -299,7 +335,7 @@ def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
 
 
 def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_not():
-    cut = "(APIServer pid=1) Traceback (most recent call last):\n(APIServer pid=1)   File \"x.py\", line 1, in main"
+    cut = '(APIServer pid=1) Traceback (most recent call last):\n(APIServer pid=1)   File "x.py", line 1, in main'
     facts = parse_log(cut)
     assert (facts.outcome, facts.failure_class) == ("failed", "other")
     assert "ends inside this traceback" in facts.failure_evidence and "keep the full" in facts.remedy

@@ -12,9 +12,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub, FakeRepo
-
 from conftest import ROOT, run_harness
+from fakehub import FakeHub, FakeRepo
 
 CATALOG = ROOT / "harness" / "plan_data" / "catalog"
 LLAMA = json.loads((CATALOG / "meta-llama__Llama-3.1-8B-Instruct.json").read_text())
@@ -28,11 +27,17 @@ def llama_tensors(config: dict) -> dict[str, list[int]]:
     shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h], "lm_head.weight": [vocab, h]}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
-                   p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
-                   p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
-                   p + "mlp.down_proj.weight": [h, inter],
-                   p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h]}
+        shapes |= {
+            p + "self_attn.q_proj.weight": [h, h],
+            p + "self_attn.k_proj.weight": [kv, h],
+            p + "self_attn.v_proj.weight": [kv, h],
+            p + "self_attn.o_proj.weight": [h, h],
+            p + "mlp.gate_proj.weight": [inter, h],
+            p + "mlp.up_proj.weight": [inter, h],
+            p + "mlp.down_proj.weight": [h, inter],
+            p + "input_layernorm.weight": [h],
+            p + "post_attention_layernorm.weight": [h],
+        }
     return shapes
 
 
@@ -64,8 +69,9 @@ def sharded_checkpoint(config: dict, shards: int = 2) -> dict[str, bytes]:
 
 def plan(model: str, env: dict[str, str], *extra: str) -> tuple[dict, str]:
     """The plan's JSON and its notes, one string."""
-    proc, _ = run_harness(["plan", "--model", model, "--gpu", "H100", "--max-model-len", "16000", "--json", *extra],
-                          timeout=120, **env)
+    proc, _ = run_harness(
+        ["plan", "--model", model, "--gpu", "H100", "--max-model-len", "16000", "--json", *extra], timeout=120, **env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     return result, "\n".join(result["notes"])
@@ -89,8 +95,9 @@ def test_hub_headers_give_the_same_weights_as_the_files_and_never_the_weights(tm
         (local / name).write_bytes(blob)
     from_files, _ = plan(str(local), env, "--tensor-parallel-size", "2")
     with FakeHub({"org/llama-8b-like": checkpoint}) as hub:
-        from_hub, notes = plan("org/llama-8b-like", {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
-                               "--tensor-parallel-size", "2")
+        from_hub, notes = plan(
+            "org/llama-8b-like", {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, "--tensor-parallel-size", "2"
+        )
         shard_gets = [r for r in hub.file_downloads() if r.path.endswith(".safetensors") or r.path.startswith("/cdn/")]
     assert "config from hub" in notes
     assert from_hub["weights_gib"] == from_files["weights_gib"]

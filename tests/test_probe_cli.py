@@ -12,15 +12,44 @@ from conftest import ROOT, harness_cmd, harness_env
 from harness.cli import main
 from harness.probes.stub import StubConfig, StubProcess, StubServer
 
-LEVEL_KEYS = {"concurrency", "requests", "completed", "failed", "ttft_ms", "tpot_ms", "itl_ms",
-              "e2el_ms", "request_throughput", "output_throughput", "total_token_throughput"}
+LEVEL_KEYS = {
+    "concurrency",
+    "requests",
+    "completed",
+    "failed",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2el_ms",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+}
 
 
 def test_probe_json_has_the_design_shape(capsys):
     with StubServer(StubConfig(prompt_tokens=4)) as stub:
-        rc = main(["probe", "--url", stub.url + "/v1", "--model", "stub", "--concurrency", "1,2",
-                   "--requests", "4", "--input-tokens", "4", "--output-tokens", "3",
-                   "--goodput", "ttft:500 tpot:50", "--no-ceiling", "--json"])
+        rc = main(
+            [
+                "probe",
+                "--url",
+                stub.url + "/v1",
+                "--model",
+                "stub",
+                "--concurrency",
+                "1,2",
+                "--requests",
+                "4",
+                "--input-tokens",
+                "4",
+                "--output-tokens",
+                "3",
+                "--goodput",
+                "ttft:500 tpot:50",
+                "--no-ceiling",
+                "--json",
+            ]
+        )
         assert stub.requests == 4 + 4 + 2  # two levels and the default warm-up
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -33,16 +62,32 @@ def test_probe_json_has_the_design_shape(capsys):
 
 
 # --------------------------------------------------------------------------- capacity
-CAPACITY_KEYS = {"concurrency", "goodput_rps", "output_throughput", "tokens_per_s_per_user",
-                 "slo", "trace"}
+CAPACITY_KEYS = {"concurrency", "goodput_rps", "output_throughput", "tokens_per_s_per_user", "slo", "trace"}
 
 
 def test_capacity_at_a_ttft_objective_json(capsys):
     # TTFT = 100 ms + 40 ms per request in flight: 100 + 40 (c - 1) <= 320 ms up to c = 6.
     with StubProcess(StubConfig(ttft=0.1, ttft_step=0.04, itl=0.002)) as url:
-        rc = main(["probe", "--url", url, "--model", "stub", "--capacity", "--slo", "ttft_p99=320",
-                   "--requests", "1", "--rounds", "1", "--output-tokens", "4", "--no-ceiling",
-                   "--json"])
+        rc = main(
+            [
+                "probe",
+                "--url",
+                url,
+                "--model",
+                "stub",
+                "--capacity",
+                "--slo",
+                "ttft_p99=320",
+                "--requests",
+                "1",
+                "--rounds",
+                "1",
+                "--output-tokens",
+                "4",
+                "--no-ceiling",
+                "--json",
+            ]
+        )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     cap = out["capacity"]
@@ -59,9 +104,23 @@ def test_capacity_at_a_ttft_objective_json(capsys):
 
 def test_capacity_table_and_capacity_zero_is_not_an_error(capsys):
     with StubServer(StubConfig(ttft=0.1)) as stub:
-        rc = main(["probe", "--url", stub.url, "--model", "stub", "--capacity", "--slo",
-                   "ttft_p99=50,tpot_p99=100", "--requests", "2", "--output-tokens", "3",
-                   "--no-ceiling"])
+        rc = main(
+            [
+                "probe",
+                "--url",
+                stub.url,
+                "--model",
+                "stub",
+                "--capacity",
+                "--slo",
+                "ttft_p99=50,tpot_p99=100",
+                "--requests",
+                "2",
+                "--output-tokens",
+                "3",
+                "--no-ceiling",
+            ]
+        )
     assert rc == 0
     out = capsys.readouterr().out
     assert "capacity: 0 concurrent requests within ttft_p99_ms <= 50, tpot_p99_ms <= 100" in out
@@ -70,9 +129,29 @@ def test_capacity_table_and_capacity_zero_is_not_an_error(capsys):
 
 def test_rate_capacity_from_the_command_line(capsys):
     with StubServer(StubConfig(ttft=0.05, ttft_step=0.05)) as stub:
-        rc = main(["probe", "--url", stub.url, "--model", "stub", "--capacity", "rate", "--slo",
-                   "e2el_p90=400", "--start-rate", "4", "--max-rate", "8", "--requests", "8",
-                   "--output-tokens", "2", "--no-ceiling", "--json"])
+        rc = main(
+            [
+                "probe",
+                "--url",
+                stub.url,
+                "--model",
+                "stub",
+                "--capacity",
+                "rate",
+                "--slo",
+                "e2el_p90=400",
+                "--start-rate",
+                "4",
+                "--max-rate",
+                "8",
+                "--requests",
+                "8",
+                "--output-tokens",
+                "2",
+                "--no-ceiling",
+                "--json",
+            ]
+        )
     assert rc == 0
     cap = json.loads(capsys.readouterr().out)["capacity"]
     assert cap["search"] == "rate" and cap["concurrency"] is None
@@ -114,13 +193,16 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed again when the block ends
 
 
-@pytest.mark.parametrize("kind,fragment", [
-    ("closed", "Connection refused"),
-    ("http500", "answered HTTP 500"),
-    ("html", "did not answer JSON"),
-    ("wrong_model", "does not serve model 'other' (it serves: stub)"),
-    ("failing", "every warm-up request failed: stream error: stub failure mid-stream"),
-])
+@pytest.mark.parametrize(
+    "kind,fragment",
+    [
+        ("closed", "Connection refused"),
+        ("http500", "answered HTTP 500"),
+        ("html", "did not answer JSON"),
+        ("wrong_model", "does not serve model 'other' (it serves: stub)"),
+        ("failing", "every warm-up request failed: stream error: stub failure mid-stream"),
+    ],
+)
 def test_unusable_server_is_one_line_and_exit_2(kind, fragment, html_server, capsys):
     argv = ["--model", "stub", "--concurrency", "1", "--requests", "2", "--no-ceiling"]
     if kind == "closed":
@@ -128,8 +210,7 @@ def test_unusable_server_is_one_line_and_exit_2(kind, fragment, html_server, cap
     elif kind == "html":
         rc = main(["probe", "--url", html_server, *argv])
     else:
-        config = {"http500": StubConfig(status=500), "failing": StubConfig(error_after=0)}.get(
-            kind, StubConfig())
+        config = {"http500": StubConfig(status=500), "failing": StubConfig(error_after=0)}.get(kind, StubConfig())
         with StubServer(config) as stub:
             if kind == "wrong_model":
                 argv[1] = "other"
@@ -142,32 +223,52 @@ def test_unusable_server_is_one_line_and_exit_2(kind, fragment, html_server, cap
 
 
 # --------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("argv,fragment", [
-    (["--url", "localhost:8000", "--model", "m"], "--url must start with http"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"], "concurrency levels"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--max-concurrency", "0"], "--max-concurrency"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--tokenizer", "/nonexistent"],
-     "no tokenizer.json in '/nonexistent'"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft:-5"], "must be > 0"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft:nan"], "must be > 0"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--timeout", "0"], "--timeout"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity"], "--capacity needs --slo"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p97=5"],
-     "unknown objective 'ttft_p97'"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "latency=5"],
-     "unknown objective 'latency'"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=0"],
-     "must be > 0 ms"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=-5"],
-     "must be > 0 ms"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99"],
-     "use e.g. ttft_p99=2000"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--slo", "ttft_p99=5"], "go with --capacity"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=5",
-      "--budget", "-1"], "--budget"),
-    (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=5",
-      "--concurrency", "1,2"], "chooses its own levels"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--url", "localhost:8000", "--model", "m"], "--url must start with http"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"], "concurrency levels"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--max-concurrency", "0"], "--max-concurrency"),
+        (
+            ["--url", "http://127.0.0.1:1", "--model", "m", "--tokenizer", "/nonexistent"],
+            "no tokenizer.json in '/nonexistent'",
+        ),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft:-5"], "must be > 0"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft:nan"], "must be > 0"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--timeout", "0"], "--timeout"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity"], "--capacity needs --slo"),
+        (
+            ["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p97=5"],
+            "unknown objective 'ttft_p97'",
+        ),
+        (
+            ["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "latency=5"],
+            "unknown objective 'latency'",
+        ),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=0"], "must be > 0 ms"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=-5"], "must be > 0 ms"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99"], "use e.g. ttft_p99=2000"),
+        (["--url", "http://127.0.0.1:1", "--model", "m", "--slo", "ttft_p99=5"], "go with --capacity"),
+        (
+            ["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=5", "--budget", "-1"],
+            "--budget",
+        ),
+        (
+            [
+                "--url",
+                "http://127.0.0.1:1",
+                "--model",
+                "m",
+                "--capacity",
+                "--slo",
+                "ttft_p99=5",
+                "--concurrency",
+                "1,2",
+            ],
+            "chooses its own levels",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
     rc = main(["probe", *argv])
     err = capsys.readouterr().err.strip().splitlines()
@@ -175,11 +276,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
     assert fragment in err[0]
 
 
-@pytest.mark.parametrize("argv", [
-    ["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft=5"],
-    ["--url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "a,b"],
-    ["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "bogus", "--slo", "ttft_p99=5"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--url", "http://127.0.0.1:1", "--model", "m", "--goodput", "ttft=5"],
+        ["--url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "a,b"],
+        ["--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "bogus", "--slo", "ttft_p99=5"],
+    ],
+)
 def test_malformed_flags_exit_2(argv, capsys):
     assert main(["probe", *argv]) == 2  # argparse rejects malformed values itself: one line, exit 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -187,10 +291,15 @@ def test_malformed_flags_exit_2(argv, capsys):
 
 
 def test_no_traceback_from_the_console():
-    proc = subprocess.run(harness_cmd("probe", "--url", "http://127.0.0.1:1", "--model", "m",
-                                      "--capacity", "--slo", "ttft_p99=320"),
-                          capture_output=True, text=True, timeout=60, env=harness_env(), cwd=ROOT)
+    proc = subprocess.run(
+        harness_cmd("probe", "--url", "http://127.0.0.1:1", "--model", "m", "--capacity", "--slo", "ttft_p99=320"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=harness_env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: probe: server not usable: cannot reach http://127.0.0.1:1/v1/models: "
-        "[Errno 111] Connection refused"]
+        "error: probe: server not usable: cannot reach http://127.0.0.1:1/v1/models: [Errno 111] Connection refused"
+    ]

@@ -17,9 +17,9 @@ import urllib.request
 import pytest
 from conftest import ENGINE_PYTHON, TINY, wait_for
 
+from harness.engine.process import free_port
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
-from harness.engine.process import free_port
 
 pytestmark = pytest.mark.engine
 if not ENGINE_PYTHON.exists():
@@ -36,13 +36,33 @@ def engine(tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(ENGINE_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-             "--model", str(TINY / "tiny-chat"), "--served-model-name", "tiny",
-             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-             "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS),
-             # Seeded prompts repeat across the two searches: measure prefill, not cache hits.
-             "--no-enable-prefix-caching"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                str(ENGINE_PYTHON),
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(TINY / "tiny-chat"),
+                "--served-model-name",
+                "tiny",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-model-len",
+                "512",
+                "--dtype",
+                "bfloat16",
+                "--enforce-eager",
+                "--max-num-seqs",
+                str(MAX_NUM_SEQS),
+                # Seeded prompts repeat across the two searches: measure prefill, not cache hits.
+                "--no-enable-prefix-caching",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -66,14 +86,22 @@ def engine(tmp_path_factory):
 
 
 def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
-    profile = ProbeProfile(mode="capacity", slo={"ttft_p99_ms": 1200}, input_tokens=32,
-                           output_tokens=400, requests=4, warmup_requests=MAX_NUM_SEQS,
-                           max_level_seconds=60, budget_s=BUDGET_S)
+    profile = ProbeProfile(
+        mode="capacity",
+        slo={"ttft_p99_ms": 1200},
+        input_tokens=32,
+        output_tokens=400,
+        requests=4,
+        warmup_requests=MAX_NUM_SEQS,
+        max_level_seconds=60,
+        budget_s=BUDGET_S,
+    )
     tokenizer = str(TINY / "tiny-chat")
     caps = []
     for _ in range(2):
-        res = run_profile(engine, "tiny", None, profile, tokenizer_dir=tokenizer,
-                          measure_ceiling=False, request_timeout=60)
+        res = run_profile(
+            engine, "tiny", None, profile, tokenizer_dir=tokenizer, measure_ceiling=False, request_timeout=60
+        )
         cap = res["capacity"]
         trace = "; ".join(f"{t['phase']} {t['concurrency']}: {t['reason']}" for t in cap["trace"])
         # Within its budget; a level in flight when the budget ends finishes its requests.
@@ -84,7 +112,6 @@ def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
             assert lv["total_output_tokens"] == 400 * lv["completed"]
             assert lv["server_metrics"]["deltas"]["request_success"] == lv["completed"]
         caps.append(cap["concurrency"])
-        print(f"capacity {cap['concurrency']} in {cap['duration_s']:.1f} s "
-              f"({cap['levels_measured']} levels): {trace}")
+        print(f"capacity {cap['concurrency']} in {cap['duration_s']:.1f} s ({cap['levels_measured']} levels): {trace}")
     assert abs(caps[0] - caps[1]) <= 1, caps
     assert min(caps) >= 1 and max(caps) <= MAX_NUM_SEQS + 1, caps

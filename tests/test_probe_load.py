@@ -12,8 +12,7 @@ NO_CEILING = {"measure_ceiling": False}
 
 
 def _profile(**kw) -> ProbeProfile:
-    base = dict(concurrency=[2], requests=6, warmup_requests=0, input_tokens=8,
-                output_tokens=16)
+    base = dict(concurrency=[2], requests=6, warmup_requests=0, input_tokens=8, output_tokens=16)
     return ProbeProfile(**{**base, **kw})
 
 
@@ -28,8 +27,9 @@ def test_medians_match_a_server_with_fixed_timing(concurrency):
     # The stub runs in its own process so its clock is not disturbed by the client's GIL.
     with StubProcess(StubConfig(ttft=ttft, itl=itl)) as url:
         requests = 10 if concurrency == 1 else 16
-        res = _run(url, _profile(concurrency=[concurrency], requests=requests,
-                                 output_tokens=out, warmup_requests=concurrency))
+        res = _run(
+            url, _profile(concurrency=[concurrency], requests=requests, output_tokens=out, warmup_requests=concurrency)
+        )
     (lv,) = res["levels"]
     assert lv["completed"] == lv["requests"] and lv["failed"] == 0
     expected = {"ttft_ms": ttft, "tpot_ms": itl, "itl_ms": itl, "e2el_ms": ttft + itl * (out - 1)}
@@ -39,9 +39,9 @@ def test_medians_match_a_server_with_fixed_timing(concurrency):
 
 
 # --------------------------------------------------------------------------- token counts
-@pytest.mark.parametrize("usage,source,input_tokens", [("final", "usage", 54),
-                                                       ("in_last_chunk", "usage", 54),
-                                                       ("none", "chunks", None)])
+@pytest.mark.parametrize(
+    "usage,source,input_tokens", [("final", "usage", 54), ("in_last_chunk", "usage", 54), ("none", "chunks", None)]
+)
 def test_output_tokens_wherever_usage_is_sent(usage, source, input_tokens):
     with StubServer(StubConfig(usage=usage, prompt_tokens=9)) as stub:
         res = _run(stub.url, _profile(output_tokens=5))
@@ -87,8 +87,7 @@ def test_silent_server_times_out_without_hanging():
         res = _run(stub.url, _profile(warmup_requests=1), request_timeout=0.5)
         assert res["levels"] == []
         assert res["stop_reason"].startswith("warmup_failed: timeout")
-        res = _run(stub.url, _profile(max_error_fraction=1.0, requests=4),
-                   request_timeout=0.3)
+        res = _run(stub.url, _profile(max_error_fraction=1.0, requests=4), request_timeout=0.3)
     assert res["levels"][0]["failed"] == 4
     assert time.perf_counter() - t0 < 5
 
@@ -142,8 +141,7 @@ def test_ladder_stops_when_saturated():
 def test_client_bound_flag_against_a_given_ceiling():
     with StubServer() as stub:
         low = _run(stub.url, _profile(), client_ceiling={"request_rate": 1.0, "chunk_rate": 1.0})
-        high = _run(stub.url, _profile(),
-                    client_ceiling={"request_rate": 1e9, "chunk_rate": 1e9})
+        high = _run(stub.url, _profile(), client_ceiling={"request_rate": 1e9, "chunk_rate": 1e9})
     assert low["levels"][0]["client_bound"] is True
     assert high["levels"][0]["client_bound"] is False
 
@@ -158,8 +156,7 @@ def test_levels_are_capped_by_kv_concurrency():
     assert ProbeProfile(requests=8, rounds=2).requests_for(16) == 32
 
 
-@pytest.mark.parametrize("bad", [{"concurrency": [0]}, {"mode": "rate"},
-                                 {"goodput": {"itl": 5}}, {"output_tokens": 0}])
+@pytest.mark.parametrize("bad", [{"concurrency": [0]}, {"mode": "rate"}, {"goodput": {"itl": 5}}, {"output_tokens": 0}])
 def test_profile_validation(bad):
     with pytest.raises(ValueError):
         ProbeProfile(**bad)
@@ -167,8 +164,7 @@ def test_profile_validation(bad):
 
 # --------------------------------------------------------------------------- metric math
 def test_summarize_uses_vllm_bench_definitions():
-    a = RequestResult(ok=True, ttft=0.1, latency=0.5, itl=[0.1, 0.1, 0.2], output_tokens=5,
-                      prompt_tokens=10)
+    a = RequestResult(ok=True, ttft=0.1, latency=0.5, itl=[0.1, 0.1, 0.2], output_tokens=5, prompt_tokens=10)
     b = RequestResult(ok=True, ttft=0.3, latency=0.3, itl=[], output_tokens=1, prompt_tokens=10)
     c = RequestResult(ok=False, error="HTTP 500: x", prompt_tokens=10)
     lv = summarize([a, b, c], duration=2.0, goodput={"ttft": 200})

@@ -19,11 +19,17 @@ def tokenizer_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = __import__("tokenizers").decoders.ByteLevel()
     corpus = ["the quick brown fox jumps over the lazy dog %d times" % i for i in range(200)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     path = tmp_path_factory.mktemp("tok")
     tok.save(str(path / "tokenizer.json"))
     return str(path)
@@ -52,13 +58,16 @@ def test_word_prompts_without_tokenizer(tmp_path):
 def test_no_usage_counts_output_by_retokenising(tokenizer_dir):
     # Each streamed chunk holds two tokens' worth of text: counting chunks would be wrong.
     with StubServer(StubConfig(usage="none", token_text=" the quick")) as stub:
-        res = run_profile(stub.url, "stub", None,
-                          ProbeProfile(concurrency=[2], requests=4, warmup_requests=0,
-                                       input_tokens=12, output_tokens=3),
-                          tokenizer_dir=tokenizer_dir, measure_ceiling=False)
+        res = run_profile(
+            stub.url,
+            "stub",
+            None,
+            ProbeProfile(concurrency=[2], requests=4, warmup_requests=0, input_tokens=12, output_tokens=3),
+            tokenizer_dir=tokenizer_dir,
+            measure_ceiling=False,
+        )
     (lv,) = res["levels"]
-    expected = len(PromptFactory(tokenizer_dir).tokenizer.encode(
-        " the quick" * 3, add_special_tokens=False).ids)
+    expected = len(PromptFactory(tokenizer_dir).tokenizer.encode(" the quick" * 3, add_special_tokens=False).ids)
     assert lv["token_count_source"] == {"tokenizer": 4}
     assert lv["total_output_tokens"] == 4 * expected != 4 * 3
     assert lv["total_input_tokens"] == 4 * 12  # known exactly from the tokenizer

@@ -27,9 +27,14 @@ time.sleep(600)
 
 def start_tree(tmp_path, secret="s3cret-key"):
     lines = []
-    proc = EngineProcess([sys.executable, "-c", TREE, "--api-key", secret], env={"PATH": "/usr/bin:/bin"},
-                         log_path=tmp_path / "engine.log", pids_dir=tmp_path / ".engines",
-                         redact=lambda s: s.replace(secret, "***"), on_line=lines.append)
+    proc = EngineProcess(
+        [sys.executable, "-c", TREE, "--api-key", secret],
+        env={"PATH": "/usr/bin:/bin"},
+        log_path=tmp_path / "engine.log",
+        pids_dir=tmp_path / ".engines",
+        redact=lambda s: s.replace(secret, "***"),
+        on_line=lines.append,
+    )
     proc.start()
     deadline = time.monotonic() + 20
     while len(psutil.Process(proc.pid).children(recursive=True)) < 1 and time.monotonic() < deadline:
@@ -103,9 +108,13 @@ def test_unrelated_process_is_never_reaped(tmp_path):
 
 
 def test_log_is_redacted(tmp_path):
-    proc = EngineProcess([sys.executable, "-c", "import sys; print('key=' + sys.argv[1])", "s3cret-key"],
-                         env={"PATH": "/usr/bin:/bin"}, log_path=tmp_path / "engine.log",
-                         pids_dir=tmp_path / ".engines", redact=lambda s: s.replace("s3cret-key", "***"))
+    proc = EngineProcess(
+        [sys.executable, "-c", "import sys; print('key=' + sys.argv[1])", "s3cret-key"],
+        env={"PATH": "/usr/bin:/bin"},
+        log_path=tmp_path / "engine.log",
+        pids_dir=tmp_path / ".engines",
+        redact=lambda s: s.replace("s3cret-key", "***"),
+    )
     proc.start()
     proc.proc.wait()
     proc.stop()

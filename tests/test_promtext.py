@@ -93,8 +93,10 @@ def test_counter_deltas():
 
 
 def _ttft(count: float, total_s: float, engine: str = "0", name: str = "vllm:time_to_first_token_seconds") -> str:
-    return (f'{name}_count{{engine="{engine}",model_name="m"}} {count}\n'
-            f'{name}_sum{{engine="{engine}",model_name="m"}} {total_s}\n')
+    return (
+        f'{name}_count{{engine="{engine}",model_name="m"}} {count}\n'
+        f'{name}_sum{{engine="{engine}",model_name="m"}} {total_s}\n'
+    )
 
 
 def test_latency_means_are_the_servers_own_mean_over_the_interval():
@@ -110,8 +112,9 @@ def test_latency_means_are_the_servers_own_mean_over_the_interval():
 
 def test_latency_means_read_the_pre_0_11_itl_name():
     old = "vllm:time_per_output_token_seconds"
-    means = vllm_metrics.latency_means(vllm_metrics.engine_snapshot(_ttft(10, 0.1, name=old)),
-                                   vllm_metrics.engine_snapshot(_ttft(110, 2.1, name=old)))
+    means = vllm_metrics.latency_means(
+        vllm_metrics.engine_snapshot(_ttft(10, 0.1, name=old)), vllm_metrics.engine_snapshot(_ttft(110, 2.1, name=old))
+    )
     assert means["itl"] == pytest.approx(20.0)
 
 
@@ -121,7 +124,7 @@ def test_special_values_and_timestamps():
     assert fams["b"].samples[0].value == -math.inf
 
 
-@pytest.mark.parametrize("line", ['m{x="1} 1', "m one", 'm{x=1} 2'])
+@pytest.mark.parametrize("line", ['m{x="1} 1', "m one", "m{x=1} 2"])
 def test_malformed_lines_raise_with_line_number(line):
     with pytest.raises(ValueError, match="line 2"):
         vllm_metrics.parse("ok 1\n" + line + "\n")
@@ -135,8 +138,7 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-@given(st.dictionaries(_label_names, _label_values, max_size=5),
-       st.floats(allow_nan=False, allow_infinity=False))
+@given(st.dictionaries(_label_names, _label_values, max_size=5), st.floats(allow_nan=False, allow_infinity=False))
 def test_label_round_trip(labels, value):
     body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
     text = f"# TYPE vllm:x gauge\nvllm:x{{{body}}} {value!r}\n"

@@ -43,9 +43,12 @@ def test_ordinary_log_lines_unchanged():
 
 
 def test_redact_obj_records_and_argv():
-    data = {"cell": {"config": {"args": {"api_key": "k-123456", "max_model_len": 4096}}},
-            "command": ["vllm", "serve", "m", "--api-key", "k-123456", "--hf-token", HF],
-            "note": f"token={HF}", "env": {"HF_TOKEN": HF}}
+    data = {
+        "cell": {"config": {"args": {"api_key": "k-123456", "max_model_len": 4096}}},
+        "command": ["vllm", "serve", "m", "--api-key", "k-123456", "--hf-token", HF],
+        "note": f"token={HF}",
+        "env": {"HF_TOKEN": HF},
+    }
     out = redact_obj(data)
     flat = repr(out)
     assert "k-123456" not in flat and HF not in flat
@@ -55,8 +58,12 @@ def test_redact_obj_records_and_argv():
 
 def test_redact_obj_keeps_token_counts():
     """Keys that count tokens are data, not secrets: only keys named as a secret are masked."""
-    data = {"kv_cache_size_tokens": "524288", "cache_hit_alignment_tokens": "16",
-            "argv": ["--max-num-batched-tokens", "2048", "--hf-token", "hf_abcdefghijkl"], "hf_token": "abcdefgh"}
+    data = {
+        "kv_cache_size_tokens": "524288",
+        "cache_hit_alignment_tokens": "16",
+        "argv": ["--max-num-batched-tokens", "2048", "--hf-token", "hf_abcdefghijkl"],
+        "hf_token": "abcdefgh",
+    }
     out = redact_obj(data)
     assert out["kv_cache_size_tokens"] == "524288" and out["cache_hit_alignment_tokens"] == "16"
     assert out["argv"] == ["--max-num-batched-tokens", "2048", "--hf-token", MASK]

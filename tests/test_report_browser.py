@@ -29,9 +29,17 @@ CHECK = """<script>window.addEventListener("load", () => {
 
 
 def chromium(tmp_path: Path, *args: str) -> str:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / ('profile-' + str(len(list(tmp_path.glob('profile-*')))))}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / ('profile-' + str(len(list(tmp_path.glob('profile-*')))))}",
+    ]
     done = subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
     return done.stdout
 
@@ -63,10 +71,12 @@ def page_html(page: Path, dark: bool = False) -> Path:
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(page.read_text())
     style = "background:#0d1117;color:#e6edf3" if dark else "background:#ffffff;color:#1f2328"
     html = page.with_name(page.stem + ("-dark" if dark else "") + ".html")
-    html.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body style='{style}'>{body}"
-                    f"<script>document.body.insertAdjacentHTML('beforeend', "
-                    f"`<p id=tablecheck>tables=${{document.querySelectorAll('table').length}}</p>`)</script>"
-                    f"{CHECK}</body></html>")
+    html.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'></head><body style='{style}'>{body}"
+        f"<script>document.body.insertAdjacentHTML('beforeend', "
+        f"`<p id=tablecheck>tables=${{document.querySelectorAll('table').length}}</p>`)</script>"
+        f"{CHECK}</body></html>"
+    )
     return html
 
 

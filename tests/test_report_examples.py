@@ -17,11 +17,13 @@ def test_examples_are_current_and_labelled(tmp_path):
     examples.build(examples.FIXTURES, out)
     # golden: device, matrix and insights pages as committed (run pages also state the build time)
     pages = sorted(p.relative_to(out) for p in out.rglob("*.md") if "runs" not in p.parts and p.name != "README.md")
-    assert pages and pages == sorted(p.relative_to(COMMITTED) for p in COMMITTED.rglob("*.md")
-                                     if "runs" not in p.parts and p.name != "README.md")
+    assert pages and pages == sorted(
+        p.relative_to(COMMITTED) for p in COMMITTED.rglob("*.md") if "runs" not in p.parts and p.name != "README.md"
+    )
     for page in pages:
-        assert (out / page).read_text() == (COMMITTED / page).read_text(), \
+        assert (out / page).read_text() == (COMMITTED / page).read_text(), (
             f"{page}: stale; rebuild with `python -m harness.report.examples` and review the diff"
+        )
     text = "".join((out / p).read_text() for p in pages)
     assert "**Ingested:**" in (out / "README.md").read_text()
     for name, _ in examples.LOGS:

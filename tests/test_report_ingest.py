@@ -17,8 +17,7 @@ LOGS = Path(__file__).parent / "fixtures" / "logs"
 def test_ingested_logs_make_a_valid_report(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    for name in ("cpu_0_32_harness_tiny_chat_ready", "cpu_0_32_harness_unsupported_arch",
-                 "cpu_0_32_harness_maxlen_4m"):
+    for name in ("cpu_0_32_harness_tiny_chat_ready", "cpu_0_32_harness_unsupported_arch", "cpu_0_32_harness_maxlen_4m"):
         shutil.copy(LOGS / f"{name}.log", logs / f"{name}.log")
     results, reports = tmp_path / "results", tmp_path / "reports"
     assert cli_main(["ingest", str(logs), "--results", str(results)]) == 0
@@ -38,7 +37,12 @@ def test_ingested_logs_make_a_valid_report(tmp_path):
     # The feasibility frontier: what worked (512) and vLLM's own estimate from the failed cell
     # (no ingested cell sets a utilization: that column is left out).
     assert "| tiny-chat | cpu | 512 | 4,096.00 | 2,097,024 |" in (reports / "insights.md").read_text()
-    for needle in ("unsupported_architecture", "max_model_len_exceeds_kv", "2,097,024", "TinyHarnessUnknownForCausalLM"):
+    for needle in (
+        "unsupported_architecture",
+        "max_model_len_exceeds_kv",
+        "2,097,024",
+        "TinyHarnessUnknownForCausalLM",
+    ):
         assert needle in text, needle
 
 
@@ -59,8 +63,12 @@ def test_every_ingested_log_keeps_its_own_cell(tmp_path):
 
     latest = load([results]).latest
     assert len(latest) == len(logs)
-    rows = sum(len(table) - 1 for page in (reports / "devices").glob("*.md")
-               for table in tables(page.read_text()) if table and table[0] and table[0][0] == "Model")
+    rows = sum(
+        len(table) - 1
+        for page in (reports / "devices").glob("*.md")
+        for table in tables(page.read_text())
+        if table and table[0] and table[0][0] == "Model"
+    )
     assert rows >= len(logs)
     # ingesting the same folder again: same keys, so the latest view still has one row per log
     assert cli_main(["ingest", str(folder), "--results", str(results)]) == 0

@@ -11,8 +11,10 @@ def test_one_precision_per_unit():
 
 
 def test_evidence_is_the_message_not_the_raise_line():
-    detail = ("  File \"/vllm/config.py\", line 12, in check\n    raise ValueError(\n"
-              "[rank0]: (EngineCore pid=1) ValueError: Model architectures ['A'] failed")
+    detail = (
+        '  File "/vllm/config.py", line 12, in check\n    raise ValueError(\n'
+        "[rank0]: (EngineCore pid=1) ValueError: Model architectures ['A'] failed"
+    )
     assert evidence(detail) == "ValueError: Model architectures ['A'] failed"
     archs = ", ".join(f"'Arch{i}ForCausalLM'" for i in range(200))
     line = evidence(f"ValueError: not supported. Supported architectures: [{archs}]")

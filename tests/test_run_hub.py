@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ENGINE_PYTHON, TINY, run_harness
 from fakehub import FakeHub, FakeRepo
 
-from conftest import ENGINE_PYTHON, TINY, run_harness
 from harness.store import iter_records
 
 TOKEN = "hf_granted_0123456789abcdef"
@@ -18,9 +18,13 @@ TOKEN = "hf_granted_0123456789abcdef"
 def hub_matrix(tmp: Path, models: list[str], probe: str = "none") -> Path:
     lines = [f"engines: [{{name: venv, python: {ENGINE_PYTHON}}}]", "models:"]
     lines += [f"  - model: {m}" for m in models]
-    lines += ["gpus: [cpu]", "configs:",
-              "  - {name: cpu, args: {max_model_len: 256, enforce_eager: true}, env: {VLLM_CPU_KVCACHE_SPACE: 1}}",
-              "timeouts: {ready_s: 600, request_s: 60}", f"probe: {probe}"]
+    lines += [
+        "gpus: [cpu]",
+        "configs:",
+        "  - {name: cpu, args: {max_model_len: 256, enforce_eager: true}, env: {VLLM_CPU_KVCACHE_SPACE: 1}}",
+        "timeouts: {ready_s: 600, request_s: 60}",
+        f"probe: {probe}",
+    ]
     path = tmp / "matrix.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -38,9 +42,22 @@ def test_gated_and_missing_fail_fast_without_an_engine(tmp_path):
     repos = {"org/gated": FakeRepo(tiny_chat_files(), gated=True, granted=frozenset({TOKEN}))}
     with FakeHub(repos) as hub:
         proc, watcher = run_harness(
-            ["run", "--matrix", str(hub_matrix(tmp_path, ["org/gated", "org/missing"])), "--results",
-             str(tmp_path / "results"), "--no-report", "--progress", "plain"],
-            timeout=300, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0", HF_TOKEN="")
+            [
+                "run",
+                "--matrix",
+                str(hub_matrix(tmp_path, ["org/gated", "org/missing"])),
+                "--results",
+                str(tmp_path / "results"),
+                "--no-report",
+                "--progress",
+                "plain",
+            ],
+            timeout=300,
+            HF_ENDPOINT=hub.url,
+            HF_HOME=str(tmp_path / "hf"),
+            HF_HUB_OFFLINE="0",
+            HF_TOKEN="",
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = records(tmp_path / "results")
     gated, missing = recs["org/gated"], recs["org/missing"]
@@ -54,9 +71,20 @@ def test_gated_and_missing_fail_fast_without_an_engine(tmp_path):
 
 def test_offline_and_not_cached_is_a_skip(tmp_path):
     proc, watcher = run_harness(
-        ["run", "--matrix", str(hub_matrix(tmp_path, ["org/never-downloaded"])), "--results",
-         str(tmp_path / "results"), "--no-report", "--progress", "plain"],
-        timeout=300, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+        [
+            "run",
+            "--matrix",
+            str(hub_matrix(tmp_path, ["org/never-downloaded"])),
+            "--results",
+            str(tmp_path / "results"),
+            "--no-report",
+            "--progress",
+            "plain",
+        ],
+        timeout=300,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = records(tmp_path / "results")["org/never-downloaded"]
     assert rec.outcome == "skipped" and "org/never-downloaded" in rec.skip_reason
@@ -67,9 +95,21 @@ def test_offline_and_not_cached_is_a_skip(tmp_path):
 def test_downloaded_snapshot_is_served(tmp_path):
     with FakeHub({"org/tiny-chat": tiny_chat_files()}) as hub:
         proc, watcher = run_harness(
-            ["run", "--matrix", str(hub_matrix(tmp_path, ["org/tiny-chat"])), "--results",
-             str(tmp_path / "results"), "--no-report", "--progress", "plain"],
-            timeout=900, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+            [
+                "run",
+                "--matrix",
+                str(hub_matrix(tmp_path, ["org/tiny-chat"])),
+                "--results",
+                str(tmp_path / "results"),
+                "--no-report",
+                "--progress",
+                "plain",
+            ],
+            timeout=900,
+            HF_ENDPOINT=hub.url,
+            HF_HOME=str(tmp_path / "hf"),
+            HF_HUB_OFFLINE="0",
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = records(tmp_path / "results")["org/tiny-chat"]
     assert rec.outcome == "ok", (rec.failure_class, rec.failure_detail)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
-from harness.host.devices import Nvml, host_devices
-from harness.errors import InputError
-from harness.matrix import load_matrix
-from harness.host.fingerprint import Host
-from harness.run.cell import RunOptions
 from harness import store
+from harness.errors import InputError
+from harness.host.devices import Nvml, host_devices
+from harness.host.fingerprint import Host
+from harness.matrix import load_matrix
+from harness.run.cell import RunOptions
 from harness.run.packing import expected_seconds
 from harness.run.scheduler import Scheduler, check_placements
 from harness.schema import EngineVersions, HostFingerprint
@@ -57,11 +57,13 @@ def fake_run(tmp: Path, fake: FakePynvml, start_s: float = 1.5, timeouts: str | 
     nvml = Nvml.open(fake)
     devices = host_devices(nvml)
     engine = EngineVersions(python=sys.executable, distribution="vllm", vllm="0.0.0-standin", platform="cuda")
-    host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
-                fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
-                                            harness_version="test"))
-    run = Scheduler(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet",
-                                             gpu_wait_s=0.5))
+    host = Host(
+        devices=devices,
+        engines={"standin": engine},
+        arg_actions={"standin": {}},
+        fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices, harness_version="test"),
+    )
+    run = Scheduler(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet", gpu_wait_s=0.5))
     run.nvml = nvml
     return run, trace
 
@@ -80,7 +82,7 @@ def test_cells_share_the_box_on_disjoint_gpus(tmp_path, monkeypatch):
     # No GPU is ever given to two engines at once; and engines did run side by side.
     overlapping = 0
     for i, a in enumerate(spans):
-        for b in spans[i + 1:]:
+        for b in spans[i + 1 :]:
             if a["start"] < b["end"] and b["start"] < a["end"]:
                 overlapping += 1
                 assert not set(a["cvd"].split(",")) & set(b["cvd"].split(",")), (a, b)
@@ -119,8 +121,9 @@ def test_tp_larger_than_the_hosts_gpus_is_a_located_matrix_error(tmp_path):
 def test_cell_timeout_stops_a_cell_that_runs_too_long(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("STANDIN_ANSWER_S", "60")  # the engine never answers the validation in time
-    run, trace = fake_run(tmp_path, FakePynvml("h100x8_nvswitch"), start_s=0.5,
-                          timeouts="{ready_s: 60, request_s: 120, cell_s: 6}")
+    run, trace = fake_run(
+        tmp_path, FakePynvml("h100x8_nvswitch"), start_s=0.5, timeouts="{ready_s: 60, request_s: 120, cell_s: 6}"
+    )
     cells = [c for c in run.matrix.cells if c.config.name == "tp1"][:1]
     started = time.monotonic()
     manifest = run.run(cells)
@@ -138,8 +141,9 @@ def test_recorded_durations_put_the_longest_cells_first(tmp_path, monkeypatch):
     run, trace = fake_run(tmp_path, FakePynvml("rtx4090x2_pcie"))
     run.matrix.path.write_text(run.matrix.path.read_text().replace("gpus: [H100]", "gpus: [RTX 4090]"))
     matrix = load_matrix(run.matrix.path)
-    cells = [next(c for c in matrix.cells if c.config.name == "tp1" and c.model.name == name)
-             for name in ("m1", "m2", "m3")]
+    cells = [
+        next(c for c in matrix.cells if c.config.name == "tp1" and c.model.name == name) for name in ("m1", "m2", "m3")
+    ]
     first = Scheduler(matrix, run.host, run.options)
     first.nvml = run.nvml
     first.run(cells)
@@ -150,8 +154,11 @@ def test_recorded_durations_put_the_longest_cells_first(tmp_path, monkeypatch):
     expected = expected_seconds(r for _, r in store.read_runs([tmp_path / "results"]).records())
     assert expected[cells[2].cell_id] > expected[cells[1].cell_id] > expected[cells[0].cell_id]
     trace.unlink()
-    again = Scheduler(matrix, run.host, RunOptions(results_dir=tmp_path / "results", plan=False, progress="quiet",
-                                                  force=True, gpu_wait_s=0.5))
+    again = Scheduler(
+        matrix,
+        run.host,
+        RunOptions(results_dir=tmp_path / "results", plan=False, progress="quiet", force=True, gpu_wait_s=0.5),
+    )
     again.nvml = run.nvml
     again.run(cells)
     spans = sorted((json.loads(line) for line in trace.read_text().splitlines()), key=lambda s: s["start"])

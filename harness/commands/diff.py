@@ -25,8 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", metavar="RUN_A", help="the baseline run: its id, or its folder")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it: its id, or its folder")
     parser.add_argument("--results", type=out_folder, default="results", help="results folder (default: results)")
-    parser.add_argument("--reports", type=Path, default=Path("reports"),
-                        help="reports folder whose data/runs holds the published runs (default: reports)")
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=Path("reports"),
+        help="reports folder whose data/runs holds the published runs (default: reports)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--markdown", type=out_file, metavar="FILE", help="also write the Markdown report to FILE")
 
@@ -40,9 +44,16 @@ def _run(runs: dict[str, Run], name: str, where: str) -> Run:
 
 
 def render_markdown(diff: Diff) -> str:
-    return environment().get_template("diff.md.j2").render(
-        diff=diff, metrics=METRICS, unjudged=UNJUDGED_SHOWN_BEYOND,
-        rules={"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS})
+    return (
+        environment()
+        .get_template("diff.md.j2")
+        .render(
+            diff=diff,
+            metrics=METRICS,
+            unjudged=UNJUDGED_SHOWN_BEYOND,
+            rules={"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS},
+        )
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,5 +73,7 @@ def main(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown, encoding="utf-8")
-    print(json.dumps(diff.to_json(), indent=2, default=str) if args.json else markdown, end="" if not args.json else "\n")
+    print(
+        json.dumps(diff.to_json(), indent=2, default=str) if args.json else markdown, end="" if not args.json else "\n"
+    )
     return 1 if diff.regressions else 0

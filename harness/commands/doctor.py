@@ -24,11 +24,16 @@ STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matrix", default="matrix.yaml", help="matrix file (default: matrix.yaml)")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.add_argument("--fast", action="store_true",
-                        help="host, GPUs and engines only: no token or gated-access checks, no planning")
+    parser.add_argument(
+        "--fast", action="store_true", help="host, GPUs and engines only: no token or gated-access checks, no planning"
+    )
     parser.add_argument("--results", default="results", help="results folder the run writes (default: results)")
-    parser.add_argument("--disk-reserve-gib", type=float, default=2.0,
-                        help="free space to keep besides the models' files: logs, records, caches (default: 2)")
+    parser.add_argument(
+        "--disk-reserve-gib",
+        type=float,
+        default=2.0,
+        help="free space to keep besides the models' files: logs, records, caches (default: 2)",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also append the table as Markdown to FILE")
 
 
@@ -48,8 +53,11 @@ def main(args: argparse.Namespace) -> int:
         with open(args.markdown, "a", encoding="utf-8") as fh:
             fh.write(markdown(data))
     if args.json:
-        print(json.dumps({"checks": data, "counts": dict(Counter(d["status"] for d in data)), "exit_code": code},
-                         indent=2))
+        print(
+            json.dumps(
+                {"checks": data, "counts": dict(Counter(d["status"] for d in data)), "exit_code": code}, indent=2
+            )
+        )
         return code
     _table(data)
     return code
@@ -80,6 +88,8 @@ def markdown(data: list[dict]) -> str:
 
     icon = {"ok": "ok", "warn": "⚠️ warn", "fail": "❌ fail"}
     lines = ["## harness doctor", "", "| area | check | status | seen | remedy |", "|---|---|---|---|---|"]
-    lines += [f"| {d['area']} | {cell(d['name'])} | {icon[d['status']]} | {cell(d['seen'])} | {cell(d['remedy'])} |"
-              for d in data]
+    lines += [
+        f"| {d['area']} | {cell(d['name'])} | {icon[d['status']]} | {cell(d['seen'])} | {cell(d['remedy'])} |"
+        for d in data
+    ]
     return "\n".join(lines) + "\n\n"

@@ -13,13 +13,15 @@ from harness.validate import int_in, out_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=folder_arg,
-                        help="folder of engine logs (*.log, *.txt, *.out, *.err; searched recursively)")
+    parser.add_argument(
+        "dir", type=folder_arg, help="folder of engine logs (*.log, *.txt, *.out, *.err; searched recursively)"
+    )
     parser.add_argument("--results", type=out_folder, default="results", help="results folder (default: results)")
     parser.add_argument("--gpu", help="GPU name for logs that do not print one (e.g. H100)")
     parser.add_argument("--model", help="model (hub id or name) for logs that do not state it")
-    parser.add_argument("--tp", type=int_in(min=1),
-                        help="tensor-parallel size for logs that state neither it nor their ranks")
+    parser.add_argument(
+        "--tp", type=int_in(min=1), help="tensor-parallel size for logs that state neither it nor their ranks"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -27,10 +27,15 @@ from harness.report.aggregate import Run, load
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_verb.add_arguments(parser)
-    parser.add_argument("--baseline", metavar="RUN",
-                        help="run to diff against (default: the newest published run of this host)")
-    parser.add_argument("--out", type=Path, default=Path("nightly"),
-                        help="folder for diff.md (the PR body) and outputs.env (default: nightly)")
+    parser.add_argument(
+        "--baseline", metavar="RUN", help="run to diff against (default: the newest published run of this host)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("nightly"),
+        help="folder for diff.md (the PR body) and outputs.env (default: nightly)",
+    )
 
 
 def pick_baseline(runs: list[Run], new: Run, wanted: str | None) -> Run | None:
@@ -65,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "diff.md").write_text(body, encoding="utf-8")
     (args.out / "outputs.env").write_text(
         f"run_id={new.run_id}\nbaseline={baseline.run_id if baseline else ''}\n"
-        f"regressions={'true' if regressions else 'false'}\n", encoding="utf-8")
+        f"regressions={'true' if regressions else 'false'}\n",
+        encoding="utf-8",
+    )
     print(body)
     return 1 if regressions else 0

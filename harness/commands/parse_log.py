@@ -48,11 +48,18 @@ def summary(facts: EngineFacts) -> str:
         budget = ""
         if f.total_gpu_memory_gib is not None and f.gpu_memory_utilization is not None:
             budget = f" -> budget {f.total_gpu_memory_gib * f.gpu_memory_utilization:.2f} GiB"
-        free = f", free at start {_gib(f.free_memory_gib_at_startup)}" if f.free_memory_gib_at_startup is not None else ""
-        lines.append(f"memory:  total {_gib(f.total_gpu_memory_gib)} x util {f.gpu_memory_utilization or '?'}{budget}{free}")
+        free = (
+            f", free at start {_gib(f.free_memory_gib_at_startup)}" if f.free_memory_gib_at_startup is not None else ""
+        )
+        lines.append(
+            f"memory:  total {_gib(f.total_gpu_memory_gib)} x util {f.gpu_memory_utilization or '?'}{budget}{free}"
+        )
     parts = [
-        ("weights", f.weights_gib), ("activation peak", f.activation_peak_gib),
-        ("non-torch", f.non_torch_gib), ("CUDA graphs", f.cuda_graph_gib), ("KV cache", f.kv_cache_gib),
+        ("weights", f.weights_gib),
+        ("activation peak", f.activation_peak_gib),
+        ("non-torch", f.non_torch_gib),
+        ("CUDA graphs", f.cuda_graph_gib),
+        ("KV cache", f.kv_cache_gib),
     ]
     shown = [f"{name} {_gib(v)}" for name, v in parts if v is not None]
     if shown:
@@ -63,19 +70,28 @@ def summary(facts: EngineFacts) -> str:
     if f.num_gpu_blocks is not None:
         kv.append(f"{f.num_gpu_blocks:,} blocks")
     if f.max_concurrency is not None:
-        per = f" at {f.max_concurrency_tokens_per_request:,} tokens/request" if f.max_concurrency_tokens_per_request else ""
+        per = (
+            f" at {f.max_concurrency_tokens_per_request:,} tokens/request"
+            if f.max_concurrency_tokens_per_request
+            else ""
+        )
         kv.append(f"max concurrency {f.max_concurrency:g}x{per}")
     if kv:
         lines.append("KV:      " + ", ".join(kv))
     times = [
-        ("load", f.load_seconds), ("weights", f.weights_load_seconds), ("torch.compile", f.torch_compile_seconds),
-        ("graphs", f.cuda_graph_seconds), ("init engine", f.init_engine_seconds),
+        ("load", f.load_seconds),
+        ("weights", f.weights_load_seconds),
+        ("torch.compile", f.torch_compile_seconds),
+        ("graphs", f.cuda_graph_seconds),
+        ("init engine", f.init_engine_seconds),
     ]
     shown = [f"{name} {v:g} s" for name, v in times if v is not None]
     if shown:
         lines.append("time:    " + ", ".join(shown))
     if f.kv_cache_memory_recommendation_bytes is not None:
-        lines.append(f"hint:    --kv-cache-memory-bytes {f.kv_cache_memory_recommendation_bytes} fits the requested memory")
+        lines.append(
+            f"hint:    --kv-cache-memory-bytes {f.kv_cache_memory_recommendation_bytes} fits the requested memory"
+        )
     if f.per_rank:
         lines.append(f"ranks:   {len(f.per_rank)} ranks reported their own values (see --json per_rank)")
     if f.failure_evidence:

@@ -29,8 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="HF repo id (offline catalog / HF cache) or local model directory")
     p.add_argument("--safetensors-bytes", type=float, help="checkpoint size in bytes (overrides the shapes)")
     p.add_argument("--params", type=float, help="parameter count (overrides the shapes)")
-    p.add_argument("--gpu", default="", help="GPU selector (H100, B200, MI300X, RTX PRO 6000, cpu, ...): this "
-                   "host's NVML total when it has that GPU, else the GPU table (docs/plan.md)")
+    p.add_argument(
+        "--gpu",
+        default="",
+        help="GPU selector (H100, B200, MI300X, RTX PRO 6000, cpu, ...): this "
+        "host's NVML total when it has that GPU, else the GPU table (docs/plan.md)",
+    )
     p.add_argument("--gpu-memory-gib", type=float, help="total memory per GPU as vLLM reports it (overrides --gpu)")
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--max-model-len", type=int)
@@ -47,8 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-ARG_FLAGS = ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "pipeline_parallel_size",
-             "kv_cache_dtype", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")
+ARG_FLAGS = (
+    "gpu_memory_utilization",
+    "max_model_len",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "kv_cache_dtype",
+    "dtype",
+    "quantization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enforce_eager",
+)
 
 
 def _flag(arg: str) -> str:
@@ -81,8 +95,9 @@ def _load_config(path: str) -> dict:
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
-        raise InputError(f"--config {path}: not a readable JSON file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120]})") from exc
+        raise InputError(
+            f"--config {path}: not a readable JSON file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from exc
     return config
 
 
@@ -121,17 +136,27 @@ def _single(args: argparse.Namespace) -> Plan:
         elif args.params:
             weights = weights_from_total(facts, args.params * ea.dtype_bytes, dtype=ea.dtype, tp=ea.tp, pp=ea.pp)
         elif tensors:
-            weights = weights_from_tensors(facts, tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp,
-                                           runtime_quant=ea.quantization)
-        plan = plan_model(facts, engine, platform=platform, total_gib=total, env=env, gpu_name=args.gpu,
-                          vllm_version=args.vllm_version, weights=weights)
+            weights = weights_from_tensors(
+                facts, tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization
+            )
+        plan = plan_model(
+            facts,
+            engine,
+            platform=platform,
+            total_gib=total,
+            env=env,
+            gpu_name=args.gpu,
+            vllm_version=args.vllm_version,
+            weights=weights,
+        )
     except ArgError as exc:
         raise InputError(f"{_flag(exc.arg)}: {str(exc).split(': ', 1)[1]}") from exc
     plan.notes.append(origin)
     row = lookup_gpu(args.gpu) if args.gpu_memory_gib is None and platform == "cuda" else None
     if row is not None and not row.get("verified", True) and host_gpu_gib(args.gpu) is None:
-        plan.notes.append(f"{row['name']} memory {row['memory_gib']} GiB is an estimate: give --gpu-memory-gib "
-                          "for the exact total")
+        plan.notes.append(
+            f"{row['name']} memory {row['memory_gib']} GiB is an estimate: give --gpu-memory-gib for the exact total"
+        )
     return plan
 
 
@@ -157,9 +182,16 @@ def _matrix(args: argparse.Namespace) -> int:
         print(json.dumps([{"cell_id": cid, **plan.model_dump()} for cid, plan in rows], indent=2))
         return 0
     head = ("cell", "KV tokens", "concurrency", "verdict", "fix")
-    table = [head] + [(cid, "-" if p.kv_cache_tokens is None else f"{p.kv_cache_tokens:,}",
-                       "-" if p.max_concurrency is None else f"{p.max_concurrency:.2f}x", _verdict(p),
-                       p.suggestion or ("" if p.fits else p.reason)) for cid, p in rows]
+    table = [head] + [
+        (
+            cid,
+            "-" if p.kv_cache_tokens is None else f"{p.kv_cache_tokens:,}",
+            "-" if p.max_concurrency is None else f"{p.max_concurrency:.2f}x",
+            _verdict(p),
+            p.suggestion or ("" if p.fits else p.reason),
+        )
+        for cid, p in rows
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
@@ -176,8 +208,15 @@ def main(args: argparse.Namespace) -> int:
         print(plan.model_dump_json(indent=2))
         return 0
     print(f"verdict: {_verdict(plan)} - {plan.reason}")
-    for key in ("weights_gib", "activation_gib", "non_torch_gib", "cuda_graph_gib", "kv_cache_gib",
-                "kv_cache_tokens", "max_concurrency"):
+    for key in (
+        "weights_gib",
+        "activation_gib",
+        "non_torch_gib",
+        "cuda_graph_gib",
+        "kv_cache_gib",
+        "kv_cache_tokens",
+        "max_concurrency",
+    ):
         value = getattr(plan, key)
         if value is not None:
             print(f"  {key:16} {value}")

@@ -25,7 +25,7 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one value")
     return values
@@ -35,7 +35,7 @@ def _float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _goodput(text: str) -> dict[str, float]:
@@ -46,46 +46,56 @@ def _goodput(text: str) -> dict[str, float]:
         try:
             out[key] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"bad goodput item {item!r}; use e.g. ttft:500")
+            raise argparse.ArgumentTypeError(f"bad goodput item {item!r}; use e.g. ttft:500") from None
         if not sep:
-            raise argparse.ArgumentTypeError(f"bad goodput item {item!r}; use e.g. ttft:500")
+            raise argparse.ArgumentTypeError(f"bad goodput item {item!r}; use e.g. ttft:500") from None
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name as the server serves it")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)"
+    )
     p.add_argument("--concurrency", type=_int_list, help="ladder, e.g. 1,4,16 (default 1,4,16,64,256)")
-    p.add_argument("--request-rate", type=_float_list,
-                   help="Poisson request rates (req/s) instead of a concurrency ladder")
+    p.add_argument(
+        "--request-rate", type=_float_list, help="Poisson request rates (req/s) instead of a concurrency ladder"
+    )
     p.add_argument("--max-concurrency", type=int, help="cap on in-flight requests (KV limit)")
     p.add_argument("--requests", type=int, help="requests per level (at least rounds x concurrency)")
-    p.add_argument("--rounds", type=int, help="each level runs at least rounds x concurrency "
-                                              "requests (default 2)")
+    p.add_argument("--rounds", type=int, help="each level runs at least rounds x concurrency requests (default 2)")
     p.add_argument("--input-tokens", type=int, help="prompt length in tokens (default 32)")
     p.add_argument("--output-tokens", type=int, help="output length in tokens (default 16)")
     p.add_argument("--endpoint", choices=["completions", "chat"], help="default completions")
     p.add_argument("--tokenizer", help="directory with tokenizer.json for exact prompt lengths")
     p.add_argument("--goodput", type=_goodput, help='SLOs in ms, e.g. "ttft:500 tpot:50"')
-    p.add_argument("--capacity", nargs="?", const="concurrency", choices=["concurrency", "rate"],
-                   help="search the largest concurrency (or, with `rate`, Poisson request rate) "
-                        "at which every --slo objective holds")
-    p.add_argument("--slo", help="objectives in ms for --capacity, e.g. ttft_p99=2000,tpot_p99=100 "
-                                 "(<ttft|tpot|e2el>_<mean|p50|p90|p95|p99>)")
-    p.add_argument("--budget", type=float, help="--capacity: time budget of the search, seconds "
-                                                "(default 1800)")
+    p.add_argument(
+        "--capacity",
+        nargs="?",
+        const="concurrency",
+        choices=["concurrency", "rate"],
+        help="search the largest concurrency (or, with `rate`, Poisson request rate) "
+        "at which every --slo objective holds",
+    )
+    p.add_argument(
+        "--slo",
+        help="objectives in ms for --capacity, e.g. ttft_p99=2000,tpot_p99=100 "
+        "(<ttft|tpot|e2el>_<mean|p50|p90|p95|p99>)",
+    )
+    p.add_argument("--budget", type=float, help="--capacity: time budget of the search, seconds (default 1800)")
     p.add_argument("--start-rate", type=float, help="--capacity rate: first rate, req/s (default 1)")
     p.add_argument("--max-rate", type=float, help="--capacity rate: ceiling, req/s (default 1000)")
-    p.add_argument("--no-ignore-eos", action="store_true",
-                   help="do not send vLLM's ignore_eos (for servers that reject it)")
+    p.add_argument(
+        "--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos (for servers that reject it)"
+    )
     p.add_argument("--quick", action="store_true", help="the matrix's quick profile")
     p.add_argument("--seed", type=int, help="prompt and arrival seed (default 0)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     p.add_argument("--max-level-seconds", type=float, help="stop issuing requests after this")
-    p.add_argument("--no-ceiling", action="store_true",
-                   help="skip measuring this client's own ceiling (no client_bound flags)")
+    p.add_argument(
+        "--no-ceiling", action="store_true", help="skip measuring this client's own ceiling (no client_bound flags)"
+    )
     p.add_argument("--json", action="store_true", help="print the probe JSON")
 
 
@@ -141,59 +151,99 @@ def _fmt(value, digits: int = 1) -> str:
 def print_table(result: dict, out=None) -> None:
     out = out or sys.stdout
     rate_mode = result["profile"]["mode"] == "rate"
-    head = ("rate" if rate_mode else "conc", "done", "fail", "req/s", "out tok/s", "TTFT p50",
-            "TPOT p50", "ITL p50", "E2EL p50", "TTFT p99", "stop")
+    head = (
+        "rate" if rate_mode else "conc",
+        "done",
+        "fail",
+        "req/s",
+        "out tok/s",
+        "TTFT p50",
+        "TPOT p50",
+        "ITL p50",
+        "E2EL p50",
+        "TTFT p99",
+        "stop",
+    )
     rows = [head]
     for lv in result["levels"]:
-        rows.append((
-            _fmt(lv.get("request_rate"), 2) if rate_mode else str(lv["concurrency"]),
-            str(lv["completed"]), str(lv["failed"]), _fmt(lv["request_throughput"], 2),
-            _fmt(lv["output_throughput"]), _fmt(lv["ttft_ms"]["median"]),
-            _fmt(lv["tpot_ms"]["median"]), _fmt(lv["itl_ms"]["median"]),
-            _fmt(lv["e2el_ms"]["median"]), _fmt(lv["ttft_ms"]["p99"]),
-            lv["stop_reason"] + (" [client-bound]" if lv.get("client_bound") else ""),
-        ))
+        rows.append(
+            (
+                _fmt(lv.get("request_rate"), 2) if rate_mode else str(lv["concurrency"]),
+                str(lv["completed"]),
+                str(lv["failed"]),
+                _fmt(lv["request_throughput"], 2),
+                _fmt(lv["output_throughput"]),
+                _fmt(lv["ttft_ms"]["median"]),
+                _fmt(lv["tpot_ms"]["median"]),
+                _fmt(lv["itl_ms"]["median"]),
+                _fmt(lv["e2el_ms"]["median"]),
+                _fmt(lv["ttft_ms"]["p99"]),
+                lv["stop_reason"] + (" [client-bound]" if lv.get("client_bound") else ""),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
-        print("  ".join(c.rjust(w) if i < len(head) - 1 else c
-                        for i, (c, w) in enumerate(zip(r, widths))), file=out)
+        print("  ".join(c.rjust(w) if i < len(head) - 1 else c for i, (c, w) in enumerate(zip(r, widths))), file=out)
     ceiling = result["client"].get("ceiling")
     if ceiling:
-        print(f"client ceiling: {ceiling['request_rate']:.0f} req/s, "
-              f"{ceiling['output_token_rate']:.0f} tok/s (zero-delay stub, concurrency "
-              f"{ceiling['concurrency']})", file=out)
-    print(f"ms columns are medians; metric definitions: vllm bench serve. "
-          f"stop: {result['stop_reason']}", file=out)
+        print(
+            f"client ceiling: {ceiling['request_rate']:.0f} req/s, "
+            f"{ceiling['output_token_rate']:.0f} tok/s (zero-delay stub, concurrency "
+            f"{ceiling['concurrency']})",
+            file=out,
+        )
+    print(f"ms columns are medians; metric definitions: vllm bench serve. stop: {result['stop_reason']}", file=out)
 
 
 def print_capacity(result: dict, out=None) -> None:
     out = out or sys.stdout
     cap = result["capacity"]
     rate = cap["search"] == "rate"
-    head = ("step", "phase", "rate" if rate else "conc", "pass", "req/s", "goodput", "out tok/s",
-            "tok/s/user", *cap["slo"], "why")
+    head = (
+        "step",
+        "phase",
+        "rate" if rate else "conc",
+        "pass",
+        "req/s",
+        "goodput",
+        "out tok/s",
+        "tok/s/user",
+        *cap["slo"],
+        "why",
+    )
     rows = [head]
     for t in cap["trace"]:
-        rows.append((str(t["step"]), t["phase"],
-                     _fmt(t["request_rate"], 2) if rate else str(t["concurrency"]),
-                     "yes" if t["passed"] else "no", _fmt(t["request_throughput"], 2),
-                     _fmt(t["goodput_rps"], 2), _fmt(t["output_throughput"]),
-                     _fmt(t["tokens_per_s_per_user"]),
-                     *(_fmt(t["observed"].get(k)) for k in cap["slo"]),
-                     t["reason"] if not t["passed"] else ""))
+        rows.append(
+            (
+                str(t["step"]),
+                t["phase"],
+                _fmt(t["request_rate"], 2) if rate else str(t["concurrency"]),
+                "yes" if t["passed"] else "no",
+                _fmt(t["request_throughput"], 2),
+                _fmt(t["goodput_rps"], 2),
+                _fmt(t["output_throughput"]),
+                _fmt(t["tokens_per_s_per_user"]),
+                *(_fmt(t["observed"].get(k)) for k in cap["slo"]),
+                t["reason"] if not t["passed"] else "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
-        print("  ".join(c.rjust(w) if i < len(head) - 1 else c
-                        for i, (c, w) in enumerate(zip(r, widths))), file=out)
+        print("  ".join(c.rjust(w) if i < len(head) - 1 else c for i, (c, w) in enumerate(zip(r, widths))), file=out)
     slo_text = ", ".join(f"{k} <= {v:g}" for k, v in cap["slo"].items())
     value = f"{cap['request_rate']:g} req/s" if rate else f"{cap['concurrency']} concurrent requests"
-    print(f"capacity: {value} within {slo_text}"
-          + ("" if cap["confirmed"] else " (not confirmed)")
-          + (f"; goodput {cap['goodput_rps']:.2f} req/s, {cap['output_throughput']:.1f} output "
-             f"tok/s, {_fmt(cap['tokens_per_s_per_user'])} tok/s per user"
-             if cap["goodput_rps"] is not None else ""), file=out)
-    print(f"{cap['levels_measured']} levels in {cap['duration_s']:.1f} s; {cap['stop_reason']}",
-          file=out)
+    print(
+        f"capacity: {value} within {slo_text}"
+        + ("" if cap["confirmed"] else " (not confirmed)")
+        + (
+            f"; goodput {cap['goodput_rps']:.2f} req/s, {cap['output_throughput']:.1f} output "
+            f"tok/s, {_fmt(cap['tokens_per_s_per_user'])} tok/s per user"
+            if cap["goodput_rps"] is not None
+            else ""
+        ),
+        file=out,
+    )
+    print(f"{cap['levels_measured']} levels in {cap['duration_s']:.1f} s; {cap['stop_reason']}", file=out)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -204,8 +254,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InputError(f"probe: --{flag.replace('_', '-')} must be a number > 0, got {value!r}")
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        raise InputError(f"probe: --tokenizer: no tokenizer.json in {args.tokenizer!r}; give the "
-                         "model's folder, or leave the flag out (the server's usage counts tokens)")
+        raise InputError(
+            f"probe: --tokenizer: no tokenizer.json in {args.tokenizer!r}; give the "
+            "model's folder, or leave the flag out (the server's usage counts tokens)"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -216,9 +268,15 @@ def main(args: argparse.Namespace) -> int:
     problem = server_problem(args.url, args.model, args.api_key, timeout=min(args.timeout, 30))
     if problem:
         raise InputError(f"probe: server not usable: {problem}")
-    result = run_profile(args.url, args.model, args.api_key, profile,
-                         tokenizer_dir=args.tokenizer, request_timeout=args.timeout,
-                         measure_ceiling=not args.no_ceiling)
+    result = run_profile(
+        args.url,
+        args.model,
+        args.api_key,
+        profile,
+        tokenizer_dir=args.tokenizer,
+        request_timeout=args.timeout,
+        measure_ceiling=not args.no_ceiling,
+    )
     if result["stop_reason"].startswith("warmup_failed"):
         reason = result["stop_reason"].removeprefix("warmup_failed: ")
         raise InputError(f"probe: server not usable: every warm-up request failed: {reason}")

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.host.devices import Nvml, cpu_device
 from harness.doctor.checks import engine_checks, gpu_checks, host_checks, matrix_checks, model_checks
 from harness.doctor.facts import Check
 from harness.doctor.gather import gather_cells, gather_engines, gather_gpus, gather_host, gather_models
+from harness.host.devices import Nvml, cpu_device
 from harness.host.hygiene import DEFAULT_GPU_MEMORY_UTILIZATION
 from harness.matrix import Matrix
 
 __all__ = ["Check", "diagnose", "exit_code"]
 
 
-def diagnose(matrix: Matrix, *, results: Path, reserve_gib: float, fast: bool = False,
-             nvml: Nvml | None = None) -> list[Check]:
+def diagnose(
+    matrix: Matrix, *, results: Path, reserve_gib: float, fast: bool = False, nvml: Nvml | None = None
+) -> list[Check]:
     """Every check for this matrix on this host. `nvml`: an open NVML (tests pass a recorded
     box); None opens the real one, and none there means no NVIDIA driver."""
     own = nvml is None

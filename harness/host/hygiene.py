@@ -43,9 +43,7 @@ class GpuCheck:
     waited_s: float = 0.0
 
 
-def check_gpus(
-    nvml: Nvml, gpu_indices: Sequence[int], gpu_memory_utilization: float | None = None
-) -> GpuCheck:
+def check_gpus(nvml: Nvml, gpu_indices: Sequence[int], gpu_memory_utilization: float | None = None) -> GpuCheck:
     """One look at the cell's GPUs: any compute process, or free memory below what vLLM needs
     at startup (gpu_memory_utilization x total), fails the check."""
     util = gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION

@@ -27,7 +27,7 @@ def tokens(text: str) -> list[str]:
 
 
 def _memory_matches(size: float, total_gib: float | None) -> bool:
-    """"80GB" means the marketing size: decimal GB or GiB, and boards report a little less."""
+    """ "80GB" means the marketing size: decimal GB or GiB, and boards report a little less."""
     if total_gib is None:
         return False
     return any(abs(total_gib - nominal) <= 0.06 * nominal for nominal in (size, size * 1e9 / GIB))
@@ -62,11 +62,10 @@ def match_selector(selector: str, devices: Iterable[Device]) -> list[Device]:
     return [d for d in devices if selector_matches(selector, d)]
 
 
-
 def names(selector: str, name: str) -> bool:
     """Does `name` (a GPU table name or alias) occur in the selector as whole tokens, in order?"""
     want, have = tokens(name), tokens(selector)
-    return bool(want) and any(have[i:i + len(want)] == want for i in range(len(have) - len(want) + 1))
+    return bool(want) and any(have[i : i + len(want)] == want for i in range(len(have) - len(want) + 1))
 
 
 def resource_name(gpu: str, prefix: str = RESOURCE_PREFIX) -> str:

@@ -16,9 +16,22 @@ from harness.parse.lines import LogLine
 
 # Front-end options that say nothing about the engine (and may hold secrets).
 _NOT_ENGINE = frozenset(
-    {"model", "model_tag", "host", "port", "api_key", "dispatch_function", "subparser",
-     "ssl_keyfile", "ssl_certfile", "allowed_origins", "allowed_methods", "allowed_headers",
-     "uvicorn_log_level", "served_model_name"}
+    {
+        "model",
+        "model_tag",
+        "host",
+        "port",
+        "api_key",
+        "dispatch_function",
+        "subparser",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "allowed_origins",
+        "allowed_methods",
+        "allowed_headers",
+        "uvicorn_log_level",
+        "served_model_name",
+    }
 )
 # From the engine config line: (its key, the engine arg, a default to leave out)
 _CONFIG_KEYS = (
@@ -45,9 +58,9 @@ class LogConfig:
     def feed(self, line: LogLine) -> None:
         msg = line.msg
         if msg.startswith("non-default args: {"):
-            self._take(_literal_dict(msg[len("non-default args: "):]))
+            self._take(_literal_dict(msg[len("non-default args: ") :]))
         elif msg.startswith("args: Namespace("):
-            self._take({k: _literal(v) for k, v in _PAIR.findall(msg[len("args: Namespace("):])})
+            self._take({k: _literal(v) for k, v in _PAIR.findall(msg[len("args: Namespace(") :])})
         elif " with config: " in msg and "LLM engine" in msg:
             pairs = dict(_PAIR.findall(msg.split(" with config: ", 1)[1]))
             if self.model is None and "model" in pairs:

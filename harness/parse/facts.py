@@ -214,7 +214,10 @@ def _pp(m, line, f):
 
 
 # --------------------------------------------------------------------------- weights
-@rule("took", r"^(?:Model loading|Loading model weights) took " + _NUM + r" GB?(?:iB)?(?: memory)?(?: and " + _NUM + " seconds)?")
+@rule(
+    "took",
+    r"^(?:Model loading|Loading model weights) took " + _NUM + r" GB?(?:iB)?(?: memory)?(?: and " + _NUM + " seconds)?",
+)
 def _weights(m, line, f):
     f.put(line, "weights_gib", num(m.group(1)), 0)
     if m.group(2):
@@ -235,7 +238,16 @@ def _loading(m, line, f):
 
 
 # --------------------------------------------------------------------------- profiling
-@rule("weights memory:", r"torch peak memory increase: " + _NUM + r" ?GiB;(?: non-torch forward increase memory: " + _NUM + r" ?GiB;)?.*?weights memory: " + _NUM + r" ?GiB")
+@rule(
+    "weights memory:",
+    r"torch peak memory increase: "
+    + _NUM
+    + r" ?GiB;(?: non-torch forward increase memory: "
+    + _NUM
+    + r" ?GiB;)?.*?weights memory: "
+    + _NUM
+    + r" ?GiB",
+)
 def _debug_profile(m, line, f):  # DEBUG MemoryProfilingResult (0.9.1+)
     f.put(line, "activation_peak_gib", num(m.group(1)), 1)
     if m.group(2):
@@ -243,7 +255,18 @@ def _debug_profile(m, line, f):  # DEBUG MemoryProfilingResult (0.9.1+)
     f.put(line, "weights_gib", num(m.group(3)), 2)
 
 
-@rule("model weights take", r"model weights take " + _NUM + r" ?GiB; non_torch_memory takes " + _NUM + r" ?GiB; PyTorch activation peak memory takes " + _NUM + r" ?GiB; the rest of the memory reserved for KV Cache is " + _NUM + r" ?GiB")
+@rule(
+    "model weights take",
+    r"model weights take "
+    + _NUM
+    + r" ?GiB; non_torch_memory takes "
+    + _NUM
+    + r" ?GiB; PyTorch activation peak memory takes "
+    + _NUM
+    + r" ?GiB; the rest of the memory reserved for KV Cache is "
+    + _NUM
+    + r" ?GiB",
+)
 def _v0_profile(m, line, f):  # V0 0.6.5+ (three joined lines; the second and third match here)
     f.put(line, "weights_gib", num(m.group(1)), 2)
     f.put(line, "non_torch_gib", num(m.group(2)), 0)
@@ -257,7 +280,17 @@ def _v0_budget(m, line, f):
     f.put(line, "gpu_memory_utilization", num(m.group(2)), 0)
 
 
-@rule("Memory profiling results:", r"total_gpu_memory=" + _NUM + r"GiB.*?non_torch_memory=" + _NUM + r"GiB kv_cache_size=" + _NUM + r"GiB gpu_memory_utilization=" + _NUM)
+@rule(
+    "Memory profiling results:",
+    r"total_gpu_memory="
+    + _NUM
+    + r"GiB.*?non_torch_memory="
+    + _NUM
+    + r"GiB kv_cache_size="
+    + _NUM
+    + r"GiB gpu_memory_utilization="
+    + _NUM,
+)
 def _v064_profile(m, line, f):  # 0.6.4 only
     f.put(line, "total_gpu_memory_gib", num(m.group(1)), 0)
     f.put(line, "non_torch_gib", num(m.group(2)), 0)
@@ -276,21 +309,48 @@ def _kv_bytes_path(m, line, f):
     f.put(line, "kv_cache_gib", num(m.group(2)), 1)
 
 
-@rule("Initial free memory:", r"Initial free memory: " + _NUM + r" ?GiB[;,] (?:free memory: [\d.]+ ?GiB, requested GPU memory: |Requested memory: " + _NUM + r" \(util\), )" + _NUM)
+@rule(
+    "Initial free memory:",
+    r"Initial free memory: "
+    + _NUM
+    + r" ?GiB[;,] (?:free memory: [\d.]+ ?GiB, requested GPU memory: |Requested memory: "
+    + _NUM
+    + r" \(util\), )"
+    + _NUM,
+)
 def _debug_free(m, line, f):
     f.put(line, "free_memory_gib_at_startup", num(m.group(1)), 1)
     if m.group(2):
         f.put(line, "gpu_memory_utilization", num(m.group(2)), 2)
 
 
-@rule("on startup", r"Free memory on device(?: \S+)? \(" + _NUM + "/" + _NUM + r" GiB\) on startup[. ].*?\(" + _NUM + ", " + _NUM + r" GiB\)")
+@rule(
+    "on startup",
+    r"Free memory on device(?: \S+)? \("
+    + _NUM
+    + "/"
+    + _NUM
+    + r" GiB\) on startup[. ].*?\("
+    + _NUM
+    + ", "
+    + _NUM
+    + r" GiB\)",
+)
 def _startup_free(m, line, f):  # the --kv-cache-memory line and the "less than desired" error
     f.put(line, "free_memory_gib_at_startup", num(m.group(1)), 0)
     f.put(line, "total_gpu_memory_gib", num(m.group(2)), 1)
     f.put(line, "gpu_memory_utilization", num(m.group(3)), 1)
 
 
-@rule("on startup is less than desired CPU", r"Available memory on node \d+ \(" + _NUM + "/" + _NUM + r" GiB\) on startup is less than desired CPU memory utilization \(" + _NUM)
+@rule(
+    "on startup is less than desired CPU",
+    r"Available memory on node \d+ \("
+    + _NUM
+    + "/"
+    + _NUM
+    + r" GiB\) on startup is less than desired CPU memory utilization \("
+    + _NUM,
+)
 def _cpu_startup_free(m, line, f):
     f.put(line, "platform", "cpu", 2)
     f.put(line, "free_memory_gib_at_startup", num(m.group(1)), 0)
@@ -298,7 +358,18 @@ def _cpu_startup_free(m, line, f):
     f.put(line, "gpu_memory_utilization", num(m.group(3)), 1)
 
 
-@rule("GiB for peak activation", r"Actual usage is " + _NUM + r" GiB for (weight|consumed memory)[^,]*, " + _NUM + r" GiB for peak activation, (?:" + _NUM + r" GiB for non-torch memory, )?and " + _NUM + r" GiB for CUDAGraph memory")
+@rule(
+    "GiB for peak activation",
+    r"Actual usage is "
+    + _NUM
+    + r" GiB for (weight|consumed memory)[^,]*, "
+    + _NUM
+    + r" GiB for peak activation, (?:"
+    + _NUM
+    + r" GiB for non-torch memory, )?and "
+    + _NUM
+    + r" GiB for CUDAGraph memory",
+)
 def _kv_line_usage(m, line, f):
     if m.group(2) == "weight":
         f.put(line, "weights_gib", num(m.group(1)), 3)
@@ -371,7 +442,12 @@ def _init_engine(m, line, f):
     f.put(line, "init_engine_seconds", num(m.group(1)))
 
 
-@rule("torch.compile ", r"^(?:\[[^\]]*\] )?torch\.compile (?:and initial profiling/warmup run together )?(?:takes|took) " + _NUM + " s in total")
+@rule(
+    "torch.compile ",
+    r"^(?:\[[^\]]*\] )?torch\.compile (?:and initial profiling/warmup run together )?(?:takes|took) "
+    + _NUM
+    + " s in total",
+)
 def _compile(m, line, f):
     f.put(line, "torch_compile_seconds", num(m.group(1)), 1 if "together" in m.group(0) else 0)
 
@@ -382,7 +458,10 @@ def _estimate(m, line, f):
     f.put(line, "estimated_max_model_len", whole(m.group(1)))
 
 
-@rule("larger than the available KV cache memory", r"larger than the available KV cache memory \(" + _NUM + r" GB?(?:iB)?\)")
+@rule(
+    "larger than the available KV cache memory",
+    r"larger than the available KV cache memory \(" + _NUM + r" GB?(?:iB)?\)",
+)
 def _kv_avail_err(m, line, f):
     f.put(line, "kv_cache_gib", num(m.group(1)), 4)
 

@@ -26,17 +26,46 @@ EVIDENCE_MAX = 600
 
 # Cheap gate: a line can only be a failure line if it holds one of these.
 _GATE: tuple[str, ...] = (
-    "rror", "memory", "not supported", "imed out", "imeout", "gated", "divisible",
-    "GPUs", "placement group", "chat template", "failed", "not found", "Not Found",
-    "restricted", "valid model", "local folder", "died", "fatal", "Exception",
-    "OutOfMemory", "capability", "does not recognize", "Invalid", "HF_TOKEN", "Repo id",
-    "_check_scheme", "hit an exception",
+    "rror",
+    "memory",
+    "not supported",
+    "imed out",
+    "imeout",
+    "gated",
+    "divisible",
+    "GPUs",
+    "placement group",
+    "chat template",
+    "failed",
+    "not found",
+    "Not Found",
+    "restricted",
+    "valid model",
+    "local folder",
+    "died",
+    "fatal",
+    "Exception",
+    "OutOfMemory",
+    "capability",
+    "does not recognize",
+    "Invalid",
+    "HF_TOKEN",
+    "Repo id",
+    "_check_scheme",
+    "hit an exception",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
 # DEBUG chat-template error, and errors an app logger re-logged at INFO.
-_INFO_GATE: tuple[str, ...] = ("KV cache memory: -", "placement group", "chat template", "ChatTemplate", "rror", "imed out",
-              "blocks: 0")
+_INFO_GATE: tuple[str, ...] = (
+    "KV cache memory: -",
+    "placement group",
+    "chat template",
+    "ChatTemplate",
+    "rror",
+    "imed out",
+    "blocks: 0",
+)
 # A failed try that vLLM retries or works around (the Hub file list of a local path): not a cause.
 _NOT_FATAL = ("Error retrieving ",)
 
@@ -61,48 +90,147 @@ def _spec(cls: str, prio: int, pattern: str, fatal: bool = True) -> None:
 
 _N = r"(-?(?:\d[\d,]{0,24}(?:\.\d{1,12})?|\.\d{1,12}))"  # bounded: no quadratic backtracking on digit runs
 # --- memory
-_spec("max_model_len_exceeds_kv", 1, r"with the models?'s max seq len \(" + _N + r"\), \(" + _N + r" GB?(?:iB)? KV cache is needed, which is larger than the available KV cache memory \(" + _N)
-_spec("max_model_len_exceeds_kv", 1, r"The model's max seq len \(" + _N + r"\) is larger than the maximum number of tokens that can be stored in KV cache \(" + _N + r"\)")
+_spec(
+    "max_model_len_exceeds_kv",
+    1,
+    r"with the models?'s max seq len \("
+    + _N
+    + r"\), \("
+    + _N
+    + r" GB?(?:iB)? KV cache is needed, which is larger than the available KV cache memory \("
+    + _N,
+)
+_spec(
+    "max_model_len_exceeds_kv",
+    1,
+    r"The model's max seq len \("
+    + _N
+    + r"\) is larger than the maximum number of tokens that can be stored in KV cache \("
+    + _N
+    + r"\)",
+)
 _spec("kv_cache_insufficient", 1, r"No available memory for the cache blocks")
-_spec("kv_cache_insufficient", 1, r"more than the " + _N + r" GiB of CPU memory reserved for it on node \d+, leaving none for the KV cache")
+_spec(
+    "kv_cache_insufficient",
+    1,
+    r"more than the " + _N + r" GiB of CPU memory reserved for it on node \d+, leaving none for the KV cache",
+)
 _spec("kv_cache_insufficient", 4, r"^Available KV cache memory: (-[\d.]+) ?GiB", fatal=False)
 _spec("kv_cache_insufficient", 4, r"^# \w+ blocks: 0(?:,|$)", fatal=False)  # ≤0.7: 0 blocks, the error follows
-_spec("oom_other", 1, r"Free memory on device(?: \S+)? \(" + _N + "/" + _N + r" GiB\) on startup is less than desired GPU memory utilization \(" + _N + ", " + _N)
-_spec("oom_other", 1, r"Available memory on node \d+ \(" + _N + "/" + _N + r" GiB\) on (?:startup|kv cache allocation) is less than")
+_spec(
+    "oom_other",
+    1,
+    r"Free memory on device(?: \S+)? \("
+    + _N
+    + "/"
+    + _N
+    + r" GiB\) on startup is less than desired GPU memory utilization \("
+    + _N
+    + ", "
+    + _N,
+)
+_spec(
+    "oom_other",
+    1,
+    r"Available memory on node \d+ \(" + _N + "/" + _N + r" GiB\) on (?:startup|kv cache allocation) is less than",
+)
 _spec("oom_weight_load", 1, r"Failed to load model - not enough GPU memory")
 _spec("oom_other", 2, r"CUDA out of memory occurred when warming up (\w+)")
-_spec("oom_other", 3, r"(?:CUDA|HIP|XPU) out of memory\. Tried to allocate " + _N + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory")
+_spec(
+    "oom_other",
+    3,
+    r"(?:CUDA|HIP|XPU) out of memory\. Tried to allocate "
+    + _N
+    + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory",
+)
 # --- model / hub
-_spec("unsupported_architecture", 1, r"Model architectures? \[?([^\]]{1,300}?)\]? (?:are|is) not supported|Model architecture (\S+) was supported in vLLM until v(\S+)|Model architecture (\S+) is not supported in-tree anymore")
+_spec(
+    "unsupported_architecture",
+    1,
+    r"Model architectures? \[?([^\]]{1,300}?)\]? (?:are|is) not supported|Model architecture (\S+) was supported in vLLM until v(\S+)|Model architecture (\S+) is not supported in-tree anymore",
+)
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
-_spec("gated_or_auth", 1, r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)")
+_spec(
+    "gated_or_auth",
+    1,
+    r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)",
+)
 # (the lookbehind starts a name at its first character: linear time on a long run of name characters)
-_spec("model_not_found", 2, r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'")
+_spec(
+    "model_not_found",
+    2,
+    r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'",
+)
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
 _spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
-_spec("chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False)
+_spec(
+    "chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False
+)
 # other request-time template failures: the template does not parse, or rejects the messages
-_spec("chat_template_missing", 2, r"Error in applying chat template from request: (.{1,200})|while applying chat template|jinja2\.exceptions\.(Template\w{0,20}Error): (.{1,200})", fatal=False)
+_spec(
+    "chat_template_missing",
+    2,
+    r"Error in applying chat template from request: (.{1,200})|while applying chat template|jinja2\.exceptions\.(Template\w{0,20}Error): (.{1,200})",
+    fatal=False,
+)
 # --- hardware
 # vLLM's ValueError, and compressed-tensors' RuntimeError whose message is a tuple of strings
-_spec("quantization_unsupported", 1, r"(?:The quantization method (\S+)|Quantization scheme) is not supported for (?:', ')?the current GPU\. Min(?:imum)? capability: (\d+)\. (?:', ')?Current capability: (\d+)")
+_spec(
+    "quantization_unsupported",
+    1,
+    r"(?:The quantization method (\S+)|Quantization scheme) is not supported for (?:', ')?the current GPU\. Min(?:imum)? capability: (\d+)\. (?:', ')?Current capability: (\d+)",
+)
 # a cut excerpt that shows only the frames of the scheme check
 _spec("quantization_unsupported", 4, r"\b_check_scheme_supported\b")
 _spec("quantization_unsupported", 2, r"Unknown quantization method: (\S+)|Unsupported quantization method")
-_spec("dtype_unsupported", 1, r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0\. Your (.+?) GPU (?:has compute capability (\d+\.\d+)|does not have a compute capability)")
+_spec(
+    "dtype_unsupported",
+    1,
+    r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0\. Your (.+?) GPU (?:has compute capability (\d+\.\d+)|does not have a compute capability)",
+)
 # --- parallelism
-_spec("tp_exceeds_gpus", 1, r"(?:Tensor parallel size|World size) \((\d+)\) (?:cannot be larger|is larger) than the number of available GPUs \((\d+)\)")
-_spec("tp_exceeds_gpus", 1, r"Total number of attention heads \((\d+)\) must be divisible by tensor parallel size \((\d+)\)")
-_spec("tp_exceeds_gpus", 1, r"Total number of hidden layers \((\d+)\) must be divisible by pipeline parallel size \((\d+)\)")
-_spec("tp_exceeds_gpus", 1, r"local_world_size \((\d+)\) must be less than or equal to the number of visible devices \((\d+)\)")
-_spec("tp_exceeds_gpus", 2, r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray")
+_spec(
+    "tp_exceeds_gpus",
+    1,
+    r"(?:Tensor parallel size|World size) \((\d+)\) (?:cannot be larger|is larger) than the number of available GPUs \((\d+)\)",
+)
+_spec(
+    "tp_exceeds_gpus",
+    1,
+    r"Total number of attention heads \((\d+)\) must be divisible by tensor parallel size \((\d+)\)",
+)
+_spec(
+    "tp_exceeds_gpus",
+    1,
+    r"Total number of hidden layers \((\d+)\) must be divisible by pipeline parallel size \((\d+)\)",
+)
+_spec(
+    "tp_exceeds_gpus",
+    1,
+    r"local_world_size \((\d+)\) must be less than or equal to the number of visible devices \((\d+)\)",
+)
+_spec(
+    "tp_exceeds_gpus",
+    2,
+    r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray",
+)
 _spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node")
 # --- hangs
-_spec("timeout", 1, r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within " + _N + " seconds")
+_spec(
+    "timeout",
+    1,
+    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within "
+    + _N
+    + " seconds",
+)
 # --- wrappers: only the evidence of last resort
-_spec("other", 8, r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly")
+_spec(
+    "other",
+    8,
+    r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly",
+)
 _spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
 _spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
@@ -112,16 +240,25 @@ _REPO = re.compile(
 )
 # `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
 _EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
-_WRAPPER_EXC = re.compile(r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$")
+_WRAPPER_EXC = re.compile(
+    r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$"
+)
 
 
 # Start-up stages an OOM can happen in, by what the log prints in them (progress lines) and
 # the frame names of their tracebacks. The outermost frame of a traceback names the stage.
 _STAGE_FRAMES = (
-    ("capture_model", "graph capture"), ("capture_end", "graph capture"), ("torch.cuda.graph(", "graph capture"),
-    ("_dummy_sampler_run", "sampling"), ("profile_run", "profiling"), ("determine_num_available_blocks", "profiling"),
-    ("determine_available_memory", "profiling"), ("load_model", "weight loading"), ("load_weights", "weight loading"),
-    ("create_weights", "weight loading"), ("weight_loader", "weight loading"),
+    ("capture_model", "graph capture"),
+    ("capture_end", "graph capture"),
+    ("torch.cuda.graph(", "graph capture"),
+    ("_dummy_sampler_run", "sampling"),
+    ("profile_run", "profiling"),
+    ("determine_num_available_blocks", "profiling"),
+    ("determine_available_memory", "profiling"),
+    ("load_model", "weight loading"),
+    ("load_weights", "weight loading"),
+    ("create_weights", "weight loading"),
+    ("weight_loader", "weight loading"),
 )
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
@@ -198,7 +335,9 @@ class Failures:
                 continue
             m = pattern.search(msg)
             if m:
-                self.best = Hit(cls, prio, _evidence(msg), m, fatal, self._oom_stage(msg, facts) if cls == "oom_other" else None)
+                self.best = Hit(
+                    cls, prio, _evidence(msg), m, fatal, self._oom_stage(msg, facts) if cls == "oom_other" else None
+                )
                 break
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
@@ -300,15 +439,24 @@ def _tp_next(facts: Facts) -> int:
 
 def _remedy_kv(m, facts: Facts) -> str:
     if facts.get("platform") == "cpu":
-        return ("give the KV cache more memory: raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
-                "--kv-cache-memory-bytes, or gpu_memory_utilization, which sets the CPU memory share")
+        return (
+            "give the KV cache more memory: raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
+            "--kv-cache-memory-bytes, or gpu_memory_utilization, which sets the CPU memory share"
+        )
     util = facts.get("gpu_memory_utilization")
     need = _util_needed(facts, extra_gib=1.0)
-    target = (f"to at least {need} (room for the non-KV memory plus 1 GiB of KV cache)" if need
-              else "above " + _fmt(util) if util else "")
+    target = (
+        f"to at least {need} (room for the non-KV memory plus 1 GiB of KV cache)"
+        if need
+        else "above " + _fmt(util)
+        if util
+        else ""
+    )
     head = f"raise gpu_memory_utilization {target}".rstrip()
-    return (f"{head}{_budget_text(facts)}; or use tensor_parallel_size {_tp_next(facts)}, "
-            "a quantized checkpoint, or a smaller model")
+    return (
+        f"{head}{_budget_text(facts)}; or use tensor_parallel_size {_tp_next(facts)}, "
+        "a quantized checkpoint, or a smaller model"
+    )
 
 
 def _remedy_maxlen(m, facts: Facts) -> str:
@@ -321,8 +469,7 @@ def _remedy_maxlen(m, facts: Facts) -> str:
         limit = f"set max_model_len <= {est:,} (vLLM's estimate)" if est else f"lower max_model_len below {want:,}"
         head = limit
         if need > 0:  # GiB values print rounded; on tiny CPU caches both read 0.0
-            head += (f": one {want:,}-token request needs {_fmt(need)} GiB of KV cache, "
-                     f"{_fmt(avail)} GiB is available")
+            head += f": one {want:,}-token request needs {_fmt(need)} GiB of KV cache, {_fmt(avail)} GiB is available"
     if facts.get("platform") == "cpu":
         return f"{head}; or give the KV cache more memory (VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes)"
     util = facts.get("gpu_memory_utilization")
@@ -333,20 +480,22 @@ def _remedy_maxlen(m, facts: Facts) -> str:
 def _remedy_oom_load(m, facts: Facts) -> str:
     total = facts.get("total_gpu_memory_gib")
     on = f" on this {_fmt(total)} GiB GPU" if total else ""
-    return (f"the weights do not fit{on}: use tensor_parallel_size {_tp_next(facts)}, a quantized "
-            "checkpoint (AWQ/GPTQ/FP8), or a GPU with more memory")
+    return (
+        f"the weights do not fit{on}: use tensor_parallel_size {_tp_next(facts)}, a quantized "
+        "checkpoint (AWQ/GPTQ/FP8), or a GPU with more memory"
+    )
 
 
 _ALLOC = re.compile(r"Tried to allocate " + _N + r" ([KMGT])iB")
 _STAGE_REMEDY = {
     "graph capture": "out of memory during CUDA graph capture (weights and KV cache already allocated): set "
-                     "enforce_eager, or {lower} (the graphs need room outside the KV cache), or capture fewer "
-                     "sizes (lower max_num_seqs)",
+    "enforce_eager, or {lower} (the graphs need room outside the KV cache), or capture fewer "
+    "sizes (lower max_num_seqs)",
     "profiling": "out of memory in the profiling forward pass (one batch of max_num_batched_tokens): lower "
-                 "max_num_batched_tokens or max_model_len, or {lower}",
+    "max_num_batched_tokens or max_model_len, or {lower}",
     "sampling": "out of memory while warming up the sampler: lower max_num_seqs, or {lower}",
     "after weight loading": "out of GPU memory after the weights loaded (profiling, CUDA graphs or the "
-                            "sampler): {lower}, lower max_num_seqs / max_num_batched_tokens, or set enforce_eager",
+    "sampler): {lower}, lower max_num_seqs / max_num_batched_tokens, or set enforce_eager",
 }
 
 
@@ -358,11 +507,17 @@ def _remedy_oom_other(m, facts: Facts, stage: str | None) -> str:
         util = facts.get("gpu_memory_utilization")
         asked = f" but gpu_memory_utilization {_fmt(util)} asks for {_fmt(util * total)} GiB" if util else ""
         what = "CPU memory" if text.startswith("Available") else "GPU"
-        return (f"only {_fmt(free)} of {_fmt(total)} GiB is free at startup{asked}: set "
-                f"gpu_memory_utilization <= {fit:.2f} or stop the other processes using the {what}")
+        return (
+            f"only {_fmt(free)} of {_fmt(total)} GiB is free at startup{asked}: set "
+            f"gpu_memory_utilization <= {fit:.2f} or stop the other processes using the {what}"
+        )
     if "warming up" in text:
         reqs = _WARMUP_REQS.search(m.string)
-        seqs = f"set max_num_seqs below {reqs.group(1)} (it warms up with that many dummy requests)" if reqs else "lower max_num_seqs"
+        seqs = (
+            f"set max_num_seqs below {reqs.group(1)} (it warms up with that many dummy requests)"
+            if reqs
+            else "lower max_num_seqs"
+        )
         return f"out of memory while warming up the {m.group(1)}: {seqs}, or lower gpu_memory_utilization"
     util = facts.get("gpu_memory_utilization")
     lower = f"lower gpu_memory_utilization below {_fmt(util)}" if util else "lower gpu_memory_utilization"
@@ -372,9 +527,11 @@ def _remedy_oom_other(m, facts: Facts, stage: str | None) -> str:
     ask = f"a {_fmt(num(alloc.group(1)))} {alloc.group(2)}iB allocation failed" if alloc else "an allocation failed"
     total = facts.get("total_gpu_memory_gib")
     on = f" on this {_fmt(total)} GiB GPU" if total else ""
-    return (f"out of GPU memory: {ask}{on}; the excerpt does not show the stage, so keep the lines "
-            f"above the error (weights too big: tensor_parallel_size {_tp_next(facts)} or a quantized "
-            f"checkpoint; after loading: {lower}, lower max_num_seqs, or set enforce_eager)")
+    return (
+        f"out of GPU memory: {ask}{on}; the excerpt does not show the stage, so keep the lines "
+        f"above the error (weights too big: tensor_parallel_size {_tp_next(facts)} or a quantized "
+        f"checkpoint; after loading: {lower}, lower max_num_seqs, or set enforce_eager)"
+    )
 
 
 _WARMUP_REQS = re.compile(r"sampler with (\d{1,7})(?!\d)")
@@ -388,16 +545,20 @@ def _remedy_arch(m, facts: Facts) -> str:
     arch = _arch_name(m)
     ver = facts.get("vllm_version")
     this = f" (this log is vLLM {ver})" if ver else ""
-    listed = arch.strip("'\"") and f"'{arch.strip(chr(39))}'" in m.string[m.end():]
+    listed = arch.strip("'\"") and f"'{arch.strip(chr(39))}'" in m.string[m.end() :]
     if "failed to be inspected" in m.group(0) or listed:
-        return (f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
-                "error printed above it (usually a transformers/torch version mismatch)")
+        return (
+            f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
+            "error printed above it (usually a transformers/torch version mismatch)"
+        )
     if "Transformers does not recognize" in m.group(0):
         return f"upgrade transformers: it does not know model type {arch}"
     if "until v" in m.group(0):
         return f"use vLLM {m.group(3)} or older: architecture {m.group(2)} was removed after it"
-    return (f"upgrade vLLM: architecture {arch} is not in this version{this}; or try "
-            "--model-impl transformers if the architecture is in transformers")
+    return (
+        f"upgrade vLLM: architecture {arch} is not in this version{this}; or try "
+        "--model-impl transformers if the architecture is in transformers"
+    )
 
 
 def _repo(m, facts: Facts) -> str | None:
@@ -418,46 +579,62 @@ def _remedy_not_found(m, facts: Facts) -> str:
         return _remedy_repo_id(m.group(1))
     name = next((g for g in m.groups() if g and not g.isdigit()), None) or facts.repo
     what = f"'{name}'" if name else "the model"
-    return (f"check the model id {what}: no such Hub repository or local directory with a "
-            "config.json (typo, wrong path, or a private repo: set HF_TOKEN); offline, "
-            "download it first")
+    return (
+        f"check the model id {what}: no such Hub repository or local directory with a "
+        "config.json (typo, wrong path, or a private repo: set HF_TOKEN); offline, "
+        "download it first"
+    )
 
 
 def _remedy_repo_id(name: str) -> str:
     if name.startswith("~"):
-        return (f"'{name}' starts with '~', which nothing expanded: give the absolute path of the "
-                "model directory (or a Hub id namespace/name)")
-    return (f"'{name}' is not a directory here, so it was taken for a Hub repo id, which it cannot be: "
-            "check the path (inside a container: is the volume mounted there?) or give a Hub id namespace/name")
+        return (
+            f"'{name}' starts with '~', which nothing expanded: give the absolute path of the "
+            "model directory (or a Hub id namespace/name)"
+        )
+    return (
+        f"'{name}' is not a directory here, so it was taken for a Hub repo id, which it cannot be: "
+        "check the path (inside a container: is the volume mounted there?) or give a Hub id namespace/name"
+    )
 
 
 def _remedy_chat(m, facts: Facts) -> str:
     text = m.group(0)
     if "Conversation roles must alternate" in m.string:
-        return ("a request failed: the model's chat template wants strictly alternating user/assistant "
-                "messages (often no system message): merge consecutive messages, or pass --chat-template "
-                "with a template that accepts them")
+        return (
+            "a request failed: the model's chat template wants strictly alternating user/assistant "
+            "messages (often no system message): merge consecutive messages, or pass --chat-template "
+            "with a template that accepts them"
+        )
     if text.startswith("jinja2"):
-        return (f"a request failed: the chat template does not render ({m.group(2)}: {m.group(3).strip()}): "
-                "fix the template given with --chat-template or in the tokenizer's config")
+        return (
+            f"a request failed: the chat template does not render ({m.group(2)}: {m.group(3).strip()}): "
+            "fix the template given with --chat-template or in the tokenizer's config"
+        )
     if "applying chat template" in text:
-        return ("a request failed in the chat template (the messages do not fit it; the error under this "
-                "line says how): adapt the request, or pass --chat-template with a template that accepts it")
+        return (
+            "a request failed in the chat template (the messages do not fit it; the error under this "
+            "line says how): adapt the request, or pass --chat-template with a template that accepts it"
+        )
     return "the tokenizer has no chat template: pass --chat-template FILE, or use /v1/completions"
 
 
 def _remedy_quant(m, facts: Facts) -> str:
     if not m.re.groups:  # only the frames of the scheme check: the numbers were cut off
         cc = f" (this one: {facts.compute_capability})" if facts.compute_capability else ""
-        return ("the checkpoint's quantization scheme needs a newer GPU than this one" + cc + ": the "
-                "excerpt is cut before the capability numbers; use a GPU with a higher compute "
-                "capability or a checkpoint in another format (e.g. AWQ/GPTQ)")
+        return (
+            "the checkpoint's quantization scheme needs a newer GPU than this one" + cc + ": the "
+            "excerpt is cut before the capability numbers; use a GPU with a higher compute "
+            "capability or a checkpoint in another format (e.g. AWQ/GPTQ)"
+        )
     if m.group(0).startswith(("Unknown", "Unsupported")):
         return f"upgrade vLLM: quantization {m.group(1) or ''} is not known to this version".replace("  ", " ")
     method = m.group(1) or "scheme"
     need, have = int(m.group(2)), int(m.group(3))
-    return (f"quantization {method} needs compute capability {need // 10}.{need % 10}, this GPU has "
-            f"{have // 10}.{have % 10}: use a newer GPU or a checkpoint in another format (e.g. AWQ/GPTQ)")
+    return (
+        f"quantization {method} needs compute capability {need // 10}.{need % 10}, this GPU has "
+        f"{have // 10}.{have % 10}: use a newer GPU or a checkpoint in another format (e.g. AWQ/GPTQ)"
+    )
 
 
 def _remedy_dtype(m, facts: Facts) -> str:
@@ -474,14 +651,20 @@ def _remedy_tp(m, facts: Facts) -> str:
         what = "tensor_parallel_size" if "heads" in text else "pipeline_parallel_size"
         return f"{what} must divide {heads}: use {what} {max(d for d in ok if d < size) if any(d < size for d in ok) else ok[0]}"
     if text.startswith("Ray does not allocate"):
-        return ("no GPU of the Ray placement group is on the node that runs vLLM: start vLLM on a GPU "
-                "node of the cluster, or give the placement group a GPU bundle there")
+        return (
+            "no GPU of the Ray placement group is on the node that runs vLLM: start vLLM on a GPU "
+            "node of the cluster, or give the placement group a GPU bundle there"
+        )
     if m.lastindex and m.lastindex >= 2 and m.group(2):
         want, have = int(m.group(1)), int(m.group(2))
-        return (f"{want} GPUs requested (tensor_parallel_size × pipeline_parallel_size), {have} "
-                f"visible: set tensor_parallel_size {have} or expose more GPUs (CUDA_VISIBLE_DEVICES)")
-    return ("more GPUs requested than the Ray cluster has: lower tensor_parallel_size / "
-            "pipeline_parallel_size to the GPUs available, or add nodes (check `ray status`)")
+        return (
+            f"{want} GPUs requested (tensor_parallel_size × pipeline_parallel_size), {have} "
+            f"visible: set tensor_parallel_size {have} or expose more GPUs (CUDA_VISIBLE_DEVICES)"
+        )
+    return (
+        "more GPUs requested than the Ray cluster has: lower tensor_parallel_size / "
+        "pipeline_parallel_size to the GPUs available, or add nodes (check `ray status`)"
+    )
 
 
 def _remedy_timeout(m, facts: Facts) -> str:
@@ -489,8 +672,10 @@ def _remedy_timeout(m, facts: Facts) -> str:
     if "Watchdog" in text:
         limit = _NCCL_TIMEOUT.search(m.string)
         after = f" for {_fmt(int(limit.group(1)) / 1000)} s" if limit else ""
-        return (f"a collective between GPUs hung{after} (NCCL watchdog): check the interconnect "
-                "(try NCCL_P2P_DISABLE=1), shared memory size (--shm-size), and that no rank died")
+        return (
+            f"a collective between GPUs hung{after} (NCCL watchdog): check the interconnect "
+            "(try NCCL_P2P_DISABLE=1), shared memory size (--shm-size), and that no rank died"
+        )
     if "engine core" in text:
         return "the engine core took too long to start (slow weight loading): raise VLLM_ENGINE_READY_TIMEOUT_S"
     if "failed to start within" in text:
@@ -502,26 +687,36 @@ _NCCL_TIMEOUT = re.compile(r"Timeout\(ms\)=(\d{1,12})")
 
 
 def _remedy_hang(waits: int, seconds: float) -> str:
-    return (f"the engine hung: no worker took work from the shared-memory broadcast queue for "
-            f"{waits} × {_fmt(seconds)} s. Look above for a worker that died or is stuck (NCCL, OOM); "
-            "with several GPUs try NCCL_P2P_DISABLE=1 or --disable-custom-all-reduce; a very long "
-            "compilation or weight quantization prints this too, and then ends in a ready engine")
+    return (
+        f"the engine hung: no worker took work from the shared-memory broadcast queue for "
+        f"{waits} × {_fmt(seconds)} s. Look above for a worker that died or is stuck (NCCL, OOM); "
+        "with several GPUs try NCCL_P2P_DISABLE=1 or --disable-custom-all-reduce; a very long "
+        "compilation or weight quantization prints this too, and then ends in a ready engine"
+    )
 
 
 def _remedy_other(evidence: str) -> str:
     if "raylet" in evidence.lower():
-        return ("Ray could not start its worker processes (raylet registration failed): clear the Ray "
-                "session (`ray stop`, remove /tmp/ray) and retry, or use --distributed-executor-backend mp")
+        return (
+            "Ray could not start its worker processes (raylet registration failed): clear the Ray "
+            "session (`ray stop`, remove /tmp/ray) and retry, or use --distributed-executor-backend mp"
+        )
     if evidence.endswith(_CUT_TRACEBACK):
-        return ("the log is cut inside a traceback, before its exception line: keep the full engine "
-                "output, stderr included, and parse it again")
+        return (
+            "the log is cut inside a traceback, before its exception line: keep the full engine "
+            "output, stderr included, and parse it again"
+        )
     if _WRAPPER_ONLY.search(evidence):
-        return ("the log holds only the wrapper, not the root cause (traceback cut or in another "
-                "process's output): keep the full engine output, stderr included, and parse it again")
+        return (
+            "the log holds only the wrapper, not the root cause (traceback cut or in another "
+            "process's output): keep the full engine output, stderr included, and parse it again"
+        )
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\(")
+_WRAPPER_ONLY = re.compile(
+    r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\("
+)
 
 
 # (oom_other's remedy also takes the stage: `result` calls it directly)

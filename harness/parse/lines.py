@@ -122,8 +122,12 @@ _MARKDOWN_START = frozenset("`>")
 
 # Lines that fill long logs and never state a fact or a failure: request/stat chatter.
 _NOISE_PREFIXES = (
-    "Avg prompt throughput", "Received request", "Finished request", "Added request",
-    "Aborted request", "Engine 0",
+    "Avg prompt throughput",
+    "Received request",
+    "Finished request",
+    "Added request",
+    "Aborted request",
+    "Engine 0",
 )
 
 
@@ -133,7 +137,7 @@ def is_noise(msg: str) -> bool:
     if msg.startswith(_NOISE_PREFIXES):
         return not msg.startswith("Engine 0") or "throughput" in msg[:40]
     # uvicorn access line: ... HTTP/1.1" 200 OK / 400 Bad Request
-    return ' HTTP/1.' in msg and (msg[-3:].isalpha() or msg[-3:] == " OK")
+    return " HTTP/1." in msg and (msg[-3:].isalpha() or msg[-3:] == " OK")
 
 
 def _uvicorn(raw: str) -> LogLine | None:
@@ -155,7 +159,7 @@ def strip_prefixes(raw: str) -> tuple[str, str | None, str | None]:
             break
         if m.group(2):
             proc, pid = m.group(1).strip(), m.group(2)
-        text = text[m.end():].lstrip()
+        text = text[m.end() :].lstrip()
     return text, proc, pid
 
 
@@ -179,7 +183,7 @@ def _parse(raw: str) -> LogLine:
             # the rest may hold a header after all (`> INFO …`, a prefix longer than 400)
             m = _HEADER.match(text)
             if m is not None:
-                return LogLine(text[m.end():].rstrip(), proc, pid, m.group(1), True)
+                return LogLine(text[m.end() :].rstrip(), proc, pid, m.group(1), True)
         return LogLine(text.rstrip(), proc, pid)
     start = m.start()
     proc = pid = None
@@ -187,7 +191,7 @@ def _parse(raw: str) -> LogLine:
         pm = _PROC.search(raw, 0, start)
         if pm:
             proc, pid = pm.group(1).strip(), pm.group(2)
-    return LogLine(raw[m.end():].rstrip(), proc, pid, m.group(1), True)
+    return LogLine(raw[m.end() :].rstrip(), proc, pid, m.group(1), True)
 
 
 def _parse_json(raw: str) -> LogLine:

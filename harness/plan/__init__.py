@@ -24,8 +24,18 @@ from harness.plan.sources import resolve
 from harness.plan.weights import weights_from_tensors
 from harness.schema import Cell, EngineFacts
 
-__all__ = ["ArgError", "EngineArgs", "Plan", "ModelFacts", "autofit_args", "facts_for_cell", "model_facts",
-           "plan_cell", "plan_model", "valid_tp_sizes"]
+__all__ = [
+    "ArgError",
+    "EngineArgs",
+    "Plan",
+    "ModelFacts",
+    "autofit_args",
+    "facts_for_cell",
+    "model_facts",
+    "plan_cell",
+    "plan_model",
+    "valid_tp_sizes",
+]
 
 AUTOFIT_CLASSES = ("max_model_len_exceeds_kv", "kv_cache_insufficient")
 
@@ -40,28 +50,54 @@ def facts_for_cell(cell: Cell) -> tuple[ModelFacts, Any]:
     return model_facts(source.config), source
 
 
-def plan_cell(cell: Cell, device_memory_gib: float | None, *, vllm_version: str | None = None,
-              table: list[dict] | None = None, measured: dict[str, float] | None = None) -> Plan:
+def plan_cell(
+    cell: Cell,
+    device_memory_gib: float | None,
+    *,
+    vllm_version: str | None = None,
+    table: list[dict] | None = None,
+    measured: dict[str, float] | None = None,
+) -> Plan:
     """Plan one matrix cell. `device_memory_gib` None: this host's NVML total for `cell.gpu`, else
     the GPU table's. Never raises for a model or an argument it cannot plan: returns fits=None
     with the reason (a config that is not a JSON object, a shape of zero, tensor_parallel_size 0...)."""
     platform = _platform(cell)
-    total = device_memory_gib if device_memory_gib is not None else (
-        None if platform == "cpu" else gpu_memory_gib(cell.gpu))
+    total = (
+        device_memory_gib
+        if device_memory_gib is not None
+        else (None if platform == "cpu" else gpu_memory_gib(cell.gpu))
+    )
     try:
         facts, source = facts_for_cell(cell)
         args = cell.config.args
-        ea = resolve_args(facts, args, platform=platform, total_gib=check_total_gib(total), env=cell.config.env,
-                          gpu_name=cell.gpu)
+        ea = resolve_args(
+            facts, args, platform=platform, total_gib=check_total_gib(total), env=cell.config.env, gpu_name=cell.gpu
+        )
         weights = None
         if source.tensors:
-            weights = weights_from_tensors(facts, source.tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp,
-                                           runtime_quant=ea.quantization)
-        plan = plan_model(facts, args, platform=platform, total_gib=total, env=cell.config.env, gpu_name=cell.gpu,
-                          vllm_version=vllm_version, weights=weights, table=table, measured=measured)
+            weights = weights_from_tensors(
+                facts, source.tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization
+            )
+        plan = plan_model(
+            facts,
+            args,
+            platform=platform,
+            total_gib=total,
+            env=cell.config.env,
+            gpu_name=cell.gpu,
+            vllm_version=vllm_version,
+            weights=weights,
+            table=table,
+            measured=measured,
+        )
     except (LookupError, ValueError, OSError) as exc:
-        return Plan(platform=platform, vllm_version=vllm_version, total_memory_gib=total, fits=None,
-                    reason=f"cannot plan: {exc}")
+        return Plan(
+            platform=platform,
+            vllm_version=vllm_version,
+            total_memory_gib=total,
+            fits=None,
+            reason=f"cannot plan: {exc}",
+        )
     plan.notes.append(f"config from {source.origin}")
     if platform != "cpu" and device_memory_gib is None and total is not None:
         row = lookup_gpu(cell.gpu)
@@ -80,9 +116,16 @@ def autofit_args(cell: Cell, facts: EngineFacts, plan: Plan | dict | None) -> di
         return None
     if facts.estimated_max_model_len:
         return {"max_model_len": int(facts.estimated_max_model_len)}
-    measured = {k: v for k, v in {"weights_gib": facts.weights_gib, "activation_peak_gib": facts.activation_peak_gib,
-                                  "non_torch_gib": facts.non_torch_gib, "cuda_graph_gib": facts.cuda_graph_gib}.items()
-                if v is not None}
+    measured = {
+        k: v
+        for k, v in {
+            "weights_gib": facts.weights_gib,
+            "activation_peak_gib": facts.activation_peak_gib,
+            "non_torch_gib": facts.non_torch_gib,
+            "cuda_graph_gib": facts.cuda_graph_gib,
+        }.items()
+        if v is not None
+    }
     if measured:
         replanned = plan_cell(cell, facts.total_gpu_memory_gib, vllm_version=facts.vllm_version, measured=measured)
         if replanned.fix:

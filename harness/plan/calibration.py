@@ -40,18 +40,49 @@ from harness.plan.versions import crossings, in_range, range_of, range_specs
 GIB = 1 << 30
 FITTED = "fit"  # rows whose source starts with this are owned (replaced) by calibrate
 KEYS = ("family", "vllm", "platform", "tp", "enforce_eager")
-CONSTANTS = ("sampler_factor", "hidden_bytes", "forward_factor", "moe_factor", "activation_scale",
-             "non_torch_gib", "non_torch_tp_gib", "non_torch_tp_step_gib", "non_torch_pp_gib",
-             "cuda_graph_gib", "cuda_graph_in_budget", "weights_factor")
+CONSTANTS = (
+    "sampler_factor",
+    "hidden_bytes",
+    "forward_factor",
+    "moe_factor",
+    "activation_scale",
+    "non_torch_gib",
+    "non_torch_tp_gib",
+    "non_torch_tp_step_gib",
+    "non_torch_pp_gib",
+    "cuda_graph_gib",
+    "cuda_graph_in_budget",
+    "weights_factor",
+)
 # Physical defaults used where no row says otherwise: one fp32 logits tensor, one bf16 hidden state.
-DEFAULTS: dict[str, Any] = {"sampler_factor": 1.0, "hidden_bytes": 2.0, "forward_factor": 1.0, "moe_factor": 1.0,
-                            "activation_scale": 1.0, "non_torch_gib": 0.0, "non_torch_tp_gib": 0.0,
-                            "non_torch_tp_step_gib": 0.0, "non_torch_pp_gib": 0.0, "cuda_graph_gib": 0.0,
-                            "cuda_graph_in_budget": False, "weights_factor": 1.0}
-GROUPS = {"sampler_factor": "activation", "hidden_bytes": "activation", "forward_factor": "activation",
-          "moe_factor": "activation", "activation_scale": "activation", "non_torch_gib": "non_torch",
-          "non_torch_tp_gib": "non_torch", "non_torch_tp_step_gib": "non_torch", "non_torch_pp_gib": "non_torch",
-          "cuda_graph_gib": "cuda_graph", "cuda_graph_in_budget": "cuda_graph", "weights_factor": "weights"}
+DEFAULTS: dict[str, Any] = {
+    "sampler_factor": 1.0,
+    "hidden_bytes": 2.0,
+    "forward_factor": 1.0,
+    "moe_factor": 1.0,
+    "activation_scale": 1.0,
+    "non_torch_gib": 0.0,
+    "non_torch_tp_gib": 0.0,
+    "non_torch_tp_step_gib": 0.0,
+    "non_torch_pp_gib": 0.0,
+    "cuda_graph_gib": 0.0,
+    "cuda_graph_in_budget": False,
+    "weights_factor": 1.0,
+}
+GROUPS = {
+    "sampler_factor": "activation",
+    "hidden_bytes": "activation",
+    "forward_factor": "activation",
+    "moe_factor": "activation",
+    "activation_scale": "activation",
+    "non_torch_gib": "non_torch",
+    "non_torch_tp_gib": "non_torch",
+    "non_torch_tp_step_gib": "non_torch",
+    "non_torch_pp_gib": "non_torch",
+    "cuda_graph_gib": "cuda_graph",
+    "cuda_graph_in_budget": "cuda_graph",
+    "weights_factor": "weights",
+}
 MOE_CHUNK_TOKENS = 32768  # fused MoE processes at most this many tokens per call (VLLM_FUSED_MOE_CHUNK_SIZE)
 
 
@@ -82,10 +113,12 @@ def _tp_matches(spec: Any, tp: int) -> bool:
 
 
 def _matches(row: dict, *, family: str, platform: str, tp: int, enforce_eager: bool) -> bool:
-    return (row.get("family", "*") in ("*", family)
-            and row.get("platform", "*") in ("*", platform)
-            and _tp_matches(row.get("tp", "*"), tp)
-            and row.get("enforce_eager", "*") in ("*", enforce_eager))
+    return (
+        row.get("family", "*") in ("*", family)
+        and row.get("platform", "*") in ("*", platform)
+        and _tp_matches(row.get("tp", "*"), tp)
+        and row.get("enforce_eager", "*") in ("*", enforce_eager)
+    )
 
 
 def specificity(row: dict) -> int:
@@ -109,14 +142,29 @@ class Constants:
             raise AttributeError(name) from None
 
 
-def constants_for(table: list[dict], *, family: str, vllm_version: str | None, platform: str = "cuda",
-                  tp: int = 1, enforce_eager: bool = False) -> Constants:
+def constants_for(
+    table: list[dict],
+    *,
+    family: str,
+    vllm_version: str | None,
+    platform: str = "cuda",
+    tp: int = 1,
+    enforce_eager: bool = False,
+) -> Constants:
     match: dict[str, Any] = {"family": family, "platform": platform, "tp": tp, "enforce_eager": enforce_eager}
     values = dict(DEFAULTS)
     used: list[dict] = []
-    hand = [r for r in table if not is_fitted(r) and _matches(r, **match)
-            and (r.get("vllm", "*") == "*" or (vllm_version is not None and in_range(vllm_version, r["vllm"]))
-                 or (vllm_version is None and in_range(_newest_probe(), r["vllm"])))]
+    hand = [
+        r
+        for r in table
+        if not is_fitted(r)
+        and _matches(r, **match)
+        and (
+            r.get("vllm", "*") == "*"
+            or (vllm_version is not None and in_range(vllm_version, r["vllm"]))
+            or (vllm_version is None and in_range(_newest_probe(), r["vllm"]))
+        )
+    ]
     for row in sorted(hand, key=specificity):  # stable: later rows of equal specificity win
         values.update({k: row[k] for k in CONSTANTS if k in row})
         used.append(row)
@@ -156,16 +204,21 @@ class ActivationFeatures:
     samples: bool = True  # False on a pipeline stage that does not run the sampler
 
 
-def activation_features(facts: ModelFacts, *, tp: int, max_num_seqs: int, batched_tokens: int,
-                        dtype_bytes: int, pp: int = 1) -> ActivationFeatures:
+def activation_features(
+    facts: ModelFacts, *, tp: int, max_num_seqs: int, batched_tokens: int, dtype_bytes: int, pp: int = 1
+) -> ActivationFeatures:
     # In a MoE layer the experts' intermediate activations are the fused-MoE workspace (counted
     # below); the forward branch keeps only the shared experts' MLP.
     inter = facts.shared_intermediate if facts.experts else facts.intermediate
     moe = 0.0
     # MXFP4 experts run through triton_kernels' matmul_ogs, which allocates no fused-MoE caches.
     if facts.experts and not (facts.quant is not None and facts.quant.method == "mxfp4"):
-        moe = (min(batched_tokens, MOE_CHUNK_TOKENS) * facts.experts_per_token
-               * (3 * facts.moe_intermediate / tp + facts.hidden) * float(dtype_bytes))
+        moe = (
+            min(batched_tokens, MOE_CHUNK_TOKENS)
+            * facts.experts_per_token
+            * (3 * facts.moe_intermediate / tp + facts.hidden)
+            * float(dtype_bytes)
+        )
     return ActivationFeatures(
         sampler=max_num_seqs * facts.vocab * 4.0,
         hidden=float(batched_tokens * facts.hidden),

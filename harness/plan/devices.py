@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any

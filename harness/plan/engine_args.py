@@ -14,10 +14,39 @@ from harness.plan.weights import DTYPE_BYTES, runtime_dtype
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # `--quantization` choices of vLLM (model_executor/layers/quantization/__init__.py QUANTIZATION_METHODS)
-QUANTIZATIONS = ("aqlm", "awq", "awq_marlin", "auto-round", "bitblas", "bitsandbytes", "compressed-tensors",
-                 "deepspeedfp", "experts_int8", "fbgemm_fp8", "fp8", "fp_quant", "gguf", "gptq", "gptq_bitblas",
-                 "gptq_marlin", "gptq_marlin_24", "hqq", "inc", "ipex", "marlin", "modelopt", "modelopt_fp4",
-                 "moe_wna16", "mxfp4", "petit_nvfp4", "ptpc_fp8", "quark", "rtn", "torchao", "tpu_int8")
+QUANTIZATIONS = (
+    "aqlm",
+    "awq",
+    "awq_marlin",
+    "auto-round",
+    "bitblas",
+    "bitsandbytes",
+    "compressed-tensors",
+    "deepspeedfp",
+    "experts_int8",
+    "fbgemm_fp8",
+    "fp8",
+    "fp_quant",
+    "gguf",
+    "gptq",
+    "gptq_bitblas",
+    "gptq_marlin",
+    "gptq_marlin_24",
+    "hqq",
+    "inc",
+    "ipex",
+    "marlin",
+    "modelopt",
+    "modelopt_fp4",
+    "moe_wna16",
+    "mxfp4",
+    "petit_nvfp4",
+    "ptpc_fp8",
+    "quark",
+    "rtn",
+    "torchao",
+    "tpu_int8",
+)
 MAX_GPU_GIB = 4096.0  # no accelerator has more; a larger figure is a typo (or 1e308)
 
 
@@ -48,8 +77,12 @@ def check_total_gib(total_gib: float | None) -> float | None:
     """GPU memory per device in GiB: finite, positive, at most MAX_GPU_GIB."""
     if total_gib is None:
         return None
-    if isinstance(total_gib, bool) or not isinstance(total_gib, (int, float)) or not math.isfinite(total_gib) \
-            or not 0 < total_gib <= MAX_GPU_GIB:
+    if (
+        isinstance(total_gib, bool)
+        or not isinstance(total_gib, (int, float))
+        or not math.isfinite(total_gib)
+        or not 0 < total_gib <= MAX_GPU_GIB
+    ):
         raise ArgError("gpu_memory_gib", f"must be a number of GiB in (0, {MAX_GPU_GIB:g}], got {total_gib!r}")
     return float(total_gib)
 
@@ -88,8 +121,15 @@ class EngineArgs:
         return EngineArgs(**{**self.__dict__, **changes})
 
 
-def resolve(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_gib: float | None,
-            env: dict[str, str] | None = None, gpu_name: str = "") -> EngineArgs:
+def resolve(
+    facts: ModelFacts,
+    args: dict[str, Any],
+    *,
+    platform: str,
+    total_gib: float | None,
+    env: dict[str, str] | None = None,
+    gpu_name: str = "",
+) -> EngineArgs:
     """vLLM's effective values for one cell; raises ArgError for a value vLLM would refuse."""
     env = env or {}
     tp = _int(args, "tensor_parallel_size", 1)
@@ -136,8 +176,19 @@ def resolve(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_gib
         if cpu_space < 0:
             raise ArgError("VLLM_CPU_KVCACHE_SPACE", f"must be >= 0 GiB, got {space!r}")
     return EngineArgs(
-        tp=tp, pp=pp, enforce_eager=bool(args.get("enforce_eager", False)), dtype=dtype, dtype_bytes=db,
-        kv_cache_dtype=kv_dtype, kv_bytes=KV_DTYPE_BYTES.get(kv_dtype) or db,
-        block_size=_int(args, "block_size", default_block_size(facts, platform)), max_model_len=max_len,
-        max_num_seqs=_int(args, "max_num_seqs", seqs_default), batched_tokens=batched, utilization=util,
-        kv_cache_memory_bytes=kv_mem, quantization=quant, cpu_kv_space_gib=cpu_space)
+        tp=tp,
+        pp=pp,
+        enforce_eager=bool(args.get("enforce_eager", False)),
+        dtype=dtype,
+        dtype_bytes=db,
+        kv_cache_dtype=kv_dtype,
+        kv_bytes=KV_DTYPE_BYTES.get(kv_dtype) or db,
+        block_size=_int(args, "block_size", default_block_size(facts, platform)),
+        max_model_len=max_len,
+        max_num_seqs=_int(args, "max_num_seqs", seqs_default),
+        batched_tokens=batched,
+        utilization=util,
+        kv_cache_memory_bytes=kv_mem,
+        quantization=quant,
+        cpu_kv_space_gib=cpu_space,
+    )

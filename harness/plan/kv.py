@@ -18,8 +18,18 @@ from dataclasses import dataclass
 from harness.plan.model import FULL, SLIDING, STATE, ModelFacts
 from harness.plan.versions import at_least
 
-KV_DTYPE_BYTES = {"auto": None, "bfloat16": 2, "float16": 2, "half": 2, "float32": 4,
-                  "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1, "fp8_ds_mla": 1}
+KV_DTYPE_BYTES = {
+    "auto": None,
+    "bfloat16": 2,
+    "float16": 2,
+    "half": 2,
+    "float32": 4,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "fp8_inc": 1,
+    "fp8_ds_mla": 1,
+}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -74,11 +84,11 @@ class KVLayout:
     def exact(self) -> bool:
         """Whether the capacity below is vLLM's own arithmetic, not an approximation."""
         return self.state_layers == 0 and all(
-            n % self.group_size == 0 for n in (self.full_layers, self.sliding_layers) if n)
+            n % self.group_size == 0 for n in (self.full_layers, self.sliding_layers) if n
+        )
 
 
-def kv_layout(facts: ModelFacts, *, tp: int = 1, pp: int = 1, kv_dtype_bytes: int,
-              block_size: int) -> KVLayout:
+def kv_layout(facts: ModelFacts, *, tp: int = 1, pp: int = 1, kv_dtype_bytes: int, block_size: int) -> KVLayout:
     """KV heads are split over TP, and replicated once TP exceeds them; MLA's latent is not split."""
     if facts.mla:
         page = (facts.kv_lora_rank + facts.qk_rope_head_dim) * kv_dtype_bytes * block_size
@@ -110,8 +120,10 @@ def _group_blocks_per_request(layout: KVLayout, kind: str, max_model_len: int, b
 
 def needed_bytes(layout: KVLayout, max_model_len: int, batched_tokens: int) -> int:
     """KV bytes one request at max_model_len needs (vLLM's check before allocating)."""
-    per_group = sum(_group_blocks_per_request(layout, k, max_model_len, batched_tokens) * n * layout.page_bytes
-                    for k, n in layout.groups)
+    per_group = sum(
+        _group_blocks_per_request(layout, k, max_model_len, batched_tokens) * n * layout.page_bytes
+        for k, n in layout.groups
+    )
     return per_group + layout.state_layers * layout.state_bytes
 
 
@@ -122,8 +134,9 @@ class Capacity:
     max_concurrency: float
 
 
-def capacity(layout: KVLayout, available_bytes: int, max_model_len: int, *, batched_tokens: int,
-             vllm_version: str | None = None) -> Capacity:
+def capacity(
+    layout: KVLayout, available_bytes: int, max_model_len: int, *, batched_tokens: int, vllm_version: str | None = None
+) -> Capacity:
     """Blocks, the token count vLLM prints, and max concurrency at max_model_len."""
     if available_bytes <= 0 or not layout.groups:
         return Capacity(0, 0, 0.0)
@@ -134,8 +147,7 @@ def capacity(layout: KVLayout, available_bytes: int, max_model_len: int, *, batc
         conc = available_bytes / per_request
         return Capacity(int(available_bytes // layout.bytes_per_block), int(conc * max_model_len), conc)
     num_blocks = int(available_bytes) // layout.bytes_per_block
-    per_request = sum(_group_blocks_per_request(layout, k, max_model_len, batched_tokens)
-                      for k, _ in layout.groups)
+    per_request = sum(_group_blocks_per_request(layout, k, max_model_len, batched_tokens) for k, _ in layout.groups)
     conc = num_blocks / per_request
     if vllm_version is not None and not at_least(vllm_version, "0.22"):
         tokens = num_blocks // len(layout.groups) * layout.block_size
@@ -144,8 +156,9 @@ def capacity(layout: KVLayout, available_bytes: int, max_model_len: int, *, batc
     return Capacity(num_blocks, tokens, conc)
 
 
-def fits_one_request(layout: KVLayout, available_bytes: int, max_model_len: int, *, batched_tokens: int,
-                     vllm_version: str | None = None) -> bool:
+def fits_one_request(
+    layout: KVLayout, available_bytes: int, max_model_len: int, *, batched_tokens: int, vllm_version: str | None = None
+) -> bool:
     """vLLM's startup check. From 0.22 one block is held back for the null block first."""
     usable = available_bytes
     if vllm_version is None or at_least(vllm_version, "0.22"):
@@ -153,15 +166,15 @@ def fits_one_request(layout: KVLayout, available_bytes: int, max_model_len: int,
     return usable > 0 and needed_bytes(layout, max_model_len, batched_tokens) <= usable
 
 
-def largest_max_model_len(layout: KVLayout, available_bytes: int, upper: int, *, batched_tokens: int,
-                          vllm_version: str | None = None) -> int:
+def largest_max_model_len(
+    layout: KVLayout, available_bytes: int, upper: int, *, batched_tokens: int, vllm_version: str | None = None
+) -> int:
     """Binary search for the longest max_model_len that passes the startup check (vLLM's own
     `estimate_max_model_len` does the same). 0 when not even one token fits."""
     lo, hi = 0, upper
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits_one_request(layout, available_bytes, mid, batched_tokens=batched_tokens,
-                            vllm_version=vllm_version):
+        if fits_one_request(layout, available_bytes, mid, batched_tokens=batched_tokens, vllm_version=vllm_version):
             lo = mid
         else:
             hi = mid - 1

@@ -115,11 +115,16 @@ def _quant(cfg: dict[str, Any]) -> Quant | None:
         return Quant(method, bits, group, ignored=tuple(q.get("ignore") or ()))
     if method == "fp8":
         block = q.get("weight_block_size")
-        return Quant(method, 8, block=tuple(block) if block else None,
-                     ignored=tuple(q.get("ignored_layers") or q.get("modules_to_not_convert") or ()))
+        return Quant(
+            method,
+            8,
+            block=tuple(block) if block else None,
+            ignored=tuple(q.get("ignored_layers") or q.get("modules_to_not_convert") or ()),
+        )
     if method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
-        return Quant(method, int(q.get("bits", q.get("w_bit", 4)) or 4),
-                     q.get("group_size", q.get("q_group_size", 128)))
+        return Quant(
+            method, int(q.get("bits", q.get("w_bit", 4)) or 4), q.get("group_size", q.get("q_group_size", 128))
+        )
     if method == "mxfp4":
         return Quant(method, 4, 32, ignored=tuple(q.get("modules_to_not_convert") or ()))
     if method == "bitsandbytes":
@@ -199,16 +204,19 @@ def _model_facts(config: Any) -> ModelFacts:
     if not isinstance(text, dict):
         raise ValueError("config text_config is not a JSON object")
     cfg = {**text, "model_type": text.get("model_type") or top.get("model_type")}
-    shape = {"hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model"),
-             "num_hidden_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
-             "num_attention_heads": _first(cfg, "num_attention_heads", "n_head", "num_heads"),
-             "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size", default=top.get("vocab_size"))}
+    shape = {
+        "hidden_size": _first(cfg, "hidden_size", "n_embd", "d_model"),
+        "num_hidden_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
+        "num_attention_heads": _first(cfg, "num_attention_heads", "n_head", "num_heads"),
+        "vocab_size": _first(cfg, "vocab_size", "padded_vocab_size", default=top.get("vocab_size")),
+    }
     missing = [k for k, v in shape.items() if v is None]
     if missing:
         raise ValueError(f"config lacks the decoder's shape: no {', '.join(missing)}")
     hidden, layers, heads, vocab = (_positive(k, v) for k, v in shape.items())
-    kv_heads = _positive("num_key_value_heads",
-                         _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads", default=heads))
+    kv_heads = _positive(
+        "num_key_value_heads", _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads", default=heads)
+    )
     if cfg.get("multi_query"):
         kv_heads = 1
     head_dim = _positive("head_dim", _first(cfg, "head_dim", default=hidden // heads))
@@ -217,8 +225,10 @@ def _model_facts(config: Any) -> ModelFacts:
     kinds = _layer_kinds(cfg, layers, window)
     model_type = str(cfg.get("model_type") or "unknown")
     archs = top.get("architectures") or cfg.get("architectures") or ["unknown"]
-    max_pos = _positive("max_position_embeddings", _first(cfg, "max_position_embeddings", "n_positions",
-                                                         "max_sequence_length", "seq_length", default=2048))
+    max_pos = _positive(
+        "max_position_embeddings",
+        _first(cfg, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", default=2048),
+    )
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     rope_type = str(rope.get("rope_type") or rope.get("type") or "") if isinstance(rope, dict) else ""
     # vLLM's rotary cos/sin cache: YaRN builds original_max x factor positions, others max_position.
@@ -229,21 +239,30 @@ def _model_facts(config: Any) -> ModelFacts:
     mla = cfg.get("kv_lora_rank") is not None
     if mla and _positive("kv_lora_rank", cfg.get("kv_lora_rank")) + int(cfg.get("qk_rope_head_dim") or 0) <= 0:
         raise ValueError("config kv_lora_rank + qk_rope_head_dim must be > 0")
-    rope_dim = int(cfg.get("qk_rope_head_dim", 0)) if mla else int(
-        head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
-    experts = _positive("num_experts", _first(cfg, "n_routed_experts", "num_local_experts", "num_experts",
-                                              default=0) or 0, zero_ok=True)
-    moe_inter = _positive("moe_intermediate_size", _first(cfg, "moe_intermediate_size", default=0) or 0,
-                          zero_ok=True) or (int(cfg.get("intermediate_size", 0)) if experts else 0)
-    top_k = _positive("num_experts_per_tok", _first(cfg, "num_experts_per_tok", "experts_per_token", default=0)
-                      or 0, zero_ok=True)
+    rope_dim = (
+        int(cfg.get("qk_rope_head_dim", 0)) if mla else int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
+    )
+    experts = _positive(
+        "num_experts", _first(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0) or 0, zero_ok=True
+    )
+    moe_inter = _positive(
+        "moe_intermediate_size", _first(cfg, "moe_intermediate_size", default=0) or 0, zero_ok=True
+    ) or (int(cfg.get("intermediate_size", 0)) if experts else 0)
+    top_k = _positive(
+        "num_experts_per_tok", _first(cfg, "num_experts_per_tok", "experts_per_token", default=0) or 0, zero_ok=True
+    )
     if experts and not 1 <= top_k <= experts:
         raise ValueError(f"config num_experts_per_tok must be 1..{experts} (num_experts), got {top_k}")
     shared = int(cfg.get("n_shared_experts") or 0)
-    shared_inter = _positive("shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size") or 0,
-                             zero_ok=True) or shared * moe_inter
-    intermediate = _positive("intermediate_size", _first(cfg, "intermediate_size", "n_inner", "ffn_dim",
-                                                         default=4 * hidden), zero_ok=bool(experts))
+    shared_inter = (
+        _positive("shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size") or 0, zero_ok=True)
+        or shared * moe_inter
+    )
+    intermediate = _positive(
+        "intermediate_size",
+        _first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        zero_ok=bool(experts),
+    )
     dtype = str(_first(cfg, "torch_dtype", "dtype", default=top.get("torch_dtype") or "bfloat16"))
     return ModelFacts(
         model_type=model_type,

@@ -10,9 +10,7 @@ cache), or `kv_cache_memory_bytes` when set. CPU budget: VLLM_CPU_KVCACHE_SPACE 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field
+from typing import Any
 
 from harness.plan import calibration as cal
 from harness.plan.engine_args import EngineArgs, check_total_gib, scheduler_defaults
@@ -40,10 +38,13 @@ def _gib(x: float) -> float:
 def tp_valid(facts: ModelFacts, tp: int) -> bool:
     """Whether vLLM accepts this TP: heads divide evenly, KV heads divide or are divided
     (replication), the padded vocabulary splits evenly, MoE experts' intermediate splits evenly."""
-    return (tp >= 1 and facts.heads % tp == 0
-            and (facts.mla or facts.kv_heads % tp == 0 or tp % facts.kv_heads == 0)
-            and padded_vocab(facts.vocab) % tp == 0
-            and not (facts.experts and facts.moe_intermediate % tp))
+    return (
+        tp >= 1
+        and facts.heads % tp == 0
+        and (facts.mla or facts.kv_heads % tp == 0 or tp % facts.kv_heads == 0)
+        and padded_vocab(facts.vocab) % tp == 0
+        and not (facts.experts and facts.moe_intermediate % tp)
+    )
 
 
 def valid_tp_sizes(facts: ModelFacts, limit: int = MAX_TP) -> list[int]:
@@ -58,36 +59,58 @@ class Budget:
     kv_bytes_min: int
 
 
-def _stage_gpu(facts: ModelFacts, ea: EngineArgs, weights_b: float, c: cal.Constants, measured: dict[str, float],
-               *, samples: bool) -> tuple[float, float, float, float]:
+def _stage_gpu(
+    facts: ModelFacts, ea: EngineArgs, weights_b: float, c: cal.Constants, measured: dict[str, float], *, samples: bool
+) -> tuple[float, float, float, float]:
     """(weights, activation, non-torch, CUDA graph) bytes of one pipeline stage's GPU."""
-    feat = cal.activation_features(facts, tp=ea.tp, max_num_seqs=ea.max_num_seqs, batched_tokens=ea.batched_tokens,
-                                   dtype_bytes=ea.dtype_bytes, pp=1 if samples else ea.pp)
+    feat = cal.activation_features(
+        facts,
+        tp=ea.tp,
+        max_num_seqs=ea.max_num_seqs,
+        batched_tokens=ea.batched_tokens,
+        dtype_bytes=ea.dtype_bytes,
+        pp=1 if samples else ea.pp,
+    )
     act = measured.get("activation_peak_gib", cal.activation_bytes(feat, c) / GIB) * GIB
     non_torch = measured.get("non_torch_gib", cal.non_torch_gib(c, tp=ea.tp, pp=ea.pp)) * GIB
     graph = 0.0 if ea.enforce_eager else measured.get("cuda_graph_gib", c.cuda_graph_gib) * GIB
     return weights_b, act, non_torch, graph
 
 
-def gpu_budget(plan: Plan, facts: ModelFacts, ea: EngineArgs, weights: WeightEstimate, *, total_gib: float,
-               vllm_version: str | None, table: list[dict] | None, measured: dict[str, float]) -> Budget | None:
+def gpu_budget(
+    plan: Plan,
+    facts: ModelFacts,
+    ea: EngineArgs,
+    weights: WeightEstimate,
+    *,
+    total_gib: float,
+    vllm_version: str | None,
+    table: list[dict] | None,
+    measured: dict[str, float],
+) -> Budget | None:
     """vLLM V1 gpu_worker: KV = total x utilization - weights - peak activation - non-torch memory
     (- the CUDA graph estimate from the versions that subtract it), or kv_cache_memory_bytes.
     Fills the plan's breakdown (first stage: the rank vLLM logs); None when the weights alone
     exceed the GPU (the verdict is already set)."""
-    c = cal.constants_for(table if table is not None else cal.load_table(), family=facts.family,
-                          vllm_version=vllm_version, platform="cuda", tp=ea.tp, enforce_eager=ea.enforce_eager)
+    c = cal.constants_for(
+        table if table is not None else cal.load_table(),
+        family=facts.family,
+        vllm_version=vllm_version,
+        platform="cuda",
+        tp=ea.tp,
+        enforce_eager=ea.enforce_eager,
+    )
     plan.calibration = list(c.rows)
     if c.borrowed:
-        plan.notes.append("constants borrowed from other vLLM ranges (none fitted for this one): "
-                          + "; ".join(c.borrowed))
+        plan.notes.append(
+            "constants borrowed from other vLLM ranges (none fitted for this one): " + "; ".join(c.borrowed)
+        )
 
     def stage_weights(raw: float) -> float:
         return measured["weights_gib"] * GIB if "weights_gib" in measured else raw * c.weights_factor
 
     first = _stage_gpu(facts, ea, stage_weights(weights.first_bytes), c, measured, samples=ea.pp == 1)
-    last = first if ea.pp == 1 else _stage_gpu(facts, ea, stage_weights(weights.last_bytes), c, measured,
-                                                samples=True)
+    last = first if ea.pp == 1 else _stage_gpu(facts, ea, stage_weights(weights.last_bytes), c, measured, samples=True)
     weights_b, act_b, non_torch_b, graph_b = first
     plan.weights_gib, plan.activation_gib = _gib(weights_b), _gib(act_b)
     plan.non_torch_gib, plan.cuda_graph_gib = _gib(non_torch_b), _gib(graph_b)
@@ -118,8 +141,10 @@ def cpu_budget(plan: Plan, ea: EngineArgs, weights: WeightEstimate) -> int | Non
     elif ea.kv_cache_memory_bytes is not None:
         budget = ea.kv_cache_memory_bytes
     else:
-        plan.reason = ("VLLM_CPU_KVCACHE_SPACE and kv_cache_memory_bytes unset: vLLM sizes the CPU "
-                       "cache from free RAM at startup, which a plan cannot know")
+        plan.reason = (
+            "VLLM_CPU_KVCACHE_SPACE and kv_cache_memory_bytes unset: vLLM sizes the CPU "
+            "cache from free RAM at startup, which a plan cannot know"
+        )
         return None
     plan.budget_gib = plan.kv_cache_gib = _gib(budget)
     return budget
@@ -139,10 +164,20 @@ class _Context:
     table: list[dict] | None
 
 
-def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_gib: float | None,
-               env: dict[str, str] | None = None, gpu_name: str = "", vllm_version: str | None = None,
-               weights: WeightEstimate | None = None, table: list[dict] | None = None,
-               measured: dict[str, float] | None = None, search_fixes: bool = True) -> Plan:
+def plan_model(
+    facts: ModelFacts,
+    args: dict[str, Any],
+    *,
+    platform: str,
+    total_gib: float | None,
+    env: dict[str, str] | None = None,
+    gpu_name: str = "",
+    vllm_version: str | None = None,
+    weights: WeightEstimate | None = None,
+    table: list[dict] | None = None,
+    measured: dict[str, float] | None = None,
+    search_fixes: bool = True,
+) -> Plan:
     """Plan one model under one engine config. `measured` (weights_gib, activation_peak_gib,
     non_torch_gib, cuda_graph_gib from a real run) replaces the matching estimates.
     Raises ArgError (a ValueError) for an engine argument vLLM would refuse."""
@@ -151,14 +186,23 @@ def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_
     total_gib = check_total_gib(total_gib)
     ea = resolve_args(facts, args, platform=platform, total_gib=total_gib, env=env, gpu_name=gpu_name)
     ctx = _Context(facts, args, env, platform, total_gib, gpu_name, vllm_version, table)
-    plan = Plan(platform="cpu" if platform == "cpu" else "cuda", vllm_version=vllm_version,
-                total_memory_gib=total_gib, max_model_len=ea.max_model_len, tensor_parallel_size=ea.tp,
-                pipeline_parallel_size=ea.pp, block_size=ea.block_size, valid_tp=valid_tp_sizes(facts))
+    plan = Plan(
+        platform="cpu" if platform == "cpu" else "cuda",
+        vllm_version=vllm_version,
+        total_memory_gib=total_gib,
+        max_model_len=ea.max_model_len,
+        tensor_parallel_size=ea.tp,
+        pipeline_parallel_size=ea.pp,
+        block_size=ea.block_size,
+        valid_tp=valid_tp_sizes(facts),
+    )
 
     if not tp_valid(facts, ea.tp):
         plan.fits, plan.failure_class = False, "tp_exceeds_gpus"
-        plan.reason = (f"tensor_parallel_size={ea.tp} does not divide the model ({facts.heads} heads, "
-                       f"{facts.kv_heads} KV heads, vocab {facts.vocab}); valid: {plan.valid_tp}")
+        plan.reason = (
+            f"tensor_parallel_size={ea.tp} does not divide the model ({facts.heads} heads, "
+            f"{facts.kv_heads} KV heads, vocab {facts.vocab}); valid: {plan.valid_tp}"
+        )
         smaller = [t for t in plan.valid_tp if t <= ea.tp]
         if smaller:
             plan.fix = {"tensor_parallel_size": max(smaller)}
@@ -166,14 +210,15 @@ def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_
         return plan
     if ea.max_model_len > facts.max_position and "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in env:
         plan.fits, plan.failure_class = False, "other"
-        plan.reason = (f"max_model_len {ea.max_model_len} exceeds the model's max_position_embeddings "
-                       f"{facts.max_position}: vLLM refuses it (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 overrides)")
+        plan.reason = (
+            f"max_model_len {ea.max_model_len} exceeds the model's max_position_embeddings "
+            f"{facts.max_position}: vLLM refuses it (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 overrides)"
+        )
         plan.fix = {"max_model_len": facts.max_position}
         plan.suggestion = f"max_model_len={facts.max_position}"
         return plan
 
-    weights = weights or weights_from_config(facts, dtype=ea.dtype, tp=ea.tp, pp=ea.pp,
-                                             runtime_quant=ea.quantization)
+    weights = weights or weights_from_config(facts, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization)
     plan.weights_source = weights.source
     layout = kv_layout(facts, tp=ea.tp, pp=ea.pp, kv_dtype_bytes=ea.kv_bytes, block_size=ea.block_size)
     plan.kv_bytes_per_token = layout.bytes_per_token
@@ -188,8 +233,9 @@ def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_
         plan.reason = "GPU memory unknown: give --gpu-memory-gib, or a GPU selector the table knows"
         return plan
     else:
-        gpu = gpu_budget(plan, facts, ea, weights, total_gib=total_gib, vllm_version=vllm_version, table=table,
-                         measured=measured)
+        gpu = gpu_budget(
+            plan, facts, ea, weights, total_gib=total_gib, vllm_version=vllm_version, table=table, measured=measured
+        )
         if gpu is None:
             if search_fixes:
                 _search_fixes(plan, ctx, ea)
@@ -202,29 +248,34 @@ def plan_model(facts: ModelFacts, args: dict[str, Any], *, platform: str, total_
 def _verdict(plan: Plan, ctx: _Context, ea: EngineArgs, layout, budget: Budget, search_fixes: bool) -> Plan:
     kv_b = budget.kv_bytes_min
     max_len = plan.max_model_len or 0  # resolved from the config before a verdict
-    cap = capacity(layout, kv_b, max_len, batched_tokens=ea.batched_tokens,
-                   vllm_version=ctx.vllm_version)
+    cap = capacity(layout, kv_b, max_len, batched_tokens=ea.batched_tokens, vllm_version=ctx.vllm_version)
     plan.num_blocks, plan.kv_cache_tokens = cap.num_blocks, cap.tokens
     plan.max_concurrency = round(cap.max_concurrency, 4)
     plan.exact = layout.exact and ctx.platform == "cpu"
     if not layout.exact:
         plan.notes.append("hybrid layer schedule: capacity approximated")
     if ea.pp > 1 and budget.kv_bytes_min < budget.kv_bytes:
-        plan.notes.append(f"pipeline stages differ: the last stage has {_gib(kv_b):.2f} GiB for the KV cache, "
-                          "and vLLM sizes every stage's cache to the smallest")
+        plan.notes.append(
+            f"pipeline stages differ: the last stage has {_gib(kv_b):.2f} GiB for the KV cache, "
+            "and vLLM sizes every stage's cache to the smallest"
+        )
     if kv_b <= 0:
         plan.fits, plan.failure_class = False, "kv_cache_insufficient"
-        plan.reason = (f"no memory left for the KV cache ({_gib(kv_b):.2f} GiB after weights, "
-                       f"activation and non-torch memory)")
-    elif not fits_one_request(layout, kv_b, max_len, batched_tokens=ea.batched_tokens,
-                              vllm_version=ctx.vllm_version):
+        plan.reason = (
+            f"no memory left for the KV cache ({_gib(kv_b):.2f} GiB after weights, activation and non-torch memory)"
+        )
+    elif not fits_one_request(layout, kv_b, max_len, batched_tokens=ea.batched_tokens, vllm_version=ctx.vllm_version):
         plan.fits, plan.failure_class = False, "max_model_len_exceeds_kv"
-        plan.reason = (f"max_model_len {plan.max_model_len} needs more KV cache than the "
-                       f"{_gib(kv_b):.2f} GiB available ({cap.tokens} tokens)")
+        plan.reason = (
+            f"max_model_len {plan.max_model_len} needs more KV cache than the "
+            f"{_gib(kv_b):.2f} GiB available ({cap.tokens} tokens)"
+        )
     else:
         plan.fits = True
-        plan.reason = (f"{cap.tokens} KV tokens in {plan.kv_cache_gib:.2f} GiB: "
-                       f"{cap.max_concurrency:.2f}x requests of {plan.max_model_len} tokens")
+        plan.reason = (
+            f"{cap.tokens} KV tokens in {plan.kv_cache_gib:.2f} GiB: "
+            f"{cap.max_concurrency:.2f}x requests of {plan.max_model_len} tokens"
+        )
         return plan
     if search_fixes:
         _search_fixes(plan, ctx, ea, layout=layout, kv_b=kv_b)
@@ -236,16 +287,25 @@ def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: 
     utilization (CPU: more KV space), more TP, fp8 KV cache. The first becomes the suggestion."""
 
     def fits_with(changes: dict, env_changes: dict | None = None) -> bool:
-        trial = plan_model(ctx.facts, {**ctx.args, **changes}, platform=ctx.platform, total_gib=ctx.total_gib,
-                           env={**ctx.env, **(env_changes or {})}, gpu_name=ctx.gpu_name,
-                           vllm_version=ctx.vllm_version, table=ctx.table, search_fixes=False)
+        trial = plan_model(
+            ctx.facts,
+            {**ctx.args, **changes},
+            platform=ctx.platform,
+            total_gib=ctx.total_gib,
+            env={**ctx.env, **(env_changes or {})},
+            gpu_name=ctx.gpu_name,
+            vllm_version=ctx.vllm_version,
+            table=ctx.table,
+            search_fixes=False,
+        )
         return bool(trial.fits)
 
     fixes: list[dict[str, Any]] = []
     if layout is not None and kv_b > 0:
         asked = plan.max_model_len or 0
-        longest = largest_max_model_len(layout, kv_b, asked, batched_tokens=ea.batched_tokens,
-                                        vllm_version=ctx.vllm_version)
+        longest = largest_max_model_len(
+            layout, kv_b, asked, batched_tokens=ea.batched_tokens, vllm_version=ctx.vllm_version
+        )
         if longest >= min(MIN_USEFUL_LEN, asked):
             fixes.append({"args": {"max_model_len": longest}})
     if ctx.platform == "cpu":

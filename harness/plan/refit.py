@@ -20,8 +20,8 @@ from typing import Any
 
 from harness.plan import calibration as cal
 from harness.plan.devices import gpu_memory_gib
-from harness.plan.model import ModelFacts, model_facts
 from harness.plan.engine_args import scheduler_defaults
+from harness.plan.model import ModelFacts, model_facts
 from harness.plan.planner import Plan, plan_model
 from harness.plan.sources import resolve
 from harness.plan.versions import range_of, range_specs
@@ -65,10 +65,21 @@ def samples_from_records(records: list[tuple[Path, CellRecord]]) -> list[Sample]
         if rec.facts is None:
             continue
         f = rec.facts
-        out.append(Sample(label=rec.cell_id, model=rec.cell.model.source, gpu=rec.cell.gpu,
-                          args=dict(rec.cell.config.args), env=dict(rec.cell.config.env), facts=f,
-                          total_gib=f.total_gpu_memory_gib, vllm_version=f.vllm_version or rec.engine_version,
-                          plan=rec.plan, origin=str(path), dataset="results"))
+        out.append(
+            Sample(
+                label=rec.cell_id,
+                model=rec.cell.model.source,
+                gpu=rec.cell.gpu,
+                args=dict(rec.cell.config.args),
+                env=dict(rec.cell.config.env),
+                facts=f,
+                total_gib=f.total_gpu_memory_gib,
+                vllm_version=f.vllm_version or rec.engine_version,
+                plan=rec.plan,
+                origin=str(path),
+                dataset="results",
+            )
+        )
     return out
 
 
@@ -76,18 +87,37 @@ def samples_from_observations(path: Path) -> list[Sample]:
     data = json.loads(path.read_text(encoding="utf-8"))
     out = []
     for row in data["observations"]:
-        out.append(Sample(label=row["label"], model=row["model"], gpu=row["gpu"], args=row.get("args", {}),
-                          env=row.get("env", {}), facts=EngineFacts.model_validate(row["measured"]),
-                          total_gib=row.get("total_gib"), vllm_version=row.get("vllm_version"),
-                          config=row.get("config"), origin=row.get("source") or f"{path.name}:{row['label']}",
-                          dataset=path.name))
+        out.append(
+            Sample(
+                label=row["label"],
+                model=row["model"],
+                gpu=row["gpu"],
+                args=row.get("args", {}),
+                env=row.get("env", {}),
+                facts=EngineFacts.model_validate(row["measured"]),
+                total_gib=row.get("total_gib"),
+                vllm_version=row.get("vllm_version"),
+                config=row.get("config"),
+                origin=row.get("source") or f"{path.name}:{row['label']}",
+                dataset=path.name,
+            )
+        )
     return out
 
 
 def plan_sample(s: Sample, table: list[dict] | None, *, fixes: bool = False) -> Plan:
     total = s.total_gib if s.total_gib is not None else (None if s.platform == "cpu" else gpu_memory_gib(s.gpu))
-    return plan_model(s.model_facts(), s.args, platform=s.platform, total_gib=total, env=s.env, gpu_name=s.gpu,
-                      vllm_version=s.vllm_version, table=table, search_fixes=fixes)
+    return plan_model(
+        s.model_facts(),
+        s.args,
+        platform=s.platform,
+        total_gib=total,
+        env=s.env,
+        gpu_name=s.gpu,
+        vllm_version=s.vllm_version,
+        table=table,
+        search_fixes=fixes,
+    )
 
 
 # --------------------------------------------------------------------------- fitting
@@ -102,21 +132,26 @@ def _pp(s: Sample) -> int:
 def _features(s: Sample, facts: ModelFacts) -> cal.ActivationFeatures:
     tp, pp = _tp(s), _pp(s)
     seqs, tokens = scheduler_defaults(s.platform, s.total_gib, s.gpu, tp * pp)
-    return cal.activation_features(facts, tp=tp, pp=pp, max_num_seqs=int(s.args.get("max_num_seqs") or seqs),
-                                   batched_tokens=int(s.args.get("max_num_batched_tokens") or tokens),
-                                   dtype_bytes=DTYPE_BYTES.get(runtime_dtype(facts, s.args.get("dtype")), 2))
+    return cal.activation_features(
+        facts,
+        tp=tp,
+        pp=pp,
+        max_num_seqs=int(s.args.get("max_num_seqs") or seqs),
+        batched_tokens=int(s.args.get("max_num_batched_tokens") or tokens),
+        dtype_bytes=DTYPE_BYTES.get(runtime_dtype(facts, s.args.get("dtype")), 2),
+    )
 
 
 def _least_squares(pts: list[tuple[cal.ActivationFeatures, float]], prior: cal.Constants) -> dict[str, float]:
     """activation = k * sampler + c * hidden; two unknowns need two distinct points, with one
     c keeps its prior. A negative coefficient is fitted noise, not physics: fall back to k only."""
     if len({(f.sampler, f.hidden) for f, _ in pts}) >= 2:
-        sxx = sum(f.sampler ** 2 for f, _ in pts)
-        syy = sum(f.hidden ** 2 for f, _ in pts)
+        sxx = sum(f.sampler**2 for f, _ in pts)
+        syy = sum(f.hidden**2 for f, _ in pts)
         sxy = sum(f.sampler * f.hidden for f, _ in pts)
         sxa = sum(f.sampler * a for f, a in pts)
         sya = sum(f.hidden * a for f, a in pts)
-        det = sxx * syy - sxy ** 2
+        det = sxx * syy - sxy**2
         if det > 0:
             k, c = (sxa * syy - sya * sxy) / det, (sya * sxx - sxa * sxy) / det
             if k > 0 and c >= 0:
@@ -138,8 +173,11 @@ def _fit_dense(points: list[tuple[cal.ActivationFeatures, float]], prior: cal.Co
             break
         out = _least_squares(sampler_pts, prior)
         c = cal.Constants({**prior.values, **out}, ())
-        sampler_pts = [(f, a) for f, a in sampling
-                       if c.sampler_factor * f.sampler + c.hidden_bytes * f.hidden >= forward_factor * f.forward]
+        sampler_pts = [
+            (f, a)
+            for f, a in sampling
+            if c.sampler_factor * f.sampler + c.hidden_bytes * f.hidden >= forward_factor * f.forward
+        ]
     forward_pts = [(f, a) for f, a in points if (f, a) not in sampler_pts]
     if forward_pts:
         out["forward_factor"] = round(statistics.fmean(a / f.forward for f, a in forward_pts), 4)
@@ -149,8 +187,11 @@ def _fit_dense(points: list[tuple[cal.ActivationFeatures, float]], prior: cal.Co
 def fit_activation(group: list[tuple[Sample, ModelFacts]], prior: cal.Constants) -> dict[str, Any]:
     """One range's activation factors: the dense peak from dense models, then moe_factor as the
     MoE runs' excess over that peak per byte of fused-MoE workspace."""
-    points = [(_features(s, mf), s.facts.activation_peak_gib * GIB, bool(mf.experts)) for s, mf in group
-              if s.facts.activation_peak_gib is not None]
+    points = [
+        (_features(s, mf), s.facts.activation_peak_gib * GIB, bool(mf.experts))
+        for s, mf in group
+        if s.facts.activation_peak_gib is not None
+    ]
     dense = [(f, a) for f, a, moe in points if not moe]
     out: dict[str, Any] = _fit_dense(dense, prior) if dense else {}
     c = cal.Constants({**prior.values, **out}, ())
@@ -165,6 +206,7 @@ def fit_activation(group: list[tuple[Sample, ModelFacts]], prior: cal.Constants)
 def fit_non_torch(group: list[Sample]) -> dict[str, Any]:
     """One range's non-torch constants: the TP 1 level, the step at TP 2, the growth per doubling
     beyond, the TP 1 pipeline-stage level; and the mean CUDA graph memory."""
+
     def nt(pred) -> list[tuple[Sample, float]]:
         return [(s, s.facts.non_torch_gib) for s in group if s.facts.non_torch_gib is not None and pred(s)]
 
@@ -198,8 +240,16 @@ def fit_weights(members: list[tuple[Sample, ModelFacts]]) -> dict[str, Any]:
     for s, mf in members:
         if s.facts.weights_gib is None:
             continue
-        raw = weights_from_config(mf, dtype=runtime_dtype(mf, s.args.get("dtype")), tp=_tp(s), pp=_pp(s),
-                                  runtime_quant=s.args.get("quantization")).first_bytes / GIB
+        raw = (
+            weights_from_config(
+                mf,
+                dtype=runtime_dtype(mf, s.args.get("dtype")),
+                tp=_tp(s),
+                pp=_pp(s),
+                runtime_quant=s.args.get("quantization"),
+            ).first_bytes
+            / GIB
+        )
         ratios.append(s.facts.weights_gib / raw)
     return {"weights_factor": round(statistics.fmean(ratios), 4), "n": len(ratios)} if ratios else {}
 
@@ -227,16 +277,24 @@ def fit(samples: list[Sample], base: list[dict]) -> list[dict]:
             rows.append({**head, **act, "source": f"{cal.FITTED}: activation over {act['n']} runs", "data": data})
         nt = fit_non_torch(group)
         if nt:
-            rows.append({**head, **nt, "source": f"{cal.FITTED}: non-torch and CUDA graph over {len(group)} runs",
-                         "data": data})
+            rows.append(
+                {**head, **nt, "source": f"{cal.FITTED}: non-torch and CUDA graph over {len(group)} runs", "data": data}
+            )
         by_family: dict[str, list[tuple[Sample, ModelFacts]]] = {}
         for s, mf in prepared:
             by_family.setdefault(mf.family, []).append((s, mf))
         for family, members in sorted(by_family.items()):
             w = fit_weights(members)
             if w:
-                rows.append({**head, "family": family, **w, "source": f"{cal.FITTED}: weights of {w['n']} runs",
-                             "data": sorted({s.dataset for s, _ in members if s.dataset})})
+                rows.append(
+                    {
+                        **head,
+                        "family": family,
+                        **w,
+                        "source": f"{cal.FITTED}: weights of {w['n']} runs",
+                        "data": sorted({s.dataset for s, _ in members if s.dataset}),
+                    }
+                )
     order = {spec: i for i, spec in enumerate(range_specs())}
     hand = [r for r in kept if not cal.is_fitted(r)]
     fitted = sorted([r for r in kept if cal.is_fitted(r)] + rows, key=lambda r: order.get(str(r.get("vllm")), -1))
@@ -252,17 +310,22 @@ class Comparison:
     errors: dict[str, float] = field(default_factory=dict)  # relative, signed
 
 
-FIELDS = (("weights_gib", "weights_gib"), ("activation_gib", "activation_peak_gib"),
-          ("kv_cache_gib", "kv_cache_gib"), ("kv_cache_tokens", "kv_cache_tokens"),
-          ("max_concurrency", "max_concurrency"))
+FIELDS = (
+    ("weights_gib", "weights_gib"),
+    ("activation_gib", "activation_peak_gib"),
+    ("kv_cache_gib", "kv_cache_gib"),
+    ("kv_cache_tokens", "kv_cache_tokens"),
+    ("max_concurrency", "max_concurrency"),
+)
 
 
 def compare(s: Sample, plan: Plan | dict) -> Comparison:
     p = plan.model_dump() if isinstance(plan, Plan) else plan
     pred = {k: p.get(k) for k, _ in FIELDS}
     meas = {k: getattr(s.facts, m) for k, m in FIELDS}
-    errors = {k: (pred[k] - meas[k]) / abs(meas[k]) for k, _ in FIELDS
-              if pred[k] is not None and meas[k] not in (None, 0)}
+    errors = {
+        k: (pred[k] - meas[k]) / abs(meas[k]) for k, _ in FIELDS if pred[k] is not None and meas[k] not in (None, 0)
+    }
     return Comparison(s.label, pred, meas, errors)
 
 
@@ -270,20 +333,32 @@ def drift_alarms(old: list[dict], new: list[dict]) -> list[str]:
     """Constants of a vLLM version range that moved more than 20% between the stored table and the
     refit: the records of that range no longer agree with what the planner was told."""
     alarms = []
-    stored = {(r.get("vllm"), r.get("family", "*"), r.get("platform", "*"), k): r[k]
-              for r in old if cal.is_fitted(r) for k in cal.CONSTANTS if k in r}
+    stored = {
+        (r.get("vllm"), r.get("family", "*"), r.get("platform", "*"), k): r[k]
+        for r in old
+        if cal.is_fitted(r)
+        for k in cal.CONSTANTS
+        if k in r
+    }
     for row in (r for r in new if cal.is_fitted(r)):
         for key in cal.CONSTANTS:
             a = stored.get((row.get("vllm"), row.get("family", "*"), row.get("platform", "*"), key))
             b = row.get(key)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
-                    and abs(a) > 1e-9 and abs(b - a) / abs(a) > DRIFT_CONSTANT \
-                    and not (key.endswith("_gib") and abs(b - a) < DRIFT_MIN_GIB):
-                alarms.append(f"drift in vLLM range {row['vllm']}: {key} {a} -> {b} "
-                              f"(family={row.get('family', '*')})")
+            if (
+                isinstance(a, (int, float))
+                and isinstance(b, (int, float))
+                and not isinstance(a, bool)
+                and abs(a) > 1e-9
+                and abs(b - a) / abs(a) > DRIFT_CONSTANT
+                and not (key.endswith("_gib") and abs(b - a) < DRIFT_MIN_GIB)
+            ):
+                alarms.append(f"drift in vLLM range {row['vllm']}: {key} {a} -> {b} (family={row.get('family', '*')})")
     return alarms
 
 
 def kv_alarms(comparisons: list[Comparison]) -> list[str]:
-    return [f"KV error {c.errors['kv_cache_gib']:+.1%} on {c.label} (> {DRIFT_KV:.0%})"
-            for c in comparisons if abs(c.errors.get("kv_cache_gib", 0.0)) > DRIFT_KV]
+    return [
+        f"KV error {c.errors['kv_cache_gib']:+.1%} on {c.label} (> {DRIFT_KV:.0%})"
+        for c in comparisons
+        if abs(c.errors.get("kv_cache_gib", 0.0)) > DRIFT_KV
+    ]

@@ -103,8 +103,11 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
         meta = api.get_safetensors_metadata(repo_id, revision=sha)
     except NotASafetensorsRepoError:  # .bin-only checkpoints: weights from the shapes
         return ModelSource(config, "hub", f"{constants.ENDPOINT}/{repo_id}@{sha}")
-    tensors = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
-               for shard in meta.files_metadata.values() for name, t in shard.tensors.items()}
+    tensors = {
+        name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+        for shard in meta.files_metadata.values()
+        for name, t in shard.tensors.items()
+    }
     cached = _headers_path(sha)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -135,5 +138,7 @@ def resolve(source: str, revision: str | None = None) -> ModelSource:
     path = catalog_path(source)
     if path.is_file():
         return ModelSource(json.loads(path.read_text(encoding="utf-8")), "catalog", str(path))
-    raise LookupError(f"no config for {source!r}: not a local dir, not in the HF cache ({_hf_hub_cache()}), "
-                      f"not in the offline catalog, and the Hub gave nothing ({hub_error})")
+    raise LookupError(
+        f"no config for {source!r}: not a local dir, not in the HF cache ({_hf_hub_cache()}), "
+        f"not in the offline catalog, and the Hub gave nothing ({hub_error})"
+    )

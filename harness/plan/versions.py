@@ -6,7 +6,7 @@ import re
 
 
 def parse(version: str) -> tuple[int, ...]:
-    """"0.11.0rc2.dev67+gb5ee1e3" -> (0, 11, 0): release numbers only, pre-release tags dropped."""
+    """ "0.11.0rc2.dev67+gb5ee1e3" -> (0, 11, 0): release numbers only, pre-release tags dropped."""
     m = re.match(r"v?(\d+(?:\.\d+)*)", version.strip())
     if not m:
         raise ValueError(f"not a version: {version!r}")
@@ -40,7 +40,7 @@ def in_range(version: str | None, spec: str) -> bool:
 
 
 def minor(version: str) -> str:
-    """"0.11.2" -> "0.11": the granularity calibrate groups records by."""
+    """ "0.11.2" -> "0.11": the granularity calibrate groups records by."""
     p = _pad(parse(version))
     return f"{p[0]}.{p[1]}"
 

@@ -21,8 +21,22 @@ GIB = 1 << 30
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 # safetensors dtype tags -> bytes per element (sub-byte types are packed into U8/I32 tensors)
-ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5}
+ST_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F4": 0.5,
+}
 FLOAT_TAGS = {"F32", "F16", "BF16"}
 VOCAB_PADDING = 64  # vLLM pads embedding rows to a multiple of 64 (DEFAULT_VOCAB_PADDING_SIZE)
 
@@ -159,8 +173,9 @@ def _bias_params(f: ModelFacts, layer: int, tp: int) -> float:
     return total
 
 
-def weights_from_config(facts: ModelFacts, *, dtype: str, tp: int = 1, pp: int = 1,
-                        runtime_quant: str | None = None) -> WeightEstimate:
+def weights_from_config(
+    facts: ModelFacts, *, dtype: str, tp: int = 1, pp: int = 1, runtime_quant: str | None = None
+) -> WeightEstimate:
     """Bytes one GPU holds, computed from the config's shapes (no checkpoint needed)."""
     db = DTYPE_BYTES.get(dtype, 2)
     q = facts.quant
@@ -183,7 +198,7 @@ def weights_from_config(facts: ModelFacts, *, dtype: str, tp: int = 1, pp: int =
         layer_bytes_rank.append(rank)
     head_rank = 0 if facts.tie_embeddings else embed_bytes / tp
     per_stage = math.ceil(facts.layers / pp)
-    stages = [sum(layer_bytes_rank[s * per_stage:(s + 1) * per_stage]) for s in range(pp)]
+    stages = [sum(layer_bytes_rank[s * per_stage : (s + 1) * per_stage]) for s in range(pp)]
     embed_rank, tail = embed_bytes / tp, head_rank + facts.hidden * db  # tail: lm_head + final norm
     # With PP the first stage holds the embeddings and the last the head; report the fuller one.
     rope = _rope_cache_bytes(facts, db)
@@ -192,17 +207,27 @@ def weights_from_config(facts: ModelFacts, *, dtype: str, tp: int = 1, pp: int =
     else:
         first, last = stages[0] + embed_rank + rope, stages[-1] + tail + rope
     by_dtype = {"embeddings": embed_bytes * (1 if facts.tie_embeddings else 2), "layers": layer_bytes_all}
-    return WeightEstimate(per_gpu_bytes=max(first, last), params=int(params), by_dtype=by_dtype, source="config",
-                          first_stage_bytes=first, last_stage_bytes=last)
+    return WeightEstimate(
+        per_gpu_bytes=max(first, last),
+        params=int(params),
+        by_dtype=by_dtype,
+        source="config",
+        first_stage_bytes=first,
+        last_stage_bytes=last,
+    )
 
 
-def weights_from_total(facts: ModelFacts, total_bytes: float, *, dtype: str, tp: int = 1,
-                       pp: int = 1) -> WeightEstimate:
+def weights_from_total(
+    facts: ModelFacts, total_bytes: float, *, dtype: str, tp: int = 1, pp: int = 1
+) -> WeightEstimate:
     """`--safetensors-bytes N`: the checkpoint's size, split over TP x PP, plus the rotary cache."""
     db = DTYPE_BYTES.get(dtype, 2)
-    return WeightEstimate(per_gpu_bytes=total_bytes / (tp * pp) + _rope_cache_bytes(facts, db),
-                          params=int(total_bytes / db), by_dtype={"checkpoint": total_bytes},
-                          source="safetensors-bytes")
+    return WeightEstimate(
+        per_gpu_bytes=total_bytes / (tp * pp) + _rope_cache_bytes(facts, db),
+        params=int(total_bytes / db),
+        by_dtype={"checkpoint": total_bytes},
+        source="safetensors-bytes",
+    )
 
 
 # --------------------------------------------------------------------------- safetensors headers
@@ -225,8 +250,15 @@ def checkpoint_tensors(model_dir: Path) -> dict[str, dict]:
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def weights_from_tensors(facts: ModelFacts, tensors: dict[str, dict], *, dtype: str, tp: int = 1,
-                         pp: int = 1, runtime_quant: str | None = None) -> WeightEstimate:
+def weights_from_tensors(
+    facts: ModelFacts,
+    tensors: dict[str, dict],
+    *,
+    dtype: str,
+    tp: int = 1,
+    pp: int = 1,
+    runtime_quant: str | None = None,
+) -> WeightEstimate:
     """Per-GPU bytes from the checkpoint's own tensor list (headers only, no weights read)."""
     db = DTYPE_BYTES.get(dtype, 2)
     kv_split = max(1.0 / tp, 1.0 / facts.kv_heads)
@@ -244,8 +276,12 @@ def weights_from_tensors(facts: ModelFacts, tensors: dict[str, dict], *, dtype: 
         params += elems
         is_scale = re.search(r"(scale|scale_inv|zeros|g_idx|qzeros)$", name) is not None
         if tag in FLOAT_TAGS and not is_scale:
-            quantize = (runtime_quant in ("fp8", "fbgemm_fp8") and len(info["shape"]) == 2
-                        and "embed" not in name and "lm_head" not in name)
+            quantize = (
+                runtime_quant in ("fp8", "fbgemm_fp8")
+                and len(info["shape"]) == 2
+                and "embed" not in name
+                and "lm_head" not in name
+            )
             nbytes = elems * (1 if quantize else db)
         else:
             nbytes = elems * ST_BYTES.get(tag, 2)

@@ -129,14 +129,16 @@ class CapacitySearch:
 
     def _level_profile(self, level: float, remaining: float) -> ProbeProfile:
         p = self.profile
-        return p.model_copy(update={
-            "mode": "rate" if self.rate else "concurrency",
-            "requests": self._required(level) if self.rate else p.requests,
-            "max_level_seconds": min(p.max_level_seconds, remaining),
-            "max_error_fraction": 0.0,  # one failed request fails the level: stop there
-            "goodput": slo_mod.per_request_thresholds(self.slo),
-            "max_concurrency": None if self.rate else p.max_concurrency,
-        })
+        return p.model_copy(
+            update={
+                "mode": "rate" if self.rate else "concurrency",
+                "requests": self._required(level) if self.rate else p.requests,
+                "max_level_seconds": min(p.max_level_seconds, remaining),
+                "max_error_fraction": 0.0,  # one failed request fails the level: stop there
+                "goodput": slo_mod.per_request_thresholds(self.slo),
+                "max_concurrency": None if self.rate else p.max_concurrency,
+            }
+        )
 
     async def measure(self, level: float, phase: Phase) -> LevelVerdict | None:
         """Run and judge one level; None when the budget does not allow a complete one."""
@@ -145,8 +147,7 @@ class CapacitySearch:
             self.budget_hit = True
             return None
         budget_bound = remaining < self.profile.max_level_seconds
-        result = await self._run_level(self._level_profile(level, remaining), level,
-                                       len(self.levels))
+        result = await self._run_level(self._level_profile(level, remaining), level, len(self.levels))
         result["search_phase"] = phase
         verdict = self._judge(result, level, phase)
         self.levels.append(result)
@@ -162,23 +163,32 @@ class CapacitySearch:
         required = self._required(level)
         observed = slo_mod.observe(lv, self.slo)
         if lv["failed"]:
-            reason = (f"{lv['failed']} of {lv['requests']} requests failed: "
-                      f"{next(iter(lv['errors']), '?')}")
+            reason = f"{lv['failed']} of {lv['requests']} requests failed: {next(iter(lv['errors']), '?')}"
         elif lv["completed"] < required:
-            reason = (f"only {lv['completed']} of {required} requests within "
-                      f"max_level_seconds ({self.profile.max_level_seconds:g} s)")
+            reason = (
+                f"only {lv['completed']} of {required} requests within "
+                f"max_level_seconds ({self.profile.max_level_seconds:g} s)"
+            )
         else:
             reason = "; ".join(slo_mod.misses(observed, self.slo))
         tpot = lv["tpot_ms"]["median"]
         return LevelVerdict(
-            step=len(self.trace), phase=phase,
+            step=len(self.trace),
+            phase=phase,
             concurrency=None if self.rate else int(level),
             request_rate=level if self.rate else None,
-            passed=not reason, reason=reason or "all objectives met", observed=observed,
-            requests=lv["requests"], completed=lv["completed"], failed=lv["failed"],
-            duration_s=lv["duration_s"], request_throughput=lv["request_throughput"],
-            goodput_rps=lv.get("request_goodput"), output_throughput=lv["output_throughput"],
-            tpot_median_ms=tpot, tokens_per_s_per_user=1000 / tpot if tpot else None,
+            passed=not reason,
+            reason=reason or "all objectives met",
+            observed=observed,
+            requests=lv["requests"],
+            completed=lv["completed"],
+            failed=lv["failed"],
+            duration_s=lv["duration_s"],
+            request_throughput=lv["request_throughput"],
+            goodput_rps=lv.get("request_goodput"),
+            output_throughput=lv["output_throughput"],
+            tpot_median_ms=tpot,
+            tokens_per_s_per_user=1000 / tpot if tpot else None,
             client_bound=lv.get("client_bound"),
         )
 
@@ -217,8 +227,10 @@ class CapacitySearch:
             # Missed on its second measurement: bad after all; go on below it.
             hi = lo
             bad = {self._value(t) for t in self.trace if t.complete and not t.passed}
-            lo = max((self._value(t) for t in self.trace
-                      if t.passed and self._value(t) < hi and self._value(t) not in bad), default=0)
+            lo = max(
+                (self._value(t) for t in self.trace if t.passed and self._value(t) < hi and self._value(t) not in bad),
+                default=0,
+            )
         return self._result(lo, hi, confirmed)
 
     def _result(self, lo: float, hi: float | None, confirmed: bool) -> CapacityResult:
@@ -230,26 +242,36 @@ class CapacitySearch:
         label = "rate" if self.rate else "concurrency"
         if self.budget_hit:
             limited_by = "budget"
-            stop = (f"time budget ({self.profile.budget_s:g} s) spent: {lo:g} {unit} is a lower "
-                    "bound" + ("" if confirmed else ", not confirmed"))
+            stop = f"time budget ({self.profile.budget_s:g} s) spent: {lo:g} {unit} is a lower bound" + (
+                "" if confirmed else ", not confirmed"
+            )
         elif hi is None:
             limited_by = "cap"
             stop = f"every objective held up to the ceiling, {self.ladder.ceiling:g} {unit}"
         else:
             limited_by = "slo"
-            stop = (f"objectives missed at {label} {hi:g} ({failed[-1].reason})" if failed
-                    else f"objectives missed at {label} {hi:g}")
+            stop = (
+                f"objectives missed at {label} {hi:g} ({failed[-1].reason})"
+                if failed
+                else f"objectives missed at {label} {hi:g}"
+            )
             if not lo:
                 stop = f"capacity 0: {stop}"
         return CapacityResult(
-            search="rate" if self.rate else "concurrency", slo=self.slo,
+            search="rate" if self.rate else "concurrency",
+            slo=self.slo,
             concurrency=None if self.rate else int(lo),
             request_rate=lo if self.rate else None,
             goodput_rps=best.goodput_rps if best else None,
             output_throughput=best.output_throughput if best else None,
             tokens_per_s_per_user=best.tokens_per_s_per_user if best else None,
-            confirmed=confirmed, limited_by=limited_by, ceiling=self.ladder.ceiling,
-            failed_level=failed[-1] if failed else None, levels_measured=len(self.trace),
-            duration_s=time.perf_counter() - self.started, budget_s=self.profile.budget_s,
-            stop_reason=stop, trace=self.trace,
+            confirmed=confirmed,
+            limited_by=limited_by,
+            ceiling=self.ladder.ceiling,
+            failed_level=failed[-1] if failed else None,
+            levels_measured=len(self.trace),
+            duration_s=time.perf_counter() - self.started,
+            budget_s=self.profile.budget_s,
+            stop_reason=stop,
+            trace=self.trace,
         )

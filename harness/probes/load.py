@@ -80,8 +80,7 @@ async def send(session: aiohttp.ClientSession, wl: Workload, i: int) -> RequestR
     st = time.perf_counter()
     r.start = st
     try:
-        async with session.post(wl.url, data=wl.bodies[i], headers=wl.headers,
-                                timeout=wl.timeout) as resp:
+        async with session.post(wl.url, data=wl.bodies[i], headers=wl.headers, timeout=wl.timeout) as resp:
             if resp.status != 200:
                 body = (await resp.read())[:300].decode("utf-8", "replace")
                 r.error = f"HTTP {resp.status}: {body}"
@@ -90,15 +89,14 @@ async def send(session: aiohttp.ClientSession, wl: Workload, i: int) -> RequestR
                 await _read_whole(resp, r, wl, st)
             else:
                 await _read_stream(resp, r, wl, st)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         r.error = f"timeout after {wl.timeout.total}s"
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         r.error = f"{type(exc).__name__}: {exc}"
     return r
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workload,
-                       st: float) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workload, st: float) -> None:
     first = True
     last = st
     itl = r.itl
@@ -133,8 +131,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workl
                 obj = json.loads(payload)
                 if "error" in obj:
                     err = obj["error"]
-                    r.error = "stream error: " + str(
-                        err.get("message", err) if isinstance(err, dict) else err)[:300]
+                    r.error = "stream error: " + str(err.get("message", err) if isinstance(err, dict) else err)[:300]
                     return
     if first:
         r.error = "no content chunk received"
@@ -144,8 +141,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workl
     _count_tokens(r, usage, wl, lambda: "".join(_chunk_text(p) for p in contents), len(contents))
 
 
-async def _read_whole(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workload,
-                      st: float) -> None:
+async def _read_whole(resp: aiohttp.ClientResponse, r: RequestResult, wl: Workload, st: float) -> None:
     """A server that ignored `stream`: one JSON body; TTFT = E2EL, no ITL."""
     obj = json.loads(await resp.read())
     r.ttft = r.latency = time.perf_counter() - st
@@ -204,13 +200,11 @@ def stats_ms(xs: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(results: list[RequestResult], duration: float,
-              goodput: dict[str, float] | None = None) -> dict[str, Any]:
+def summarize(results: list[RequestResult], duration: float, goodput: dict[str, float] | None = None) -> dict[str, Any]:
     """Level metrics from request results, as `calculate_metrics` in vllm bench serve."""
     done = [r for r in results if r.ok]
     streamed = [r for r in done if r.streamed]
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in streamed
-             if r.output_tokens > 1]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in streamed if r.output_tokens > 1]
     itls = [gap for r in streamed for gap in r.itl]
     out_tokens = sum(r.output_tokens for r in done)
     in_known = [r.prompt_tokens for r in done if r.prompt_tokens is not None]
@@ -227,8 +221,7 @@ def summarize(results: list[RequestResult], duration: float,
         "e2el_ms": stats_ms([r.latency for r in done]),
         "request_throughput": len(done) / dur,
         "output_throughput": out_tokens / dur,
-        "total_token_throughput": (in_tokens + out_tokens) / dur if in_tokens is not None
-        else None,
+        "total_token_throughput": (in_tokens + out_tokens) / dur if in_tokens is not None else None,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
         "chunk_rate": sum(len(r.itl) + 1 for r in streamed) / dur,
@@ -294,8 +287,7 @@ async def _concurrency_level(session, wl: Workload, run: _LevelRun, concurrency:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _rate_level(session, wl: Workload, run: _LevelRun, rate: float, seed: int,
-                      cap: int | None) -> None:
+async def _rate_level(session, wl: Workload, run: _LevelRun, rate: float, seed: int, cap: int | None) -> None:
     rng = random.Random(seed)
     sem = asyncio.Semaphore(cap) if cap else None
     tasks = []
@@ -317,15 +309,15 @@ async def _rate_level(session, wl: Workload, run: _LevelRun, rate: float, seed: 
 
 
 # --------------------------------------------------------------------------- /metrics
-async def _scrape(session: aiohttp.ClientSession, base_url: str,
-                  headers: dict[str, str]) -> dict[str, float | None] | None:
+async def _scrape(
+    session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]
+) -> dict[str, float | None] | None:
     try:
-        async with session.get(f"{base_url}/metrics", headers=headers,
-                               timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with session.get(f"{base_url}/metrics", headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
             if resp.status != 200:
                 return None
             return vllm_metrics.engine_snapshot(await resp.text())
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         return None
 
 
@@ -379,15 +371,13 @@ def _normalise_base(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-def server_problem(base_url: str, model: str, api_key: str | None,
-                   timeout: float = 10.0) -> str | None:
+def server_problem(base_url: str, model: str, api_key: str | None, timeout: float = 10.0) -> str | None:
     """Why a server cannot be probed (no answer, an HTTP error, not an OpenAI model list,
     the model not served), in one line; None when `/v1/models` lists the model."""
     url = _normalise_base(base_url) + "/v1/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                    timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             body = resp.read(1 << 20)
     except urllib.error.HTTPError as exc:
         hint = " (check --api-key)" if exc.code in (401, 403) else ""
@@ -407,8 +397,16 @@ def server_problem(base_url: str, model: str, api_key: str | None,
     return None
 
 
-def build_workload(base_url: str, model: str, api_key: str | None, profile: ProbeProfile,
-                   prompts: PromptFactory, n: int, seed: int, timeout: float) -> Workload:
+def build_workload(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    profile: ProbeProfile,
+    prompts: PromptFactory,
+    n: int,
+    seed: int,
+    timeout: float,
+) -> Workload:
     chat = profile.endpoint == "chat"
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -416,8 +414,7 @@ def build_workload(base_url: str, model: str, api_key: str | None, profile: Prob
     bodies, counts = [], []
     for i in range(n):
         text, count = prompts.make(profile.input_tokens, seed * 1_000_003 + i)
-        body: dict[str, Any] = {"model": model, "stream": True,
-                                "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
         if chat:
             body["messages"] = [{"role": "user", "content": text}]
             body["max_completion_tokens"] = profile.output_tokens
@@ -430,19 +427,34 @@ def build_workload(base_url: str, model: str, api_key: str | None, profile: Prob
         # The chat template adds tokens the client cannot know; usage fills them in.
         counts.append(None if chat else count)
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    return Workload(url=base_url + path, headers=headers, bodies=bodies, prompt_tokens=counts,
-                    timeout=aiohttp.ClientTimeout(total=timeout), prompts=prompts)
+    return Workload(
+        url=base_url + path,
+        headers=headers,
+        bodies=bodies,
+        prompt_tokens=counts,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        prompts=prompts,
+    )
 
 
 def new_session() -> aiohttp.ClientSession:
     # limit=0: no connection-pool cap, so the level's concurrency is the only limit.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False), timeout=aiohttp.ClientTimeout(total=None)
+    )
 
 
-async def run_level(session, base_url: str, model: str, api_key: str | None,
-                    profile: ProbeProfile, prompts: PromptFactory, level: float, index: int,
-                    request_timeout: float) -> dict[str, Any]:
+async def run_level(
+    session,
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    profile: ProbeProfile,
+    prompts: PromptFactory,
+    level: float,
+    index: int,
+    request_timeout: float,
+) -> dict[str, Any]:
     """Run one level (a concurrency, or a request rate) and return its metrics."""
     rate_mode = profile.mode == "rate"
     concurrency = 0 if rate_mode else int(level)
@@ -475,21 +487,31 @@ def _flag_client_bound(level: dict[str, Any], ceiling: dict[str, Any] | None) ->
     if not ceiling or not ceiling.get("request_rate"):
         level["client_load"] = level["client_bound"] = None
         return
-    load = max(level["request_throughput"] / ceiling["request_rate"],
-               level["chunk_rate"] / ceiling["chunk_rate"] if ceiling.get("chunk_rate") else 0)
+    load = max(
+        level["request_throughput"] / ceiling["request_rate"],
+        level["chunk_rate"] / ceiling["chunk_rate"] if ceiling.get("chunk_rate") else 0,
+    )
     level["client_load"] = load
     level["client_bound"] = load >= CLIENT_BOUND_FRACTION
 
 
-async def arun_profile(base_url: str, model: str, api_key: str | None, profile: ProbeProfile,
-                       *, tokenizer_dir: str | None = None, request_timeout: float = 60,
-                       client_ceiling: dict[str, Any] | None = None,
-                       measure_ceiling: bool = True) -> dict[str, Any]:
+async def arun_profile(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    profile: ProbeProfile,
+    *,
+    tokenizer_dir: str | None = None,
+    request_timeout: float = 60,
+    client_ceiling: dict[str, Any] | None = None,
+    measure_ceiling: bool = True,
+) -> dict[str, Any]:
     """Run a profile's levels against a server; the design's probe JSON plus extras."""
     base_url = _normalise_base(base_url)
     if client_ceiling is None and measure_ceiling:
-        client_ceiling = await ameasure_client_ceiling(output_tokens=profile.output_tokens,
-                                                       input_tokens=profile.input_tokens)
+        client_ceiling = await ameasure_client_ceiling(
+            output_tokens=profile.output_tokens, input_tokens=profile.input_tokens
+        )
     prompts = PromptFactory(tokenizer_dir)
     started = time.perf_counter()
     levels: list[dict[str, Any]] = []
@@ -498,8 +520,9 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
     capacity: dict[str, Any] | None = None  # mode "capacity": CapacityResult
     async with new_session() as session:
         if profile.warmup_requests:
-            wl = build_workload(base_url, model, api_key, profile, prompts,
-                                profile.warmup_requests, profile.seed, request_timeout)
+            wl = build_workload(
+                base_url, model, api_key, profile, prompts, profile.warmup_requests, profile.seed, request_timeout
+            )
             res = await asyncio.gather(*(send(session, wl, i) for i in range(len(wl.bodies))))
             warmup = {"requests": len(res), "failed": sum(not r.ok for r in res)}
             if all(not r.ok for r in res):
@@ -507,9 +530,9 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
         # A server that failed every warm-up request would only time out level by level.
         warm = not stop_reason.startswith("warmup")
         if profile.mode == "capacity" and warm:
+
             async def level_runner(lp: ProbeProfile, level: float, index: int) -> dict[str, Any]:
-                result = await run_level(session, base_url, model, api_key, lp, prompts, level,
-                                         index, request_timeout)
+                result = await run_level(session, base_url, model, api_key, lp, prompts, level, index, request_timeout)
                 _flag_client_bound(result, client_ceiling)
                 return result
 
@@ -518,8 +541,7 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
             levels, stop_reason = search.levels, capacity["stop_reason"]
         to_run = profile.levels() if warm and profile.mode != "capacity" else []
         for index, level in enumerate(to_run):
-            result = await run_level(session, base_url, model, api_key, profile, prompts,
-                                     level, index, request_timeout)
+            result = await run_level(session, base_url, model, api_key, profile, prompts, level, index, request_timeout)
             _flag_client_bound(result, client_ceiling)
             levels.append(result)
             if result["stop_reason"].startswith("errors"):
@@ -528,9 +550,11 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
             if len(levels) > 1 and profile.mode == "concurrency":
                 prev = levels[-2]["output_throughput"]
                 if prev > 0 and result["output_throughput"] < prev * (1 + profile.min_throughput_gain):
-                    stop_reason = (f"saturated: output throughput {result['output_throughput']:.1f}"
-                                   f" tok/s at concurrency {level} is under "
-                                   f"{1 + profile.min_throughput_gain:.2f}x the previous level's")
+                    stop_reason = (
+                        f"saturated: output throughput {result['output_throughput']:.1f}"
+                        f" tok/s at concurrency {level} is under "
+                        f"{1 + profile.min_throughput_gain:.2f}x the previous level's"
+                    )
                     break
     out = {
         "levels": levels,
@@ -542,7 +566,7 @@ async def arun_profile(base_url: str, model: str, api_key: str | None, profile: 
             "ceiling": client_ceiling,
             "client_bound_fraction": CLIENT_BOUND_FRACTION,
             "definitions": "vllm bench serve (TTFT, TPOT=(E2EL-TTFT)/(out-1), ITL pooled "
-                           "chunk gaps, E2EL, throughputs over level wall time)",
+            "chunk gaps, E2EL, throughputs over level wall time)",
         },
         "profile": profile.model_dump(),
         "prompt_tokens_exact": prompts.exact,
@@ -565,40 +589,69 @@ def _run(coro):
     return uvloop.run(coro)
 
 
-def run_profile(base_url: str, model: str, api_key: str | None, profile: ProbeProfile, *,
-                tokenizer_dir: str | None = None, request_timeout: float = 60,
-                client_ceiling: dict[str, Any] | None = None,
-                measure_ceiling: bool = True) -> dict[str, Any]:
+def run_profile(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    profile: ProbeProfile,
+    *,
+    tokenizer_dir: str | None = None,
+    request_timeout: float = 60,
+    client_ceiling: dict[str, Any] | None = None,
+    measure_ceiling: bool = True,
+) -> dict[str, Any]:
     """Synchronous `arun_profile` (its own event loop)."""
-    return _run(arun_profile(base_url, model, api_key, profile, tokenizer_dir=tokenizer_dir,
-                             request_timeout=request_timeout, client_ceiling=client_ceiling,
-                             measure_ceiling=measure_ceiling))
+    return _run(
+        arun_profile(
+            base_url,
+            model,
+            api_key,
+            profile,
+            tokenizer_dir=tokenizer_dir,
+            request_timeout=request_timeout,
+            client_ceiling=client_ceiling,
+            measure_ceiling=measure_ceiling,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- ceiling
 _CEILINGS: dict[tuple[int, int, int], dict[str, Any]] = {}
 
 
-async def ameasure_client_ceiling(concurrency: int = 64, output_tokens: int = 16,
-                                  input_tokens: int = 32, requests: int = 1500,
-                                  cached: bool = True) -> dict[str, Any]:
+async def ameasure_client_ceiling(
+    concurrency: int = 64, output_tokens: int = 16, input_tokens: int = 32, requests: int = 1500, cached: bool = True
+) -> dict[str, Any]:
     """This client's max rates against a zero-delay stub in its own process (so client and
     server each get a core). Cached per process and workload shape."""
     key = (concurrency, output_tokens, input_tokens)
     if cached and key in _CEILINGS:
         return _CEILINGS[key]
-    profile = ProbeProfile(name="ceiling", concurrency=[concurrency], requests=requests,
-                           input_tokens=input_tokens, output_tokens=output_tokens,
-                           warmup_requests=0, scrape_metrics=False)
+    profile = ProbeProfile(
+        name="ceiling",
+        concurrency=[concurrency],
+        requests=requests,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        warmup_requests=0,
+        scrape_metrics=False,
+    )
     prompts = PromptFactory(None)
     with StubProcess() as url:
         async with new_session() as session:
             # A short untimed burst first: connection set-up is not the steady state.
-            await run_level(session, url, "stub", None,
-                            profile.model_copy(update={"requests": concurrency * 2}),
-                            prompts, concurrency, 0, 30)
-            level = await run_level(session, url, "stub", None, profile, prompts,
-                                    concurrency, 1, 30)
+            await run_level(
+                session,
+                url,
+                "stub",
+                None,
+                profile.model_copy(update={"requests": concurrency * 2}),
+                prompts,
+                concurrency,
+                0,
+                30,
+            )
+            level = await run_level(session, url, "stub", None, profile, prompts, concurrency, 1, 30)
     result = {
         "request_rate": level["request_throughput"],
         "output_token_rate": level["output_throughput"],
@@ -616,9 +669,8 @@ async def ameasure_client_ceiling(concurrency: int = 64, output_tokens: int = 16
     return result
 
 
-def measure_client_ceiling(concurrency: int = 64, output_tokens: int = 16,
-                           input_tokens: int = 32, requests: int = 1500,
-                           cached: bool = True) -> dict[str, Any]:
+def measure_client_ceiling(
+    concurrency: int = 64, output_tokens: int = 16, input_tokens: int = 32, requests: int = 1500, cached: bool = True
+) -> dict[str, Any]:
     """Synchronous `ameasure_client_ceiling`."""
-    return _run(ameasure_client_ceiling(concurrency, output_tokens, input_tokens, requests,
-                                        cached))
+    return _run(ameasure_client_ceiling(concurrency, output_tokens, input_tokens, requests, cached))

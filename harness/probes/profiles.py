@@ -103,17 +103,27 @@ class ProbeProfile(BaseModel):
     @classmethod
     def quick(cls, max_concurrency: float | None = None) -> ProbeProfile:
         """Matrix default: concurrency 1 and 4, 8 requests each, 32 in / 16 out tokens."""
-        return cls(name="quick", concurrency=[1, 4], requests=8, rounds=2,
-                   max_level_seconds=20.0, warmup_requests=2).capped(max_concurrency)
+        return cls(
+            name="quick", concurrency=[1, 4], requests=8, rounds=2, max_level_seconds=20.0, warmup_requests=2
+        ).capped(max_concurrency)
 
     @classmethod
     def chat_capacity(cls, max_concurrency: float | None = None) -> ProbeProfile:
         """`probe: capacity`: the largest concurrency within CHAT_SLO, for a chat turn of
         1000 prompt and 200 output tokens; 100 requests per level at least, so p99 is a
         percentile and not the maximum; 15 minutes per cell at most."""
-        return cls(name="capacity", mode="capacity", slo=CHAT_SLO, input_tokens=1000,
-                   output_tokens=200, requests=100, rounds=2, warmup_requests=4,
-                   max_level_seconds=300.0, budget_s=900.0).capped(max_concurrency)
+        return cls(
+            name="capacity",
+            mode="capacity",
+            slo=CHAT_SLO,
+            input_tokens=1000,
+            output_tokens=200,
+            requests=100,
+            rounds=2,
+            warmup_requests=4,
+            max_level_seconds=300.0,
+            budget_s=900.0,
+        ).capped(max_concurrency)
 
     def capped(self, max_concurrency: float | None) -> ProbeProfile:
         """A copy whose levels stop at `max_concurrency` (vLLM's float is floored, min 1)."""
@@ -150,8 +160,7 @@ def resolve(spec: str | dict[str, Any] | None, max_concurrency: float | None) ->
         return ProbeProfile.chat_capacity(max_concurrency)
     if isinstance(spec, dict):
         return ProbeProfile.model_validate(spec).capped(max_concurrency)
-    raise ValueError(f"unknown profile {spec!r}; use quick, capacity, none or a mapping of "
-                     "probe settings")
+    raise ValueError(f"unknown profile {spec!r}; use quick, capacity, none or a mapping of probe settings")
 
 
 def check_spec(spec: Any) -> str | None:

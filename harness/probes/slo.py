@@ -16,8 +16,7 @@ import math
 from typing import Any
 
 METRICS = ("ttft", "tpot", "e2el")
-STATS = {"mean": "mean", "p50": "median", "median": "median", "p90": "p90", "p95": "p95",
-         "p99": "p99"}
+STATS = {"mean": "mean", "p50": "median", "median": "median", "p90": "p90", "p95": "p95", "p99": "p99"}
 HELP = "objectives are <ttft|tpot|e2el>_<mean|p50|p90|p95|p99>[_ms], in milliseconds"
 
 

@@ -25,8 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Literal
 
 UsageMode = Literal["final", "in_last_chunk", "none"]
@@ -47,8 +47,7 @@ class StubConfig:
     token_text: str = " tok"
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -74,8 +73,7 @@ class StubServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                  backlog=1024)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -148,18 +146,19 @@ class StubServer:
         return method, path.split("?", 1)[0], headers
 
     @staticmethod
-    def _respond(writer: asyncio.StreamWriter, status: int, body: bytes,
-                 ctype: bytes = b"application/json") -> None:
+    def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
         reason = _REASONS.get(status, "Error").encode()
-        writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-                     % (status, reason, ctype, len(body), body))
+        writer.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, reason, ctype, len(body), body)
+        )
 
-    async def _route(self, method: str, path: str, body: bytes,
-                     writer: asyncio.StreamWriter) -> bool:
+    async def _route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False closes the connection."""
         if self.config.status != 200 and not self.config.hang:
-            self._respond(writer, self.config.status,
-                          b'{"error":{"message":"stub error","code":%d}}' % self.config.status)
+            self._respond(
+                writer, self.config.status, b'{"error":{"message":"stub error","code":%d}}' % self.config.status
+            )
             await writer.drain()
             return True
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
@@ -171,8 +170,11 @@ class StubServer:
             finally:
                 self._in_flight -= 1
         if path == "/v1/models":
-            self._respond(writer, 200, b'{"object":"list","data":[{"id":"stub","object":"model",'
-                                       b'"owned_by":"stub","max_model_len":4096}]}')
+            self._respond(
+                writer,
+                200,
+                b'{"object":"list","data":[{"id":"stub","object":"model","owned_by":"stub","max_model_len":4096}]}',
+            )
         elif path in ("/health", "/ping"):
             self._respond(writer, 200, b"")
         elif path == "/metrics":
@@ -202,18 +204,23 @@ class StubServer:
         chat = path.endswith("chat/completions")
         n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
         model = str(req.get("model", "stub"))
-        prompt = req.get("prompt") if not chat else " ".join(
-            str(m.get("content", "")) for m in req.get("messages", []))
+        prompt = req.get("prompt") if not chat else " ".join(str(m.get("content", "")) for m in req.get("messages", []))
         p_tok = cfg.prompt_tokens if cfg.prompt_tokens is not None else len(str(prompt).split())
         usage = {"prompt_tokens": p_tok, "completion_tokens": n, "total_tokens": p_tok + n}
         if not cfg.stream or not req.get("stream"):
             await self._sleep_until(start + ttft + cfg.itl * max(0, n - 1))
             text = cfg.token_text * n
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": "length"} if chat else
-                      {"index": 0, "text": text, "finish_reason": "length"})
-            out: dict[str, object] = {"id": "x", "object": "chat.completion" if chat else "text_completion",
-                   "model": model, "choices": [choice]}
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            out: dict[str, object] = {
+                "id": "x",
+                "object": "chat.completion" if chat else "text_completion",
+                "model": model,
+                "choices": [choice],
+            }
             if cfg.usage != "none":
                 out["usage"] = usage
             self._respond(writer, 200, json.dumps(out).encode())
@@ -221,30 +228,39 @@ class StubServer:
             return True
 
         obj = b"chat.completion.chunk" if chat else b"text_completion"
-        head = b'data: {"id":"x","object":"%s","created":0,"model":%s,"choices":[' % (
-            obj, json.dumps(model).encode())
+        head = b'data: {"id":"x","object":"%s","created":0,"model":%s,"choices":[' % (obj, json.dumps(model).encode())
         tok = json.dumps(cfg.token_text).encode()
-        piece = (b'{"index":0,"delta":{"content":%s},"finish_reason":null}]' % tok if chat
-                 else b'{"index":0,"text":%s,"finish_reason":null}]' % tok)
+        piece = (
+            b'{"index":0,"delta":{"content":%s},"finish_reason":null}]' % tok
+            if chat
+            else b'{"index":0,"text":%s,"finish_reason":null}]' % tok
+        )
         content = _chunk(head + piece + b"}\n\n")
         usage_json = json.dumps(usage).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         for i in range(n):
             if cfg.cut_after is not None and i == cfg.cut_after:
                 await writer.drain()
                 return False
             if cfg.error_after is not None and i == cfg.error_after:
-                writer.write(_chunk(b'data: {"error":{"message":"stub failure mid-stream",'
-                                    b'"type":"InternalServerError","code":500}}\n\n'))
+                writer.write(
+                    _chunk(
+                        b'data: {"error":{"message":"stub failure mid-stream",'
+                        b'"type":"InternalServerError","code":500}}\n\n'
+                    )
+                )
                 writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
                 await writer.drain()
                 return True
             await self._sleep_until(start + ttft + cfg.itl * i)
             if i == n - 1 and cfg.usage == "in_last_chunk":
-                writer.write(_chunk(head + piece.replace(b'"finish_reason":null',
-                                                         b'"finish_reason":"length"')
-                                    + b',"usage":%s}\n\n' % usage_json))
+                writer.write(
+                    _chunk(
+                        head
+                        + piece.replace(b'"finish_reason":null', b'"finish_reason":"length"')
+                        + b',"usage":%s}\n\n' % usage_json
+                    )
+                )
             else:
                 writer.write(content)
             # With zero delays, skipping drain lets chunks coalesce like a fast real server.
@@ -271,15 +287,27 @@ class StubProcess:
     def __init__(self, config: StubConfig | None = None) -> None:
         self.config = config or StubConfig()
         self._proc: subprocess.Popen | None = None
-        self._guard = None
+        self._guard: Any = None  # harness.engine.process.Guard, imported only where a stub is started
 
     def __enter__(self) -> str:
         from harness.engine.process import Guard  # the stub's own process does not need it
 
         cfg = self.config
-        cmd = [sys.executable, "-m", "harness.probes.stub", "--ttft", str(cfg.ttft),
-               "--ttft-step", str(cfg.ttft_step), "--itl", str(cfg.itl), "--usage", cfg.usage,
-               "--status", str(cfg.status)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "harness.probes.stub",
+            "--ttft",
+            str(cfg.ttft),
+            "--ttft-step",
+            str(cfg.ttft_step),
+            "--itl",
+            str(cfg.itl),
+            "--usage",
+            cfg.usage,
+            "--status",
+            str(cfg.status),
+        ]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             self._guard = Guard(self._proc.pid)
@@ -319,8 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--status", type=int, default=200)
     p.add_argument("--usage", choices=["final", "in_last_chunk", "none"], default="final")
     args = p.parse_args(argv)
-    config = StubConfig(ttft=args.ttft, ttft_step=args.ttft_step, itl=args.itl,
-                        usage=args.usage, status=args.status)
+    config = StubConfig(ttft=args.ttft, ttft_step=args.ttft_step, itl=args.itl, usage=args.usage, status=args.status)
     server = StubServer(config, args.port)
 
     async def serve() -> None:

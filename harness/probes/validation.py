@@ -24,18 +24,40 @@ MAX_TOKENS = 16
 REASONING_MAX_TOKENS = 1024
 
 
-
 def settings(reasoning: bool) -> dict[str, object]:
     """What the validation asks and allows: part of a cell's identity (harness.schema.cell_key)."""
-    return {"prompt": PROMPT, "completion_prompt": COMPLETION_PROMPT, "temperature": 0,
-            "max_tokens": REASONING_MAX_TOKENS if reasoning else MAX_TOKENS}
+    return {
+        "prompt": PROMPT,
+        "completion_prompt": COMPLETION_PROMPT,
+        "temperature": 0,
+        "max_tokens": REASONING_MAX_TOKENS if reasoning else MAX_TOKENS,
+    }
 
 
 _WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
-    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
-    "nineteen": 19, "twenty": 20, "forty": 40, "forty two": 42,
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "thirteen": 13,
+    "fourteen": 14,
+    "fifteen": 15,
+    "sixteen": 16,
+    "seventeen": 17,
+    "eighteen": 18,
+    "nineteen": 19,
+    "twenty": 20,
+    "forty": 40,
+    "forty two": 42,
 }
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
 _ECHO = re.compile(r"\b(2|two)\s*(\+|plus|and)\s*(2|two)\b", re.I)
@@ -84,32 +106,56 @@ def _post(url: str, api_key: str, body: dict, timeout: float) -> dict:
         return json.loads(resp.read())
 
 
-def ask(base_url: str, model: str, api_key: str, question: str, *, max_tokens: int = MAX_TOKENS,
-        timeout: float = 60) -> str:
+def ask(
+    base_url: str, model: str, api_key: str, question: str, *, max_tokens: int = MAX_TOKENS, timeout: float = 60
+) -> str:
     """One chat question at temperature 0; the answer's text (the tiny models' fact check)."""
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
-            "max_tokens": max_tokens}
-    return _post(f"{base_url}/v1/chat/completions", api_key, body, timeout)["choices"][0]["message"].get("content") or ""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    return (
+        _post(f"{base_url}/v1/chat/completions", api_key, body, timeout)["choices"][0]["message"].get("content") or ""
+    )
 
 
-def validate(base_url: str, model: str, api_key: str, *, model_dir: str | None = None,
-             reasoning: bool = False, timeout: float = 120) -> Validation:
+def validate(
+    base_url: str,
+    model: str,
+    api_key: str,
+    *,
+    model_dir: str | None = None,
+    reasoning: bool = False,
+    timeout: float = 120,
+) -> Validation:
     """Ask the server; raises on transport errors (the runner classifies crashes and hangs)."""
     max_tokens = REASONING_MAX_TOKENS if reasoning else MAX_TOKENS
     started = time.perf_counter()
     chat = has_chat_template(model_dir)
     note = None
     if chat:
-        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-                "temperature": 0, "max_tokens": max_tokens}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
         try:
             reply = _post(f"{base_url}/v1/chat/completions", api_key, body, timeout)
             answer = reply["choices"][0]["message"].get("content") or ""
             reasoning_text = reply["choices"][0]["message"].get("reasoning_content")
             if reasoning_text and not answer.strip():
                 note = "answer was empty after reasoning"
-            return Validation(prompt=PROMPT, answer=answer, passed=is_correct(answer), mode="chat",
-                              note=note, seconds=round(time.perf_counter() - started, 3))
+            return Validation(
+                prompt=PROMPT,
+                answer=answer,
+                passed=is_correct(answer),
+                mode="chat",
+                note=note,
+                seconds=round(time.perf_counter() - started, 3),
+            )
         except urllib.error.HTTPError as exc:
             # Servers refuse chat without a template with a 400; fall back, anything else is real.
             detail = exc.read().decode(errors="replace")
@@ -121,5 +167,11 @@ def validate(base_url: str, model: str, api_key: str, *, model_dir: str | None =
     body = {"model": model, "prompt": COMPLETION_PROMPT, "temperature": 0, "max_tokens": max_tokens}
     reply = _post(f"{base_url}/v1/completions", api_key, body, timeout)
     answer = reply["choices"][0].get("text") or ""
-    return Validation(prompt=COMPLETION_PROMPT, answer=answer, passed=is_correct(answer),
-                      mode="completion", note=note, seconds=round(time.perf_counter() - started, 3))
+    return Validation(
+        prompt=COMPLETION_PROMPT,
+        answer=answer,
+        passed=is_correct(answer),
+        mode="completion",
+        note=note,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -18,8 +18,9 @@ def published_root(reports_dir: Path) -> Path:
     return Path(reports_dir) / "data" / "runs"
 
 
-def render_reports(results_dir: Path, reports_dir: Path, runs: list[str] | None = None,
-                   warn: Callable[[str], None] | None = None) -> list[Path]:
+def render_reports(
+    results_dir: Path, reports_dir: Path, runs: list[str] | None = None, warn: Callable[[str], None] | None = None
+) -> list[Path]:
     """Publish the runs of results/ into reports/data/runs, then rebuild the pages from both:
     index, matrix, insights, device pages and exports always; run pages for `runs` (every run
     when None). Pages of runs that are only published are rebuilt, never deleted. Files the run

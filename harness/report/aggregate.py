@@ -112,7 +112,9 @@ def workload(probes: ProbeResult | None) -> str | None:
         parts.append(f"{profile['input_tokens']:,} prompt + {profile['output_tokens']:,} output tokens")
     requests = profile.get("requests") or max((lv.get("requests") or 0 for lv in levels), default=0)
     if requests:
-        parts.append(f"≥{requests:,} requests per level" if profile.get("requests") else f"≤{requests:,} requests per level")
+        parts.append(
+            f"≥{requests:,} requests per level" if profile.get("requests") else f"≤{requests:,} requests per level"
+        )
     conc = sorted({lv["concurrency"] for lv in levels if isinstance(lv.get("concurrency"), int)})
     if conc:
         parts.append("concurrency " + (f"{conc[0]}" if len(conc) == 1 else ", ".join(map(str, conc))))

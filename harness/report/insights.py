@@ -34,11 +34,13 @@ def largest_fitting(latest: pd.DataFrame) -> list[dict[str, Any]]:
     for device, group in ok.groupby("device", sort=True):
         single = group[(group["tp"] * group["pp"]) == 1]
         overall = group.loc[group["_w"].idxmax()]
-        out.append({
-            "device": device,
-            "single": single.loc[single["_w"].idxmax()].to_dict() if not single.empty else None,
-            "overall": overall.to_dict(),
-        })
+        out.append(
+            {
+                "device": device,
+                "single": single.loc[single["_w"].idxmax()].to_dict() if not single.empty else None,
+                "overall": overall.to_dict(),
+            }
+        )
     return out
 
 
@@ -50,7 +52,9 @@ def min_utilization(latest: pd.DataFrame) -> list[dict[str, Any]]:
     for (model, device), group in ok.groupby(["model", "device"], sort=True):
         best = group.sort_values(["_u", "config"], kind="stable").iloc[0]
         failed_lower = latest[
-            (latest["model"] == model) & (latest["device"] == device) & (latest["outcome"] == "failed")
+            (latest["model"] == model)
+            & (latest["device"] == device)
+            & (latest["outcome"] == "failed")
             & (_numeric(latest, "gpu_memory_utilization") < best["_u"])
         ]
         rows.append({**best.to_dict(), "failed_below": sorted(set(failed_lower["gpu_memory_utilization"]))})
@@ -71,13 +75,15 @@ def tp_needed(latest: pd.DataFrame) -> list[dict[str, Any]]:
         if ok.empty and not MEMORY_CLASSES & set(group["failure_class"].dropna()):
             continue
         tried = sorted({int(t) for t in group["tp"]})
-        rows.append({
-            "model": model,
-            "device": device,
-            "tp": int(ok["tp"].min()) if not ok.empty else None,
-            "tried": tried,
-            "failures": sorted({str(f) for f in group["failure_class"] if f}),
-        })
+        rows.append(
+            {
+                "model": model,
+                "device": device,
+                "tp": int(ok["tp"].min()) if not ok.empty else None,
+                "tried": tried,
+                "failures": sorted({str(f) for f in group["failure_class"] if f}),
+            }
+        )
     return rows
 
 
@@ -130,11 +136,19 @@ def capacity_per_gpu(latest: pd.DataFrame) -> list[dict[str, Any]]:
 def success_rates(latest: pd.DataFrame) -> list[dict[str, Any]]:
     """ok / (ok + failed) per device and vLLM version, then overall; skipped and inconclusive
     cells are counted apart (neither attempted to the end nor failed)."""
+
     def rate(group: pd.DataFrame, device: str, version: str) -> dict[str, Any]:
         counts = group["outcome"].value_counts()
         ok, failed, skipped, inconclusive = (int(counts.get(k, 0)) for k in ("ok", "failed", "skipped", "inconclusive"))
-        return {"device": device, "engine_version": version, "ok": ok, "failed": failed, "skipped": skipped,
-                "inconclusive": inconclusive, "rate": ok / (ok + failed) if ok + failed else None}
+        return {
+            "device": device,
+            "engine_version": version,
+            "ok": ok,
+            "failed": failed,
+            "skipped": skipped,
+            "inconclusive": inconclusive,
+            "rate": ok / (ok + failed) if ok + failed else None,
+        }
 
     keyed = latest.assign(_v=latest["engine_version"].fillna("unknown"))
     rows = [rate(group, device, version) for (device, version), group in keyed.groupby(["device", "_v"], sort=True)]
@@ -149,20 +163,24 @@ def frontier(latest: pd.DataFrame) -> list[dict[str, Any]]:
     and vLLM's own estimate of the longest max_model_len where a cell failed for lack of KV."""
     rows = []
     for (model, device), group in latest.groupby(["model", "device"], sort=True):
-        ok = group[group["outcome"] == "ok"].assign(_l=lambda d: _numeric(d, "max_model_len"),
-                                                    _u=lambda d: _numeric(d, "gpu_memory_utilization"))
+        ok = group[group["outcome"] == "ok"].assign(
+            _l=lambda d: _numeric(d, "max_model_len"), _u=lambda d: _numeric(d, "gpu_memory_utilization")
+        )
         estimates = _numeric(group, "estimated_max_model_len").dropna()
         longest = ok[ok["_l"].notna()]
         best = longest.loc[longest["_l"].idxmax()] if not longest.empty else None
         if best is None and estimates.empty:
             continue
-        rows.append({
-            "model": model, "device": device,
-            "max_model_len": int(best["_l"]) if best is not None else None,
-            "max_concurrency": best["max_concurrency"] if best is not None else None,
-            "min_utilization": ok["_u"].min() if ok["_u"].notna().any() else None,
-            "vllm_estimate": int(estimates.max()) if not estimates.empty else None,
-        })
+        rows.append(
+            {
+                "model": model,
+                "device": device,
+                "max_model_len": int(best["_l"]) if best is not None else None,
+                "max_concurrency": best["max_concurrency"] if best is not None else None,
+                "min_utilization": ok["_u"].min() if ok["_u"].notna().any() else None,
+                "vllm_estimate": int(estimates.max()) if not estimates.empty else None,
+            }
+        )
     return rows
 
 

@@ -55,8 +55,12 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
     """Stacked bars, one per cell (per GPU when TP > 1), against the device's total memory and
     the share `--gpu-memory-utilization` grants; failed cells are hatched and labelled with
     their class; each segment of 1 GiB or more carries its value."""
-    rows = [r for r in rows if r.get("outcome") in ("failed", "inconclusive")
-            or any(isinstance(r.get(k), (int, float)) for k, _ in MEMORY_PARTS)]
+    rows = [
+        r
+        for r in rows
+        if r.get("outcome") in ("failed", "inconclusive")
+        or any(isinstance(r.get(k), (int, float)) for k, _ in MEMORY_PARTS)
+    ]
     if not any(isinstance(r.get(k), (int, float)) for r in rows for k, _ in MEMORY_PARTS):
         return None
     with matplotlib.rc_context(RC):
@@ -66,17 +70,26 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
         y = list(range(len(rows)))
         failed = [r.get("outcome") != "ok" for r in rows]
         left = [0.0] * len(rows)
-        totals = sorted({float(r["device_memory_gib"]) for r in rows if isinstance(r.get("device_memory_gib"), (int, float))})
+        totals = sorted(
+            {float(r["device_memory_gib"]) for r in rows if isinstance(r.get("device_memory_gib"), (int, float))}
+        )
         scale = max([*totals, *(sum(_num(r.get(k)) for k, _ in MEMORY_PARTS) for r in rows)])
-        for (key, name), color in zip(MEMORY_PARTS, COLORS):
+        for (key, _name), color in zip(MEMORY_PARTS, COLORS):
             widths = [_num(r.get(key)) for r in rows]
             bars = ax.barh(y, widths, left=left, color=color, height=0.6, edgecolor="white", linewidth=0.5)
             for bar, width, bad in zip(bars, widths, failed):
                 if bad:
                     bar.set_hatch("///")
                 if width >= 0.04 * scale:  # narrower segments would not hold their label
-                    ax.text(bar.get_x() + width / 2, bar.get_y() + bar.get_height() / 2, f"{width:.2f}",
-                            ha="center", va="center", fontsize=8, color="white" if color != COLORS[6] else "black")
+                    ax.text(
+                        bar.get_x() + width / 2,
+                        bar.get_y() + bar.get_height() / 2,
+                        f"{width:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if color != COLORS[6] else "black",
+                    )
             left = [a + b for a, b in zip(left, widths)]
         for i, (total, bad) in enumerate(zip(left, failed)):
             note = f"{total:.2f} GiB" if total else "no memory figures"
@@ -86,12 +99,18 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
             ax.text(scale * 1.02, i, note, va="center", fontsize=8, color="#b00000" if bad else "#333333")
         for total in totals:
             ax.axvline(total, color="#333333", linestyle="--", linewidth=1.2, label=f"Device total {total:.2f} GiB")
-        budgets = sorted({float(r["gpu_memory_utilization"]) * float(r["device_memory_gib"]) for r in rows
-                          if isinstance(r.get("gpu_memory_utilization"), (int, float))
-                          and isinstance(r.get("device_memory_gib"), (int, float))})
+        budgets = sorted(
+            {
+                float(r["gpu_memory_utilization"]) * float(r["device_memory_gib"])
+                for r in rows
+                if isinstance(r.get("gpu_memory_utilization"), (int, float))
+                and isinstance(r.get("device_memory_gib"), (int, float))
+            }
+        )
         for budget in budgets:
-            ax.axvline(budget, color="#CC0000", linestyle=":", linewidth=1.5,
-                       label=f"Utilization budget {budget:.2f} GiB")
+            ax.axvline(
+                budget, color="#CC0000", linestyle=":", linewidth=1.5, label=f"Utilization budget {budget:.2f} GiB"
+            )
         ax.set_xlim(0, scale * 1.45)
         ax.set_yticks(y, [("✗ " if bad else "") + label for label, bad in zip(labels, failed)])
         ax.invert_yaxis()  # first cell on top, as in the table
@@ -99,8 +118,7 @@ def memory_breakdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
         ax.set_title(title)
         # legend patches of their own: a hatched (failed) first bar must not stand for its part
         parts = [Patch(facecolor=color, label=name) for (_, name), color in zip(MEMORY_PARTS, COLORS)]
-        fig.legend(handles=parts + ax.get_legend_handles_labels()[0], loc="outside lower center", ncol=3,
-                   frameon=False)
+        fig.legend(handles=parts + ax.get_legend_handles_labels()[0], loc="outside lower center", ncol=3, frameon=False)
         return _save(fig, path)
 
 
@@ -160,7 +178,8 @@ def frontier(points: Sequence[tuple[dict[str, Any], dict[str, Any]]], path: Path
         per_user, output = level.get("tokens_per_s_per_user"), level.get("output_throughput")
         if isinstance(per_user, (int, float)) and isinstance(output, (int, float)):
             series.setdefault(f"{row['config']} (TP/PP {row['tp']}/{row['pp']})", []).append(
-                (float(per_user), float(output) / (row["tp"] * row["pp"])))
+                (float(per_user), float(output) / (row["tp"] * row["pp"]))
+            )
     if not series:
         return None
     with matplotlib.rc_context(RC):
@@ -181,7 +200,11 @@ def frontier(points: Sequence[tuple[dict[str, Any], dict[str, Any]]], path: Path
 
 def load_times(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Spawn->ready and vLLM's own model-load time per cell, in seconds."""
-    rows = [r for r in rows if isinstance(r.get("spawn_to_ready_s"), (int, float)) or isinstance(r.get("load_s"), (int, float))]
+    rows = [
+        r
+        for r in rows
+        if isinstance(r.get("spawn_to_ready_s"), (int, float)) or isinstance(r.get("load_s"), (int, float))
+    ]
     if not rows:
         return None
     with matplotlib.rc_context(RC):
@@ -189,10 +212,20 @@ def load_times(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path |
         ax = fig.add_subplot()
         y = list(range(len(rows)))
         height = 0.38
-        ax.barh([i - height / 2 for i in y], [_num(r.get("spawn_to_ready_s")) for r in rows], height=height,
-                color=COLORS[0], label="Spawn → ready (harness)")
-        ax.barh([i + height / 2 for i in y], [_num(r.get("load_s")) for r in rows], height=height,
-                color=COLORS[1], label="Model loading (vLLM log)")
+        ax.barh(
+            [i - height / 2 for i in y],
+            [_num(r.get("spawn_to_ready_s")) for r in rows],
+            height=height,
+            color=COLORS[0],
+            label="Spawn → ready (harness)",
+        )
+        ax.barh(
+            [i + height / 2 for i in y],
+            [_num(r.get("load_s")) for r in rows],
+            height=height,
+            color=COLORS[1],
+            label="Model loading (vLLM log)",
+        )
         ax.set_yticks(y, [f"{r['model']} ({r['config']})" for r in rows])
         ax.invert_yaxis()
         ax.set_xlabel("Time (s)")

@@ -104,10 +104,23 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,  # Markdown, not HTML; table text goes through `cell`
     )
-    env.filters.update(num=num, int=integer, pct=percent, cell=cell, code=code, outcome=outcome_badge,
-                       validation=validation_badge, flag=cli_flag, stat=level_value, value=value_with_unit,
-                       env_value=env_value, secs=tables.seconds, ms=tables.ms, evidence=tables.evidence,
-                       gib=lambda b: tables.gib(b / GIB) if isinstance(b, (int, float)) else MISSING)
+    env.filters.update(
+        num=num,
+        int=integer,
+        pct=percent,
+        cell=cell,
+        code=code,
+        outcome=outcome_badge,
+        validation=validation_badge,
+        flag=cli_flag,
+        stat=level_value,
+        value=value_with_unit,
+        env_value=env_value,
+        secs=tables.seconds,
+        ms=tables.ms,
+        evidence=tables.evidence,
+        gib=lambda b: tables.gib(b / GIB) if isinstance(b, (int, float)) else MISSING,
+    )
     env.globals.update(failure_classes=FAILURE_CLASSES, single_chunk_note=sections.SINGLE_CHUNK_NOTE)
     env.filters.update(anchor=anchor)
     return env
@@ -152,8 +165,13 @@ def memory_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for size in sorted(groups, key=lambda m: (m is None, m or 0)):
         members = groups[size]
         exact = [r["device_memory_gib"] for r in members if isinstance(r.get("device_memory_gib"), (int, float))]
-        out.append({"memory_gib": max(exact) if exact else None, "rows": members,
-                    "suffix": f"-{size}gib" if size is not None else "-unknown-memory"})
+        out.append(
+            {
+                "memory_gib": max(exact) if exact else None,
+                "rows": members,
+                "suffix": f"-{size}gib" if size is not None else "-unknown-memory",
+            }
+        )
     return out
 
 
@@ -177,8 +195,12 @@ class Renderer:
         self.env = environment()
         self.written: list[Path] = []
         # a capacity search's trace (every measured level) per record: the frontier plots' points
-        self.traces = {c.row["record_path"]: capacity_trace(c.record)
-                       for run in results.runs for c in run.cells if c.row and c.record}
+        self.traces = {
+            c.row["record_path"]: capacity_trace(c.record)
+            for run in results.runs
+            for c in run.cells
+            if c.row and c.record
+        }
 
     def _write(self, path: Path, template: str, **context: Any) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +227,9 @@ class Renderer:
         published = store.record_path(self.reports_dir / "data" / "runs", row["run_id"], row["cell_id"])
         return rel(published if published.exists() else Path(row["record_path"]), page_dir)
 
-    def _sections(self, rows: list[dict[str, Any]], assets: Path, page: Path, name: str,
-                  section_link: Any, why_link: Any) -> list[dict[str, Any]]:
+    def _sections(
+        self, rows: list[dict[str, Any]], assets: Path, page: Path, name: str, section_link: Any, why_link: Any
+    ) -> list[dict[str, Any]]:
         """Per memory size: the memory table, its plot, the throughput table, plus the frontier
         plots; `section_link(row)` is where a row's status points, `why_link(row)` its note."""
         for row in rows:
@@ -217,63 +240,91 @@ class Renderer:
         for group in memory_groups(rows):
             members = group["rows"]
             size = f" ({group['memory_gib']:.2f} GiB)" if group["memory_gib"] is not None else ""
-            memory = self._plot(plots.memory_breakdown(
-                members, assets / f"memory{group['suffix']}.svg", f"Memory per GPU on {name}{size}"))
+            memory = self._plot(
+                plots.memory_breakdown(
+                    members, assets / f"memory{group['suffix']}.svg", f"Memory per GPU on {name}{size}"
+                )
+            )
             throughput, workload, notes = sections.throughput_table(members)
             frontiers = []
             for model in sorted({r["model"] for r in members}, key=str.lower):
-                points = [(r, t) for r in members if r["model"] == model
-                          for t in self.traces.get(r["record_path"], [])]
-                path = self._plot(plots.frontier(points, assets / f"frontier-{slug(model).lower()}{group['suffix']}.svg",
-                                                 f"{model} on {name}{size}: throughput vs. interactivity"))
+                points = [(r, t) for r in members if r["model"] == model for t in self.traces.get(r["record_path"], [])]
+                path = self._plot(
+                    plots.frontier(
+                        points,
+                        assets / f"frontier-{slug(model).lower()}{group['suffix']}.svg",
+                        f"{model} on {name}{size}: throughput vs. interactivity",
+                    )
+                )
                 if path:
                     frontiers.append({"model": model, "link": rel(path, page.parent)})
-            out.append({
-                "title": f"{name}{size}", "memory_gib": group["memory_gib"], "rows": members,
-                "memory_table": sections.memory_table(members),
-                "memory_plot": rel(memory, page.parent) if memory else None,
-                "throughput_table": throughput, "workload": workload, "throughput_notes": notes,
-                "frontiers": frontiers,
-            })
+            out.append(
+                {
+                    "title": f"{name}{size}",
+                    "memory_gib": group["memory_gib"],
+                    "rows": members,
+                    "memory_table": sections.memory_table(members),
+                    "memory_plot": rel(memory, page.parent) if memory else None,
+                    "throughput_table": throughput,
+                    "workload": workload,
+                    "throughput_notes": notes,
+                    "frontiers": frontiers,
+                }
+            )
         return out
 
     # ----------------------------------------------------------------------- per device
     def devices(self) -> list[dict[str, Any]]:
         latest = self.results.latest
         out = []
-        for device, group in (latest.groupby("device", sort=True) if not latest.empty else []):
+        for device, group in latest.groupby("device", sort=True) if not latest.empty else []:
             memory = pd.to_numeric(group["device_memory_gib"], errors="coerce").dropna()
             counts = group["outcome"].value_counts()
-            out.append({
-                "name": device,
-                "slug": device_slug(device),
-                "memory_gib": float(memory.max()) if not memory.empty else None,
-                "hosts": sorted(set(group["host"])),
-                "versions": sorted({str(v) for v in group["engine_version"] if v}),
-                "cells": len(group),
-                **{k: int(counts.get(k, 0)) for k in ("ok", "failed", "skipped", "inconclusive")},
-                "rows": records_of(group),
-            })
+            out.append(
+                {
+                    "name": device,
+                    "slug": device_slug(device),
+                    "memory_gib": float(memory.max()) if not memory.empty else None,
+                    "hosts": sorted(set(group["host"])),
+                    "versions": sorted({str(v) for v in group["engine_version"] if v}),
+                    "cells": len(group),
+                    **{k: int(counts.get(k, 0)) for k in ("ok", "failed", "skipped", "inconclusive")},
+                    "rows": records_of(group),
+                }
+            )
         return out
 
     def device_page(self, device: dict[str, Any]) -> Path:
         page = self.reports_dir / "devices" / f"{device['slug']}.md"
         rows = device["rows"]
-        groups = self._sections(rows, page.parent / device["slug"], page, device["name"],
-                                lambda r: f"../runs/{r['run_id']}.md#{anchor(r['cell_id'])}",
-                                lambda r: f"#{sections.why_anchor(r)}")
-        load = self._plot(plots.load_times(rows, page.parent / device["slug"] / "load_time.svg",
-                                           f"Load time per model on {device['name']}"))
+        groups = self._sections(
+            rows,
+            page.parent / device["slug"],
+            page,
+            device["name"],
+            lambda r: f"../runs/{r['run_id']}.md#{anchor(r['cell_id'])}",
+            lambda r: f"#{sections.why_anchor(r)}",
+        )
+        load = self._plot(
+            plots.load_times(
+                rows, page.parent / device["slug"] / "load_time.svg", f"Load time per model on {device['name']}"
+            )
+        )
         for row in rows:
             row["log_link"] = self.log_link(row, page.parent)
             row["run_link"] = f"../runs/{row['run_id']}.md#{anchor(row['cell_id'])}"
         ingested = [r for r in rows if r["ingested"]]
         return self._write(
-            page, "device.md.j2", device=device, groups=groups,
-            notes=sections.failure_notes(rows), memory_notes=sections.MEMORY_NOTES,
+            page,
+            "device.md.j2",
+            device=device,
+            groups=groups,
+            notes=sections.failure_notes(rows),
+            memory_notes=sections.MEMORY_NOTES,
             skipped=[r for r in rows if r["outcome"] == "skipped"],
             gated=[r for r in rows if r["failure_class"] == "gated_or_auth"],
-            ingested=ingested, sources=sorted({r["log_source"] for r in ingested if r["log_source"]}),
+            ingested=ingested,
+            sources=sorted({r["log_source"] for r in ingested if r["log_source"]}),
             load_plot=rel(load, page.parent) if load else None,
         )
 
@@ -286,14 +337,20 @@ class Renderer:
         # a model's cells are named by config only when the run holds that model twice
         label = f"{name} ({config})" if models.count(name) > 1 else name
         return {
-            "cell_id": rc.cell_id, "anchor": anchor(rc.cell_id), "label": label,
+            "cell_id": rc.cell_id,
+            "anchor": anchor(rc.cell_id),
+            "label": label,
             "gpu": parts[1] if len(parts) > 1 else "?",
-            "manifest_status": rc.status, "reason": rc.reason, "row": row, "record": rc.record,
+            "manifest_status": rc.status,
+            "reason": rc.reason,
+            "row": row,
+            "record": rc.record,
             "log_link": self.log_link(row, page_dir),
             "record_link": self.record_link(row, page_dir),
             "levels": probe_levels(rc.record) if rc.record else [],
-            "has_memory": bool(rc.record and (rc.record.plan or any(
-                not is_missing((row or {}).get(p)) for p, _ in plots.MEMORY_PARTS))),
+            "has_memory": bool(
+                rc.record and (rc.record.plan or any(not is_missing((row or {}).get(p)) for p, _ in plots.MEMORY_PARTS))
+            ),
         }
 
     def run_page(self, run: Run) -> Path:
@@ -309,9 +366,19 @@ class Renderer:
         devices = []
         for device in sorted({r["device"] for r in rows}):
             on_device = [r for r in rows if r["device"] == device]
-            devices.append({"name": device, "groups": self._sections(
-                on_device, assets / device_slug(device), page, device, lambda r: f"#{anchor(r['cell_id'])}",
-                lambda r: f"#{anchor(r['cell_id'])}")})
+            devices.append(
+                {
+                    "name": device,
+                    "groups": self._sections(
+                        on_device,
+                        assets / device_slug(device),
+                        page,
+                        device,
+                        lambda r: f"#{anchor(r['cell_id'])}",
+                        lambda r: f"#{anchor(r['cell_id'])}",
+                    ),
+                }
+            )
         absent: dict[str, dict[str, Any]] = {}
         for view in views:
             if view["record"] is None:
@@ -330,8 +397,15 @@ class Renderer:
         manifest = run.manifest
         host = manifest.host if manifest else (ran[0]["record"].host if ran else None)
         return self._write(
-            page, "run.md.j2", run=run, manifest=manifest, host=host, cells=ran, devices=devices,
-            absent=list(absent.values()), memory_notes=sections.MEMORY_NOTES,
+            page,
+            "run.md.j2",
+            run=run,
+            manifest=manifest,
+            host=host,
+            cells=ran,
+            devices=devices,
+            absent=list(absent.values()),
+            memory_notes=sections.MEMORY_NOTES,
             versions=sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
             kv_flag=kv_cache_memory_flag,
         )
@@ -349,12 +423,20 @@ class Renderer:
 
     def insights_page(self) -> Path:
         facts = insights.compute(self.results.latest)
-        return self._write(self.reports_dir / "insights.md", "insights.md.j2", insights=facts,
-                           version_changes=versions.largest_changes(self.results.latest))
+        return self._write(
+            self.reports_dir / "insights.md",
+            "insights.md.j2",
+            insights=facts,
+            version_changes=versions.largest_changes(self.results.latest),
+        )
 
     def versions_page(self) -> Path:
-        return self._write(self.reports_dir / "versions.md", "versions.md.j2", columns=versions.COLUMNS,
-                           comparisons=versions.comparisons(self.results.latest))
+        return self._write(
+            self.reports_dir / "versions.md",
+            "versions.md.j2",
+            columns=versions.COLUMNS,
+            comparisons=versions.comparisons(self.results.latest),
+        )
 
     def index_page(self, devices: list[dict[str, Any]], exports: list[Path]) -> Path:
         runs = []
@@ -362,22 +444,35 @@ class Renderer:
             rows = [c.row for c in run.cells if c.row]
             statuses = [c.row["outcome"] if c.row else c.status for c in run.cells]
             host = run.manifest.host.hostname if run.manifest else (rows[0]["host"] if rows else "?")
-            runs.append({
-                "run_id": run.run_id, "host": host,
-                "started_at": run.manifest.started_at if run.manifest else min((r["started_at"] for r in rows), default=""),
-                "finished_at": run.manifest.finished_at if run.manifest else None,
-                "interrupted": run.interrupted,
-                "devices": sorted({r["device"] for r in rows}),
-                "versions": sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
-                "counts": {k: statuses.count(k) for k in ("ok", "failed", "skipped", "inconclusive", "not_on_host")},
-                "page": f"runs/{run.run_id}.md", "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
-            })
+            runs.append(
+                {
+                    "run_id": run.run_id,
+                    "host": host,
+                    "started_at": run.manifest.started_at
+                    if run.manifest
+                    else min((r["started_at"] for r in rows), default=""),
+                    "finished_at": run.manifest.finished_at if run.manifest else None,
+                    "interrupted": run.interrupted,
+                    "devices": sorted({r["device"] for r in rows}),
+                    "versions": sorted({str(r["engine_version"]) for r in rows if r["engine_version"]}),
+                    "counts": {
+                        k: statuses.count(k) for k in ("ok", "failed", "skipped", "inconclusive", "not_on_host")
+                    },
+                    "page": f"runs/{run.run_id}.md",
+                    "has_page": (self.reports_dir / "runs" / f"{run.run_id}.md").exists(),
+                }
+            )
         ingested = [r for r in self.results.runs if r.manifest and r.manifest.matrix_path.startswith("ingested:")]
-        return self._write(self.reports_dir / "README.md", "index.md.j2", runs=runs, devices=devices,
-                           ingested=len(ingested),
-                           problems=self.results.problems,
-                           exports=[rel(p, self.reports_dir) for p in exports],
-                           versions=sorted({v for d in devices for v in d["versions"]}))
+        return self._write(
+            self.reports_dir / "README.md",
+            "index.md.j2",
+            runs=runs,
+            devices=devices,
+            ingested=len(ingested),
+            problems=self.results.problems,
+            exports=[rel(p, self.reports_dir) for p in exports],
+            versions=sorted({v for d in devices for v in d["versions"]}),
+        )
 
     def exports(self) -> list[Path]:
         data = self.reports_dir / "data"
@@ -401,7 +496,10 @@ class Renderer:
 
 
 def _jsonable(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in df.to_dict("records")]
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        for r in df.to_dict("records")
+    ]
 
 
 def _matrix_cell(cells: pd.DataFrame) -> str:

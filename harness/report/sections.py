@@ -20,8 +20,10 @@ from harness.report.tables import GIB, MISSING, Column, cell, evidence, fixed, g
 from harness.schema import slug
 
 SINGLE_CHUNK = "—¹"
-SINGLE_CHUNK_NOTE = ("¹ Not measurable: every answer arrived in one streamed chunk, so there is no gap between "
-                     "tokens to time (TPOT and ITL need at least two chunks).")
+SINGLE_CHUNK_NOTE = (
+    "¹ Not measurable: every answer arrived in one streamed chunk, so there is no gap between "
+    "tokens to time (TPOT and ITL need at least two chunks)."
+)
 
 
 def why_anchor(row: dict[str, Any]) -> str:
@@ -86,7 +88,7 @@ MEMORY_COLUMNS = [
 MEMORY_NOTES = (
     "Memory figures are per GPU, as vLLM logs them (GiB = 2³⁰ bytes); negative CUDA graph or KV cache values are "
     "printed as vLLM logged them. Checkpoint is the model's size on disk. Load is vLLM's \"Model loading took\", "
-    "init its \"init engine\" time, spawn → ready the harness's own clock. Max concurrency is how many requests of max_model_len tokens the "
+    'init its "init engine" time, spawn → ready the harness\'s own clock. Max concurrency is how many requests of max_model_len tokens the '
     "KV cache holds. The KV cache flags replace `--gpu-memory-utilization` with the KV size vLLM measured for the "
     "requested share; the full-memory figure is vLLM's second suggestion (all free memory), derived from the same "
     "log line to within its 0.01 GiB rounding. — where the log or the run did not give the figure."
@@ -112,6 +114,7 @@ def _latency(key: str) -> Callable[[dict[str, Any]], str]:
         if key in ("tpot_ms", "itl_ms") and row.get("single_chunk"):
             return SINGLE_CHUNK
         return ms(row.get(key))
+
     return value
 
 
@@ -128,6 +131,7 @@ def _capacity(show_slo: bool) -> Callable[[dict[str, Any]], str]:
         if row["tp"] * row["pp"] > 1:
             text += f", {users / (row['tp'] * row['pp']):,.1f} per GPU"
         return text + (f" at {row['capacity_slo']}" if show_slo and row.get("capacity_slo") else "")
+
     return value
 
 
@@ -154,11 +158,15 @@ def throughput_table(rows: list[dict[str, Any]]) -> tuple[str, str | None, list[
         Column("E2EL median (ms)", _latency("e2el_ms"), right=True),
         Column(header, _capacity(len(slos) > 1), right=True),
     ]
-    notes = ["Best output is the highest output token rate over the probed concurrencies; the latencies are "
-             "medians at the lowest probed concurrency (what one user sees)."]
+    notes = [
+        "Best output is the highest output token rate over the probed concurrencies; the latencies are "
+        "medians at the lowest probed concurrency (what one user sees)."
+    ]
     if any(r.get("capacity_users") is not None for r in rows):
-        notes.append("Serves N users: the largest concurrency at which every objective held, measured twice "
-                     "(≥ N: the search stopped at the KV cache's cap or its time budget, not at an objective).")
+        notes.append(
+            "Serves N users: the largest concurrency at which every objective held, measured twice "
+            "(≥ N: the search stopped at the KV cache's cap or its time budget, not at an objective)."
+        )
     if any(r.get("single_chunk") for r in rows):
         notes.append(SINGLE_CHUNK_NOTE)
     return gfm(columns, rows), shared, notes
@@ -170,13 +178,17 @@ def failure_notes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["outcome"] not in ("failed", "inconclusive"):
             continue
-        out.append({
-            "anchor": why_anchor(row), "row": row,
-            "title": f"{row['model']} ({row['config']})",
-            "class": row["failure_class"] if row["outcome"] == "failed" else "inconclusive",
-            "evidence": evidence(row.get("failure_detail"), 400),
-            "remedy": row.get("remedy") if row["outcome"] == "failed" else
-            "Nothing to fix from this log: it stops before the engine was ready and shows no error. "
-            "Run the cell again, or ingest the full log.",
-        })
+        out.append(
+            {
+                "anchor": why_anchor(row),
+                "row": row,
+                "title": f"{row['model']} ({row['config']})",
+                "class": row["failure_class"] if row["outcome"] == "failed" else "inconclusive",
+                "evidence": evidence(row.get("failure_detail"), 400),
+                "remedy": row.get("remedy")
+                if row["outcome"] == "failed"
+                else "Nothing to fix from this log: it stops before the engine was ready and shows no error. "
+                "Run the cell again, or ingest the full log.",
+            }
+        )
     return out

@@ -20,8 +20,11 @@ GIB = 1024**3
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value))
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not (isinstance(value, float) and math.isnan(value))
+    )
 
 
 def fixed(value: Any, digits: int, missing: str = MISSING) -> str:
@@ -71,7 +74,7 @@ def evidence(detail: Any, limit: int = 160) -> str | None:
     lines = [ln.strip() for ln in str(detail).splitlines() if ln.strip() and not _RAISE.match(ln)]
     if not lines:
         return None
-    messages = [ln[m.start():] for ln in lines for m in [_MESSAGE.search(ln)] if m]  # log prefixes dropped
+    messages = [ln[m.start() :] for ln in lines for m in [_MESSAGE.search(ln)] if m]  # log prefixes dropped
     text = _LIST.sub(_trim_list, (messages or lines)[-1])
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
@@ -111,7 +114,7 @@ def prune(markdown: str) -> str:
             end = i + 2
             while end < len(lines) and lines[end].startswith("|"):
                 end += 1
-            rows = [_cells(ln) for ln in [lines[i], *lines[i + 2:end]]]
+            rows = [_cells(ln) for ln in [lines[i], *lines[i + 2 : end]]]
             rule = _cells(lines[i + 1])
             width = len(rows[0])
             if all(len(r) == width for r in rows) and len(rule) == width and len(rows) > 1:

@@ -9,13 +9,13 @@ carries the move's size. `largest_changes` ranks those moves across groups for t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 from packaging.version import InvalidVersion, Version
 
 from harness.diff import METRICS, Metric, compare_value
-from dataclasses import replace
 
 
 def _metric(column: str, unit: str, higher_is_better: bool, relative: float, floor: float) -> Metric:
@@ -36,9 +36,13 @@ COLUMNS: tuple[tuple[str, str, Metric], ...] = (
     ("kv_cache_gib", "KV cache (GiB)", _metric("kv_cache_gib", "GiB", True, 0.05, 0.01)),
     ("kv_cache_tokens", "KV cache (tokens)", _DIFF["kv_cache_tokens"]),
     ("max_concurrency", "Max concurrency (×)", _DIFF["max_concurrency"]),
-    ("best_output_tok_s", "Best output (tok/s)", _metric("best_output_tok_s", "tok/s", True,
-                                                          _DIFF["output_throughput"].relative,
-                                                          _DIFF["output_throughput"].floor)),
+    (
+        "best_output_tok_s",
+        "Best output (tok/s)",
+        _metric(
+            "best_output_tok_s", "tok/s", True, _DIFF["output_throughput"].relative, _DIFF["output_throughput"].floor
+        ),
+    ),
 )
 GROUP = ("model", "device", "config")
 
@@ -68,21 +72,34 @@ def comparisons(latest: pd.DataFrame) -> list[dict[str, Any]]:
         if len(newest) < 2:
             continue
         records = sorted(newest.to_dict("records"), key=lambda r: _version_key(r["engine_version"]))
-        rows, previous = [], None
+        rows: list[dict[str, Any]] = []
+        previous: dict[str, Any] | None = None
         for row in records:
             values = {}
             for column, _, metric in COLUMNS:
                 value = _plain(row.get(column))
-                change = compare_value(metric, row["cell_id"], previous.get(column), value) if previous else None
-                values[column] = {"value": value, "change_pct": change.change_pct if change else None,
-                                  "kind": change.kind if change else None}
+                change = (
+                    compare_value(metric, row["cell_id"], previous.get(column), value) if previous is not None else None
+                )
+                values[column] = {
+                    "value": value,
+                    "change_pct": change.change_pct if change else None,
+                    "kind": change.kind if change else None,
+                }
             flipped = previous is not None and previous["outcome"] != row["outcome"]
-            rows.append({
-                "version": str(row["engine_version"]), "outcome": row["outcome"],
-                "failure_class": row.get("failure_class"), "run_id": row["run_id"], "cell_id": row["cell_id"],
-                "status_change": f"{previous['outcome']} → {row['outcome']}" if flipped else None,
-                "values": values,
-            })
+            rows.append(
+                {
+                    "version": str(row["engine_version"]),
+                    "outcome": row["outcome"],
+                    "failure_class": row.get("failure_class"),
+                    "run_id": row["run_id"],
+                    "cell_id": row["cell_id"],
+                    "status_change": f"{previous['outcome']} → {row['outcome']}"
+                    if previous is not None and flipped
+                    else None,
+                    "values": values,
+                }
+            )
             previous = row
         out.append({"model": model, "device": device, "config": config, "rows": rows})
     return out
@@ -94,14 +111,35 @@ def largest_changes(latest: pd.DataFrame, limit: int = 10) -> list[dict[str, Any
     headers = {column: header for column, header, _ in COLUMNS}
     for group in comparisons(latest):
         for before, after in zip(group["rows"], group["rows"][1:]):
-            base = {"model": group["model"], "device": group["device"], "config": group["config"],
-                    "from": before["version"], "to": after["version"]}
+            base = {
+                "model": group["model"],
+                "device": group["device"],
+                "config": group["config"],
+                "from": before["version"],
+                "to": after["version"],
+            }
             if after["status_change"]:
-                moves.append({**base, "metric": "status", "before": before["outcome"], "after": after["outcome"],
-                              "change_pct": None, "kind": "regression" if before["outcome"] == "ok" else "improvement"})
+                moves.append(
+                    {
+                        **base,
+                        "metric": "status",
+                        "before": before["outcome"],
+                        "after": after["outcome"],
+                        "change_pct": None,
+                        "kind": "regression" if before["outcome"] == "ok" else "improvement",
+                    }
+                )
             for column, cell in after["values"].items():
                 if cell["kind"]:
-                    moves.append({**base, "metric": headers[column], "before": before["values"][column]["value"],
-                                  "after": cell["value"], "change_pct": cell["change_pct"], "kind": cell["kind"]})
+                    moves.append(
+                        {
+                            **base,
+                            "metric": headers[column],
+                            "before": before["values"][column]["value"],
+                            "after": cell["value"],
+                            "change_pct": cell["change_pct"],
+                            "kind": cell["kind"],
+                        }
+                    )
     moves.sort(key=lambda m: (m["metric"] != "status", -abs(m["change_pct"] or 0.0)))
     return moves[:limit]

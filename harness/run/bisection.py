@@ -132,7 +132,9 @@ def show(v: Any) -> str:
 
 def _why_missing(obs: Observation) -> str:
     row = obs.row
-    return f"not measured: outcome {row.get('outcome')}" + (f", {row['failure_class']}" if row.get("failure_class") else "")
+    return f"not measured: outcome {row.get('outcome')}" + (
+        f", {row['failure_class']}" if row.get("failure_class") else ""
+    )
 
 
 def comparator(name: str, threshold: float | None = None) -> Differs:
@@ -151,8 +153,9 @@ def comparator(name: str, threshold: float | None = None) -> Differs:
         a, b = value(name, good), value(name, other)
         if b is None:
             return f"{name} {show(a)} → {_why_missing(other)}"
-        pairs = [(c, a[c], b[c]) for c in sorted(set(a) & set(b), key=lambda c: c or 0)] if m.per_level else [
-            (None, a, b)]
+        pairs = (
+            [(c, a[c], b[c]) for c in sorted(set(a) & set(b), key=lambda c: c or 0)] if m.per_level else [(None, a, b)]
+        )
         for conc, before, after in pairs:
             change = compare_value(m, other.version, before, after, conc)
             if change is not None:
@@ -167,5 +170,6 @@ def comparator(name: str, threshold: float | None = None) -> Differs:
 def check_good(name: str, good: Observation) -> None:
     """A numeric metric needs a value on the good side to compare against."""
     if name not in FLIPS and value(name, good) is None:
-        raise InputError(f"--good {good.version}: the cell has no {name} ({_why_missing(good)}); "
-                         "bisect --metric status instead")
+        raise InputError(
+            f"--good {good.version}: the cell has no {name} ({_why_missing(good)}); bisect --metric status instead"
+        )

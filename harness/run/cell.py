@@ -20,8 +20,17 @@ from typing import Any, Protocol
 
 from harness import store
 from harness.engine.metrics import scrape_cache_config
-from harness.engine.process import (DISK_FULL_ERRNOS, PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout,
-                                    engine_api_key, free_port, server_command, server_env)
+from harness.engine.process import (
+    DISK_FULL_ERRNOS,
+    PIDS_DIR,
+    EngineExited,
+    EngineProcess,
+    ReadyTimeout,
+    engine_api_key,
+    free_port,
+    server_command,
+    server_env,
+)
 from harness.errors import DiskFull, InputError
 from harness.host.devices import Nvml
 from harness.host.fingerprint import Host
@@ -37,14 +46,25 @@ from harness.probes.validation import validate
 from harness.redact import Redactor, secret_env_values
 from harness.run.fetch import FetchError, OfflineMissing, fetch_model, model_fingerprint
 from harness.run.telemetry import Sampler
-from harness.schema import (Cell, CellRecord, Device, EngineFacts, Outcome, ProbeResult, TelemetrySummary, Timings,
-                            cell_key)
+from harness.schema import (
+    Cell,
+    CellRecord,
+    Device,
+    EngineFacts,
+    Outcome,
+    ProbeResult,
+    TelemetrySummary,
+    Timings,
+    cell_key,
+)
 
 # Substrings of engine log lines that move a cell from "starting" to the next phase.
-_PHASES = (("Loading weights", "loading"), ("Starting to load model", "loading"),
-           ("Capturing CUDA graph", "capturing graphs"), ("Application startup complete", "ready"))
-
-
+_PHASES = (
+    ("Loading weights", "loading"),
+    ("Starting to load model", "loading"),
+    ("Capturing CUDA graph", "capturing graphs"),
+    ("Application startup complete", "ready"),
+)
 
 
 @dataclass
@@ -58,12 +78,12 @@ class RunOptions:
     progress: str = "auto"
 
 
-
-
 class View(Protocol):
     """Where a cell's progress goes: the console's progress table, or a Ray task's board."""
 
     def phase(self, cell_id: str, phase: str) -> None: ...
+
+    def add(self, cell_id: str, phase: str, outcome: str = "", detail: str = "") -> None: ...
 
     def done(self, record: CellRecord) -> None: ...
 
@@ -86,6 +106,9 @@ class Recorded(Protocol):
 
 class _Quiet:
     def phase(self, cell_id: str, phase: str) -> None:
+        pass
+
+    def add(self, cell_id: str, phase: str, outcome: str = "", detail: str = "") -> None:
         pass
 
     def done(self, record: CellRecord) -> None:
@@ -117,9 +140,14 @@ class CellRunner:
 
     def key(self, cell: Cell, engine_version: str | None, revision: str | None = None) -> str:
         """The cell's identity: what it is and how it is measured (probe, validation, timeouts)."""
-        return cell_key(cell, engine_version, revision, probe=self.probe_of(cell),
-                        validation=validation_settings("reasoning" in cell.model.tags),
-                        timeouts=self.matrix.spec.timeouts.model_dump())
+        return cell_key(
+            cell,
+            engine_version,
+            revision,
+            probe=self.probe_of(cell),
+            validation=validation_settings("reasoning" in cell.model.tags),
+            timeouts=self.matrix.spec.timeouts.model_dump(),
+        )
 
     def probe_of(self, cell: Cell) -> str | dict[str, Any] | None:
         """The probe a cell runs: its config's own `probe:`, else the matrix's."""
@@ -136,21 +164,28 @@ class CellRunner:
         started, t0 = store.utcnow(), time.monotonic()
         engine = self.host.engines[cell.engine.name]
         rec = CellRecord(
-            run_id=self.run_id, cell_id=cell.cell_id, key="", cell=cell, host=self.host.fingerprint,
-            device_ids=[d.index for d in devices if d.kind == "gpu"], started_at=started,
-            outcome="skipped", engine_version=engine.vllm,
+            run_id=self.run_id,
+            cell_id=cell.cell_id,
+            key="",
+            cell=cell,
+            host=self.host.fingerprint,
+            device_ids=[d.index for d in devices if d.kind == "gpu"],
+            started_at=started,
+            outcome="skipped",
+            engine_version=engine.vllm,
         )
         view.phase(cell.cell_id, "fetching")
         try:
-            rec.fetch = fetch_model(cell.model, offline=self.options.offline,
-                                    progress=lambda msg: view.phase(cell.cell_id, msg))
+            rec.fetch = fetch_model(
+                cell.model, offline=self.options.offline, progress=lambda msg: view.phase(cell.cell_id, msg)
+            )
         except OfflineMissing as exc:
             rec.skip_reason = str(exc)
             return self._finish(rec, t0)
         except FetchError as exc:
             rec.key = self.key(cell, engine.vllm)
             # The fetch error's message says what to do (accept the licence, fix the repo id).
-            rec.outcome, rec.failure_class = "failed", exc.failure_class
+            rec.outcome, rec.failure_class = "failed", exc.failure_class  # type: ignore[assignment]
             rec.failure_detail = rec.remedy = str(exc)
             return self._finish(rec, t0)
         model_dir = rec.fetch.path or cell.model.source
@@ -170,12 +205,17 @@ class CellRunner:
             rec.plan = plan
             if plan.fits is False and cell.config.skip_if_unfit:
                 rec.skip_reason = f"predicted not to fit: {plan.reason}" + (
-                    f"; fix: {plan.suggestion}" if plan.suggestion else "")
+                    f"; fix: {plan.suggestion}" if plan.suggestion else ""
+                )
                 return self._finish(rec, t0)
         if rec.device_ids:
             view.phase(cell.cell_id, "checking GPUs")
-            check = wait_for_clean_gpus(rec.device_ids, gpu_memory_utilization=cell.config.args.get(
-                "gpu_memory_utilization"), timeout_s=self.options.gpu_wait_s, nvml=self.nvml)
+            check = wait_for_clean_gpus(
+                rec.device_ids,
+                gpu_memory_utilization=cell.config.args.get("gpu_memory_utilization"),
+                timeout_s=self.options.gpu_wait_s,
+                nvml=self.nvml,
+            )
             if not check.ok:
                 rec.skip_reason = check.reason
                 return self._finish(rec, t0)
@@ -187,20 +227,36 @@ class CellRunner:
                 return self._autofit(cell, rec, retry, model_dir, devices)
         return rec
 
-    def _autofit(self, cell: Cell, failed: CellRecord, changes: dict[str, Any], model_dir: str,
-                 devices: list[Device]) -> CellRecord:
+    def _autofit(
+        self, cell: Cell, failed: CellRecord, changes: dict[str, Any], model_dir: str, devices: list[Device]
+    ) -> CellRecord:
         """One retry with the fix (vLLM's own max-len estimate or the planner's), as its own cell."""
-        config = cell.config.model_copy(update={"name": f"{cell.config.name}+autofit",
-                                                "args": {**cell.config.args, **changes}, "autofit": False})
+        config = cell.config.model_copy(
+            update={"name": f"{cell.config.name}+autofit", "args": {**cell.config.args, **changes}, "autofit": False}
+        )
         retry_cell = cell.model_copy(update={"config": config})
         t0 = time.monotonic()
-        rec = failed.model_copy(update={
-            "cell_id": retry_cell.cell_id, "cell": retry_cell, "autofit_of": failed.cell_id,
-            "key": self.key(retry_cell, failed.engine_version, failed.fetch.revision_sha if failed.fetch else None),
-            "started_at": store.utcnow(), "outcome": "skipped", "failure_class": None, "failure_detail": None,
-            "remedy": None, "facts": None, "metrics": None, "validation": None, "probes": None,
-            "telemetry": None, "timings": Timings(), "engine_exit_code": None, "command": [],
-        })
+        rec = failed.model_copy(
+            update={
+                "cell_id": retry_cell.cell_id,
+                "cell": retry_cell,
+                "autofit_of": failed.cell_id,
+                "key": self.key(retry_cell, failed.engine_version, failed.fetch.revision_sha if failed.fetch else None),
+                "started_at": store.utcnow(),
+                "outcome": "skipped",
+                "failure_class": None,
+                "failure_detail": None,
+                "remedy": None,
+                "facts": None,
+                "metrics": None,
+                "validation": None,
+                "probes": None,
+                "telemetry": None,
+                "timings": Timings(),
+                "engine_exit_code": None,
+                "command": [],
+            }
+        )
         self._serve(rec, retry_cell, model_dir, devices, t0 + self.matrix.spec.timeouts.cell_s)
         return self._finish(rec, t0)
 
@@ -219,9 +275,18 @@ class CellRunner:
         redactor = Redactor([api_key, *self.config_secrets], env=os.environ)
         cmd = server_command(cell, model_dir, port, self.host.arg_actions[cell.engine.name])
         rec.command = [redactor.redact(part) for part in cmd]
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_LOGGING_COLOR": "0", "NO_COLOR": "1",
-               "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1", **cell.config.env, **server_env(api_key)}
+        env = {
+            **os.environ,
+            "VLLM_LOGGING_LEVEL": "DEBUG",
+            "VLLM_LOGGING_COLOR": "0",
+            "NO_COLOR": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            **cell.config.env,
+            **server_env(api_key),
+        }
         if rec.device_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, rec.device_ids))
         log_path = folder / store.ENGINE_LOG
@@ -232,8 +297,15 @@ class CellRunner:
                 if needle in line:
                     view.phase(cell.cell_id, phase)
 
-        proc = EngineProcess(cmd, env, log_path, self.pids_dir, redactor.redact, on_line,
-                             owner={"run_id": self.run_id, "locks": self.lock_paths})
+        proc = EngineProcess(
+            cmd,
+            env,
+            log_path,
+            self.pids_dir,
+            redactor.redact,
+            on_line,
+            owner={"run_id": self.run_id, "locks": self.lock_paths},
+        )
         base = f"http://127.0.0.1:{port}"
         view.phase(cell.cell_id, "starting")
         spawned = time.monotonic()
@@ -243,8 +315,12 @@ class CellRunner:
         sampler.start()
         # The whole cell's bound: past it the engine is stopped, whatever it is doing.
         expired = threading.Event()
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()),
-                                   lambda: (expired.set(), proc.stop(self.options.stop_grace_s)))
+
+        def expire() -> None:
+            expired.set()
+            proc.stop(self.options.stop_grace_s)
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
         watchdog.daemon = True
         watchdog.start()
         timings = rec.timings
@@ -260,9 +336,14 @@ class CellRunner:
             rec.metrics = scrape_cache_config(base, api_key)
             stage = "validation"
             view.phase(cell.cell_id, "validating")
-            rec.validation = validate(base, cell.model.name, api_key, model_dir=model_dir,
-                                      reasoning="reasoning" in cell.model.tags,
-                                      timeout=timeouts.request_s)
+            rec.validation = validate(
+                base,
+                cell.model.name,
+                api_key,
+                model_dir=model_dir,
+                reasoning="reasoning" in cell.model.tags,
+                timeout=timeouts.request_s,
+            )
             timings.validation_s = rec.validation.seconds
             profile = probe_profile(self.probe_of(cell), rec.metrics.kv_cache_max_concurrency if rec.metrics else None)
             if profile is not None and rec.validation.passed:
@@ -270,9 +351,16 @@ class CellRunner:
                 view.phase(cell.cell_id, "probing")
                 probe_t0 = time.monotonic()
                 sampler.mark_probes_start()
-                rec.probes = ProbeResult.model_validate(run_profile(
-                    base, cell.model.name, api_key, profile, tokenizer_dir=model_dir,
-                    request_timeout=timeouts.request_s))
+                rec.probes = ProbeResult.model_validate(
+                    run_profile(
+                        base,
+                        cell.model.name,
+                        api_key,
+                        profile,
+                        tokenizer_dir=model_dir,
+                        request_timeout=timeouts.request_s,
+                    )
+                )
                 sampler.mark_probes_end()
                 timings.probes_s = round(time.monotonic() - probe_t0, 3)
         except EngineExited as exc:
@@ -315,7 +403,9 @@ class CellRunner:
             return
         if expired.is_set():
             rec.outcome, rec.failure_class = "failed", "timeout"
-            rec.failure_detail = f"the cell ran past timeouts.cell_s ({timeouts.cell_s:g} s) during {stage}; engine stopped"
+            rec.failure_detail = (
+                f"the cell ran past timeouts.cell_s ({timeouts.cell_s:g} s) during {stage}; engine stopped"
+            )
             rec.remedy = "raise timeouts.cell_s, or probe less (the matrix's probe profile)"
             return
         _judge(rec)
@@ -372,8 +462,10 @@ def _reserve(folder: Path) -> None:
 
 def _disk_full(rec: CellRecord, what: str) -> None:
     rec.outcome, rec.failure_class, rec.failure_detail = "failed", "disk_full", what
-    rec.remedy = ("free space on the disk of the results folder (or give --results another one) and rerun; "
-                  "disk_full cells are run again, not reused")
+    rec.remedy = (
+        "free space on the disk of the results folder (or give --results another one) and rerun; "
+        "disk_full cells are run again, not reused"
+    )
 
 
 def disk_write(write, what: str):
@@ -382,8 +474,10 @@ def disk_write(write, what: str):
         return write()
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFull(f"{what} not written: {exc.strerror} ({exc.filename or 'results folder'}); "
-                           "free space and rerun: the cells recorded so far are kept") from None
+            raise DiskFull(
+                f"{what} not written: {exc.strerror} ({exc.filename or 'results folder'}); "
+                "free space and rerun: the cells recorded so far are kept"
+            ) from None
         raise
 
 
@@ -420,8 +514,10 @@ def _judge(rec: CellRecord) -> None:
     else:
         rec.outcome, rec.failure_class = "failed", "validation_failed"
         rec.failure_detail = f"asked {rec.validation.prompt!r}, got {rec.validation.answer!r}"
-        rec.remedy = ("the engine serves but answers wrongly: check the chat template, dtype and "
-                      "quantization, and that the checkpoint is the instruct model")
+        rec.remedy = (
+            "the engine serves but answers wrongly: check the chat template, dtype and "
+            "quantization, and that the checkpoint is the instruct model"
+        )
 
 
 def probe_profile(spec: str | dict[str, Any] | None, max_concurrency: float | None) -> ProbeProfile | None:

@@ -38,16 +38,16 @@ import psutil
 import yaml
 
 from harness import store
-from harness.errors import InputError
-from harness.matrix import Matrix, MatrixFile
 from harness.engine.process import PIDS_DIR, reap_stale
-from harness.run.progress import Progress
-from harness.redact import Redactor
+from harness.errors import InputError
 from harness.host.fingerprint import Host, discover_host
 from harness.host.selectors import RESOURCE_PREFIX, resource_name
+from harness.matrix import Matrix, MatrixFile
+from harness.redact import Redactor
 from harness.run.cell import CellRunner, RunOptions, reusable
+from harness.run.progress import Progress
 from harness.run.scheduler import terminate_as_interrupt
-from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key, slug
+from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key
 
 NO_NODE = "no node with this device"
 NODE_RETRIES = 1  # a cell lost with its node is tried this many more times, then recorded failed
@@ -114,6 +114,9 @@ class _BoardView:
     def phase(self, cell_id: str, phase: str) -> None:
         self.post(cell_id, "phase", phase)
 
+    def add(self, cell_id: str, phase: str, outcome: str = "", detail: str = "") -> None:
+        self.post(cell_id, "phase", f"{phase} {outcome}".strip())
+
     def done(self, record: CellRecord) -> None:
         self.post(record.cell_id, "phase", f"recorded {record.outcome}")
 
@@ -126,8 +129,10 @@ def _assigned_devices(host: Host, cell: Cell, gpu_ids: list) -> tuple[list[Devic
     given = {int(i) for i in gpu_ids}
     mine = [d for d in devices if d.index in given]
     if len(mine) < cell.config.gpus_needed:
-        return None, (f"Ray gave this task GPUs {sorted(given)}, {len(mine)} of them {cell.gpu}; declare "
-                      f"{resource_name(cell.gpu)} only on nodes whose GPUs are all {cell.gpu}")
+        return None, (
+            f"Ray gave this task GPUs {sorted(given)}, {len(mine)} of them {cell.gpu}; declare "
+            f"{resource_name(cell.gpu)} only on nodes whose GPUs are all {cell.gpu}"
+        )
     return mine[: cell.config.gpus_needed], None
 
 
@@ -156,13 +161,18 @@ def guard_engines(worker_pid: int, scratch: str) -> None:
 _GUARD = "import sys; from harness.run.cluster import guard_engines; guard_engines(int(sys.argv[1]), sys.argv[2])"
 # Starts its arguments as a detached process and exits: the guard becomes nobody's child, because
 # Ray kills a dying worker's own children (RAY_kill_child_processes_on_worker_exit) — guard included.
-_DETACH = ("import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, "
-           "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)")
+_DETACH = (
+    "import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, "
+    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+)
 
 
 def _start_guard(scratch: Path) -> None:
-    subprocess.run([sys.executable, "-c", _DETACH, sys.executable, "-c", _GUARD, str(os.getpid()), str(scratch)],
-                   check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", _DETACH, sys.executable, "-c", _GUARD, str(os.getpid()), str(scratch)],
+        check=True,
+        timeout=60,
+    )
 
 
 def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
@@ -176,8 +186,9 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
 
     post(cell.cell_id, "node", node)
     text = request["matrix_text"]
-    matrix = Matrix(path=Path(request["matrix_path"]), spec=MatrixFile.model_validate(yaml.safe_load(text)),
-                    cells=[cell], text=text)
+    matrix = Matrix(
+        path=Path(request["matrix_path"]), spec=MatrixFile.model_validate(yaml.safe_load(text)), cells=[cell], text=text
+    )
     host = discover_host(matrix)
     post(cell.cell_id, "host", host.fingerprint.model_dump(mode="json"))
     devices, why_not = _assigned_devices(host, cell, ray.get_gpu_ids())
@@ -187,19 +198,33 @@ def run_cell_on_node(request: dict[str, Any], board) -> dict[str, Any]:
         _start_guard(Path(tmp))
         options = RunOptions(results_dir=Path(tmp), progress="quiet", **request["options"])
         # The node writes into a scratch run log; the driver stores what it sends back.
-        scratch = store.RunWriter(Path(tmp), RunManifest(run_id=request["run_id"], matrix_path=str(matrix.path),
-                                                         matrix_sha256="", started_at=store.utcnow(),
-                                                         host=host.fingerprint))
+        scratch = store.RunWriter(
+            Path(tmp),
+            RunManifest(
+                run_id=request["run_id"],
+                matrix_path=str(matrix.path),
+                matrix_sha256="",
+                started_at=store.utcnow(),
+                host=host.fingerprint,
+            ),
+        )
         runner = CellRunner(matrix, host, options, scratch, request["run_id"], view=_BoardView(post))
         try:
             final = runner.run(cell, devices, _DriverRecords(request["reusable"]))
         except _AlreadyRecorded as hit:
             return {"node": node, "reused": hit.key}
         folder = store.run_dir(Path(tmp), request["run_id"])
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name != store.MANIFEST}
-        return {"node": node, "final": final.cell_id, "files": files,
-                "entries": [e.model_dump(mode="json") for e in scratch.manifest.cells]}
+        files = {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != store.MANIFEST
+        }
+        return {
+            "node": node,
+            "final": final.cell_id,
+            "files": files,
+            "entries": [e.model_dump(mode="json") for e in scratch.manifest.cells],
+        }
 
 
 class Board:
@@ -225,8 +250,10 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise InputError(f"--ray-address {address}: no Ray head answers there ({exc.strerror or exc}); "
-                         "start one with `ray start --head` or fix the address") from None
+        raise InputError(
+            f"--ray-address {address}: no Ray head answers there ({exc.strerror or exc}); "
+            "start one with `ray start --head` or fix the address"
+        ) from None
 
 
 @dataclass
@@ -251,11 +278,16 @@ class ClusterRun:
     node_retries: int = NODE_RETRIES
 
     def __post_init__(self) -> None:
-        self.log = store.RunWriter(self.options.results_dir, RunManifest(
-            run_id=self.run_id, matrix_path=str(self.matrix.path),
-            matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
-            started_at=store.utcnow(), host=self.host.fingerprint,
-        ))
+        self.log = store.RunWriter(
+            self.options.results_dir,
+            RunManifest(
+                run_id=self.run_id,
+                matrix_path=str(self.matrix.path),
+                matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
+                started_at=store.utcnow(),
+                host=self.host.fingerprint,
+            ),
+        )
         self.redactor = Redactor(env=os.environ)
 
     @property
@@ -268,11 +300,16 @@ class ClusterRun:
         try:
             ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise InputError(f"--ray-address {self.address}: cannot join the Ray cluster: "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise InputError(
+                f"--ray-address {self.address}: cannot join the Ray cluster: {str(exc).splitlines()[0]}"
+            ) from None
         try:
-            with terminate_as_interrupt(), Progress([c.cell_id for c in cells], mode=self.options.progress,
-                                                     title="vLLM matrix on Ray", show_nodes=True) as view:
+            with (
+                terminate_as_interrupt(),
+                Progress(
+                    [c.cell_id for c in cells], mode=self.options.progress, title="vLLM matrix on Ray", show_nodes=True
+                ) as view,
+            ):
                 self.view = view
                 self._run(ray, cells, emit)
                 self.log.finish()
@@ -290,22 +327,36 @@ class ClusterRun:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
         here = ray.get_runtime_context().get_node_id()
-        board = ray.remote(Board).options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        board = (
+            ray.remote(Board)
+            .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+            .remote()
+        )
         task = ray.remote(run_cell_on_node)
         offered = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        options = {"plan": self.options.plan, "offline": self.options.offline,
-                   "stop_grace_s": self.options.stop_grace_s, "gpu_wait_s": self.options.gpu_wait_s}
+        options = {
+            "plan": self.options.plan,
+            "offline": self.options.offline,
+            "stop_grace_s": self.options.stop_grace_s,
+            "gpu_wait_s": self.options.gpu_wait_s,
+        }
         attempts: dict[str, _Attempt] = {}
         pending: dict[Any, str] = {}  # object ref -> cell id
 
         def submit(attempt: _Attempt) -> None:
             cell, need = attempt.cell, devices_needed(attempt.cell)
-            request = {"cell": cell.model_dump_json(), "matrix_text": self.matrix.text,
-                       "matrix_path": str(self.matrix.path), "run_id": self.run_id, "options": options,
-                       "reusable": keys, "attempt": attempt.number}
+            request = {
+                "cell": cell.model_dump_json(),
+                "matrix_text": self.matrix.text,
+                "matrix_path": str(self.matrix.path),
+                "run_id": self.run_id,
+                "options": options,
+                "reusable": keys,
+                "attempt": attempt.number,
+            }
             ref = task.options(
-                num_cpus=1, num_gpus=0 if cell.gpu.lower() == "cpu" else need,
+                num_cpus=1,
+                num_gpus=0 if cell.gpu.lower() == "cpu" else need,
                 resources={resource_name(cell.gpu, self.resource_prefix): need},
                 max_retries=0,  # node losses are retried here, once, with the reason kept
                 name=f"cell:{cell.cell_id}",
@@ -331,9 +382,11 @@ class ClusterRun:
                         result = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:  # the runner itself raised on the node
                         cause = exc.cause if exc.cause is not None else exc
-                        record = self._failed(attempt, f"harness error on {attempt.node or 'a node'}: "
-                                                       f"{type(cause).__name__}: {cause}",
-                                              "a bug or a broken install on that node; read the message")
+                        record = self._failed(
+                            attempt,
+                            f"harness error on {attempt.node or 'a node'}: {type(cause).__name__}: {cause}",
+                            "a bug or a broken install on that node; read the message",
+                        )
                     except ray.exceptions.RayError as exc:  # node, raylet or worker gone
                         attempt.lost.append(f"node {attempt.node or '?'} lost ({type(exc).__name__})")
                         if attempt.number < self.node_retries:
@@ -343,9 +396,12 @@ class ClusterRun:
                             self.view.phase(attempt.cell.cell_id, f"retrying: {attempt.lost[-1]}")
                             submit(attempt)
                             continue
-                        record = self._failed(attempt, "; then ".join(attempt.lost) + " mid-cell",
-                                              "check those nodes (OOM killer, preemption, raylet logs); "
-                                              "the next run tries the cell again")
+                        record = self._failed(
+                            attempt,
+                            "; then ".join(attempt.lost) + " mid-cell",
+                            "check those nodes (OOM killer, preemption, raylet logs); "
+                            "the next run tries the cell again",
+                        )
                     else:
                         record = self._store(attempt, result, recorded)
                     if record is not None and emit:
@@ -410,9 +466,20 @@ class ClusterRun:
         engine = host.engines.get(cell.engine.name)
         version = engine.vllm if engine else None
         now = store.utcnow()
-        rec = CellRecord(run_id=self.run_id, cell_id=cell.cell_id, key=cell_key(cell, version), cell=cell,
-                         host=host, started_at=now, finished_at=now, outcome="failed", failure_class="other",
-                         failure_detail=self.redactor.redact(detail), remedy=remedy, engine_version=version)
+        rec = CellRecord(
+            run_id=self.run_id,
+            cell_id=cell.cell_id,
+            key=cell_key(cell, version),
+            cell=cell,
+            host=host,
+            started_at=now,
+            finished_at=now,
+            outcome="failed",
+            failure_class="other",
+            failure_detail=self.redactor.redact(detail),
+            remedy=remedy,
+            engine_version=version,
+        )
         self.log.ran(rec)
         self.view.done(rec)
         return rec

@@ -22,9 +22,8 @@ File selection (`select_files`), mirroring what vLLM reads from a model director
 
 from __future__ import annotations
 
-import hashlib
-
 import glob
+import hashlib
 import os
 import threading
 import time
@@ -141,9 +140,7 @@ def fetch_model(
 def _fetch_local(spec: ModelSpec, started: float) -> FetchInfo:
     root = Path(spec.source)
     if not root.is_dir():
-        raise FetchError(
-            "model_not_found", f"local model directory {root} does not exist: fix `source` in the matrix"
-        )
+        raise FetchError("model_not_found", f"local model directory {root} does not exist: fix `source` in the matrix")
     names = [p.name for p in root.iterdir() if p.is_file()]
     selected = select_files(names, trust_remote_code=spec.trust_remote_code)
     return FetchInfo(
@@ -187,11 +184,7 @@ def _fetch_from_hub(spec: ModelSpec, token: str | None, started: float, emit: Pr
             tqdm_class=_QuietBar,
         )
 
-    path = (
-        _with_progress(download, repo, sha, {n: tree[n] for n in missing}, label, emit)
-        if missing
-        else download()
-    )
+    path = _with_progress(download, repo, sha, {n: tree[n] for n in missing}, label, emit) if missing else download()
     seconds = round(time.monotonic() - started, 3)
     if missing:
         emit(f"downloaded {label}: {len(missing)} files, {_mb(to_download)} in {seconds:.1f} s")
@@ -314,9 +307,7 @@ def _classify(exc: Exception, spec: ModelSpec, token: str | None) -> FetchError:
         )
     if isinstance(exc, RepositoryNotFoundError):
         hint = "" if has_token else "; if it is private, set HF_TOKEN to a token with read access"
-        return FetchError(
-            "model_not_found", f"{repo} was not found on {constants.ENDPOINT}: check the repo id{hint}"
-        )
+        return FetchError("model_not_found", f"{repo} was not found on {constants.ENDPOINT}: check the repo id{hint}")
     if isinstance(exc, DisabledRepoError):
         return FetchError("model_not_found", f"{repo} is disabled on {constants.ENDPOINT}: pick another repo")
     if isinstance(exc, HfHubHTTPError) and exc.response.status_code == 401:

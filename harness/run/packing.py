@@ -61,11 +61,7 @@ def expected_seconds(records: Iterable[CellRecord]) -> dict[str, float]:
 
 def slots_from_devices(devices: Iterable[Device]) -> list[Slot]:
     """GPU devices of the inventory (harness.host.devices) -> slots with their topology hints."""
-    return [
-        Slot(d.index, d.numa_node, d.nvlink_island)
-        for d in devices
-        if d.kind == "gpu"
-    ]
+    return [Slot(d.index, d.numa_node, d.nvlink_island) for d in devices if d.kind == "gpu"]
 
 
 # --------------------------------------------------------------------------- GPU choice
@@ -227,9 +223,7 @@ class RunLock:
         self.release()
 
 
-def lock_devices(
-    keys: Iterable[str], run_id: str, lock_dir: Path | None = None, wait_s: float = 0.0
-) -> RunLock:
+def lock_devices(keys: Iterable[str], run_id: str, lock_dir: Path | None = None, wait_s: float = 0.0) -> RunLock:
     """Lock every device key for this run, or none: raises DevicesLocked naming the run and pid
     that hold one, after retrying for up to `wait_s` seconds."""
     lock_dir = lock_dir or default_lock_dir()

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from harness.schema import CellRecord
 
-
 NOT_ON_HOST = "not on this host"
 
 
@@ -59,8 +58,7 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.mode == "live":
-            self._live = Live(self._table(), console=self.console, refresh_per_second=4,
-                              get_renderable=self._table)
+            self._live = Live(self._table(), console=self.console, refresh_per_second=4, get_renderable=self._table)
             self._live.__enter__()
         return self
 
@@ -97,8 +95,11 @@ class Progress:
             line = self._lines.setdefault(record.cell_id, _Line(record.cell_id))
             line.phase, line.ended = "done", time.monotonic()
             line.outcome = record.outcome
-            line.detail = record.failure_class or record.skip_reason or (
-                "validation passed" if record.validation and record.validation.passed else "")
+            line.detail = (
+                record.failure_class
+                or record.skip_reason
+                or ("validation passed" if record.validation and record.validation.passed else "")
+            )
         if self.mode == "plain":
             self._print(line)
 
@@ -117,8 +118,14 @@ class Progress:
         for line in self._lines.values():
             style = colours.get(line.outcome, "")
             node = [self.nodes.get(line.cell_id, "")] if self.show_nodes else []
-            table.add_row(line.cell_id, *node, line.phase, line.elapsed(),
-                          f"[{style}]{line.outcome}[/]" if style else line.outcome, line.detail)
+            table.add_row(
+                line.cell_id,
+                *node,
+                line.phase,
+                line.elapsed(),
+                f"[{style}]{line.outcome}[/]" if style else line.outcome,
+                line.detail,
+            )
         return table
 
     def summary(self) -> None:

@@ -24,10 +24,18 @@ from harness.host.hygiene import check_gpus
 from harness.host.selectors import match_selector
 from harness.matrix import Matrix
 from harness.run.cell import CellRunner, RunOptions, disk_write
-from harness.run.packing import (Job, Slot, device_lock_keys, expected_seconds, lock_devices, next_assignments,
-                                 unrunnable)
+from harness.run.packing import (
+    Job,
+    Slot,
+    device_lock_keys,
+    expected_seconds,
+    lock_devices,
+    next_assignments,
+    unrunnable,
+)
 from harness.run.progress import NOT_ON_HOST, Progress
 from harness.schema import Cell, CellRecord, Device, RunManifest
+
 
 def _slot(device: Device) -> int:
     """Scheduling slot of a device: its GPU index, -1 for the CPU."""
@@ -52,6 +60,7 @@ def check_placements(matrix: Matrix, host: Host) -> None:
 @contextmanager
 def terminate_as_interrupt():
     """SIGTERM (CI cancel, `kill`) unwinds like Ctrl-C, so the engine is stopped on the way out."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -73,11 +82,16 @@ class Scheduler:
     nvml: Nvml | None = None  # an open NVML for hygiene and telemetry; None: each opens its own
 
     def __post_init__(self) -> None:
-        self.log = store.RunWriter(self.options.results_dir, RunManifest(
-            run_id=self.run_id, matrix_path=str(self.matrix.path),
-            matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
-            started_at=store.utcnow(), host=self.host.fingerprint,
-        ))
+        self.log = store.RunWriter(
+            self.options.results_dir,
+            RunManifest(
+                run_id=self.run_id,
+                matrix_path=str(self.matrix.path),
+                matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
+                started_at=store.utcnow(),
+                host=self.host.fingerprint,
+            ),
+        )
         self.cells = CellRunner(self.matrix, self.host, self.options, self.log, self.run_id, nvml=self.nvml)
 
     @property
@@ -103,15 +117,22 @@ class Scheduler:
                 jobs, by_id = [], {}
                 for cell, devices, why_not in placed:
                     if devices is None:
-                        disk_write(lambda: self.log.not_on_host(cell.cell_id, why_not), "the run manifest")
+                        disk_write(lambda c=cell.cell_id, w=why_not: self.log.not_on_host(c, w), "the run manifest")
                         view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
                         continue
                     by_id[cell.cell_id] = cell
                     needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
-                    jobs.append(Job(id=cell.cell_id, gpus_needed=needed, eligible=frozenset(map(_slot, devices)),
-                                    est_s=expected.get(cell.cell_id)))
-                slots = [Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island)
-                         for d in used.values()]
+                    jobs.append(
+                        Job(
+                            id=cell.cell_id,
+                            gpus_needed=needed,
+                            eligible=frozenset(map(_slot, devices)),
+                            est_s=expected.get(cell.cell_id),
+                        )
+                    )
+                slots = [
+                    Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island) for d in used.values()
+                ]
                 # GPUs a foreign process holds right now are kept out of the packing while others
                 # are free; cells that only fit on them come last and meet the hygiene wait/skip.
                 held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
@@ -135,8 +156,15 @@ class Scheduler:
             if nvml is not self.nvml:
                 nvml.close()
 
-    def _schedule(self, jobs: list[Job], slots: list[Slot], by_id: dict[str, Cell], used: dict[int, Device],
-                  recorded: dict[str, tuple[Path, CellRecord]], emit) -> None:
+    def _schedule(
+        self,
+        jobs: list[Job],
+        slots: list[Slot],
+        by_id: dict[str, Cell],
+        used: dict[int, Device],
+        recorded: dict[str, tuple[Path, CellRecord]],
+        emit,
+    ) -> None:
         pending, busy, running = list(jobs), set[int](), dict[Future[CellRecord], tuple[int, ...]]()
         with ThreadPoolExecutor(max_workers=max(1, len(slots)), thread_name_prefix="cell") as pool:
             try:

@@ -140,6 +140,8 @@ class Sampler:
 
     def _gpu_row(self, i: int) -> dict[str, Any]:
         nvml = self.nvml
+        assert nvml is not None  # GPU rows are sampled only with an open NVML
+        values: tuple[float | None, ...]
         try:
             _total, _free, used = nvml.memory(i)
             values = (
@@ -217,9 +219,7 @@ class Sampler:
             "probe_energy_j": probe_total,
             "generated_tokens": generated_tokens,
             "joules_per_token": (
-                round(probe_total / generated_tokens, 4)
-                if probe_total is not None and generated_tokens
-                else None
+                round(probe_total / generated_tokens, 4) if probe_total is not None and generated_tokens else None
             ),
         }
 
@@ -261,11 +261,10 @@ def _process_summary(rows: list[dict[str, Any]], ready: dict[str, Any] | None) -
 def _energy(rows: list[dict[str, Any]], key: str) -> tuple[float | None, str | None]:
     """Joules over the rows: the NVML counter's difference, else the integral of power."""
     counter = [(r["t_s"], r.get(key + "energy_j")) for r in rows]
-    counter = [(t, e) for t, e in counter if e is not None]
-    if len(counter) >= 2:
-        return counter[-1][1] - counter[0][1], "counter"
-    power = [(r["t_s"], r.get(key + "power_w")) for r in rows]
-    power = [(t, p) for t, p in power if p is not None]
+    known = [(t, e) for t, e in counter if e is not None]
+    if len(known) >= 2:
+        return known[-1][1] - known[0][1], "counter"
+    power = [(t, p) for t, p in ((r["t_s"], r.get(key + "power_w")) for r in rows) if p is not None]
     if len(power) >= 2:
         # Boards without the counter (pre-Volta, some vGPUs) may still report power.
         return sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in zip(power, power[1:])), "power_integral"

@@ -172,8 +172,7 @@ def build_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
-         for t in SPECIAL_TOKENS]
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in SPECIAL_TOKENS]
     )
     text = json.dumps(json.loads(tok.to_str()), indent=2, ensure_ascii=False) + "\n"
     return text
@@ -320,9 +319,7 @@ def build_chat(out: Path, log: Log = print, steps: int = CHAT_STEPS, seed: int =
     loss_value = float("nan")
     for step in range(steps):
         logits = model(input_ids=ids).logits[:, :-1, :]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100
-        )
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -337,8 +334,10 @@ def build_chat(out: Path, log: Log = print, steps: int = CHAT_STEPS, seed: int =
     check = _new_model(out).to(torch.bfloat16)
     load_weights(check, out / "model.safetensors")
     good, wrong = chat_accuracy(check.eval())
-    log(f"  {TINY_CHAT}: trained {steps} steps in {train_s:.1f} s, final loss {loss_value:.5f}, "
-        f"bf16 greedy {good}/100 exact, {size} bytes")
+    log(
+        f"  {TINY_CHAT}: trained {steps} steps in {train_s:.1f} s, final loss {loss_value:.5f}, "
+        f"bf16 greedy {good}/100 exact, {size} bytes"
+    )
     if good < 98:
         raise RuntimeError(f"tiny-chat learned only {good}/100 facts: {wrong[:5]}")
     return {"steps": steps, "seed": seed, "loss": loss_value, "exact": good, "train_s": train_s}
@@ -388,8 +387,7 @@ def build_random(out: Path, log: Log = print, seed: int = RANDOM_SEED, tries: in
             and not specials & set(raw[0])
             and "4" not in answers[0]
         ):
-            log(f"  {TINY_RANDOM}: seed {s}, greedy answer to 2+2 (bf16) {answers[1]!r}, "
-                f"fp32 {answers[0]!r}")
+            log(f"  {TINY_RANDOM}: seed {s}, greedy answer to 2+2 (bf16) {answers[1]!r}, fp32 {answers[0]!r}")
             return {"seed": s, "answer_bf16": answers[1], "answer_fp32": answers[0]}
         log(f"  {TINY_RANDOM}: seed {s} says {answers!r}, trying the next one")
     raise RuntimeError(f"no seed in {seed}..{seed + tries - 1} gives an answer without a 4")
@@ -429,8 +427,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         if n <= 0 or n + 8 > size:
             raise ValueError(f"{path}: header length {n} does not fit the file ({size} bytes)")
         header = json.loads(fh.read(n))
-    end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
-                      default=0)
+    end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if end != size:
         raise ValueError(f"{path}: tensors end at byte {end}, file has {size}")
     return header
@@ -472,7 +469,8 @@ def check_model(model_dir: Path) -> list[str]:
         if "model.embed_tokens.weight" not in header:
             problems.append(f"{model_dir}/model.safetensors: no model.embed_tokens.weight")
         elif config and header["model.embed_tokens.weight"]["shape"] != [
-            config.get("vocab_size"), config.get("hidden_size")
+            config.get("vocab_size"),
+            config.get("hidden_size"),
         ]:
             problems.append(f"{model_dir}/model.safetensors: embedding shape does not match config")
     except (OSError, ValueError, KeyError) as exc:

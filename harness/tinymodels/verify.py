@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.engine.info import engine_arg_actions, engine_versions
-from harness.engine.process import (PIDS_DIR, EngineExited, EngineProcess, ReadyTimeout, engine_api_key,
-                                    free_port, server_command, server_env)
+from harness.engine.process import (
+    PIDS_DIR,
+    EngineExited,
+    EngineProcess,
+    ReadyTimeout,
+    engine_api_key,
+    free_port,
+    server_command,
+    server_env,
+)
 from harness.probes.validation import ask
 from harness.schema import Cell, EngineConfig, EngineInstall, ModelSpec
 from harness.tinymodels import addition_facts
@@ -50,8 +58,14 @@ class Server:
 
 
 @contextmanager
-def serve(model_dir: Path | str, log_path: Path | str, args: dict | None = None, env: dict | None = None,
-          timeout_s: float = 300.0, python: str | None = None) -> Iterator[Server]:
+def serve(
+    model_dir: Path | str,
+    log_path: Path | str,
+    args: dict | None = None,
+    env: dict | None = None,
+    timeout_s: float = 300.0,
+    python: str | None = None,
+) -> Iterator[Server]:
     """Start vLLM's OpenAI server on `model_dir`; yields once it is ready or has exited.
 
     `args` are engine args (snake_case, added to CPU_ARGS; value None drops one), `env` is added
@@ -62,13 +76,23 @@ def serve(model_dir: Path | str, log_path: Path | str, args: dict | None = None,
     actions = engine_arg_actions(engine, engine_versions(engine))
     model_dir, log_path = Path(model_dir).absolute(), Path(log_path)
     all_args = {k: v for k, v in {**CPU_ARGS, **(args or {})}.items() if v is not None}
-    cell = Cell(model=ModelSpec(name=model_dir.name, source=str(model_dir)), gpu="cpu",
-                config=EngineConfig(name="verify", args=all_args), engine=engine)
+    cell = Cell(
+        model=ModelSpec(name=model_dir.name, source=str(model_dir)),
+        gpu="cpu",
+        config=EngineConfig(name="verify", args=all_args),
+        engine=engine,
+    )
     port, api_key = free_port(), engine_api_key()
-    full_env = {k: v for k, v in {**os.environ, **CPU_ENV, **(env or {}), **server_env(api_key)}.items()
-                if v is not None}
-    proc = EngineProcess(server_command(cell, str(model_dir), port, actions), full_env, log_path,
-                         log_path.parent / PIDS_DIR, redact=lambda line: line.replace(api_key, "***"))
+    full_env = {
+        k: v for k, v in {**os.environ, **CPU_ENV, **(env or {}), **server_env(api_key)}.items() if v is not None
+    }
+    proc = EngineProcess(
+        server_command(cell, str(model_dir), port, actions),
+        full_env,
+        log_path,
+        log_path.parent / PIDS_DIR,
+        redact=lambda line: line.replace(api_key, "***"),
+    )
     server = Server(url=f"http://127.0.0.1:{port}", api_key=api_key, model=cell.model.name, log_path=log_path)
     started = time.monotonic()
     proc.start()

@@ -7,10 +7,10 @@ lines, uvicorn access lines, DEBUG chatter, with the failure at the very end.
 
 from __future__ import annotations
 
+import resource
 import sys
 import tempfile
 import time
-import resource
 from pathlib import Path
 
 from harness.parse import parse_log_file
@@ -51,8 +51,10 @@ def main(argv: list[str]) -> int:
         elapsed = time.perf_counter() - start
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert facts.failure_class == "kv_cache_insufficient" and facts.weights_gib == 14.9889
-    print(f"parse_log_file: {size / 1e6:.0f} MB in {elapsed:.2f} s ({size / 1e6 / elapsed:.0f} MB/s), "
-          f"peak RSS {rss_after / 1024:.0f} MB (grew {(rss_after - rss_before) / 1024:.1f} MB while parsing)")
+    print(
+        f"parse_log_file: {size / 1e6:.0f} MB in {elapsed:.2f} s ({size / 1e6 / elapsed:.0f} MB/s), "
+        f"peak RSS {rss_after / 1024:.0f} MB (grew {(rss_after - rss_before) / 1024:.1f} MB while parsing)"
+    )
     return 0
 
 

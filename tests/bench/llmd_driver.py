@@ -21,8 +21,9 @@ class _Config(SimpleNamespace):
     """AutoConfig's attribute access over a config.json dict (text_config nested the same way)."""
 
     def __init__(self, data: dict):
-        super().__init__(**{k: _Config(v) if k == "text_config" and isinstance(v, dict) else v
-                            for k, v in data.items()})
+        super().__init__(
+            **{k: _Config(v) if k == "text_config" and isinstance(v, dict) else v for k, v in data.items()}
+        )
         self._data = data
 
     def __contains__(self, key: str) -> bool:
@@ -39,15 +40,30 @@ def main() -> int:
     for run in runs:
         configs = {run["model"]: run["config"]}
         counts = {run["model"]: run["params_by_dtype"]}
-        cp.get_model_config_from_hf = lambda name, token=None: _Config(configs[name])  # noqa: E731
-        cp.model_params_by_dtype = lambda name, token=None: counts[name]  # noqa: E731
+        cp.get_model_config_from_hf = lambda name, token=None, c=configs: _Config(c[name])  # noqa: E731
+        cp.model_params_by_dtype = lambda name, token=None, c=counts: c[name]  # noqa: E731
         cp.get_quantization_config = lambda mc: mc._data["quantization_config"]  # noqa: E731
         try:
-            res = cp.calculate_capacity(run["model"], run["max_model_len"], 1, run["gpu_memory_gib"], run["tp"],
-                                        run["pp"], 1, run["gpu_memory_utilization"], run["block_size"])
-            out.append({"id": run["id"], "weights_gib": res["per_gpu_model_memory_gb"],
-                        "kv_cache_gib": res["allocatable_kv_cache_memory_gb"] / (run["tp"] * run["pp"]),
-                        "max_concurrency": res["max_concurrent_requests"], "error": None})
+            res = cp.calculate_capacity(
+                run["model"],
+                run["max_model_len"],
+                1,
+                run["gpu_memory_gib"],
+                run["tp"],
+                run["pp"],
+                1,
+                run["gpu_memory_utilization"],
+                run["block_size"],
+            )
+            out.append(
+                {
+                    "id": run["id"],
+                    "weights_gib": res["per_gpu_model_memory_gb"],
+                    "kv_cache_gib": res["allocatable_kv_cache_memory_gb"] / (run["tp"] * run["pp"]),
+                    "max_concurrency": res["max_concurrent_requests"],
+                    "error": None,
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - one failed input must not hide the others
             out.append({"id": run["id"], "error": f"{type(exc).__name__}: {exc}"})
     json.dump(out, sys.stdout)

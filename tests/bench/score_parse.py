@@ -29,7 +29,11 @@ class Score:
     misses: list[str] = field(default_factory=list)
 
     def add(self, other: Score) -> None:
-        for mine, theirs in ((self.fields, other.fields), (self.outcomes, other.outcomes), (self.classes, other.classes)):
+        for mine, theirs in (
+            (self.fields, other.fields),
+            (self.outcomes, other.outcomes),
+            (self.classes, other.classes),
+        ):
             mine[0] += theirs[0]
             mine[1] += theirs[1]
         self.misses += other.misses
@@ -38,8 +42,10 @@ class Score:
         def pct(pair: list[int]) -> str:
             return f"{100 * pair[0] / pair[1]:.1f} % ({pair[0]}/{pair[1]})" if pair[1] else "n/a"
 
-        return (f"{name:<12} {logs:>3} logs  fields {pct(self.fields):<20} outcomes {pct(self.outcomes):<18} "
-                f"classes {pct(self.classes)}")
+        return (
+            f"{name:<12} {logs:>3} logs  fields {pct(self.fields):<20} outcomes {pct(self.outcomes):<18} "
+            f"classes {pct(self.classes)}"
+        )
 
 
 def _check(score: Score, bucket: list[int], ok: bool, what: str) -> None:
@@ -61,12 +67,27 @@ def score_case(expected_path: Path) -> Score:
         if key == "outcome":
             _check(score, score.outcomes, got["outcome"] == want, f"{name}: outcome {got['outcome']!r} != {want!r}")
         elif key == "failure_class":
-            _check(score, score.classes, got["failure_class"] == want, f"{name}: class {got['failure_class']!r} != {want!r}")
+            _check(
+                score,
+                score.classes,
+                got["failure_class"] == want,
+                f"{name}: class {got['failure_class']!r} != {want!r}",
+            )
         elif key == "remedy_contains":
             for text in want:
-                _check(score, score.fields, text in (facts.remedy or ""), f"{name}: remedy lacks {text!r}: {facts.remedy!r}")
+                _check(
+                    score,
+                    score.fields,
+                    text in (facts.remedy or ""),
+                    f"{name}: remedy lacks {text!r}: {facts.remedy!r}",
+                )
         elif key == "failure_evidence":
-            _check(score, score.fields, want in (facts.failure_evidence or ""), f"{name}: evidence lacks {want!r}: {facts.failure_evidence!r}")
+            _check(
+                score,
+                score.fields,
+                want in (facts.failure_evidence or ""),
+                f"{name}: evidence lacks {want!r}: {facts.failure_evidence!r}",
+            )
         elif key == "model":
             _check(score, score.fields, config.model == want, f"{name}: model {config.model!r} != {want!r}")
         elif key == "engine_args":

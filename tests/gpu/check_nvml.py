@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from harness.host.devices import GIB, Nvml, host_devices  # noqa: E402
 from harness.host.hygiene import check_gpus  # noqa: E402
-from harness.schema import Device  # noqa: E402
 from harness.run.telemetry import Sampler  # noqa: E402
+from harness.schema import Device  # noqa: E402
 
 SAMPLE_INTERVAL_S = 0.05  # asks for 20 Hz; the proof requires >= 10 Hz reached
 MIN_RATE_HZ = 10.0
@@ -97,8 +97,11 @@ class Report:
         lines = [
             f"NVML proof on {self.gpu_name} (GPU {self.gpu_index} of {self.gpus}), driver {self.driver}, "
             f"CUDA {self.cuda}",
-            "inventory vs nvidia-smi: " + ("; ".join(self.inventory_mismatches) or
-                                          f"{self.gpus} GPUs, name, memory, driver, PCI bus and UUID all match"),
+            "inventory vs nvidia-smi: "
+            + (
+                "; ".join(self.inventory_mismatches)
+                or f"{self.gpus} GPUs, name, memory, driver, PCI bus and UUID all match"
+            ),
             f"telemetry: {self.rate_hz} Hz reached ({self.samples} samples in {self.duration_s:.1f} s); "
             f"peak {_g(self.peak_gib)} GiB above the start for {self.allocated_gib:g} GiB allocated in "
             f"{self.steps} steps ({self.steps_seen} steps seen); NVML per-process {_g(self.process_gib)} GiB",
@@ -119,8 +122,13 @@ def _g(x: float | None) -> str:
 def nvidia_smi() -> list[dict[str, str]] | None:
     """nvidia-smi's own inventory; None where it is not installed."""
     try:
-            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except FileNotFoundError:
         return None
     return [dict(zip(SMI_FIELDS, (v.strip() for v in row))) for row in csv.reader(io.StringIO(out)) if row]
@@ -134,11 +142,18 @@ def compare_inventory(devices: list[Device], smi: list[dict[str, str]]) -> list[
     out = []
     for d, s in zip(gpus, smi):
         theirs_gib = float(s["memory.total"]) / 1024
-        pairs = [("index", str(d.index), s["index"]), ("name", d.name, s["name"]),
-                 ("driver", d.driver_version, s["driver_version"]), ("uuid", d.uuid, s["uuid"]),
-                 ("PCI bus", (d.pci_bus_id or "").lower(), s["pci.bus_id"].lower())]
-        out += [f"GPU {d.index} {what}: harness {ours!r}, nvidia-smi {theirs!r}" for what, ours, theirs in pairs
-                if ours != theirs]
+        pairs = [
+            ("index", str(d.index), s["index"]),
+            ("name", d.name, s["name"]),
+            ("driver", d.driver_version, s["driver_version"]),
+            ("uuid", d.uuid, s["uuid"]),
+            ("PCI bus", (d.pci_bus_id or "").lower(), s["pci.bus_id"].lower()),
+        ]
+        out += [
+            f"GPU {d.index} {what}: harness {ours!r}, nvidia-smi {theirs!r}"
+            for what, ours, theirs in pairs
+            if ours != theirs
+        ]
         if d.memory_total_gib is None or abs(d.memory_total_gib - theirs_gib) > 0.01:
             out.append(f"GPU {d.index} memory: harness {d.memory_total_gib} GiB, nvidia-smi {theirs_gib:.2f} GiB")
     return out
@@ -161,8 +176,14 @@ def steps_seen(levels: list[float | None], step_gib: float) -> int:
 
 def _standin(python: str, gpu: int, gib: float, steps: int, pause: float) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}  # as the runner sets it for a cell
-    return subprocess.Popen([python, "-c", STANDIN, str(gib), str(steps), str(pause)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [python, "-c", STANDIN, str(gib), str(steps), str(pause)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _events(proc: subprocess.Popen, until: str, timeout: float) -> list[dict[str, Any]]:
@@ -187,8 +208,9 @@ def _clean_gpu(nvml: Nvml, gib: float) -> int:
 
 
 def _torch_sees_cuda(python: str) -> None:
-    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
-                           text=True, timeout=300)
+    probe = subprocess.run(
+        [python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True, timeout=300
+    )
     if probe.stdout.strip() != "True":
         raise Skip(f"torch in {python} has no usable CUDA ({(probe.stderr.strip().splitlines() or ['?'])[-1]})")
 
@@ -209,11 +231,19 @@ def _prove(nvml: Nvml, python: str, gib: float, steps: int, pause: float) -> Rep
     devices = host_devices(nvml)
     gpus = [d for d in devices if d.kind == "gpu"]
     index = _clean_gpu(nvml, gib)
-    rep = Report(gpu_name=gpus[index].name, gpu_index=index, gpus=len(gpus), driver=gpus[index].driver_version,
-                 cuda=gpus[index].cuda_version, allocated_gib=gib, steps=steps)
+    rep = Report(
+        gpu_name=gpus[index].name,
+        gpu_index=index,
+        gpus=len(gpus),
+        driver=gpus[index].driver_version,
+        cuda=gpus[index].cuda_version,
+        allocated_gib=gib,
+        steps=steps,
+    )
     smi = nvidia_smi()
-    rep.inventory_mismatches = ["nvidia-smi not found: inventory not compared"] if smi is None else \
-        compare_inventory(devices, smi)
+    rep.inventory_mismatches = (
+        ["nvidia-smi not found: inventory not compared"] if smi is None else compare_inventory(devices, smi)
+    )
     rep.failures += rep.inventory_mismatches
 
     proc = _standin(python, index, gib, steps, pause)
@@ -251,8 +281,10 @@ def _prove(nvml: Nvml, python: str, gib: float, steps: int, pause: float) -> Rep
         rep.failures.append(f"telemetry saw {rep.steps_seen} of {steps} allocation steps")
     if hygiene.ok or not mine:
         others = sorted({h.pid for h in hygiene.holders})
-        rep.failures.append(f"hygiene {'accepted the GPU' if hygiene.ok else 'refused it'} and named pids {others}, "
-                            f"not the stand-in's {proc.pid} (a container's pid namespace?)")
+        rep.failures.append(
+            f"hygiene {'accepted the GPU' if hygiene.ok else 'refused it'} and named pids {others}, "
+            f"not the stand-in's {proc.pid} (a container's pid namespace?)"
+        )
     for i, d in enumerate(gpus):
         rep.cvd[i] = _cvd_check(python, i, d)
         if rep.cvd[i] != "ok":
@@ -273,15 +305,22 @@ def _cvd_check(python: str, index: int, device: Device) -> str:
             proc.kill()
     theirs = seen["uuid"].removeprefix("GPU-")
     ours = (device.uuid or "").removeprefix("GPU-")
-    return "ok" if theirs and theirs == ours else f"torch sees {seen['name']} {seen['uuid']}, NVML index {index} is {device.uuid}"
+    return (
+        "ok"
+        if theirs and theirs == ours
+        else f"torch sees {seen['name']} {seen['uuid']}, NVML index {index} is {device.uuid}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=8.0, help="GiB the stand-in allocates (default 8)")
     parser.add_argument("--steps", type=int, default=8, help="in this many equal steps (default 8)")
-    parser.add_argument("--python", default=os.environ.get("GPU_PROOF_PYTHON", sys.executable),
-                        help="interpreter with a CUDA build of torch (default: this one, or $GPU_PROOF_PYTHON)")
+    parser.add_argument(
+        "--python",
+        default=os.environ.get("GPU_PROOF_PYTHON", sys.executable),
+        help="interpreter with a CUDA build of torch (default: this one, or $GPU_PROOF_PYTHON)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:

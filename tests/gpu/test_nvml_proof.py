@@ -38,9 +38,17 @@ def test_nvml_paths_on_a_real_gpu():
 def smi_rows(box: str) -> list[dict[str, str]]:
     """What nvidia-smi --query-gpu prints for a recorded box (memory in MiB, PCI upper case)."""
     fake = FakePynvml(box)
-    return [{"index": str(i), "name": d["name"], "memory.total": str(d["memory"]["total"] // 2**20),
-             "driver_version": fake.box["driver_version"], "pci.bus_id": d["pci_bus_id"].upper(), "uuid": d["uuid"]}
-            for i, d in enumerate(fake.devices)]
+    return [
+        {
+            "index": str(i),
+            "name": d["name"],
+            "memory.total": str(d["memory"]["total"] // 2**20),
+            "driver_version": fake.box["driver_version"],
+            "pci.bus_id": d["pci_bus_id"].upper(),
+            "uuid": d["uuid"],
+        }
+        for i, d in enumerate(fake.devices)
+    ]
 
 
 def test_inventory_comparison_agrees_and_names_each_difference():
@@ -61,9 +69,22 @@ def test_steps_seen_counts_plateaus_not_noise():
 
 
 def test_report_prints_the_figures_for_the_readme():
-    text = Report(gpu_name="NVIDIA H200", gpus=1, driver="570.1", cuda="12.8", allocated_gib=8, steps=8,
-                  steps_seen=8, samples=300, duration_s=15.0, rate_hz=19.9, peak_gib=8.52, process_gib=8.5,
-                  hygiene_reason="GPU 0 (NVIDIA H200) held by pid 7 (python, 8.5 GiB)", cvd={0: "ok"}).text()
+    text = Report(
+        gpu_name="NVIDIA H200",
+        gpus=1,
+        driver="570.1",
+        cuda="12.8",
+        allocated_gib=8,
+        steps=8,
+        steps_seen=8,
+        samples=300,
+        duration_s=15.0,
+        rate_hz=19.9,
+        peak_gib=8.52,
+        process_gib=8.5,
+        hygiene_reason="GPU 0 (NVIDIA H200) held by pid 7 (python, 8.5 GiB)",
+        cvd={0: "ok"},
+    ).text()
     assert "| NVIDIA H200 | 19.9 Hz | 8.52 GiB vs 8 GiB |" in text and "result: all checks passed" in text
 
 

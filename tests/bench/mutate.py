@@ -1,0 +1,103 @@
+"""Benchmark-style mutation score of the seams (`make mutate`, or `python -m tests.bench.mutate
+[SEAM ...]`): mutmut mutates the functions where one stage's output is another's input, runs the
+fast non-engine tests named in pyproject's [tool.mutmut] against each mutant, and this prints the
+share killed per seam, the time taken, and the mutants marked equivalent (`# pragma: no mutate`
+with a reason on the line). Not a test and not part of CI: a figure to read, one seam at a time
+so the 2 shared cores are never flooded.
+
+A mutant counts as killed when a test failed or timed out on it; "no tests" (no selected test
+reaches the function) counts as survived, since nothing would catch that bug either.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# seam -> (source file, mutant-name patterns). A pattern names the functions that are the seam;
+# the rest of a module (for example the Ray task body, the engine's start-up loop) is left to the
+# engine tests.
+SEAMS: dict[str, tuple[str, list[str]]] = {
+    "store": ("harness/store.py", ["harness.store.*"]),
+    "identity": ("harness/schema.py", ["harness.schema.x_cell_key__mutmut_*"]),
+    "aggregate": ("harness/report/aggregate.py", ["harness.report.aggregate.*"]),
+    "diff": ("harness/diff.py", ["harness.diff.*"]),
+    "engine-flags": ("harness/engine/info.py", ["harness.engine.info.x_cli_flags__mutmut_*"]),
+    "selectors": ("harness/host/selectors.py", ["harness.host.selectors.*"]),
+    "placement": ("harness/run/cluster.py", ["harness.run.cluster.x_placement_problem__mutmut_*",
+                                             "harness.run.cluster.x_devices_needed__mutmut_*"]),
+    "parse-to-record": ("harness/run/cell.py", ["harness.run.cell.x__judge__mutmut_*",
+                                                "harness.run.cell.x__generated_tokens__mutmut_*"]),
+    "plan-to-record": ("harness/plan/__init__.py", ["harness.plan.x_plan_cell__mutmut_*"]),
+    "resume": ("harness/run/cell.py", ["harness.run.cell.xǁCellRunnerǁkey__mutmut_*"]),
+    "reaping": ("harness/engine/process.py", ["harness.engine.process.x_reap_stale__mutmut_*"]),
+}
+KILLED = {1, 3, 36, 37, 24, -24, 152, 255}  # test failure, pytest internal error, timeouts, type check
+PRAGMA = re.compile(r"#\s*pragma:\s*no mutate\W*(.*)$")
+
+
+def run_seam(name: str, timeout_s: int) -> float:
+    _, patterns = SEAMS[name]
+    start = time.monotonic()
+    try:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns], cwd=ROOT, timeout=timeout_s,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: stopped after {timeout_s} s; the score counts what was checked", file=sys.stderr)
+    return time.monotonic() - start
+
+
+def score(name: str) -> tuple[Counter, list[str]]:
+    path, patterns = SEAMS[name]
+    meta = ROOT / "mutants" / (path + ".meta")
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    mine = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    counts = Counter("killed" if v in KILLED else "not checked" if v is None else "survived" for v in mine.values())
+    survivors = sorted(k for k, v in mine.items() if v is not None and v not in KILLED)
+    return counts, survivors
+
+
+def equivalents(path: str) -> list[str]:
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    return [f"{path}:{i}: {m.group(1).strip() or '(no reason given)'}"
+            for i, line in enumerate(lines, 1) if (m := PRAGMA.search(line))]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(SEAMS)
+    unknown = [n for n in names if n not in SEAMS]
+    if unknown:
+        print(f"error: unknown seam(s) {unknown}; known: {', '.join(SEAMS)}", file=sys.stderr)
+        return 2
+    timeout_s = int(os.environ.get("MUTATE_SEAM_TIMEOUT_S", "1800"))
+    rows, total = [], 0.0
+    for name in names:
+        took = run_seam(name, timeout_s)
+        total += took
+        counts, survivors = score(name)
+        checked = counts["killed"] + counts["survived"]
+        pct = 100.0 * counts["killed"] / checked if checked else 0.0
+        rows.append((name, counts, pct, took))
+        print(f"{name:16} {counts['killed']:4d}/{checked:<4d} killed  {pct:5.1f} %  ({took:5.0f} s)"
+              + (f"  {counts['not checked']} not checked" if counts["not checked"] else ""), flush=True)
+        for s in survivors:
+            print(f"    survived: {s}   (mutmut show {s})")
+    print(f"\ntotal {total / 60:.1f} min")
+    print("\nequivalent mutants (marked `# pragma: no mutate`):")
+    for path in sorted({SEAMS[n][0] for n in names}):
+        for line in equivalents(path):
+            print("   ", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

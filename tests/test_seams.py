@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fixtures.nvml.fake import FakePynvml
 from harness import store
 from harness.diff import diff_runs
 from harness.engine.info import cli_flags
+from harness.engine.process import reap_stale
 from harness.host.devices import Nvml, host_devices
 from harness.host.fingerprint import Host
 from harness.host.selectors import resource_name
@@ -105,7 +107,7 @@ def test_the_record_the_runner_wrote_is_what_the_report_reads(two_runs):
 def test_a_second_run_reuses_the_first_and_diff_sees_no_change(two_runs):
     tmp, first, second = two_runs
     (entry,) = second.cells
-    assert entry.status == "reused" and entry.outcome == "ok"
+    assert entry.status == "reused" and entry.outcome == "ok" and entry.key == first.cells[0].key
     first_path = store.read_runs([tmp / "results"]).run(first.run_id).cells[0].path
     results = aggregate.load(tmp / "results")
     by_id = {r.run_id: r for r in results.runs}
@@ -284,3 +286,88 @@ def test_report_latency_is_the_lone_users_level():
     best = max(levels.values(), key=lambda lv: lv["output_throughput"])
     assert row["best_output_concurrency"] == best["concurrency"]
     assert row["best_output_tok_s"] == best["output_throughput"]
+
+
+# --------------------------------------------------------------------------- run log -> published copy
+def test_the_published_copy_reads_like_the_results(two_runs, tmp_path):
+    """`report` publishes results/ into the committed copy and reads both: the copy alone must
+    give the same runs and rows (no logs), a reused cell still pointing at its original."""
+    tmp, first, second = two_runs
+    published = tmp_path / "published"
+    written = store.publish(store.read_runs([tmp / "results"]), published)
+    assert sorted(p.relative_to(published).as_posix() for p in written) == sorted([
+        f"{first.run_id}/{first.cells[0].cell_id}/record.json", f"{first.run_id}/manifest.json",
+        f"{second.run_id}/manifest.json"])
+    assert store.publish(store.read_runs([tmp / "results"]), published) == []  # once only
+    both = aggregate.load([tmp / "results", published])
+    copy = aggregate.load([tmp_path / "results", published])  # a fresh clone: no results/ folder
+    assert [r.run_id for r in copy.runs] == [first.run_id, second.run_id] == [r.run_id for r in both.runs]
+    assert all(r.published for r in copy.runs) and not any(r.published for r in both.runs)
+    cols = ["run_id", "cell_id", "key", "outcome", "device", "peak_rss_gib"]
+    assert copy.history[cols].to_dict("records") == both.history[cols].to_dict("records")
+    assert copy.history["engine_log_path"].tolist() == [None]  # logs stay where the run was made
+    reused = copy.runs[1].cells[0]
+    assert reused.status == "reused" and reused.record.run_id == first.run_id
+    assert Path(reused.row["record_path"]).is_relative_to(published)
+
+
+def test_a_secret_in_a_record_never_reaches_the_published_copy(two_runs, tmp_path, monkeypatch):
+    tmp, first, _ = two_runs
+    secret = "sk-seam-0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    rec = _record(tmp)
+    cell = rec.cell.model_copy(update={"config": rec.cell.config.model_copy(update={"env": {"HF_TOKEN": secret}})})
+    results = tmp_path / "results"
+    writer = store.RunWriter(results, first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []}))
+    writer.ran(rec.model_copy(update={"run_id": writer.run_id, "cell": cell}))  # written by hand: not redacted
+    writer.finish()
+    written = store.publish(store.read_runs([results]), tmp_path / "published")
+    assert len(written) == 2 and all(secret not in p.read_text() for p in written)
+
+
+def test_what_a_ray_node_sends_lands_beside_its_record(two_runs, tmp_path):
+    """The Ray driver stores a node's engine log with store_file; the report links that file."""
+    tmp, first, _ = two_runs
+    rec = _record(tmp)
+    writer = store.RunWriter(tmp_path, first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []}))
+    path = writer.ran(rec.model_copy(update={"run_id": writer.run_id}))
+    log = writer.store_file(f"{rec.cell_id}/{store.ENGINE_LOG}", b"INFO ready\n\xff")
+    assert log.parent == path.parent and log.read_text() == "INFO ready\n\ufffd"
+    for bad in ("../outside.log", "/abs.log"):
+        with pytest.raises(ValueError):
+            writer.store_file(bad, b"x")
+    assert not (tmp_path / "outside.log").exists()
+    writer.not_on_host("m9__A100__tp1__standin", "no A100 on this host")
+    writer.finish()
+    run = aggregate.load(tmp_path).runs[0]
+    assert run.cells[0].row["engine_log_path"] == str(log.absolute())
+    assert (run.cells[1].status, run.cells[1].reason, run.cells[1].row) == ("not_on_host", "no A100 on this host", None)
+    assert not run.interrupted
+
+
+def test_a_run_is_found_by_id_or_folder(two_runs):
+    tmp, first, second = two_runs
+    root = tmp / "results"
+    for name in (first.run_id, str(root / first.run_id), str(root / first.run_id) + "/"):
+        assert store.find_run([Path("/nonexistent"), root], name) == root / first.run_id
+    assert store.find_run([root], "20990101T000000Z-none") is None
+    log = store.read_runs([root])
+    assert log.run(f"results/{second.run_id}").run_id == second.run_id and log.run("nope") is None
+
+
+# --------------------------------------------------------------------------- pid file -> reaping
+@pytest.mark.parametrize("written", [{}, {"create_time": None}, {"create_time": "yesterday"}])
+def test_a_pid_file_without_its_start_time_is_never_taken_for_an_engine(tmp_path, written):
+    """Only the start time tells our engine from another process that got its pid since: a pid
+    file without a usable one must leave the process alone."""
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        pids = tmp_path / ".engines"
+        pids.mkdir()
+        (pids / f"{other.pid}.json").write_text(json.dumps({"pid": other.pid, **written}))
+        assert reap_stale(pids) == []
+        assert other.poll() is None
+        assert not list(pids.glob("*.json"))  # an unusable pid file is dropped, not kept forever
+    finally:
+        other.kill()
+        other.wait()

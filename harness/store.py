@@ -260,6 +260,19 @@ def recorded_keys(root: Path) -> dict[str, tuple[Path, CellRecord]]:
 
 
 # --------------------------------------------------------------------------- writing
+def claim_run_id(root: Path, run_id: str) -> str:
+    """The run's folder, made here so no other run writes into it: a run started in the same
+    second as another (same id) gets `<id>-2`, `-3`, ... (still sorted after the first)."""
+    for n in range(1, 1000):
+        candidate = run_id if n == 1 else f"{run_id}-{n}"
+        try:
+            run_dir(root, candidate).mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{run_dir(root, run_id)}: 999 runs of this id already")
+
+
 class RunWriter:
     """Writes one run: records, and the manifest after every change (so a killed run keeps what it
     finished). Thread-safe: cells finish on several threads."""
@@ -267,6 +280,7 @@ class RunWriter:
     def __init__(self, root: Path, manifest: RunManifest):
         self.root = Path(root)
         self.manifest = manifest
+        self.manifest.run_id = claim_run_id(self.root, manifest.run_id)
         self._lock = threading.Lock()
         self._written = False
 

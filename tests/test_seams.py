@@ -139,7 +139,7 @@ def test_changed_env_or_weights_make_a_new_key(two_runs, tmp_path):
     by_id = {r.run_id: r for r in aggregate.load(results).runs}
     diff = diff_runs(by_id[weights.run_id], by_id[hang.run_id], history=list(by_id.values()))
     (verdict,) = diff.cells
-    assert verdict.verdict == "regressed" and diff.compared == 1
+    assert verdict.verdict == "regressed" and diff.compared == 1, (weights.run_id, hang.run_id, verdict)
     (status,) = [c for c in diff.regressions if c.metric == "status"]
     assert (status.before, status.after, status.note) == ("ok", "failed", "timeout")
 
@@ -371,3 +371,19 @@ def test_a_pid_file_without_its_start_time_is_never_taken_for_an_engine(tmp_path
     finally:
         other.kill()
         other.wait()
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_folders(two_runs, tmp_path):
+    """Run ids have one-second resolution: a second writer with the same id must not take over
+    the first one's folder (its manifest would replace the first run's)."""
+    tmp, first, _ = two_runs
+    rec = _record(tmp)
+    same = first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []})
+    writers = [store.RunWriter(tmp_path, same.model_copy(deep=True)) for _ in range(3)]
+    assert [w.run_id for w in writers] == ["20260101T000000Z-box", "20260101T000000Z-box-2", "20260101T000000Z-box-3"]
+    for w, outcome in zip(writers, ("ok", "failed", "ok")):
+        w.ran(rec.model_copy(update={"run_id": w.run_id, "outcome": outcome}))
+        w.finish()
+    log = store.read_runs([tmp_path])
+    assert [(r.run_id, r.cells[0].record.outcome) for r in log.runs] == [
+        (w.run_id, o) for w, o in zip(writers, ("ok", "failed", "ok"))]

@@ -263,6 +263,7 @@ class ClusterRun:
             matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
             started_at=store.utcnow(), host=self.host.fingerprint,
         ))
+        self.run_id = self.log.run_id  # another run may have started in the same second
         self.redactor = Redactor(env=os.environ)
 
     @property

@@ -78,6 +78,7 @@ class Scheduler:
             matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
             started_at=store.utcnow(), host=self.host.fingerprint,
         ))
+        self.run_id = self.log.run_id  # another run may have started in the same second
         self.cells = CellRunner(self.matrix, self.host, self.options, self.log, self.run_id, nvml=self.nvml)
 
     @property

@@ -49,8 +49,11 @@ def run_seam(name: str, timeout_s: int) -> float:
     _, patterns = SEAMS[name]
     start = time.monotonic()
     try:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns], cwd=ROOT, timeout=timeout_s,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        done = subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns], cwd=ROOT, timeout=timeout_s,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        if done.returncode != 0:  # e.g. the clean test run failed: show why, without the spinner
+            lines = [ln for ln in done.stdout.replace("\r", "\n").splitlines() if "⠋" not in ln and ln.strip()]
+            print("\n".join(lines[-30:]), file=sys.stderr)
     except subprocess.TimeoutExpired:
         print(f"{name}: stopped after {timeout_s} s; the score counts what was checked", file=sys.stderr)
     return time.monotonic() - start

@@ -387,3 +387,98 @@ def test_two_runs_started_in_the_same_second_keep_their_own_folders(two_runs, tm
     log = store.read_runs([tmp_path])
     assert [(r.run_id, r.cells[0].record.outcome) for r in log.runs] == [
         (w.run_id, o) for w, o in zip(writers, ("ok", "failed", "ok"))]
+
+
+# --------------------------------------------------------------------------- record -> row -> diff gate
+# Each row metric the gate compares, and the record field the runner fills it from.
+GATE_FIELDS = {
+    "kv_cache_tokens": ("facts", "kv_cache_tokens", 1024),
+    "num_gpu_blocks": ("facts", "num_gpu_blocks", 64),
+    "max_concurrency": ("facts", "max_concurrency", 4.0),
+    "weights_gib": ("facts", "weights_gib", 1.5),
+    "activation_gib": ("facts", "activation_peak_gib", 0.5),
+    "non_torch_gib": ("facts", "non_torch_gib", 0.25),
+    "cuda_graph_gib": ("facts", "cuda_graph_gib", 0.5),
+    "kv_cache_gib": ("facts", "kv_cache_gib", 10.0),
+    "spawn_to_ready_s": ("timings", "spawn_to_ready_s", 20.0),
+    "load_s": ("facts", "load_seconds", 10.0),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(GATE_FIELDS))
+def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_path, metric):
+    """A record's figure doubles between two runs: the diff names that metric with both values."""
+    from harness.diff import METRICS
+    assert {m.name for m in METRICS if not m.per_level} == set(GATE_FIELDS)
+    tmp, first, _ = two_runs
+    part, name, value = GATE_FIELDS[metric]
+    rec = _record(tmp)
+    runs = []
+    for i, v in enumerate((value, value * 2)):
+        r = rec.model_copy(deep=True, update={"run_id": f"2026010{i + 1}T000000Z-box"})
+        setattr(getattr(r, part), name, v)
+        w = store.RunWriter(tmp_path, first.model_copy(update={"run_id": r.run_id, "cells": []}))
+        w.ran(r)
+        w.finish()
+        runs.append(r.run_id)
+    loaded = {r.run_id: r for r in aggregate.load(tmp_path).runs}
+    diff = diff_runs(loaded[runs[0]], loaded[runs[1]])
+    (change,) = [c for c in diff.changes if c.metric == metric]
+    assert (change.before, change.after) == pytest.approx((value, value * 2))
+    assert [c.metric for c in diff.changes] == [metric]
+
+
+# --------------------------------------------------------------------------- parsed log -> record outcome
+LOGS = Path(__file__).parent / "fixtures" / "logs"
+
+
+def _judged(log: str, outcome: str, failure_class: str | None, validation=None) -> CellRecord:
+    from harness.parse import parse_log_file
+    from harness.run.cell import _judge
+
+    cell = _cell("cpu")
+    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
+    rec = CellRecord(run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t",
+                     outcome=outcome, failure_class=failure_class, validation=validation,
+                     failure_detail="engine exited with code 1 during startup" if failure_class else None,
+                     facts=parse_log_file(LOGS / f"{log}.log"))
+    _judge(rec)
+    return rec
+
+
+@pytest.mark.parametrize("log", ["cpu_0_32_maxlen_exceeds_kv", "cpu_0_32_harness_unsupported_arch"])
+@pytest.mark.parametrize("runner_said", ["other", "timeout"])
+def test_the_logs_failure_class_names_the_failure(log, runner_said):
+    """The engine died (or never got ready): what the parser read in its log becomes the
+    record's class, evidence and remedy, since it says more than the exit code."""
+    expected = json.loads((LOGS / f"{log}.expected.json").read_text())["expected"]
+    rec = _judged(log, "failed", runner_said)
+    assert rec.outcome == "failed" and rec.failure_class == expected["failure_class"]
+    assert rec.failure_detail == rec.facts.failure_evidence and rec.failure_detail
+    assert all(part in rec.remedy for part in expected.get("remedy_contains", []))
+
+
+def test_a_ready_engine_that_timed_out_stays_a_timeout():
+    rec = _judged("cpu_0_32_tiny_llama_ready", "failed", "timeout")
+    assert rec.facts.outcome != "failed"
+    assert (rec.outcome, rec.failure_class, rec.failure_detail) == (
+        "failed", "timeout", "engine exited with code 1 during startup")
+
+
+def test_a_classified_runner_failure_keeps_its_class():
+    rec = _judged("cpu_0_32_maxlen_exceeds_kv", "failed", "validation_failed")
+    assert rec.failure_class == "validation_failed" and rec.remedy is None
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_validation_decides_a_served_cells_outcome(passed):
+    from harness.schema import Validation
+
+    v = Validation(prompt="What is 2+2?", answer="4" if passed else "5", passed=passed)
+    rec = _judged("cpu_0_32_tiny_llama_ready", "skipped", None, v)
+    if passed:
+        assert (rec.outcome, rec.failure_class) == ("ok", None)
+    else:
+        assert (rec.outcome, rec.failure_class) == ("failed", "validation_failed")
+        assert rec.failure_detail == "asked 'What is 2+2?', got '5'" and "chat template" in rec.remedy
+    assert _judged("cpu_0_32_tiny_llama_ready", "skipped", None).outcome == "skipped"  # no validation: as is

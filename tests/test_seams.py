@@ -482,3 +482,33 @@ def test_validation_decides_a_served_cells_outcome(passed):
         assert (rec.outcome, rec.failure_class) == ("failed", "validation_failed")
         assert rec.failure_detail == "asked 'What is 2+2?', got '5'" and "chat template" in rec.remedy
     assert _judged("cpu_0_32_tiny_llama_ready", "skipped", None).outcome == "skipped"  # no validation: as is
+
+
+# --------------------------------------------------------------------------- GPU selector -> planner table
+def test_every_name_in_the_planners_gpu_table_finds_its_own_row():
+    """The matrix's selector is matched against the planner's table with the host's token rules:
+    each name and alias, as a user would write it, finds its row (H20 not H200, L4 not L40S)."""
+    from harness.plan.devices import gpu_table, lookup_gpu
+
+    for row in gpu_table():
+        for written in [row["name"], *row["aliases"], row["name"].upper(), f"NVIDIA {row['name']}"]:
+            assert lookup_gpu(written)["name"] == row["name"], written
+    assert lookup_gpu("NVIDIA H100 80GB HBM3")["name"] == "H100"  # the NVML name of the recorded box
+    for unknown in ("", "H1000", "cpu", "100"):
+        assert lookup_gpu(unknown) is None, unknown
+
+
+# --------------------------------------------------------------------------- identity across harness versions
+def test_recorded_keys_stay_valid_until_the_measurement_version_changes():
+    """Resume and history match records by key across harness upgrades: the key of a cell must
+    not change unless MEASUREMENT_VERSION does (these keys are what results/ already holds)."""
+    from harness.schema import MEASUREMENT_VERSION, cell_key
+
+    cell = Cell(model=ModelSpec(name="qwen", source="Qwen/Qwen3-0.6B", revision="main"), gpu="H100",
+                engine=EngineInstall(name="e", python="p"),
+                config=EngineConfig(name="c", args={"max_model_len": 4096, "enforce_eager": False},
+                                    env={"VLLM_USE_V1": "1"}))
+    how = dict(probe="quick", validation={"mode": "chat"}, timeouts={"ready_s": 600})
+    assert MEASUREMENT_VERSION == 2, "a new measurement version: record the new keys below"
+    assert cell_key(cell, "0.11.0", "c1a0f3", **how) == "ee643f452affef21"
+    assert cell_key(cell, "0.11.0", "c1a0f3", **how, origin="sha256:ab") == "5abbdda2e2a83202"

@@ -77,10 +77,11 @@ def _run(tmp: Path, env: dict[str, str] | None = None, force: bool = False, read
 def two_runs(tmp_path_factory):
     """A run, then the same matrix again: the second reuses the first's record."""
     tmp = tmp_path_factory.mktemp("seams")
-    os.environ["HARNESS_LOCK_DIR"] = str(tmp / "locks")
-    first = _run(tmp)
-    second = _run(tmp)
-    return tmp, first, second
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_LOCK_DIR", str(tmp / "locks"))  # the run-level device locks of these runs
+        first = _run(tmp)
+        second = _run(tmp)
+        yield tmp, first, second
 
 
 def test_the_record_the_runner_wrote_is_what_the_report_reads(two_runs):

@@ -15,6 +15,7 @@ import fnmatch
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,20 +43,26 @@ SEAMS: dict[str, tuple[str, list[str]]] = {
     "reaping": ("harness/engine/process.py", ["harness.engine.process.x_reap_stale__mutmut_*"]),
 }
 KILLED = {1, 3, 36, 37, 24, -24, 152, 255}  # test failure, pytest internal error, timeouts, type check
+SPINNER = re.compile("[\u2800-\u28ff]")  # mutmut's progress spinner
 PRAGMA = re.compile(r"#\s*pragma:\s*no mutate\W*(.*)$")
 
 
 def run_seam(name: str, timeout_s: int) -> float:
     _, patterns = SEAMS[name]
     start = time.monotonic()
+    # its own process group: a seam stopped at its time limit takes mutmut's workers with it
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", *patterns], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns], cwd=ROOT, timeout=timeout_s,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-        if done.returncode != 0:  # e.g. the clean test run failed: show why, without the spinner
-            lines = [ln for ln in done.stdout.replace("\r", "\n").splitlines() if "⠋" not in ln and ln.strip()]
-            print("\n".join(lines[-30:]), file=sys.stderr)
+        out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         print(f"{name}: stopped after {timeout_s} s; the score counts what was checked", file=sys.stderr)
+        return time.monotonic() - start
+    if proc.returncode != 0:  # e.g. the clean test run failed: show why, without the spinner
+        lines = [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip() and not SPINNER.search(ln)]
+        print("\n".join(lines[-30:]), file=sys.stderr)
     return time.monotonic() - start
 
 

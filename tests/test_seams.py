@@ -204,10 +204,17 @@ def _parsed(flags: list[str], parser: argparse.ArgumentParser) -> dict:
     return {k: v for k, v in vars(ns).items() if v is not None}
 
 
+def _reordered(table: dict) -> dict:
+    """The same options declared in the other order (older vLLMs put short aliases like -tp first)."""
+    return {d: {**a, "flags": a["flags"][::-1]} for d, a in table.items()}
+
+
+@pytest.mark.parametrize("order", ["recorded", "reordered"])
 @pytest.mark.parametrize("value", [True, False])
-def test_boolean_engine_args_reach_vllm_as_set(vllm_args, value):
+def test_boolean_engine_args_reach_vllm_as_set(vllm_args, value, order):
     """Every boolean vLLM takes: the matrix's true and false both arrive as that value."""
     table, parser = vllm_args
+    table = table if order == "recorded" else _reordered(table)
     kinds = {"bool_optional": None, "store_true": True, "store_false": False}
     booleans = [d for d, a in table.items() if a["kind"] in kinds]
     assert len(booleans) > 50
@@ -220,14 +227,19 @@ def test_boolean_engine_args_reach_vllm_as_set(vllm_args, value):
             assert got == {}, dest
 
 
-def test_value_engine_args_reach_vllm_as_set(vllm_args):
+@pytest.mark.parametrize("order", ["recorded", "reordered"])
+def test_value_engine_args_reach_vllm_as_set(vllm_args, order):
     table, parser = vllm_args
+    table = table if order == "recorded" else _reordered(table)
     args = {"max_model_len": 512, "tensor_parallel_size": 2, "dtype": "bfloat16",
             "compilation_config": {"level": 0, "cudagraph_capture_sizes": [1, 2]},
             "enforce_eager": False, "enable_prefix_caching": True}
     listed = next(d for d, a in table.items() if a["nargs"] in ("+", "*"))
     args[listed] = ["a", "b"]
-    got = _parsed(cli_flags(args, table), parser)
+    flags = cli_flags(args, table)
+    # the command line in engine.log reads like vLLM's docs: long option names only
+    assert [f for f in flags if f.startswith("-")] == [f for f in flags if f.startswith("--")]
+    got = _parsed(flags, parser)
     assert got.pop("compilation_config") == json.dumps(args.pop("compilation_config"))
     assert got == {k: (v if isinstance(v, (bool, list)) else str(v)) for k, v in args.items()}
 

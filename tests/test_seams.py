@@ -525,3 +525,40 @@ def test_recorded_keys_stay_valid_until_the_measurement_version_changes():
     assert MEASUREMENT_VERSION == 2, "a new measurement version: record the new keys below"
     assert cell_key(cell, "0.11.0", "c1a0f3", **how) == "ee643f452affef21"
     assert cell_key(cell, "0.11.0", "c1a0f3", **how, origin="sha256:ab") == "5abbdda2e2a83202"
+
+
+# --------------------------------------------------------------------------- GPU selector -> host devices
+def _box(name: str):
+    return host_devices(Nvml.open(FakePynvml(name)))
+
+
+def test_selectors_name_the_devices_of_recorded_boxes():
+    """The matrix's `gpus:` against what NVML reported on real boxes: every token must hold."""
+    from harness.host.selectors import match_selector
+
+    mixed, h100 = _box("mixed_l4_l40s"), _box("h100x8_nvswitch")
+    names = lambda sel, box: sorted({d.name for d in match_selector(sel, box)})  # noqa: E731
+    assert names("L4", mixed) == ["NVIDIA L4"] and names("L40S", mixed) == ["NVIDIA L40S"]
+    assert names("L4 24GB", mixed) == ["NVIDIA L4"] and names("L40S 48GB", mixed) == ["NVIDIA L40S"]
+    assert names("L4 48GB", mixed) == [] and names("cpu", mixed) == ["AMD EPYC"]
+    assert len(match_selector("H100 80GB", h100)) == 8 and len(match_selector("h100-hbm3", h100)) == 8
+    for wrong in ("H100 PCIe", "H100 94GB", "H100 NVL", "A100 80GB"):
+        assert names(wrong, h100) == [], wrong
+    # memory the driver did not report: a memory token cannot match it
+    unknown = [d.model_copy(update={"memory_total_gib": None}) for d in mixed]
+    assert names("L4 24GB", unknown) == [] and names("L4", unknown) == ["NVIDIA L4"]
+
+
+def test_a_yaml_typed_engine_arg_still_gets_an_identity(tmp_path):
+    """YAML reads `tokenizer_revision: 2024-05-01` as a date: the cell still has a key, and
+    another date is another key."""
+    from harness.schema import cell_key
+
+    keys = []
+    for day in ("2024-05-01", "2024-06-01"):
+        path = _matrix(tmp_path)
+        path.write_text(path.read_text().replace("args: {}", f"args: {{tokenizer_revision: {day}}}"))
+        (cell,) = load_matrix(path).cells
+        assert not isinstance(cell.config.args["tokenizer_revision"], str)
+        keys.append(cell_key(cell, "0.32.0"))
+    assert keys[0] != keys[1]

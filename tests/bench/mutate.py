@@ -7,10 +7,16 @@ so the 2 shared cores are never flooded.
 
 A mutant counts as killed when a test failed or timed out on it; "no tests" (no selected test
 reaches the function) counts as survived, since nothing would catch that bug either.
+
+Equivalent mutants (no behaviour can tell them apart) are either whole lines marked
+`# pragma: no mutate - reason` in the source, or single mutants listed in mutate_equivalents.txt
+beside this file: `mutant-name | text of the mutated line | reason`. A listed mutant counts only
+while its mutated code still contains that text, so a renumbered mutant is never excused.
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import os
@@ -23,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+EQUIVALENTS = Path(__file__).with_name("mutate_equivalents.txt")
 
 # seam -> (source file, mutant-name patterns). A pattern names the functions that are the seam;
 # the rest of a module (for example the Ray task body, the engine's start-up loop) is left to the
@@ -66,14 +73,36 @@ def run_seam(name: str, timeout_s: int) -> float:
     return time.monotonic() - start
 
 
-def score(name: str) -> tuple[Counter, list[str]]:
+def listed_equivalents(path: str) -> dict[str, str]:
+    """mutate_equivalents.txt entries for one source file whose mutant still has the listed text."""
+    mutated = ROOT / "mutants" / path
+    bodies = {}
+    if mutated.exists():
+        text = mutated.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
+                bodies[node.name] = ast.get_source_segment(text, node) or ""
+    module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    out = {}
+    for line in EQUIVALENTS.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, snippet, reason = (part.strip() for part in line.split("|", 2))
+        if name.startswith(module + ".") and snippet in bodies.get(name[len(module) + 1:], ""):
+            out[name] = reason
+    return out
+
+
+def score(name: str) -> tuple[Counter, list[str], dict[str, str]]:
     path, patterns = SEAMS[name]
     meta = ROOT / "mutants" / (path + ".meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
     mine = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
-    counts = Counter("killed" if v in KILLED else "not checked" if v is None else "survived" for v in mine.values())
-    survivors = sorted(k for k, v in mine.items() if v is not None and v not in KILLED)
-    return counts, survivors
+    excused = {k: r for k, r in listed_equivalents(path).items() if k in mine and mine[k] not in KILLED}
+    counts = Counter("killed" if v in KILLED else "not checked" if v is None else
+                     "equivalent" if k in excused else "survived" for k, v in mine.items())
+    survivors = sorted(k for k, v in mine.items() if v is not None and v not in KILLED and k not in excused)
+    return counts, survivors, excused
 
 
 def equivalents(path: str) -> list[str]:
@@ -93,14 +122,17 @@ def main(argv: list[str]) -> int:
     for name in names:
         took = run_seam(name, timeout_s)
         total += took
-        counts, survivors = score(name)
+        counts, survivors, excused = score(name)
         checked = counts["killed"] + counts["survived"]
         pct = 100.0 * counts["killed"] / checked if checked else 0.0
         rows.append((name, counts, pct, took))
         print(f"{name:16} {counts['killed']:4d}/{checked:<4d} killed  {pct:5.1f} %  ({took:5.0f} s)"
+              + (f"  +{counts['equivalent']} equivalent" if counts["equivalent"] else "")
               + (f"  {counts['not checked']} not checked" if counts["not checked"] else ""), flush=True)
         for s in survivors:
             print(f"    survived: {s}   (mutmut show {s})")
+        for s, reason in sorted(excused.items()):
+            print(f"    equivalent: {s}: {reason}")
     print(f"\ntotal {total / 60:.1f} min")
     print("\nequivalent mutants (marked `# pragma: no mutate`):")
     for path in sorted({SEAMS[n][0] for n in names}):

@@ -29,7 +29,7 @@ from harness.probes.profiles import ProbeProfile
 from harness.probes.stub import StubConfig, StubServer
 from harness.report import aggregate
 from harness.run.cell import RunOptions
-from harness.run.cluster import placement_problem, task_resources
+from harness.run.cluster import NO_NODE, placement_problem, task_resources
 from harness.run.scheduler import Scheduler
 from harness.schema import (Cell, CellRecord, EngineConfig, EngineInstall, EngineVersions, HostFingerprint,
                             ModelSpec)
@@ -267,17 +267,19 @@ def test_a_placed_task_asks_only_for_what_its_node_offers(prefix):
     and the placement check must use the same resource names (the configured prefix)."""
     nodes = [{"CPU": 16, "GPU": 8, resource_name("H100", prefix): 8},
              {"CPU": 8, "GPU": 2, resource_name("RTX 4090", prefix): 2},
-             {"CPU": 4, resource_name("cpu", prefix): 1}]
+             {"CPU": 4, resource_name("cpu", prefix): 1},
+             {"CPU": 4, resource_name("A100", prefix): 4}]  # declared, but Ray found no GPU there
     for gpu, tp in [("H100", 8), ("H100", 1), ("RTX 4090", 2), ("cpu", 1), ("cpu", 4)]:
         cell = _cell(gpu, tp)
         assert placement_problem(cell, nodes, prefix) is None, (gpu, tp)
         want = _asks(task_resources(cell, prefix))
         assert any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp, want)
-    for gpu, tp in [("RTX 4090", 4), ("A100", 1)]:
+    for gpu, tp, why in [("RTX 4090", 4, "no node with 4 x RTX 4090 (tensor x pipeline parallel)"),
+                         ("A100", 1, "no node with 1 x A100 (tensor x pipeline parallel)"), ("L4", 1, NO_NODE)]:
         cell = _cell(gpu, tp)
-        assert placement_problem(cell, nodes, prefix) is not None
+        assert placement_problem(cell, nodes, prefix) == why
         want = _asks(task_resources(cell, prefix))
-        assert not any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp)
+        assert not any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp, why)
 
 
 # --------------------------------------------------------------------------- load probe -> report row

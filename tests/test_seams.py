@@ -291,6 +291,10 @@ def test_report_latency_is_the_lone_users_level():
         probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
     levels = {lv["concurrency"]: lv for lv in probes["levels"]}
     assert set(levels) == {1, 4}
+    # what the telemetry sampler divides energy by: every token the probe got back, both levels
+    from harness.run.cell import _generated_tokens
+    assert _generated_tokens(probes) == 2 * 8 * 6 and _generated_tokens({"levels": []}) is None
+    assert _generated_tokens(None) is None
     cell = _cell("cpu")
     host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
     rec = CellRecord(run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t",

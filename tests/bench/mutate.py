@@ -79,9 +79,10 @@ def listed_equivalents(path: str) -> dict[str, str]:
     bodies = {}
     if mutated.exists():
         text = mutated.read_text(encoding="utf-8")
+        lines = text.splitlines()
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-                bodies[node.name] = ast.get_source_segment(text, node) or ""
+                bodies[node.name] = "\n".join(lines[node.lineno - 1:node.end_lineno])
     module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     out = {}
     for line in EQUIVALENTS.read_text(encoding="utf-8").splitlines():

@@ -606,3 +606,14 @@ def test_a_yaml_typed_engine_arg_still_gets_an_identity(tmp_path):
         assert not isinstance(cell.config.args["tokenizer_revision"], str)
         keys.append(cell_key(cell, "0.32.0"))
     assert keys[0] != keys[1]
+
+
+def test_a_probe_that_got_no_tokens_gives_the_sampler_none():
+    """Every request failed: no tokens to divide energy by (not one, not zero)."""
+    from harness.run.cell import _generated_tokens
+
+    profile = ProbeProfile(concurrency=[1], requests=2, warmup_requests=0, input_tokens=8, output_tokens=4)
+    with StubServer(StubConfig(status=500)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    assert probes["levels"] and all(not lv.get("total_output_tokens") for lv in probes["levels"])
+    assert _generated_tokens(probes) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -367,10 +368,14 @@ def test_a_secret_in_a_record_never_reaches_the_published_copy(two_runs, tmp_pat
     cell = rec.cell.model_copy(update={"config": rec.cell.config.model_copy(update={"env": {"HF_TOKEN": secret}})})
     results = tmp_path / "results"
     writer = store.RunWriter(results, first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []}))
-    writer.ran(rec.model_copy(update={"run_id": writer.run_id, "cell": cell}))  # written by hand: not redacted
+    writer.not_on_host("m9__A100__tp1__standin", "no A100 on this host")  # listed first: publishing goes on
+    detail = f"401 for token {secret}"  # the value, under a name that says nothing
+    writer.ran(rec.model_copy(update={"run_id": writer.run_id, "cell": cell, "failure_detail": detail}))
     writer.finish()
     written = store.publish(store.read_runs([results]), tmp_path / "published")
     assert len(written) == 2 and all(secret not in p.read_text() for p in written)
+    (published,) = [p for p in written if p.name == store.RECORD]
+    assert store.read_record(published).failure_detail.startswith("401 for token ")
 
 
 def test_what_a_ray_node_sends_lands_beside_its_record(two_runs, tmp_path):
@@ -382,7 +387,7 @@ def test_what_a_ray_node_sends_lands_beside_its_record(two_runs, tmp_path):
     log = writer.store_file(f"{rec.cell_id}/{store.ENGINE_LOG}", b"INFO ready\n\xff")
     assert log.parent == path.parent and log.read_text() == "INFO ready\n\ufffd"
     for bad in ("../outside.log", "/abs.log"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"refusing to write outside the run folder: {bad}"):
             writer.store_file(bad, b"x")
     assert not (tmp_path / "outside.log").exists()
     writer.not_on_host("m9__A100__tp1__standin", "no A100 on this host")
@@ -399,6 +404,16 @@ def test_a_run_is_found_by_id_or_folder(two_runs):
     for name in (first.run_id, str(root / first.run_id), str(root / first.run_id) + "/"):
         assert store.find_run([Path("/nonexistent"), root], name) == root / first.run_id
     assert store.find_run([root], "20990101T000000Z-none") is None
+    assert store.find_run([root], str(root / ".." / "m-none")) is None  # a folder, but not a run
+    # a run given by path, outside the roots: by its manifest, or (killed early) by its records
+    elsewhere = tmp / "elsewhere"
+    shutil.copytree(root / first.run_id, elsewhere / "with-manifest")
+    shutil.copytree(root / first.run_id, elsewhere / "records-only")
+    (elsewhere / "records-only" / store.MANIFEST).unlink()
+    for rec in (elsewhere / "with-manifest").glob(f"*/{store.RECORD}"):
+        rec.unlink()
+    for folder in ("with-manifest", "records-only"):
+        assert store.find_run([], str(elsewhere / folder)) == elsewhere / folder
     log = store.read_runs([root])
     assert log.run(f"results/{second.run_id}").run_id == second.run_id and log.run("nope") is None
 
@@ -419,6 +434,23 @@ def test_a_pid_file_without_its_start_time_is_never_taken_for_an_engine(tmp_path
     finally:
         other.kill()
         other.wait()
+
+
+def test_run_ids_and_times_are_utc_on_any_host_clock(tmp_path, monkeypatch):
+    """Run ids sort across hosts and the manifest's times compare: both are UTC whatever TZ says."""
+    import time
+    from datetime import datetime, timezone
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        run_id, stamp = store.new_run_id(), store.utcnow()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    now = datetime.now(timezone.utc)
+    assert abs((now - datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)).total_seconds()) < 120
+    assert abs((now - datetime.fromisoformat(stamp)).total_seconds()) < 120
 
 
 def test_two_runs_started_in_the_same_second_keep_their_own_folders(two_runs, tmp_path):

@@ -22,7 +22,7 @@ HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml | sha1sum | cut -c1
 MATRIX ?= matrix.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install chromium matrix nightly lint test test-fast report bench bench-parse bench-probe bench-plan clean-venv
+.PHONY: install chromium matrix nightly lint test test-fast report bench bench-parse bench-probe bench-plan mutate clean-venv
 
 install: $(HARNESS_STAMP)
 
@@ -98,6 +98,16 @@ $(LLMD_VENV)/bin/python:
 
 bench-plan: install $(LLMD_VENV)/bin/python
 	HF_HUB_OFFLINE=1 LLMD_PYTHON=$(LLMD_VENV)/bin/python $(PY) -m tests.bench.bench_plan
+
+# Mutation score of the seams (benchmark-style, not CI): mutmut into the project venv, then one
+# seam at a time; `make mutate SEAMS="store diff"` for some. Copies of the code go to mutants/.
+SEAMS ?=
+$(VENV)/.mutmut: | $(HARNESS_STAMP)
+	$(PIP) install -q -e ".[test,ray,mutate]"
+	touch $@
+
+mutate: install $(VENV)/.mutmut
+	$(PY) -m tests.bench.mutate $(SEAMS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -117,7 +117,8 @@ def ingest_folder(
         log.ran(record)
         hosts.append(record.host)
         print(f"{record.cell_id}: {record.outcome}" + (f" ({record.failure_class})" if record.failure_class else ""))
-    if not hosts:  # nothing written yet: no run folder is left behind
+    if not hosts:
+        log.discard_if_empty()  # no run folder is left behind
         raise InputError(f"{folder}: no vLLM engine log in it ({len(logs)} file(s) skipped, named above)")
     if len(hosts) == 1:
         log.manifest.host = hosts[0]

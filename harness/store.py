@@ -265,15 +265,29 @@ def recorded_keys(root: Path) -> dict[str, tuple[Path, CellRecord]]:
 
 
 # --------------------------------------------------------------------------- writing
+def claim_run_id(root: Path, run_id: str) -> str:
+    """The run's folder, made here so no other run writes into it: a run started in the same
+    second as another (same id) gets `<id>-2`, `-3`, ... (still sorted after the first)."""
+    for n in range(1, 1000):
+        candidate = run_id if n == 1 else f"{run_id}-{n}"
+        try:
+            run_dir(root, candidate).mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{run_dir(root, run_id)}: 999 runs of this id already")
+
+
 class RunWriter:
     """Writes one run: records, and the manifest after every change (so a killed run keeps what it
     finished). Thread-safe: cells finish on several threads."""
 
     def __init__(self, root: Path, manifest: RunManifest):
         self.root = Path(root)
+        self._made_root = not self.root.exists()  # removed again by discard_if_empty when left empty
         self.manifest = manifest
+        self.manifest.run_id = claim_run_id(self.root, manifest.run_id)
         self._lock = threading.Lock()
-        self._written = False
 
     @property
     def run_id(self) -> str:
@@ -290,7 +304,6 @@ class RunWriter:
 
     def _write_manifest(self) -> None:
         atomic_write_text(run_dir(self.root, self.run_id) / MANIFEST, self.manifest.model_dump_json(indent=2) + "\n")
-        self._written = True
 
     def ran(self, record: CellRecord) -> Path:
         """Store a record this run produced and list it in the manifest."""
@@ -330,11 +343,14 @@ class RunWriter:
         return run_dir(self.root, self.run_id) / MANIFEST
 
     def discard_if_empty(self) -> None:
-        """A run that ran and reused nothing (refused, or nothing selected) leaves no folder."""
+        """A run that ran and reused nothing (refused by the device locks, interrupted before its
+        first cell, an ingest without a log) leaves no folder."""
         with self._lock:
             if any(e.status != "not_on_host" for e in self.manifest.cells):
                 return
             shutil.rmtree(run_dir(self.root, self.run_id), ignore_errors=True)
+            if self._made_root and not any(self.root.iterdir()):
+                self.root.rmdir()
 
 
 # --------------------------------------------------------------------------- publishing

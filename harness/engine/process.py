@@ -419,6 +419,7 @@ def reap_stale(pids_dir: Path, held_locks: Iterable[Path | str] = ()) -> list[in
         try:
             info = json.loads(pid_file.read_text())
             pid, created = int(info["pid"]), info.get("create_time")
+            created = None if created is None else float(created)  # a damaged start time: not ours
         except (OSError, ValueError, KeyError, TypeError):
             pid_file.unlink(missing_ok=True)
             continue

@@ -80,6 +80,13 @@ def placement_problem(cell: Cell, offered: list[dict[str, float]], prefix: str =
     return None
 
 
+def task_resources(cell: Cell, prefix: str = RESOURCE_PREFIX) -> dict[str, Any]:
+    """The Ray options a cell's task asks for: its device type's resource with the same name that
+    `placement_problem` checked, and that many GPUs (none for a CPU cell)."""
+    need = devices_needed(cell)
+    return {"num_gpus": 0 if cell.gpu.lower() == "cpu" else need, "resources": {resource_name(cell.gpu, prefix): need}}
+
+
 def node_label(node_id: str) -> str:
     return f"{socket.gethostname()}/{node_id[:8]}"
 
@@ -288,6 +295,7 @@ class ClusterRun:
                 host=self.host.fingerprint,
             ),
         )
+        self.run_id = self.log.run_id  # another run may have started in the same second
         self.redactor = Redactor(env=os.environ)
 
     @property
@@ -344,7 +352,7 @@ class ClusterRun:
         pending: dict[Any, str] = {}  # object ref -> cell id
 
         def submit(attempt: _Attempt) -> None:
-            cell, need = attempt.cell, devices_needed(attempt.cell)
+            cell = attempt.cell
             request = {
                 "cell": cell.model_dump_json(),
                 "matrix_text": self.matrix.text,
@@ -356,8 +364,7 @@ class ClusterRun:
             }
             ref = task.options(
                 num_cpus=1,
-                num_gpus=0 if cell.gpu.lower() == "cpu" else need,
-                resources={resource_name(cell.gpu, self.resource_prefix): need},
+                **task_resources(cell, self.resource_prefix),
                 max_retries=0,  # node losses are retried here, once, with the reason kept
                 name=f"cell:{cell.cell_id}",
             ).remote(request, board)

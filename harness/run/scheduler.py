@@ -92,6 +92,7 @@ class Scheduler:
                 host=self.host.fingerprint,
             ),
         )
+        self.run_id = self.log.run_id  # another run may have started in the same second
         self.cells = CellRunner(self.matrix, self.host, self.options, self.log, self.run_id, nvml=self.nvml)
 
     @property
@@ -106,42 +107,47 @@ class Scheduler:
         self.cells.nvml = self.nvml
         placed = [(cell, *self.host.eligible(cell)) for cell in cells]
         used = {_slot(d): d for _, devices, _ in placed for d in devices or ()}
-        with terminate_as_interrupt(), lock_devices(device_lock_keys(used.values()), self.run_id) as lock:
-            self.cells.lock_paths = [str(p) for p in lock.paths]
-            reap_stale(self.cells.pids_dir, held_locks=lock.paths)
-            earlier = store.read_runs([self.options.results_dir]).records()
-            recorded = {} if self.options.force else store.newest_by_key(earlier)
-            expected = expected_seconds(r for _, r in earlier)  # packing puts the longest cells first
-            with Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
-                self.cells.view = view
-                jobs, by_id = [], {}
-                for cell, devices, why_not in placed:
-                    if devices is None:
-                        disk_write(lambda c=cell.cell_id, w=why_not: self.log.not_on_host(c, w), "the run manifest")
-                        view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
-                        continue
-                    by_id[cell.cell_id] = cell
-                    needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
-                    jobs.append(
-                        Job(
-                            id=cell.cell_id,
-                            gpus_needed=needed,
-                            eligible=frozenset(map(_slot, devices)),
-                            est_s=expected.get(cell.cell_id),
+        try:
+            with terminate_as_interrupt(), lock_devices(device_lock_keys(used.values()), self.run_id) as lock:
+                self.cells.lock_paths = [str(p) for p in lock.paths]
+                reap_stale(self.cells.pids_dir, held_locks=lock.paths)
+                earlier = store.read_runs([self.options.results_dir]).records()
+                recorded = {} if self.options.force else store.newest_by_key(earlier)
+                expected = expected_seconds(r for _, r in earlier)  # packing puts the longest cells first
+                with Progress([c.cell_id for c in cells], mode=self.options.progress) as view:
+                    self.cells.view = view
+                    jobs, by_id = [], {}
+                    for cell, devices, why_not in placed:
+                        if devices is None:
+                            disk_write(lambda c=cell.cell_id, w=why_not: self.log.not_on_host(c, w), "the run manifest")
+                            view.add(cell.cell_id, NOT_ON_HOST, detail=why_not or "")
+                            continue
+                        by_id[cell.cell_id] = cell
+                        needed = 1 if cell.gpu.lower() == "cpu" else cell.config.gpus_needed
+                        jobs.append(
+                            Job(
+                                id=cell.cell_id,
+                                gpus_needed=needed,
+                                eligible=frozenset(map(_slot, devices)),
+                                est_s=expected.get(cell.cell_id),
+                            )
                         )
-                    )
-                slots = [
-                    Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island) for d in used.values()
-                ]
-                # GPUs a foreign process holds right now are kept out of the packing while others
-                # are free; cells that only fit on them come last and meet the hygiene wait/skip.
-                held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
-                clean = [s for s in slots if s.index not in held]
-                placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
-                self._schedule(placeable, clean, by_id, used, recorded, emit)
-                self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
-                disk_write(self.log.finish, "the run manifest")
-                view.summary()
+                    slots = [
+                        Slot(-1) if d.kind == "cpu" else Slot(d.index, d.numa_node, d.nvlink_island)
+                        for d in used.values()
+                    ]
+                    # GPUs a foreign process holds right now are kept out of the packing while others
+                    # are free; cells that only fit on them come last and meet the hygiene wait/skip.
+                    held = self._held_gpus([d.index for d in used.values() if d.kind == "gpu"])
+                    clean = [s for s in slots if s.index not in held]
+                    placeable = [j for j in jobs if j not in unrunnable(jobs, clean)]
+                    self._schedule(placeable, clean, by_id, used, recorded, emit)
+                    self._schedule([j for j in jobs if j not in placeable], slots, by_id, used, recorded, emit)
+                    disk_write(self.log.finish, "the run manifest")
+                    view.summary()
+        except BaseException:
+            self.log.discard_if_empty()  # refused or stopped before any cell: no run folder
+            raise
         return self.manifest
 
     def _held_gpus(self, indices: list[int]) -> set[int]:

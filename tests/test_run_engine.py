@@ -66,7 +66,7 @@ def test_default_matrix_four_outcomes(default_run):
     assert "not supported" in unsupported.failure_detail
     assert long_.outcome == "failed" and long_.failure_class == "max_model_len_exceeds_kv"
     assert long_.facts.estimated_max_model_len and long_.facts.estimated_max_model_len < 4_000_000
-    assert long_.plan["fits"] is False  # predicted, and run anyway to show the real failure
+    assert long_.plan.fits is False  # predicted, and run anyway to show the real failure
     assert long_.remedy and f"{long_.facts.estimated_max_model_len:,}" in long_.remedy
 
     # The engine's own numbers, from its log and from /metrics, agree.

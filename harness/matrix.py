@@ -172,6 +172,8 @@ def load_matrix(path: str | Path) -> Matrix:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"{path}: cannot read the matrix: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file (binary data); give a matrix YAML file") from None
     try:
         nodes = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

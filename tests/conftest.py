@@ -62,6 +62,11 @@ SLOW_MODULES = {
     "test_provision",
     "test_bisect",
     "test_workflow",
+    "test_report_ingest",
+    "test_seams",
+    "test_report_examples",
+    "test_report",
+    "test_plan",
 }
 
 

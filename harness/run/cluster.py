@@ -22,7 +22,6 @@ Ray is an optional extra (`pip install '.[ray]'`): it is imported only when a cl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -46,7 +45,7 @@ from harness.matrix import Matrix, MatrixFile
 from harness.redact import Redactor
 from harness.run.cell import CellRunner, RunOptions, reusable
 from harness.run.progress import Progress
-from harness.run.scheduler import terminate_as_interrupt
+from harness.run.scheduler import run_writer, terminate_as_interrupt
 from harness.schema import Cell, CellRecord, Device, HostFingerprint, ManifestEntry, RunManifest, cell_key
 
 NO_NODE = "no node with this device"
@@ -285,16 +284,7 @@ class ClusterRun:
     node_retries: int = NODE_RETRIES
 
     def __post_init__(self) -> None:
-        self.log = store.RunWriter(
-            self.options.results_dir,
-            RunManifest(
-                run_id=self.run_id,
-                matrix_path=str(self.matrix.path),
-                matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
-                started_at=store.utcnow(),
-                host=self.host.fingerprint,
-            ),
-        )
+        self.log = run_writer(self.matrix, self.host, self.options, self.run_id)
         self.run_id = self.log.run_id  # another run may have started in the same second
         self.redactor = Redactor(env=os.environ)
 

@@ -71,6 +71,20 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_writer(matrix: Matrix, host: Host, options: RunOptions, run_id: str) -> store.RunWriter:
+    """The run log of a matrix run (local or on Ray): its manifest names the matrix and the host."""
+    return store.RunWriter(
+        options.results_dir,
+        RunManifest(
+            run_id=run_id,
+            matrix_path=str(matrix.path),
+            matrix_sha256=hashlib.sha256(matrix.text.encode()).hexdigest(),
+            started_at=store.utcnow(),
+            host=host.fingerprint,
+        ),
+    )
+
+
 @dataclass
 class Scheduler:
     """A local matrix run: `run(cells)` returns the finished manifest."""
@@ -82,16 +96,7 @@ class Scheduler:
     nvml: Nvml | None = None  # an open NVML for hygiene and telemetry; None: each opens its own
 
     def __post_init__(self) -> None:
-        self.log = store.RunWriter(
-            self.options.results_dir,
-            RunManifest(
-                run_id=self.run_id,
-                matrix_path=str(self.matrix.path),
-                matrix_sha256=hashlib.sha256(self.matrix.text.encode()).hexdigest(),
-                started_at=store.utcnow(),
-                host=self.host.fingerprint,
-            ),
-        )
+        self.log = run_writer(self.matrix, self.host, self.options, self.run_id)
         self.run_id = self.log.run_id  # another run may have started in the same second
         self.cells = CellRunner(self.matrix, self.host, self.options, self.log, self.run_id, nvml=self.nvml)
 

@@ -112,12 +112,18 @@ class TreeWatcher:
     def snapshot(self) -> None:
         try:
             root = psutil.Process(self.root_pid)
-            for p in root.children(recursive=True):
+            children = root.children(recursive=True)
+        except psutil.Error:
+            return
+        for p in children:
+            try:
                 if p.pid not in self.seen:
                     self.seen[p.pid] = p.create_time()
-                    self.cmdlines[p.pid] = p.cmdline()
-        except psutil.Error:
-            pass
+                # Read again each time: a child seen between fork and exec still shows its
+                # parent's argv, and the engine would never be recognised.
+                self.cmdlines[p.pid] = p.cmdline() or self.cmdlines.get(p.pid, [])
+            except psutil.Error:
+                continue
 
     def engines(self) -> list[int]:
         """Pids of vLLM servers started below the root (other children: version probes, git)."""

@@ -130,8 +130,9 @@ def timeout_then_rerun(tmp_path_factory):
     matrix.write_text(matrix.read_text().replace("ready_s: 1,", "ready_s: 300,"))
     second = Harness(matrix, results)
     second.wait_phase("loading")
-    time.sleep(2)
-    engine = next(pid for pid in second.watcher.engines())
+    wait_for(lambda: second.watcher.engines(), 60, "the engine process", every=0.05)
+    time.sleep(2)  # well into the load: EngineCore and its worker exist
+    engine = second.watcher.engines()[0]
     out["environ"] = Path(f"/proc/{engine}/environ").read_bytes()
     out["cmdlines"] = {
         pid: Path(f"/proc/{pid}/cmdline").read_bytes()

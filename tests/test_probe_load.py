@@ -34,7 +34,10 @@ def test_medians_match_a_server_with_fixed_timing(concurrency):
     assert lv["completed"] == lv["requests"] and lv["failed"] == 0
     expected = {"ttft_ms": ttft, "tpot_ms": itl, "itl_ms": itl, "e2el_ms": ttft + itl * (out - 1)}
     for key, seconds in expected.items():
-        assert lv[key]["median"] == pytest.approx(seconds * 1000, rel=0.05), key
+        # 5 %, and at least 3 ms: a 2-core box running engines beside this wakes the stub late now
+        # and then; a wrong formula (e.g. TPOT over all tokens, not the n - 1 after the first) is
+        # still further off than that.
+        assert lv[key]["median"] == pytest.approx(seconds * 1000, rel=0.05, abs=3), key
     assert lv["total_output_tokens"] == lv["requests"] * out
 
 

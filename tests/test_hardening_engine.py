@@ -93,6 +93,8 @@ def test_harness_sigkilled_leaves_no_process(tmp_path, phase):
         matrix.write_text(matrix.read_text().replace("probe: none", "probe: quick"))
     run = Harness(matrix, results)
     _kill_at(run, phase)
+    # The room a cell sets aside for its record has no name: the kill freed it with the process.
+    assert list(results.rglob(".reserve")) == []
     if phase in ("loading", "probing"):  # the engine's own processes (EngineCore) were up and are gone too
         cmdlines = [" ".join(c) for c in run.watcher.cmdlines.values()]
         assert any("spawn_main" in c or "EngineCore" in c for c in cmdlines), cmdlines

@@ -136,6 +136,7 @@ class CellRunner:
         self.probe_spec = self.matrix.spec.probe
         self._engines: set[EngineProcess] = set()
         self.interrupted = False
+        self.reserves: dict[str, int] = {}  # cell id -> fd of its reserve (see _reserve)
         self.lock_paths: list[str] = []  # device lock files the scheduler holds; kept in engine pid files
 
     def key(self, cell: Cell, engine_version: str | None, revision: str | None = None) -> str:
@@ -152,6 +153,11 @@ class CellRunner:
     def probe_of(self, cell: Cell) -> str | dict[str, Any] | None:
         """The probe a cell runs: its config's own `probe:`, else the matrix's."""
         return self.probe_spec if cell.config.probe is None else cell.config.probe
+
+    def _release(self, cell_id: str) -> None:
+        fd = self.reserves.pop(cell_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def stop_all(self) -> None:
         """The run is going down: stop every engine; unfinished cells are not recorded."""
@@ -265,7 +271,7 @@ class CellRunner:
         view, timeouts = self.view, self.matrix.spec.timeouts
         folder = self.sink.cell_dir(cell.cell_id)
         try:
-            _reserve(folder)
+            self.reserves[cell.cell_id] = _reserve(folder)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
@@ -421,31 +427,34 @@ class CellRunner:
         t.harness_overhead_s = round(max(t.total_s - accounted, 0.0), 3)
         rec.finished_at = store.utcnow()
         rec = CellRecord.model_validate(self.redactor.redact_obj(rec.model_dump(mode="json")))
-        reserve = self.sink.cell_dir(rec.cell_id) / RESERVE
         try:
             self.sink.ran(rec)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
-            reserve.unlink(missing_ok=True)  # the room set aside for this record
+            self._release(rec.cell_id)  # the room set aside for this record
             if rec.failure_class != "disk_full":
                 _disk_full(rec, f"record.json not written at first: {exc.strerror}")
             disk_write(lambda: self.sink.ran(rec), f"{rec.cell_id}: record")
         finally:
-            reserve.unlink(missing_ok=True)
+            self._release(rec.cell_id)
         self.view.done(rec)
         return rec
 
 
 # Room set aside in each cell's folder while its engine runs, freed for the record when the disk
-# fills up (an engine's DEBUG log can fill it), so a full disk is still a recorded failure.
+# fills up (an engine's DEBUG log can fill it), so a full disk is still a recorded failure. The
+# file is unlinked at once and held by its descriptor: closing it frees the room, and so does the
+# kernel when the harness is killed, so no crash leaves a reserve behind.
 RESERVE = ".reserve"
 RESERVE_BYTES = 1 << 20
 
 
-def _reserve(folder: Path) -> None:
+def _reserve(folder: Path) -> int:
+    """An open descriptor of RESERVE_BYTES on the folder's file system, with no name."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(folder / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    (folder / RESERVE).unlink()
     try:
         try:
             os.posix_fallocate(fd, 0, RESERVE_BYTES)
@@ -455,9 +464,8 @@ def _reserve(folder: Path) -> None:
             os.write(fd, bytes(RESERVE_BYTES))  # a file system without fallocate
     except OSError:
         os.close(fd)
-        (folder / RESERVE).unlink(missing_ok=True)
         raise
-    os.close(fd)
+    return fd
 
 
 def _disk_full(rec: CellRecord, what: str) -> None:

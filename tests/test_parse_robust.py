@@ -343,3 +343,60 @@ def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_
     assert parse_log(caught).failure_class is None
     ray = cut + "\nray.exceptions.RayTaskError(RuntimeError): ray::Worker.init() failed"
     assert parse_log(ray).failure_evidence.startswith("ray.exceptions.RayTaskError(RuntimeError)")
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # vendor runtimes' out-of-memory words (Gaudi, XPU Level Zero, TPU XLA, Ascend)
+        (
+            "RuntimeError: [Rank:0] FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed for size::1073741824 (1024)MB",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "RuntimeError: level_zero backend failed with error: 39 (UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY)",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 1.00G.",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "RuntimeError: NPU out of memory. Tried to allocate 2.00 GiB (NPU 0; 60.97 GiB total capacity)",
+            "failed",
+            "oom_other",
+        ),
+        # 0.2-era Ray wording, and more ranks than visible devices under mp
+        (
+            "ValueError: The number of required GPUs exceeds the total number of available GPUs in the cluster.",
+            "failed",
+            "tp_exceeds_gpus",
+        ),
+        ("RuntimeError: CUDA error: invalid device ordinal", "failed", "tp_exceeds_gpus"),
+        ("ValueError: No supported config format found in /models/llama", "failed", "model_not_found"),
+        ("TimeoutError: Server didn't reply within 10000 ms", "failed", "timeout"),
+        # worker/executor wrappers of any version defer to the exception under them
+        (
+            "ERROR 05-01 10:00:00 multiproc_worker_utils.py:226] Exception in worker VllmWorkerProcess while processing method load_model.\n"
+            "Traceback (most recent call last):\nKeyError: 'lm_head.weight'",
+            "failed",
+            "other",
+        ),
+        # the server's own start lines in other forms mean the engine was built
+        ("INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)", "ready", None),
+        (
+            "INFO 09-05 10:00:00 launcher.py:19] Available routes are:\nINFO 09-05 10:00:00 launcher.py:27] Route: /v1/models, Methods: GET",
+            "ready",
+            None,
+        ),
+        ("Throughput: 12.50 requests/s, 6400.00 tokens/s", "ready", None),
+    ],
+)
+def test_other_versions_and_vendors_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls), facts.failure_evidence
+    if cls == "other":
+        assert "KeyError: 'lm_head.weight'" in (facts.failure_evidence or "")

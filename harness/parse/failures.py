@@ -53,6 +53,9 @@ _GATE: tuple[str, ...] = (
     "Repo id",
     "_check_scheme",
     "hit an exception",
+    "OUT_OF_DEVICE",
+    "RESOURCE_EXHAUSTED",
+    "config format",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
@@ -139,9 +142,15 @@ _spec("oom_other", 2, r"CUDA out of memory occurred when warming up (\w+)")
 _spec(
     "oom_other",
     3,
-    r"(?:CUDA|HIP|XPU) out of memory\. Tried to allocate "
+    r"(?:CUDA|HIP|XPU|NPU) out of memory\. Tried to allocate "
     + _N
     + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory",
+)
+# the same in vendor runtimes' words: Gaudi's device allocator, XPU's Level Zero, TPU's XLA
+_spec(
+    "oom_other",
+    3,
+    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: (?:Error allocating|Out of memory|XLA:TPU)|Ran out of memory in memory space",
 )
 # --- model / hub
 _spec(
@@ -163,10 +172,18 @@ _spec(
     r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'",
 )
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
+_spec(
+    "model_not_found",
+    3,
+    r"No supported config format found in (\S{1,300})|Can't load the configuration of '([^']{1,300})'",
+)
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
 _spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
 _spec(
-    "chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False
+    "chat_template_missing",
+    1,
+    r"default chat template is no longer allowed|ChatTemplateResolutionError|tokenizer\.chat_template is not set",
+    fatal=False,
 )
 # other request-time template failures: the template does not parse, or rejects the messages
 _spec(
@@ -214,24 +231,32 @@ _spec(
 _spec(
     "tp_exceeds_gpus",
     2,
-    r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray",
+    r"The number of required (\w+?)s exceeds the total number of available \w+?s in the (?:placement group|cluster)|Cannot provide a placement group of|Unable to load Ray",
 )
 _spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node")
+# a worker asked for a GPU index past the visible ones (more ranks than CUDA_VISIBLE_DEVICES)
+_spec("tp_exceeds_gpus", 3, r"CUDA error: invalid device ordinal")
 # --- hangs
 _spec(
     "timeout",
     1,
-    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within "
+    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|didn't reply within \d+ ?ms|GetTimeoutError|failed to start within "
     + _N
     + " seconds",
 )
 # --- wrappers: only the evidence of last resort
-_spec(
-    "other",
-    8,
-    r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly",
+# Lines that only say that something below failed (every version's engine, worker and executor
+# wording): the evidence of last resort. One list, also used to skip them as exception lines
+# and to tell a log that holds nothing else.
+_WRAPPERS = (
+    r"Engine ?[Cc]ore (?:initialization failed|failed to start)|EngineCore initialization failed"
+    r"|Engine process failed to start|(?:EngineCore|WorkerProc) hit an exception|WorkerProc failed to start"
+    r"|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly|Engine loop has died"
+    r"|Error executing method '?\w{1,60}'?\. This might cause deadlock"
+    r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
 )
-_spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
+_spec("other", 8, _WRAPPERS)
+_spec("other", 8, r"the replica will be stopped")  # Ray Serve
 _spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
 _REPO = re.compile(
@@ -240,9 +265,7 @@ _REPO = re.compile(
 )
 # `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
 _EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
-_WRAPPER_EXC = re.compile(
-    r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$"
-)
+_WRAPPER_EXC = re.compile(_WRAPPERS + r"|^\s*$")
 
 
 # Start-up stages an OOM can happen in, by what the log prints in them (progress lines) and
@@ -714,9 +737,7 @@ def _remedy_other(evidence: str) -> str:
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(
-    r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\("
-)
+_WRAPPER_ONLY = re.compile(_WRAPPERS)
 
 
 # (oom_other's remedy also takes the stage: `result` calls it directly)

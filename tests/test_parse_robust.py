@@ -259,6 +259,10 @@ def test_normaliser_regexes_stay_linear():
         "> " * 100_000 + "x",
         "2025-04-06T07:55:21" * 10_000,
         "No available shared memory broadcast block found in " + "9" * 100_000,
+        "2024-07-01 07:28:04.488 " + "a " * 100_000 + "ERROR",  # a wrapper's level field never found
+        "2024-07-01 07:28:04.488 ERROR [" + "x" * 100_000,
+        "RESOURCE_EXHAUSTED " * 20_000,
+        "RuntimeError('" + "x" * 100_000,
     ]
     start = time.perf_counter()
     for text in nasty:
@@ -400,3 +404,53 @@ def test_other_versions_and_vendors_wordings(log, outcome, cls):
     assert (facts.outcome, facts.failure_class) == (outcome, cls), facts.failure_evidence
     if cls == "other":
         assert "KeyError: 'lm_head.weight'" in (facts.failure_evidence or "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "msg", "level"),
+    [
+        # other logging wrappers' level field after a timestamp: cut, and only warnings/errors kept as levels
+        (
+            "2024-07-01 07:28:04.488 1 kserve ERROR [__main__.py:<module>():254] Failed to start model server: x",
+            "Failed to start model server: x",
+            "ERROR",
+        ),
+        (
+            '2024-11-18T16:43:45,497 [INFO ] W-9000-model_1.0-stdout MODEL_LOG -   File "/v/x.py", line 1, in f',
+            '  File "/v/x.py", line 1, in f',
+            None,
+        ),
+        (
+            "(EngineCore pid=7) 2026-07-25 13:42:38,525 - WARNING - autotuner.py:2216 - slow tune",
+            "slow tune",
+            "WARNING",
+        ),
+        # without a timestamp in front, a level word is text
+        ("ERROR rate is 5 % - see the dashboard", "ERROR rate is 5 % - see the dashboard", None),
+    ],
+)
+def test_normaliser_cuts_other_wrappers_level_fields(raw, msg, level):
+    line = _parse(clean(raw))
+    assert (line.msg, line.level) == (msg, level)
+
+
+def test_frames_then_their_exception_are_a_traceback_even_without_its_first_line():
+    cut = (
+        '(EngineCore_DP0 pid=1)   File "/v/core.py", line 109, in __init__\n'
+        "(EngineCore_DP0 pid=1)     self._initialize_kv_caches()\n"
+        "(EngineCore_DP0 pid=1) KeyError: 'model.layers.0.mlp'\n"
+    )
+    facts = parse_log(cut)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert "KeyError: 'model.layers.0.mlp'" in (facts.failure_evidence or "")
+
+
+def test_an_engine_that_dies_while_serving_is_ready_with_the_exception_it_logged():
+    log = (
+        "INFO 12-16 17:54:21 metrics.py:449] Avg prompt throughput: 7.8 tokens/s, Running: 1 reqs\n"
+        "CRITICAL 12-16 17:54:23 launcher.py:99] MQLLMEngine is already dead, terminating server process\n"
+        "ERROR 12-16 17:54:23 engine.py:135] RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+    )
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("ready", "other")
+    assert "illegal memory access" in (facts.failure_evidence or "")

@@ -56,6 +56,8 @@ _GATE: tuple[str, ...] = (
     "OUT_OF_DEVICE",
     "RESOURCE_EXHAUSTED",
     "config format",
+    "already dead",
+    "Failed to start",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
@@ -146,11 +148,12 @@ _spec(
     + _N
     + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory",
 )
-# the same in vendor runtimes' words: Gaudi's device allocator, XPU's Level Zero, TPU's XLA
+# the same in vendor runtimes' words: Gaudi's device allocator, XPU's Level Zero, TPU's XLA (whose
+# RESOURCE_EXHAUSTED status is a failed allocation or reservation, at compile or load time)
 _spec(
     "oom_other",
     3,
-    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: (?:Error allocating|Out of memory|XLA:TPU)|Ran out of memory in memory space",
+    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: |Ran out of memory in memory space",
 )
 # --- model / hub
 _spec(
@@ -254,17 +257,22 @@ _WRAPPERS = (
     r"|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly|Engine loop has died"
     r"|Error executing method '?\w{1,60}'?\. This might cause deadlock"
     r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
+    r"|Worker failed with error|is already dead, terminating server process"
 )
 _spec("other", 8, _WRAPPERS)
 _spec("other", 8, r"the replica will be stopped")  # Ray Serve
+_spec("other", 8, r"Failed to start (?:the )?model server\b")  # KServe: the cause follows on the line
 _spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
 _REPO = re.compile(
     r"huggingface\.co/(?!api/|docs/|settings/|models\b)(?:api/models/)?([\w.-]+/[\w.-]+?)(?:/resolve/|/tree/|\.?(?:\s|$|\)))"
     r"|(?:Access to model|Repo model) ([\w.-]+/[\w.-]+)"
 )
-# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
-_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
+# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses; V0's
+# engine logs the exception's repr, `RuntimeError('CUDA error: …')`
+_EXC_LINE = re.compile(
+    r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|(\(['\"].+)|\s*$)"
+)
 _WRAPPER_EXC = re.compile(_WRAPPERS + r"|^\s*$")
 
 
@@ -365,8 +373,11 @@ class Failures:
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
             if em:
+                if self.open_traceback is not None:  # frames, then their exception: a traceback
+                    self.saw_traceback = True  # even if the excerpt cut its "Traceback" line
                 self.open_traceback = None  # the traceback ended in its exception line
-            if em and em.group(2) and not _WRAPPER_EXC.search(em.group(2)):
+            text = em and (em.group(2) or em.group(3))
+            if text and not _WRAPPER_EXC.search(text):
                 self.last_exception = msg
 
     def _oom_stage(self, msg: str, facts: Facts) -> str | None:

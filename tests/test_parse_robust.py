@@ -454,3 +454,12 @@ def test_an_engine_that_dies_while_serving_is_ready_with_the_exception_it_logged
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == ("ready", "other")
     assert "illegal memory access" in (facts.failure_evidence or "")
+
+
+def test_torch_rank_prefix_is_cut_so_cut_frames_still_count():
+    frames = (
+        '[rank0]:   File "/v/llm_engine.py", line 349, in __init__\n'
+        "[rank0]:     self.model_executor = executor_class(vllm_config=vllm_config, )\n"
+    )
+    assert (parse_log(frames).outcome, parse_log(frames).failure_class) == ("failed", "other")
+    assert _parse(clean("[rank1]:[W1209 11:24:53.7 ProcessGroupNCCL.cpp:1] Warning: x")).msg.startswith("[rank1]:[W")

@@ -47,6 +47,7 @@ _PREFIX = re.compile(
     r"|\|(?= )|>+"  # CI log table column, Markdown quote
     r"|\[(?:Error|Info|Warning|Warn|Debug|Critical|Fatal|ERROR|INFO|WARNING|DEBUG)\](?: \([^()]{1,40}\))?"  # supervisor tags
     r"|\((\w[^()]{0,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)"  # vLLM/Ray process prefix
+    r"|\[rank\d{1,5}\]:(?!\[)"  # torch's per-rank stderr prefix (not its `[rank0]:[W…]` warnings)
     r") ?"
 )
 _MAX_PREFIXES = 6

@@ -463,3 +463,17 @@ def test_torch_rank_prefix_is_cut_so_cut_frames_still_count():
     )
     assert (parse_log(frames).outcome, parse_log(frames).failure_class) == ("failed", "other")
     assert _parse(clean("[rank1]:[W1209 11:24:53.7 ProcessGroupNCCL.cpp:1] Warning: x")).msg.startswith("[rank1]:[W")
+
+
+def test_a_raise_source_line_names_the_error_but_its_message_line_is_the_evidence():
+    frame = (
+        '  File "/opt/venv/lib/python3.12/site-packages/vllm/v1/core/kv_cache_utils.py", line 480, in check_memory\n'
+    )
+    raise_line = '    raise ValueError("No available memory for the cache blocks. "\n'
+    message = "ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization`.\n"
+    # an indented source line under a long frame line is its own line, not a terminal wrap
+    whole = parse_log("Traceback (most recent call last):\n" + frame + raise_line + message)
+    assert whole.failure_class == "kv_cache_insufficient"
+    assert whole.failure_evidence.startswith("ValueError: No available memory")
+    cut = parse_log(frame + raise_line)  # the excerpt ends at the raise: it still says which error
+    assert (cut.outcome, cut.failure_class) == ("failed", "kv_cache_insufficient")

@@ -83,6 +83,7 @@ class Hit:
     match: re.Match[str]
     fatal: bool = True
     stage: str | None = None  # for OOM: the start-up stage it happened in, if the log shows it
+    order: int = 0  # prio * 2, + 1 for a traceback's `raise` source line (its message line wins a tie)
 
 
 Spec = tuple[str, int, re.Pattern[str], bool]  # class, priority, pattern, fatal
@@ -355,21 +356,26 @@ class Failures:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
-        if msg[:6] == "raise " or any(mark in msg for mark in _NOT_FATAL):
-            return  # a traceback's source line echoes the message: the message line follows
+        if any(mark in msg for mark in _NOT_FATAL):
+            return
+        # a traceback's source line (`raise ValueError("No available memory …"`) names the error
+        # being raised, but the message line under it states it with its numbers: that one wins
+        source = msg.lstrip().startswith("raise ")
         if facts.repo is None and ("huggingface.co/" in msg or "model " in msg):
             rm = _REPO.search(msg)
             if rm:
                 facts.repo = rm.group(1) or rm.group(2)
         for cls, prio, pattern, fatal in _SPECS:
-            if self.best is not None and prio >= self.best.prio:
+            order = prio * 2 + source
+            if self.best is not None and order >= self.best.order:
                 continue
             m = pattern.search(msg)
             if m:
-                self.best = Hit(
-                    cls, prio, _evidence(msg), m, fatal, self._oom_stage(msg, facts) if cls == "oom_other" else None
-                )
+                stage = self._oom_stage(msg, facts) if cls == "oom_other" else None
+                self.best = Hit(cls, prio, _evidence(msg), m, fatal, stage, order)
                 break
+        if source:
+            return
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
             if em:

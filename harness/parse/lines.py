@@ -71,7 +71,7 @@ _FOREIGN_LEVELS = {
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
 _STANDALONE = re.compile(
-    r"(?:Traceback |  File |During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
+    r"(?:Traceback |  File | {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
     r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
     r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
 )

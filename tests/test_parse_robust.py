@@ -477,3 +477,39 @@ def test_a_raise_source_line_names_the_error_but_its_message_line_is_the_evidenc
     assert whole.failure_evidence.startswith("ValueError: No available memory")
     cut = parse_log(frame + raise_line)  # the excerpt ends at the raise: it still says which error
     assert (cut.outcome, cut.failure_class) == ("failed", "kv_cache_insufficient")
+
+
+def test_waits_followed_by_a_finished_start_up_step_are_no_hang():
+    wait = (
+        "(EngineCore pid=1) INFO 04-15 13:42:25 [shm_broadcast.py:681] No available shared memory broadcast "
+        "block found in 60 seconds. This typically happens when some processes are hanging.\n"
+    )
+    done = "(Worker pid=2) INFO 04-15 13:43:42 [monitor.py:76] Initial profiling/warmup run took 107.62 s\n"
+    assert parse_log(wait * 2 + done).outcome == "inconclusive"
+    hung = parse_log(done + wait * 2)  # the step finished before the waits: still a hang
+    assert (hung.outcome, hung.failure_class) == ("failed", "timeout")
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        (
+            "ERROR 10-26 11:35:32 registry.py:267] Error in inspecting model architecture 'LlamaForCausalLM'",
+            "failed",
+            "unsupported_architecture",
+        ),
+        (
+            "HFValidationError: Repo id must be in the from 'repo_name' or 'namespace/repo_name': '/app/m'.",
+            "failed",
+            "model_not_found",
+        ),
+        (
+            'INFO:     127.0.0.1:1 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\nERROR:    Exception in ASGI application',
+            "ready",
+            "other",
+        ),
+    ],
+)
+def test_round_seven_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

@@ -163,6 +163,8 @@ _spec(
     r"Model architectures? \[?([^\]]{1,300}?)\]? (?:are|is) not supported|Model architecture (\S+) was supported in vLLM until v(\S+)|Model architecture (\S+) is not supported in-tree anymore",
 )
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
+# the same, as the registry's own ERROR line above the subprocess traceback (0.6.x)
+_spec("unsupported_architecture", 2, r"Error in inspecting model architecture '([^']{1,200})'")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
 _spec(
     "gated_or_auth",
@@ -182,7 +184,7 @@ _spec(
     r"No supported config format found in (\S{1,300})|Can't load the configuration of '([^']{1,300})'",
 )
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
-_spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
+_spec("model_not_found", 2, r"Repo id must be .{0,40}?'namespace/repo_name': '([^']{1,300})'")  # (also retyped)
 _spec(
     "chat_template_missing",
     1,
@@ -259,6 +261,7 @@ _WRAPPERS = (
     r"|Error executing method '?\w{1,60}'?\. This might cause deadlock"
     r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
     r"|Worker failed with error|is already dead, terminating server process"
+    r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
 )
 _spec("other", 8, _WRAPPERS)
 _spec("other", 8, r"the replica will be stopped")  # Ray Serve
@@ -292,6 +295,9 @@ _STAGE_FRAMES = (
     ("create_weights", "weight loading"),
     ("weight_loader", "weight loading"),
 )
+# a start-up step that finished: "Initial profiling/warmup run took 107.62 s", "Graph capturing
+# finished in 5 secs", "Loading weights took …", "torch.compile takes … s in total"
+_PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfinished in " + _N)
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -307,6 +313,7 @@ class Failures:
     shm_line: str | None = None
     shm_seconds: float = 60.0
     shm_ready: bool = False  # the engine was ready when the last of them was printed
+    shm_progress: bool = False  # a start-up step finished after the last of them (not hung)
 
     def _track_stage(self, msg: str, fatal_level: bool) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
@@ -334,12 +341,15 @@ class Failures:
         self.shm_waits += 1
         self.shm_seconds = num(m.group(1))
         self.shm_ready = facts.ready
+        self.shm_progress = False
         return True
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
         if msg[:3] == "No " and self._track_shm(msg, facts):
             return
+        if self.shm_waits and line.level == "INFO" and _PROGRESS.search(msg):
+            self.shm_progress = True
         if line.level in ("INFO", "DEBUG"):
             gates = _INFO_GATE
             # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
@@ -399,8 +409,9 @@ class Failures:
 
     def _hang(self, facts: Facts) -> Hit | None:
         """Two or more "no available block" waits and no ready line after them: a hang (one
-        wait, or waits that end in a ready engine, are a slow compile or load)."""
-        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready):
+        wait, or waits that end in a ready engine or in a finished start-up step, are a slow
+        compile or load)."""
+        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready) or self.shm_progress:
             return None
         m = _SHM_HANG.match(self.shm_line)
         assert m is not None
@@ -586,10 +597,10 @@ def _remedy_arch(m, facts: Facts) -> str:
     ver = facts.get("vllm_version")
     this = f" (this log is vLLM {ver})" if ver else ""
     listed = arch.strip("'\"") and f"'{arch.strip(chr(39))}'" in m.string[m.end() :]
-    if "failed to be inspected" in m.group(0) or listed:
+    if "inspect" in m.group(0) or listed:
         return (
             f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
-            "error printed above it (usually a transformers/torch version mismatch)"
+            "error printed with it (usually a transformers/torch version mismatch)"
         )
     if "Transformers does not recognize" in m.group(0):
         return f"upgrade transformers: it does not know model type {arch}"

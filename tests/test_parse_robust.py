@@ -513,3 +513,16 @@ def test_waits_followed_by_a_finished_start_up_step_are_no_hang():
 def test_round_seven_wordings(log, outcome, cls):
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        ("huggingface_hub.errors.HFValidationError: Repo ID looks wrong: '/models/x'", "failed", "model_not_found"),
+        ("RuntimeError: HIP error: hipErrorOutOfMemory", "failed", "oom_other"),
+        ("Prompt: 'Hello, my name is', Generated text: ' Joel, my dad is my friend'", "ready", None),
+    ],
+)
+def test_generalised_before_round_eight(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

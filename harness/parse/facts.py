@@ -492,6 +492,7 @@ def _oom_old(m, line, f):
 @rule("Starting vLLM", r"Starting vLLM (?:API )?server")
 @rule("init engine (profile", r"init engine \(profile")
 @rule("Processed prompts:", r"^Processed prompts: +\d{1,3}%")
+@rule("Generated text: ", r"^Prompt: .{0,2000}?, Generated text: ")  # the offline examples' output
 @rule("Throughput: ", r"^Throughput: " + _NUM + r" requests/s")  # benchmark_throughput's result
 @rule("Adding requests:", r"^Adding requests: +\d{1,3}%")
 @rule("Error in preprocessing prompt inputs", r"Error in preprocessing prompt inputs")

@@ -154,7 +154,8 @@ _spec(
 _spec(
     "oom_other",
     3,
-    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: |Ran out of memory in memory space",
+    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: |Ran out of memory in memory space"
+    r"|hipErrorOutOfMemory|cudaErrorMemoryAllocation",
 )
 # --- model / hub
 _spec(
@@ -185,6 +186,7 @@ _spec(
 )
 # huggingface_hub's validator: the name is neither an existing directory nor a repo id
 _spec("model_not_found", 2, r"Repo id must be .{0,40}?'namespace/repo_name': '([^']{1,300})'")  # (also retyped)
+_spec("model_not_found", 3, r"\bHFValidationError\b")  # the validator's class, whatever its message says
 _spec(
     "chat_template_missing",
     1,

@@ -526,3 +526,19 @@ def test_round_seven_wordings(log, outcome, cls):
 def test_generalised_before_round_eight(log, outcome, cls):
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+def test_an_http_clients_own_traceback_is_not_an_engine_failure():
+    client = (
+        "Traceback (most recent call last):\n"
+        '  File "/usr/local/lib/python3.11/site-packages/litellm/llms/hosted_vllm/chat.py", line 9, in completion\n'
+        '  File "/usr/local/lib/python3.11/site-packages/openai/_base_client.py", line 1610, in _request\n'
+        "openai.APIConnectionError: Connection error.\n"
+    )
+    assert (parse_log(client).outcome, parse_log(client).failure_class) == ("unknown", None)
+    # the same client frames under an engine's traceback do not hide the engine's failure
+    engine = client.replace(
+        "openai.APIConnectionError",
+        '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 76, in __init__\nKeyError',
+    )
+    assert parse_log(engine).failure_class == "other"

@@ -300,6 +300,10 @@ _STAGE_FRAMES = (
 # a start-up step that finished: "Initial profiling/warmup run took 107.62 s", "Graph capturing
 # finished in 5 secs", "Loading weights took …", "torch.compile takes … s in total"
 _PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfinished in " + _N)
+# where a frame's file lives: vLLM, a fork or plugin (`/vllm/`, `/vllm_ascend/`, `/vllm-fork/`), or
+# an HTTP client that talks to a server (`hosted_vllm` inside LiteLLM is a client, not vLLM)
+_VLLM_PATH = re.compile(r"/vllm[\w-]{0,20}/")
+_CLIENT_PATH = re.compile(r"/(?:openai|litellm|httpx|httpcore|requests|aiohttp)/")
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -316,6 +320,8 @@ class Failures:
     shm_seconds: float = 60.0
     shm_ready: bool = False  # the engine was ready when the last of them was printed
     shm_progress: bool = False  # a start-up step finished after the last of them (not hung)
+    vllm_seen: bool = False  # a vLLM header line or a frame in vLLM's (or a fork's/plugin's) code
+    client_frames: bool = False  # frames in an HTTP client (openai, LiteLLM, httpx, requests)
 
     def _track_stage(self, msg: str, fatal_level: bool) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
@@ -325,8 +331,13 @@ class Failures:
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg
             return
-        if self.open_traceback is None and fatal_level and msg.lstrip().startswith('File "'):
-            self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+        if msg.lstrip().startswith('File "'):
+            if self.open_traceback is None and fatal_level:
+                self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+            if _VLLM_PATH.search(msg):
+                self.vllm_seen = True
+            elif _CLIENT_PATH.search(msg):
+                self.client_frames = True
         if "in " in msg or "(" in msg:
             for mark, stage in _STAGE_FRAMES:
                 if mark in msg:
@@ -348,6 +359,7 @@ class Failures:
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
+        self.vllm_seen = self.vllm_seen or line.has_header
         if msg[:3] == "No " and self._track_shm(msg, facts):
             return
         if self.shm_waits and line.level == "INFO" and _PROGRESS.search(msg):
@@ -425,6 +437,8 @@ class Failures:
         if hang is not None and (hit is None or hit.prio > hang.prio):
             hit = hang
         if hit is None:
+            if self.client_frames and not self.vllm_seen:
+                return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
             if self.last_exception and self.saw_traceback and not facts.ready:
                 evidence = _evidence(self.last_exception)
                 return "other", evidence, _remedy_other(evidence)

@@ -259,6 +259,10 @@ def test_normaliser_regexes_stay_linear():
         "> " * 100_000 + "x",
         "2025-04-06T07:55:21" * 10_000,
         "No available shared memory broadcast block found in " + "9" * 100_000,
+        "2024-07-01 07:28:04.488 " + "a " * 100_000 + "ERROR",  # a wrapper's level field never found
+        "2024-07-01 07:28:04.488 ERROR [" + "x" * 100_000,
+        "RESOURCE_EXHAUSTED " * 20_000,
+        "RuntimeError('" + "x" * 100_000,
     ]
     start = time.perf_counter()
     for text in nasty:
@@ -343,3 +347,198 @@ def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_
     assert parse_log(caught).failure_class is None
     ray = cut + "\nray.exceptions.RayTaskError(RuntimeError): ray::Worker.init() failed"
     assert parse_log(ray).failure_evidence.startswith("ray.exceptions.RayTaskError(RuntimeError)")
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # vendor runtimes' out-of-memory words (Gaudi, XPU Level Zero, TPU XLA, Ascend)
+        (
+            "RuntimeError: [Rank:0] FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed for size::1073741824 (1024)MB",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "RuntimeError: level_zero backend failed with error: 39 (UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY)",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 1.00G.",
+            "failed",
+            "oom_other",
+        ),
+        (
+            "RuntimeError: NPU out of memory. Tried to allocate 2.00 GiB (NPU 0; 60.97 GiB total capacity)",
+            "failed",
+            "oom_other",
+        ),
+        # 0.2-era Ray wording, and more ranks than visible devices under mp
+        (
+            "ValueError: The number of required GPUs exceeds the total number of available GPUs in the cluster.",
+            "failed",
+            "tp_exceeds_gpus",
+        ),
+        ("RuntimeError: CUDA error: invalid device ordinal", "failed", "tp_exceeds_gpus"),
+        ("ValueError: No supported config format found in /models/llama", "failed", "model_not_found"),
+        ("TimeoutError: Server didn't reply within 10000 ms", "failed", "timeout"),
+        # worker/executor wrappers of any version defer to the exception under them
+        (
+            "ERROR 05-01 10:00:00 multiproc_worker_utils.py:226] Exception in worker VllmWorkerProcess while processing method load_model.\n"
+            "Traceback (most recent call last):\nKeyError: 'lm_head.weight'",
+            "failed",
+            "other",
+        ),
+        # the server's own start lines in other forms mean the engine was built
+        ("INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)", "ready", None),
+        (
+            "INFO 09-05 10:00:00 launcher.py:19] Available routes are:\nINFO 09-05 10:00:00 launcher.py:27] Route: /v1/models, Methods: GET",
+            "ready",
+            None,
+        ),
+        ("Throughput: 12.50 requests/s, 6400.00 tokens/s", "ready", None),
+    ],
+)
+def test_other_versions_and_vendors_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls), facts.failure_evidence
+    if cls == "other":
+        assert "KeyError: 'lm_head.weight'" in (facts.failure_evidence or "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "msg", "level"),
+    [
+        # other logging wrappers' level field after a timestamp: cut, and only warnings/errors kept as levels
+        (
+            "2024-07-01 07:28:04.488 1 kserve ERROR [__main__.py:<module>():254] Failed to start model server: x",
+            "Failed to start model server: x",
+            "ERROR",
+        ),
+        (
+            '2024-11-18T16:43:45,497 [INFO ] W-9000-model_1.0-stdout MODEL_LOG -   File "/v/x.py", line 1, in f',
+            '  File "/v/x.py", line 1, in f',
+            None,
+        ),
+        (
+            "(EngineCore pid=7) 2026-07-25 13:42:38,525 - WARNING - autotuner.py:2216 - slow tune",
+            "slow tune",
+            "WARNING",
+        ),
+        # without a timestamp in front, a level word is text
+        ("ERROR rate is 5 % - see the dashboard", "ERROR rate is 5 % - see the dashboard", None),
+    ],
+)
+def test_normaliser_cuts_other_wrappers_level_fields(raw, msg, level):
+    line = _parse(clean(raw))
+    assert (line.msg, line.level) == (msg, level)
+
+
+def test_frames_then_their_exception_are_a_traceback_even_without_its_first_line():
+    cut = (
+        '(EngineCore_DP0 pid=1)   File "/v/core.py", line 109, in __init__\n'
+        "(EngineCore_DP0 pid=1)     self._initialize_kv_caches()\n"
+        "(EngineCore_DP0 pid=1) KeyError: 'model.layers.0.mlp'\n"
+    )
+    facts = parse_log(cut)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert "KeyError: 'model.layers.0.mlp'" in (facts.failure_evidence or "")
+
+
+def test_an_engine_that_dies_while_serving_is_ready_with_the_exception_it_logged():
+    log = (
+        "INFO 12-16 17:54:21 metrics.py:449] Avg prompt throughput: 7.8 tokens/s, Running: 1 reqs\n"
+        "CRITICAL 12-16 17:54:23 launcher.py:99] MQLLMEngine is already dead, terminating server process\n"
+        "ERROR 12-16 17:54:23 engine.py:135] RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+    )
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("ready", "other")
+    assert "illegal memory access" in (facts.failure_evidence or "")
+
+
+def test_torch_rank_prefix_is_cut_so_cut_frames_still_count():
+    frames = (
+        '[rank0]:   File "/v/llm_engine.py", line 349, in __init__\n'
+        "[rank0]:     self.model_executor = executor_class(vllm_config=vllm_config, )\n"
+    )
+    assert (parse_log(frames).outcome, parse_log(frames).failure_class) == ("failed", "other")
+    assert _parse(clean("[rank1]:[W1209 11:24:53.7 ProcessGroupNCCL.cpp:1] Warning: x")).msg.startswith("[rank1]:[W")
+
+
+def test_a_raise_source_line_names_the_error_but_its_message_line_is_the_evidence():
+    frame = (
+        '  File "/opt/venv/lib/python3.12/site-packages/vllm/v1/core/kv_cache_utils.py", line 480, in check_memory\n'
+    )
+    raise_line = '    raise ValueError("No available memory for the cache blocks. "\n'
+    message = "ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization`.\n"
+    # an indented source line under a long frame line is its own line, not a terminal wrap
+    whole = parse_log("Traceback (most recent call last):\n" + frame + raise_line + message)
+    assert whole.failure_class == "kv_cache_insufficient"
+    assert whole.failure_evidence.startswith("ValueError: No available memory")
+    cut = parse_log(frame + raise_line)  # the excerpt ends at the raise: it still says which error
+    assert (cut.outcome, cut.failure_class) == ("failed", "kv_cache_insufficient")
+
+
+def test_waits_followed_by_a_finished_start_up_step_are_no_hang():
+    wait = (
+        "(EngineCore pid=1) INFO 04-15 13:42:25 [shm_broadcast.py:681] No available shared memory broadcast "
+        "block found in 60 seconds. This typically happens when some processes are hanging.\n"
+    )
+    done = "(Worker pid=2) INFO 04-15 13:43:42 [monitor.py:76] Initial profiling/warmup run took 107.62 s\n"
+    assert parse_log(wait * 2 + done).outcome == "inconclusive"
+    hung = parse_log(done + wait * 2)  # the step finished before the waits: still a hang
+    assert (hung.outcome, hung.failure_class) == ("failed", "timeout")
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        (
+            "ERROR 10-26 11:35:32 registry.py:267] Error in inspecting model architecture 'LlamaForCausalLM'",
+            "failed",
+            "unsupported_architecture",
+        ),
+        (
+            "HFValidationError: Repo id must be in the from 'repo_name' or 'namespace/repo_name': '/app/m'.",
+            "failed",
+            "model_not_found",
+        ),
+        (
+            'INFO:     127.0.0.1:1 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\nERROR:    Exception in ASGI application',
+            "ready",
+            "other",
+        ),
+    ],
+)
+def test_round_seven_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        ("huggingface_hub.errors.HFValidationError: Repo ID looks wrong: '/models/x'", "failed", "model_not_found"),
+        ("RuntimeError: HIP error: hipErrorOutOfMemory", "failed", "oom_other"),
+        ("Prompt: 'Hello, my name is', Generated text: ' Joel, my dad is my friend'", "ready", None),
+    ],
+)
+def test_generalised_before_round_eight(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+def test_an_http_clients_own_traceback_is_not_an_engine_failure():
+    client = (
+        "Traceback (most recent call last):\n"
+        '  File "/usr/local/lib/python3.11/site-packages/litellm/llms/hosted_vllm/chat.py", line 9, in completion\n'
+        '  File "/usr/local/lib/python3.11/site-packages/openai/_base_client.py", line 1610, in _request\n'
+        "openai.APIConnectionError: Connection error.\n"
+    )
+    assert (parse_log(client).outcome, parse_log(client).failure_class) == ("unknown", None)
+    # the same client frames under an engine's traceback do not hide the engine's failure
+    engine = client.replace(
+        "openai.APIConnectionError",
+        '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 76, in __init__\nKeyError',
+    )
+    assert parse_log(engine).failure_class == "other"

@@ -486,9 +486,14 @@ def _oom_old(m, line, f):
 # progress bars (it never prints a server line), a request the OpenAI layer failed to
 # preprocess, and a request told that the running engine died. (Stats, request and HTTP access lines mean the same; `scan` drops them as noise.)
 @rule("Application startup complete", r"Application startup complete")
+@rule("Uvicorn running on", r"Uvicorn running on")  # uvicorn starts only after the engine is built
+@rule("Available routes are", r"^Available routes are")
+@rule("Route: /v1/", r"^Route: /v1/")
 @rule("Starting vLLM", r"Starting vLLM (?:API )?server")
 @rule("init engine (profile", r"init engine \(profile")
 @rule("Processed prompts:", r"^Processed prompts: +\d{1,3}%")
+@rule("Generated text: ", r"^Prompt: .{0,2000}?, Generated text: ")  # the offline examples' output
+@rule("Throughput: ", r"^Throughput: " + _NUM + r" requests/s")  # benchmark_throughput's result
 @rule("Adding requests:", r"^Adding requests: +\d{1,3}%")
 @rule("Error in preprocessing prompt inputs", r"Error in preprocessing prompt inputs")
 @rule("EngineDeadError", r"EngineDeadError")  # raised to requests when a running engine dies

@@ -53,6 +53,11 @@ _GATE: tuple[str, ...] = (
     "Repo id",
     "_check_scheme",
     "hit an exception",
+    "OUT_OF_DEVICE",
+    "RESOURCE_EXHAUSTED",
+    "config format",
+    "already dead",
+    "Failed to start",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
@@ -78,6 +83,7 @@ class Hit:
     match: re.Match[str]
     fatal: bool = True
     stage: str | None = None  # for OOM: the start-up stage it happened in, if the log shows it
+    order: int = 0  # prio * 2, + 1 for a traceback's `raise` source line (its message line wins a tie)
 
 
 Spec = tuple[str, int, re.Pattern[str], bool]  # class, priority, pattern, fatal
@@ -139,9 +145,17 @@ _spec("oom_other", 2, r"CUDA out of memory occurred when warming up (\w+)")
 _spec(
     "oom_other",
     3,
-    r"(?:CUDA|HIP|XPU) out of memory\. Tried to allocate "
+    r"(?:CUDA|HIP|XPU|NPU) out of memory\. Tried to allocate "
     + _N
     + r" (\w)iB|(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b|CUDA error: out of memory|out of memory",
+)
+# the same in vendor runtimes' words: Gaudi's device allocator, XPU's Level Zero, TPU's XLA (whose
+# RESOURCE_EXHAUSTED status is a failed allocation or reservation, at compile or load time)
+_spec(
+    "oom_other",
+    3,
+    r"PT_DEVMEM Allocation failed|OUT_OF_DEVICE_MEMORY|RESOURCE_EXHAUSTED: |Ran out of memory in memory space"
+    r"|hipErrorOutOfMemory|cudaErrorMemoryAllocation",
 )
 # --- model / hub
 _spec(
@@ -150,6 +164,8 @@ _spec(
     r"Model architectures? \[?([^\]]{1,300}?)\]? (?:are|is) not supported|Model architecture (\S+) was supported in vLLM until v(\S+)|Model architecture (\S+) is not supported in-tree anymore",
 )
 _spec("unsupported_architecture", 2, r"Model architectures \[?([^\]]{1,300}?)\]? failed to be inspected")
+# the same, as the registry's own ERROR line above the subprocess traceback (0.6.x)
+_spec("unsupported_architecture", 2, r"Error in inspecting model architecture '([^']{1,200})'")
 _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers does not recognize this architecture")
 _spec(
     "gated_or_auth",
@@ -163,10 +179,19 @@ _spec(
     r"Repository Not Found for url: \S*?huggingface\.co/(?:api/models/)?([\w.-]+/[\w.-]+)|RepositoryNotFoundError|(?<![\w./:-])([\w./:-]{1,200}) is not a local folder and is not a valid model identifier|404 Client Error|Incorrect path_or_model_id: '([^']+)'|does not appear to have a file named config\.json|LocalEntryNotFoundError|We couldn't connect to 'https://huggingface\.co'",
 )
 _spec("model_not_found", 3, r"Invalid repository ID or local directory specified: '([^']+)'")
-# huggingface_hub's validator: the name is neither an existing directory nor a repo id
-_spec("model_not_found", 2, r"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '([^']{1,300})'")
 _spec(
-    "chat_template_missing", 1, r"default chat template is no longer allowed|ChatTemplateResolutionError", fatal=False
+    "model_not_found",
+    3,
+    r"No supported config format found in (\S{1,300})|Can't load the configuration of '([^']{1,300})'",
+)
+# huggingface_hub's validator: the name is neither an existing directory nor a repo id
+_spec("model_not_found", 2, r"Repo id must be .{0,40}?'namespace/repo_name': '([^']{1,300})'")  # (also retyped)
+_spec("model_not_found", 3, r"\bHFValidationError\b")  # the validator's class, whatever its message says
+_spec(
+    "chat_template_missing",
+    1,
+    r"default chat template is no longer allowed|ChatTemplateResolutionError|tokenizer\.chat_template is not set",
+    fatal=False,
 )
 # other request-time template failures: the template does not parse, or rejects the messages
 _spec(
@@ -214,35 +239,47 @@ _spec(
 _spec(
     "tp_exceeds_gpus",
     2,
-    r"The number of required (\w+?)s exceeds the total number of available \w+?s in the placement group|Cannot provide a placement group of|Unable to load Ray",
+    r"The number of required (\w+?)s exceeds the total number of available \w+?s in the (?:placement group|cluster)|Cannot provide a placement group of|Unable to load Ray",
 )
 _spec("tp_exceeds_gpus", 2, r"Ray does not allocate any GPUs on the driver node")
+# a worker asked for a GPU index past the visible ones (more ranks than CUDA_VISIBLE_DEVICES)
+_spec("tp_exceeds_gpus", 3, r"CUDA error: invalid device ordinal")
 # --- hangs
 _spec(
     "timeout",
     1,
-    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|failed to start within "
+    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|didn't reply within \d+ ?ms|GetTimeoutError|failed to start within "
     + _N
     + " seconds",
 )
 # --- wrappers: only the evidence of last resort
-_spec(
-    "other",
-    8,
-    r"Engine core initialization failed|EngineCore initialization failed|EngineCore failed to start|Engine process failed to start|EngineCore hit an exception|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly",
+# Lines that only say that something below failed (every version's engine, worker and executor
+# wording): the evidence of last resort. One list, also used to skip them as exception lines
+# and to tell a log that holds nothing else.
+_WRAPPERS = (
+    r"Engine ?[Cc]ore (?:initialization failed|failed to start)|EngineCore initialization failed"
+    r"|Engine process failed to start|(?:EngineCore|WorkerProc) hit an exception|WorkerProc failed to start"
+    r"|EngineCore encountered (?:a fatal error|an issue)|died unexpectedly|Engine loop has died"
+    r"|Error executing method '?\w{1,60}'?\. This might cause deadlock"
+    r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
+    r"|Worker failed with error|is already dead, terminating server process"
+    r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
 )
-_spec("other", 8, r"Exception in Replica\(|the replica will be stopped")  # Ray Serve
+_spec("other", 8, _WRAPPERS)
+_spec("other", 8, r"the replica will be stopped")  # Ray Serve
+_spec("other", 8, r"Failed to start (?:the )?model server\b")  # KServe: the cause follows on the line
 _spec("other", 7, r"Unable to register worker with raylet|Failed to register worker \w{1,64} to Raylet")
 
 _REPO = re.compile(
     r"huggingface\.co/(?!api/|docs/|settings/|models\b)(?:api/models/)?([\w.-]+/[\w.-]+?)(?:/resolve/|/tree/|\.?(?:\s|$|\)))"
     r"|(?:Access to model|Repo model) ([\w.-]+/[\w.-]+)"
 )
-# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses
-_EXC_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|\s*$)")
-_WRAPPER_EXC = re.compile(
-    r"Engine ?[Cc]ore (?:initialization failed|failed to start)|Engine process failed to start|^\s*$"
+# `ray.exceptions.RayTaskError(RuntimeError): …` names the wrapped class in parentheses; V0's
+# engine logs the exception's repr, `RuntimeError('CUDA error: …')`
+_EXC_LINE = re.compile(
+    r"^\s*(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Exit)(?:\([\w.]{1,60}\))?)(?:: (.+)|(\(['\"].+)|\s*$)"
 )
+_WRAPPER_EXC = re.compile(_WRAPPERS + r"|^\s*$")
 
 
 # Start-up stages an OOM can happen in, by what the log prints in them (progress lines) and
@@ -260,6 +297,13 @@ _STAGE_FRAMES = (
     ("create_weights", "weight loading"),
     ("weight_loader", "weight loading"),
 )
+# a start-up step that finished: "Initial profiling/warmup run took 107.62 s", "Graph capturing
+# finished in 5 secs", "Loading weights took …", "torch.compile takes … s in total"
+_PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfinished in " + _N)
+# where a frame's file lives: vLLM, a fork or plugin (`/vllm/`, `/vllm_ascend/`, `/vllm-fork/`), or
+# an HTTP client that talks to a server (`hosted_vllm` inside LiteLLM is a client, not vLLM)
+_VLLM_PATH = re.compile(r"/vllm[\w-]{0,20}/")
+_CLIENT_PATH = re.compile(r"/(?:openai|litellm|httpx|httpcore|requests|aiohttp)/")
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -275,6 +319,9 @@ class Failures:
     shm_line: str | None = None
     shm_seconds: float = 60.0
     shm_ready: bool = False  # the engine was ready when the last of them was printed
+    shm_progress: bool = False  # a start-up step finished after the last of them (not hung)
+    vllm_seen: bool = False  # a vLLM header line or a frame in vLLM's (or a fork's/plugin's) code
+    client_frames: bool = False  # frames in an HTTP client (openai, LiteLLM, httpx, requests)
 
     def _track_stage(self, msg: str, fatal_level: bool) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
@@ -284,8 +331,13 @@ class Failures:
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg
             return
-        if self.open_traceback is None and fatal_level and msg.lstrip().startswith('File "'):
-            self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+        if msg.lstrip().startswith('File "'):
+            if self.open_traceback is None and fatal_level:
+                self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
+            if _VLLM_PATH.search(msg):
+                self.vllm_seen = True
+            elif _CLIENT_PATH.search(msg):
+                self.client_frames = True
         if "in " in msg or "(" in msg:
             for mark, stage in _STAGE_FRAMES:
                 if mark in msg:
@@ -302,12 +354,16 @@ class Failures:
         self.shm_waits += 1
         self.shm_seconds = num(m.group(1))
         self.shm_ready = facts.ready
+        self.shm_progress = False
         return True
 
     def feed(self, line: LogLine, facts: Facts) -> None:
         msg = line.msg
+        self.vllm_seen = self.vllm_seen or line.has_header
         if msg[:3] == "No " and self._track_shm(msg, facts):
             return
+        if self.shm_waits and line.level == "INFO" and _PROGRESS.search(msg):
+            self.shm_progress = True
         if line.level in ("INFO", "DEBUG"):
             gates = _INFO_GATE
             # "Capturing cudagraphs/the model/CUDA graphs" starts a stage; "Memory profiling
@@ -324,26 +380,34 @@ class Failures:
             if "Traceback" in msg:
                 self.saw_traceback = True
             return
-        if msg[:6] == "raise " or any(mark in msg for mark in _NOT_FATAL):
-            return  # a traceback's source line echoes the message: the message line follows
+        if any(mark in msg for mark in _NOT_FATAL):
+            return
+        # a traceback's source line (`raise ValueError("No available memory …"`) names the error
+        # being raised, but the message line under it states it with its numbers: that one wins
+        source = msg.lstrip().startswith("raise ")
         if facts.repo is None and ("huggingface.co/" in msg or "model " in msg):
             rm = _REPO.search(msg)
             if rm:
                 facts.repo = rm.group(1) or rm.group(2)
         for cls, prio, pattern, fatal in _SPECS:
-            if self.best is not None and prio >= self.best.prio:
+            order = prio * 2 + source
+            if self.best is not None and order >= self.best.order:
                 continue
             m = pattern.search(msg)
             if m:
-                self.best = Hit(
-                    cls, prio, _evidence(msg), m, fatal, self._oom_stage(msg, facts) if cls == "oom_other" else None
-                )
+                stage = self._oom_stage(msg, facts) if cls == "oom_other" else None
+                self.best = Hit(cls, prio, _evidence(msg), m, fatal, stage, order)
                 break
+        if source:
+            return
         if line.level in (None, "ERROR", "CRITICAL"):
             em = _EXC_LINE.match(msg)
             if em:
+                if self.open_traceback is not None:  # frames, then their exception: a traceback
+                    self.saw_traceback = True  # even if the excerpt cut its "Traceback" line
                 self.open_traceback = None  # the traceback ended in its exception line
-            if em and em.group(2) and not _WRAPPER_EXC.search(em.group(2)):
+            text = em and (em.group(2) or em.group(3))
+            if text and not _WRAPPER_EXC.search(text):
                 self.last_exception = msg
 
     def _oom_stage(self, msg: str, facts: Facts) -> str | None:
@@ -359,8 +423,9 @@ class Failures:
 
     def _hang(self, facts: Facts) -> Hit | None:
         """Two or more "no available block" waits and no ready line after them: a hang (one
-        wait, or waits that end in a ready engine, are a slow compile or load)."""
-        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready):
+        wait, or waits that end in a ready engine or in a finished start-up step, are a slow
+        compile or load)."""
+        if self.shm_waits < 2 or self.shm_line is None or (facts.ready and not self.shm_ready) or self.shm_progress:
             return None
         m = _SHM_HANG.match(self.shm_line)
         assert m is not None
@@ -372,6 +437,8 @@ class Failures:
         if hang is not None and (hit is None or hit.prio > hang.prio):
             hit = hang
         if hit is None:
+            if self.client_frames and not self.vllm_seen:
+                return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
             if self.last_exception and self.saw_traceback and not facts.ready:
                 evidence = _evidence(self.last_exception)
                 return "other", evidence, _remedy_other(evidence)
@@ -546,10 +613,10 @@ def _remedy_arch(m, facts: Facts) -> str:
     ver = facts.get("vllm_version")
     this = f" (this log is vLLM {ver})" if ver else ""
     listed = arch.strip("'\"") and f"'{arch.strip(chr(39))}'" in m.string[m.end() :]
-    if "failed to be inspected" in m.group(0) or listed:
+    if "inspect" in m.group(0) or listed:
         return (
             f"architecture {arch} exists in this vLLM but failed to import{this}: read the "
-            "error printed above it (usually a transformers/torch version mismatch)"
+            "error printed with it (usually a transformers/torch version mismatch)"
         )
     if "Transformers does not recognize" in m.group(0):
         return f"upgrade transformers: it does not know model type {arch}"
@@ -714,9 +781,7 @@ def _remedy_other(evidence: str) -> str:
     return f"no known cause matched; the root error is: {evidence[:200]}"
 
 
-_WRAPPER_ONLY = re.compile(
-    r"EngineCore failed to start|Engine process failed to start|Engine ?[Cc]ore initialization failed|EngineCore encountered (?:a fatal error|an issue)|EngineCore hit an exception|Exception in Replica\("
-)
+_WRAPPER_ONLY = re.compile(_WRAPPERS)
 
 
 # (oom_other's remedy also takes the stage: `result` calls it directly)

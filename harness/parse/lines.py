@@ -47,14 +47,31 @@ _PREFIX = re.compile(
     r"|\|(?= )|>+"  # CI log table column, Markdown quote
     r"|\[(?:Error|Info|Warning|Warn|Debug|Critical|Fatal|ERROR|INFO|WARNING|DEBUG)\](?: \([^()]{1,40}\))?"  # supervisor tags
     r"|\((\w[^()]{0,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)"  # vLLM/Ray process prefix
+    r"|\[rank\d{1,5}\]:(?!\[)"  # torch's per-rank stderr prefix (not its `[rank0]:[W…]` warnings)
     r") ?"
 )
 _MAX_PREFIXES = 6
+# After a timestamp, other logging wrappers' own level field (KServe `1 kserve ERROR [f.py:<module>():254]`,
+# TorchServe `[INFO ] W-9000-model_1.0-stdout MODEL_LOG -`, `- INFO - autotuner.py:2216 -`,
+# DeepSpeed `[INFO] [real_accelerator.py:219:get_accelerator]`): cut too, its level kept.
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:")
+_FOREIGN_LEVEL = re.compile(
+    r"(?:[\w.-]{1,40} ){0,3}?-? ?\[?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL) {0,2}\]? (?:- )?"
+    r"(?:\[[^\]]{1,160}\] ?|[\w.-]{1,80}:\d{1,6} - |(?:[\w.-]{1,80} ){1,2}- )?"
+)
+# A wrapper relays its child's stdout/stderr at INFO: only its warnings and errors say something.
+_FOREIGN_LEVELS = {
+    "WARN": "WARNING",
+    "WARNING": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+    "FATAL": "CRITICAL",
+}
 # The last `(name pid=N[, ip=…])` group before the header names the process.
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
 _STANDALONE = re.compile(
-    r"(?:Traceback |  File |During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
+    r"(?:Traceback |  File | {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
     r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
     r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
 )
@@ -184,6 +201,10 @@ def _parse(raw: str) -> LogLine:
             m = _HEADER.match(text)
             if m is not None:
                 return LogLine(text[m.end() :].rstrip(), proc, pid, m.group(1), True)
+            if _TIMESTAMP.search(raw, 0, len(raw) - len(text)):  # a timestamp was among the cut prefixes
+                fm = _FOREIGN_LEVEL.match(text)
+                if fm is not None:
+                    return LogLine(text[fm.end() :].rstrip(), proc, pid, _FOREIGN_LEVELS.get(fm.group(1)))
         return LogLine(text.rstrip(), proc, pid)
     start = m.start()
     proc = pid = None

@@ -553,6 +553,21 @@ def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_
     assert [c.metric for c in diff.changes] == [metric]
 
 
+def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):
+    """The engine logs an out-of-memory line yet answers: the record keeps what the log says in
+    its facts, and the report's row is an ok cell with no failure class, detail or fix."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    said = "RuntimeError: CUDA out of memory. Tried to allocate 786.00 MiB."
+    manifest = _run(tmp_path, env={"STANDIN_SAY": said})
+    (entry,) = manifest.cells
+    rec = store.read_record(store.resolve_ref(tmp_path / "results", entry.record))
+    assert rec.outcome == "ok" and rec.failure_class is None
+    assert rec.facts.failure_class == "oom_other"  # the parser did read the line
+    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
+    assert row["outcome"] == "ok"
+    assert (row["failure_class"], row["failure_detail"], row["remedy"]) == (None, None, None)
+
+
 # --------------------------------------------------------------------------- parsed log -> record outcome
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 

@@ -189,6 +189,9 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
     log = (path.parent / record.engine_log) if record.engine_log else None
     log = log if log is not None and log.exists() else None  # a published record has no log here
     fact = (lambda name: getattr(facts, name)) if facts else (lambda name: None)
+    # A cell that answered is not a failure, whatever else its log shows (a request that ran out
+    # of memory, a worker's warning): the log's class explains failed and ingested cells only.
+    judged = record.outcome != "ok"
     tp = _first(_arg(record, "tensor_parallel_size"), fact("tp_size"), 1)
     util = _first(_arg(record, "gpu_memory_utilization"), fact("gpu_memory_utilization"))
     return {
@@ -212,9 +215,9 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "outcome": record.outcome,
-        "failure_class": record.failure_class or (facts.failure_class if facts else None),
-        "failure_detail": _first(record.failure_detail, fact("failure_evidence")),
-        "remedy": _first(record.remedy, fact("remedy")),
+        "failure_class": record.failure_class or (facts.failure_class if facts and judged else None),
+        "failure_detail": _first(record.failure_detail, fact("failure_evidence") if judged else None),
+        "remedy": _first(record.remedy, fact("remedy") if judged else None),
         "skip_reason": record.skip_reason,
         "validation_passed": record.validation.passed if record.validation else None,
         "tp": int(tp),

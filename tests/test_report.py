@@ -359,6 +359,16 @@ def test_exports(tree):
     assert qwen["kv_cache_tokens"] == 527968 and qwen["cuda_graph_gib"] == 0.10
     csv = (tree / "reports" / "data" / "history.csv").read_text().splitlines()
     assert len(csv) == 1 + 18 and csv[0].startswith("run_id,cell_id,key")
+    # Files are named relative to data/, and the names lead to the files the rows came from.
+    for row in data:
+        for column in ("record_path", "engine_log_path"):
+            if row[column]:
+                assert not Path(row[column]).is_absolute(), row[column]
+                assert (tree / "reports" / "data" / row[column]).resolve() == Path(
+                    latest.loc[
+                        (latest["run_id"] == row["run_id"]) & (latest["cell_id"] == row["cell_id"]), column
+                    ].iloc[0]
+                ).resolve()
 
 
 def test_latest_is_per_key_and_history_keeps_all(tree):

@@ -127,6 +127,9 @@ def environment() -> jinja2.Environment:
 
 
 # --------------------------------------------------------------------------- helpers
+PATH_COLUMNS = ("record_path", "engine_log_path")  # absolute in the rows, relative in data/
+
+
 def rel(target: Path, page_dir: Path) -> str:
     return Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix()
 
@@ -482,6 +485,9 @@ class Renderer:
         for name, df in (("cells", self.results.latest), ("history", self.results.history)):
             if df.empty:
                 continue
+            # Files named relative to data/ itself: the same export from any checkout, and the
+            # names lead somewhere for a reader of the published copy.
+            df = df.assign(**{c: df[c].map(lambda v: rel(Path(v), data) if v else v) for c in PATH_COLUMNS if c in df})
             out.append(data / f"{name}.csv")
             df.to_csv(out[-1], index=False, lineterminator="\n")
             out.append(data / f"{name}.json")

@@ -4,6 +4,8 @@ not reused; the engine's API key is in no process's argv."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -142,16 +144,34 @@ def timeout_then_rerun(tmp_path_factory):
         if Path(f"/proc/{pid}/cmdline").exists()
     }
     folders = run_folders(results)
-    third = subprocess.run(
-        harness_cmd(
-            "run", "--matrix", str(matrix), "--results", str(results), "--no-report", "--progress", "plain", "--force"
-        ),
-        capture_output=True,
-        text=True,
-        env=harness_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    # Run 2's server is held still (SIGSTOP) while run 3 starts: a tiny eager engine could
+    # otherwise be up, checked and gone before run 3 reaches the lock on a loaded box. Its
+    # readiness wait (ready_s 300) only sees a server that is slow to answer.
+    servers = second.watcher.engines()
+    for pid in servers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        third = subprocess.run(
+            harness_cmd(
+                "run",
+                "--matrix",
+                str(matrix),
+                "--results",
+                str(results),
+                "--no-report",
+                "--progress",
+                "plain",
+                "--force",
+            ),
+            capture_output=True,
+            text=True,
+            env=harness_env(),
+            cwd=ROOT,
+            timeout=300,
+        )
+    finally:
+        for pid in servers:
+            os.kill(pid, signal.SIGCONT)
     out.update(third=third, folders_before=folders, folders_after=run_folders(results))
     out["second_code"] = second.wait(600)
     out["second_lines"] = second.lines

@@ -542,3 +542,33 @@ def test_an_http_clients_own_traceback_is_not_an_engine_failure():
         '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 76, in __init__\nKeyError',
     )
     assert parse_log(engine).failure_class == "other"
+
+
+_HEAD = "INFO 10-03 10:15:50 [api_server.py:1] vLLM API server version 0.9.0\n"
+_FRAMES = (
+    'Traceback (most recent call last):\n  File "/usr/lib/python3.12/site-packages/vllm/engine/x.py", line 1, in f\n'
+)
+_SERVING = 'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK\n'
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # before ready, any error the engine printed ended its start, in whatever words
+        (_HEAD + "ValueError: a wording no rule knows", "failed", "other"),
+        (_HEAD + "ERROR 10-03 10:15:51 [core.py:1] something broke in a new way", "failed", "other"),
+        (_HEAD + _FRAMES + "AssertionError", "failed", "other"),
+        # the exception's type names the class when its words are new
+        (_HEAD + _FRAMES + "TimeoutError: no answer in a new wording", "failed", "timeout"),
+        (_HEAD + _FRAMES + "torch.OutOfMemoryError: new words", "failed", "oom_other"),
+        # while serving: a traceback through vLLM's code is a request-time failure; a bare ERROR line is not
+        (_HEAD + _SERVING + _FRAMES + "KeyError: 'x'", "ready", "other"),
+        (_HEAD + _SERVING + "ERROR 10-03 10:15:51 [serving.py:1] bad request", "ready", None),
+        # the name of vLLM anywhere outside a frame: a vLLM log, cut before ready or error
+        ("$ vllm serve org/model --port 8000\nDownloading shards: 50%", "inconclusive", None),
+        ("Loading the model in something else\nDone", "unknown", None),
+    ],
+)
+def test_fallbacks_decide_unseen_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

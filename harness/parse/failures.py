@@ -321,7 +321,9 @@ class Failures:
     shm_ready: bool = False  # the engine was ready when the last of them was printed
     shm_progress: bool = False  # a start-up step finished after the last of them (not hung)
     vllm_seen: bool = False  # a vLLM header line or a frame in vLLM's (or a fork's/plugin's) code
+    vllm_frames: bool = False  # a traceback frame in vLLM's (or a fork's/plugin's) code
     client_frames: bool = False  # frames in an HTTP client (openai, LiteLLM, httpx, requests)
+    last_error: str | None = None  # the last ERROR/CRITICAL line: the evidence of last resort
 
     def _track_stage(self, msg: str, fatal_level: bool) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
@@ -335,7 +337,7 @@ class Failures:
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
             if _VLLM_PATH.search(msg):
-                self.vllm_seen = True
+                self.vllm_seen = self.vllm_frames = True
             elif _CLIENT_PATH.search(msg):
                 self.client_frames = True
         if "in " in msg or "(" in msg:
@@ -373,6 +375,8 @@ class Failures:
         else:
             gates = _GATE
             self._track_stage(msg, line.level != "WARNING")
+            if line.level in ("ERROR", "CRITICAL") and msg[:1] != " " and not msg.startswith(_NOT_ERROR):
+                self.last_error = msg
         for gate in gates:
             if gate in msg:
                 break
@@ -409,6 +413,8 @@ class Failures:
             text = em and (em.group(2) or em.group(3))
             if text and not _WRAPPER_EXC.search(text):
                 self.last_exception = msg
+            elif em and not text and self.saw_traceback and em.group(1).endswith(("Error", "Exception")):
+                self.last_exception = msg  # a bare `AssertionError` that ends a traceback
 
     def _oom_stage(self, msg: str, facts: Facts) -> str | None:
         if "warming up sampler" in msg:
@@ -431,21 +437,34 @@ class Failures:
         assert m is not None
         return Hit("timeout", 5, _evidence(f"{self.shm_line} (printed {self.shm_waits}×)"), m)
 
+    def _fallback(self, facts: Facts) -> tuple[str, str, str] | None:
+        """No known cause matched. Before the engine got ready, any error it printed ended the
+        start: the last exception (with or without its traceback), else a traceback cut before
+        its exception, else the last ERROR line. While serving, only a traceback through vLLM's
+        own code that ends in an exception is a (request-time) failure."""
+        if self.client_frames and not self.vllm_frames:
+            return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
+        if facts.ready:
+            if not (self.last_exception and self.saw_traceback and self.vllm_frames):
+                return None
+            evidence = _evidence(self.last_exception)
+        elif self.last_exception:
+            evidence = _evidence(self.last_exception)
+        elif self.open_traceback:
+            evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
+        elif self.last_error:
+            evidence = _evidence(self.last_error)
+        else:
+            return None
+        return _by_type(evidence), evidence, _remedy_other(evidence)
+
     def result(self, facts: Facts) -> tuple[str, str, str] | None:
         hit = self.best
         hang = self._hang(facts)
         if hang is not None and (hit is None or hit.prio > hang.prio):
             hit = hang
         if hit is None:
-            if self.client_frames and not self.vllm_seen:
-                return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
-            if self.last_exception and self.saw_traceback and not facts.ready:
-                evidence = _evidence(self.last_exception)
-                return "other", evidence, _remedy_other(evidence)
-            if self.open_traceback and not facts.ready:
-                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
-                return "other", evidence, _remedy_other(evidence)
-            return None
+            return self._fallback(facts)
         if hit.cls == "other":
             evidence = _evidence(self.last_exception) if self.last_exception else hit.evidence
             return "other", evidence, _remedy_other(evidence)
@@ -462,6 +481,31 @@ class Failures:
         if cls == "oom_other":
             return cls, evidence, _remedy_oom_other(hit.match, facts, hit.stage)
         return cls, evidence, _REMEDIES[cls](hit.match, facts)
+
+
+# Exception types that name their class whatever their message says (the fallback's class)
+_TYPE_CLASS = (
+    ("OutOfMemoryError", "oom_other"),
+    ("TimeoutError", "timeout"),
+    ("TemplateError", "chat_template_missing"),
+    ("TemplateSyntaxError", "chat_template_missing"),
+    ("GatedRepoError", "gated_or_auth"),
+    ("RepositoryNotFoundError", "model_not_found"),
+    ("RevisionNotFoundError", "model_not_found"),
+    ("EntryNotFoundError", "model_not_found"),
+)
+# ERROR lines that report, not fail: a retried download, a request's bad input
+_NOT_ERROR = ("Error retrieving ", "Error in preprocessing prompt inputs")
+
+
+def _by_type(evidence: str) -> str:
+    em = _EXC_LINE.match(evidence)
+    if em is not None:
+        name = em.group(1).rsplit(".", 1)[-1]
+        for suffix, cls in _TYPE_CLASS:
+            if name.endswith(suffix):
+                return cls
+    return "other"
 
 
 _CUT_TRACEBACK = " [the excerpt ends inside this traceback]"

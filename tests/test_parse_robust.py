@@ -572,3 +572,36 @@ _SERVING = 'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK\n'
 def test_fallbacks_decide_unseen_wordings(log, outcome, cls):
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        # ESC written out as text: caret notation (`cat -v`, less) with its ^M, a JSON dump's \u001b, C's \033
+        '^[[1;36m(EngineCore_DP0 pid=1)^[[0;0m   File "/w/vllm/worker/x.py", line 1, in f^M',
+        '\\u001b[1;36m(EngineCore_DP0 pid=1)\\u001b[0;0m   File "/w/vllm/worker/x.py", line 1, in f',
+        '\\033[1;36m(EngineCore_DP0 pid=1)\\033[0m   File "/w/vllm/worker/x.py", line 1, in f',
+    ],
+)
+def test_escapes_written_as_text_are_cut(log):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert facts.failure_evidence is not None and facts.failure_evidence.startswith('File "/w/vllm')
+
+
+def test_a_windows_path_is_no_escape():
+    from harness.parse.lines import clean
+
+    path = "Using cache directory: D:\\Cache\\x1b_models\\e[1] for vLLM^M^"
+    assert clean(path) == path
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "INFO 2025-08-29 18:04:47,931 serve 519120 -- Application 'default' is ready at http://127.0.0.1:8000/.",
+        "INFO 2025-08-29 18:04:47,931 serve 519120 -- Deployed app 'default' successfully.",
+    ],
+)
+def test_a_wrapper_saying_the_app_serves_is_ready(line):
+    assert parse_log(line).outcome == "ready"

@@ -496,7 +496,10 @@ def _oom_old(m, line, f):
 @rule("Throughput: ", r"^Throughput: " + _NUM + r" requests/s")  # benchmark_throughput's result
 @rule("Adding requests:", r"^Adding requests: +\d{1,3}%")
 @rule("Error in preprocessing prompt inputs", r"Error in preprocessing prompt inputs")
-@rule("EngineDeadError", r"EngineDeadError")  # raised to requests when a running engine dies
+@rule("EngineDeadError", r"EngineDeadError")
+# a wrapper that serves the engine says so in its words (Ray Serve: the app is ready, or deployed)
+@rule("is ready at", r"Application '[^']{1,200}' is ready at")
+@rule("Deployed app", r"Deployed app '[^']{1,200}' successfully")  # raised to requests when a running engine dies
 def _ready(m, line, f):
     f.ready = True
 

@@ -29,6 +29,10 @@ _MAX_JOINED = 8 * 1024  # a wrapped logical line never grows past this
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # ANSI colour codes whose ESC byte was lost in a paste: `[36m(RayWorkerVllm pid=5) [0m`
 _ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
+# ANSI codes whose ESC a pager or a JSON dump wrote out as text: caret notation `^[[1;36m` (`cat -v`,
+# less), `\x1b[`, `\033[`, `\u001b[`; and caret notation's carriage return `^M` at a line's end
+_ANSI_SHOWN = re.compile(r"(?:\^\[|\\x1b|\\033|\\u001b|\\e)\[[0-9;?]{0,20}[A-Za-z]")
+_ESCAPED_MARK = re.compile(r"\\(?:x1b|033|u001b|e)\[")
 # Markdown emphasis around a number or size a user highlighted: **14.99**, *0.90*, __8 GiB__
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
 _BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
@@ -121,6 +125,13 @@ def clean(raw: str) -> str:
         raw = _ANSI.sub("", raw)
     if "\r" in raw:
         raw = raw.replace("\r", "")
+    if "^" in raw:  # caret notation
+        if "^[" in raw:
+            raw = _ANSI_SHOWN.sub("", raw)
+        if raw.endswith("^M"):
+            raw = raw[:-2]
+    if "\\" in raw and _ESCAPED_MARK.search(raw):
+        raw = _ANSI_SHOWN.sub("", raw)
     if "[0m" in raw:
         raw = _ANSI_LOST.sub("", raw)
     if raw[:1] in _MARKDOWN_START:

@@ -605,3 +605,47 @@ def test_a_windows_path_is_no_escape():
 )
 def test_a_wrapper_saying_the_app_serves_is_ready(line):
     assert parse_log(line).outcome == "ready"
+
+
+_SERVING_FRAME = (
+    '  File "/opt/venv/lib/python3.12/site-packages/vllm/entrypoints/openai/serving_chat.py", line 574, '
+    "in chat_completion_stream_generator"
+)
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # a traceback up through the request path happened while serving, even with no ready line shown
+        ("Traceback (most recent call last):\n" + _SERVING_FRAME, "ready", "other"),
+        # the same frame in a header that prints no seconds
+        ("(APIServer pid=1) ERROR 11-03 23:14 [serving_chat.py:1145] " + _SERVING_FRAME, "ready", "other"),
+        # the server turning requests away because its engine died; V1's dump of a failed step
+        (
+            "CRITICAL 02-25 11:11:34 launcher.py:101] MQLLMEngine is already dead, terminating server process",
+            "ready",
+            "other",
+        ),
+        (
+            "ERROR 09-02 08:04:02 [dump_input.py:69] Dumping input data for V1 LLM engine (v0.10.1.1) with config: x",
+            "ready",
+            "other",
+        ),
+        # IPython's frame form opens a traceback too
+        (
+            "File ~/.local/lib/python3.10/site-packages/vllm/config.py:200, in ModelConfig.__init__(self)",
+            "failed",
+            "other",
+        ),
+        # vLLM's own shard-loading bar and process prefixes say whose log it is (cut: inconclusive)
+        (
+            "Loading safetensors checkpoint shards:  64% Completed | 104/163 [00:50<00:29,  2.02it/s]",
+            "inconclusive",
+            None,
+        ),
+        ("[1;36m(VllmWorker rank=0 pid=226) \nsomething", "inconclusive", None),
+    ],
+)
+def test_serving_evidence_and_vllm_identity_from_any_line(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

@@ -58,6 +58,7 @@ _GATE: tuple[str, ...] = (
     "config format",
     "already dead",
     "Failed to start",
+    "Dumping input",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
@@ -264,6 +265,7 @@ _WRAPPERS = (
     r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
     r"|Worker failed with error|is already dead, terminating server process"
     r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
+    r"|Dumping input data for V1 LLM engine"  # V1: a scheduled step raised (its error follows)
 )
 _spec("other", 8, _WRAPPERS)
 _spec("other", 8, r"the replica will be stopped")  # Ray Serve
@@ -304,6 +306,14 @@ _PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfini
 # an HTTP client that talks to a server (`hosted_vllm` inside LiteLLM is a client, not vLLM)
 _VLLM_PATH = re.compile(r"/vllm[\w-]{0,20}/")
 _CLIENT_PATH = re.compile(r"/(?:openai|litellm|httpx|httpcore|requests|aiohttp)/")
+# a traceback frame: Python's `File "…", line N, in f`, or IPython's `File ~/…/x.py:200, in f(…)`
+_FRAME = re.compile(r'\s*File (?:"|\S{1,300}:\d{1,6}, in )')
+# frames only the request path runs (the OpenAI handlers' generators, V1's output handler, V0's
+# engine loop): a traceback through them happened while the engine served
+_SERVING_FRAME = re.compile(
+    r"in (?:chat_completion_stream_generator|chat_completion_full_generator|completion_stream_generator"
+    r"|create_chat_completion|create_completion|output_handler|run_engine_loop|engine_step|step_async)\b"
+)
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -325,7 +335,7 @@ class Failures:
     client_frames: bool = False  # frames in an HTTP client (openai, LiteLLM, httpx, requests)
     last_error: str | None = None  # the last ERROR/CRITICAL line: the evidence of last resort
 
-    def _track_stage(self, msg: str, fatal_level: bool) -> None:
+    def _track_stage(self, msg: str, fatal_level: bool, facts: Facts) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
         (A traceback vLLM logs at WARNING is one it caught: it never ends the run.)"""
         if "Traceback" in msg:
@@ -333,11 +343,13 @@ class Failures:
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg
             return
-        if msg.lstrip().startswith('File "'):
+        if _FRAME.match(msg):
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
             if _VLLM_PATH.search(msg):
                 self.vllm_seen = self.vllm_frames = True
+                if _SERVING_FRAME.search(msg):
+                    facts.ready = True  # the failure came up through the request path
             elif _CLIENT_PATH.search(msg):
                 self.client_frames = True
         if "in " in msg or "(" in msg:
@@ -374,7 +386,7 @@ class Failures:
                 self.stage, self.frame_stage = "graph capture", False
         else:
             gates = _GATE
-            self._track_stage(msg, line.level != "WARNING")
+            self._track_stage(msg, line.level != "WARNING", facts)
             if line.level in ("ERROR", "CRITICAL") and msg[:1] != " " and not msg.startswith(_NOT_ERROR):
                 self.last_error = msg
         for gate in gates:
@@ -441,13 +453,18 @@ class Failures:
         """No known cause matched. Before the engine got ready, any error it printed ended the
         start: the last exception (with or without its traceback), else a traceback cut before
         its exception, else the last ERROR line. While serving, only a traceback through vLLM's
-        own code that ends in an exception is a (request-time) failure."""
+        own code (ended in its exception, or cut) is a (request-time) failure."""
         if self.client_frames and not self.vllm_frames:
             return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
         if facts.ready:
-            if not (self.last_exception and self.saw_traceback and self.vllm_frames):
+            if not self.vllm_frames:
                 return None
-            evidence = _evidence(self.last_exception)
+            if self.last_exception and self.saw_traceback:
+                evidence = _evidence(self.last_exception)
+            elif self.open_traceback:
+                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
+            else:
+                return None
         elif self.last_exception:
             evidence = _evidence(self.last_exception)
         elif self.open_traceback:

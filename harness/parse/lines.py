@@ -37,10 +37,11 @@ _ESCAPED_MARK = re.compile(r"\\(?:x1b|033|u001b|e)\[")
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
 _BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
 # vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it):
-# `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]`,
+# `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]` (some
+# builds print no seconds: `ERROR 11-03 23:14 [serving_chat.py:1145]`),
 # and wrappers that print a full date with milliseconds and extra fields before the file:line.
 _HEADER = re.compile(
-    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ((?:\d{4}-)?\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,]\d{1,9})? "
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ((?:\d{4}-)?\d\d-\d\d[ T]\d\d:\d\d(?::\d\d)?)(?:[.,]\d{1,9})? "
     r"(?:[\w.-]{1,64} ){0,3}?\[?[^\s\]]{1,200}?:\d+(?:\] ?| - )"
 )
 # Foreign prefixes of a header-less line, cut one after the other (at most _MAX_PREFIXES).
@@ -75,7 +76,7 @@ _FOREIGN_LEVELS = {
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
 _STANDALONE = re.compile(
-    r"(?:Traceback |  File | {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
+    r"(?:Traceback |  File |File \S| {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
     r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
     r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
 )
@@ -132,7 +133,7 @@ def clean(raw: str) -> str:
             raw = raw[:-2]
     if "\\" in raw and _ESCAPED_MARK.search(raw):
         raw = _ANSI_SHOWN.sub("", raw)
-    if "[0m" in raw:
+    if "[0m" in raw or "[1;" in raw:  # (a progress bar's \r can part a colour code from its reset)
         raw = _ANSI_LOST.sub("", raw)
     if raw[:1] in _MARKDOWN_START:
         raw = raw.lstrip("`> ")

@@ -649,3 +649,14 @@ _SERVING_FRAME = (
 def test_serving_evidence_and_vllm_identity_from_any_line(log, outcome, cls):
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+def test_a_rejected_token_is_an_auth_failure_whatever_the_error_class():
+    log = (
+        "huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. (Request ID: Root=1-x)\n"
+        "Repository Not Found for url: https://huggingface.co/org/model/resolve/main/config.json.\n"
+        "Invalid username or password.\n"
+    )
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("failed", "gated_or_auth")
+    assert facts.remedy is not None and "rejected the token" in facts.remedy and "org/model" in facts.remedy

@@ -171,7 +171,7 @@ _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers doe
 _spec(
     "gated_or_auth",
     1,
-    r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)",
+    r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header|username or password)",
 )
 # (the lookbehind starts a name at its first character: linear time on a long run of name characters)
 _spec(
@@ -699,6 +699,11 @@ def _repo(m, facts: Facts) -> str | None:
 def _remedy_gated(m, facts: Facts) -> str:
     repo = _repo(m, facts)
     page = f"https://huggingface.co/{repo}" if repo else "the model page"
+    if m.group(0).startswith("Invalid"):  # the Hub rejected the credentials themselves
+        return (
+            f"the Hub rejected the token (invalid or expired): set HF_TOKEN to a valid token; if the "
+            f"repo is gated, also accept the licence at {page}"
+        )
     return f"accept the licence at {page} and set HF_TOKEN to a token of an account that has access"
 
 

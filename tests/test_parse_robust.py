@@ -660,3 +660,20 @@ def test_a_rejected_token_is_an_auth_failure_whatever_the_error_class():
     facts = parse_log(log)
     assert (facts.outcome, facts.failure_class) == ("failed", "gated_or_auth")
     assert facts.remedy is not None and "rejected the token" in facts.remedy and "org/model" in facts.remedy
+
+
+def test_a_paste_that_lost_its_newlines_is_cut_at_each_header():
+    flat = (
+        "INFO 02-10 15:10:15 metrics.py:455] Avg prompt throughput: 492.7 tokens/s, Avg generation throughput: "
+        "0.0 tokens/s, Running: 1 reqs, Swapped: 0 reqs, Pending: 0 reqs, GPU KV cache usage: 34.6%. "
+        "ERROR 02-10 15:10:20 serving_chat.py:193] Error in preprocessing prompt inputs "
+        "ERROR 02-10 15:10:20 serving_chat.py:193] Traceback (most recent call last): "
+        'ERROR 02-10 15:10:20 serving_chat.py:193] File "/x/vllm/entrypoints/openai/serving_chat.py", line 177, '
+        "in create_chat_completion ERROR 02-10 15:10:20 serving_chat.py:193] ) = await"
+    )
+    facts = parse_log(flat)
+    assert (facts.outcome, facts.failure_class) == ("ready", "other")
+    assert facts.failure_evidence is not None and facts.failure_evidence.startswith("Traceback")
+    # a long line with one header (a config dump) stays whole
+    config = "INFO 10-03 10:15:50 [core.py:75] Initializing a V1 LLM engine (v0.10.2) with config: " + "x=1, " * 200
+    assert parse_log(config).vllm_version == "0.10.2"

@@ -257,30 +257,49 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
     pending: LogLine | None = None
     width = 0  # width of the first cut piece of `pending`, 0 if it was not cut
     last_len = 0  # length of the last physical piece added to `pending`
-    for raw in lines:
-        raw = clean(raw)
-        line = _parse(raw)
-        if (
-            pending is not None
-            and not line.has_header
-            and line.msg
-            and last_len >= _WRAP_MIN
-            and (width == 0 or last_len == width)
-            and len(pending.msg) < _MAX_JOINED
-            and not _STANDALONE.match(raw)
-            and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
-        ):
-            width = width or last_len
-            last_len = len(raw)
-            # a terminal wraps at a character boundary: the pieces join with nothing between
-            pending.msg += raw
-            # the guess may be wrong (a header-less log of short separate lines): the piece
-            # is read on its own too; fact rules need whole phrases, so a true fragment
-            # matches nothing by itself
-            yield line
-            continue
-        if pending is not None:
-            yield pending
-        pending, width, last_len = line, 0, len(raw)
+    for whole_raw in lines:
+        whole_raw = clean(whole_raw)
+        for raw in (whole_raw,) if len(whole_raw) < _FLAT_MIN else unflatten(whole_raw):
+            line = _parse(raw)
+            if (
+                pending is not None
+                and not line.has_header
+                and line.msg
+                and last_len >= _WRAP_MIN
+                and (width == 0 or last_len == width)
+                and len(pending.msg) < _MAX_JOINED
+                and not _STANDALONE.match(raw)
+                and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
+            ):
+                width = width or last_len
+                last_len = len(raw)
+                # a terminal wraps at a character boundary: the pieces join with nothing between
+                pending.msg += raw
+                # the guess may be wrong (a header-less log of short separate lines): the piece
+                # is read on its own too; fact rules need whole phrases, so a true fragment
+                # matches nothing by itself
+                yield line
+                continue
+            if pending is not None:
+                yield pending
+            pending, width, last_len = line, 0, len(raw)
     if pending is not None:
         yield pending
+
+
+_FLAT_MIN = 400  # shorter lines are never a paste of several
+
+
+def unflatten(raw: str) -> list[str]:
+    """A paste that lost its newlines holds several vLLM lines, each with its own header: cut
+    before the second and later headers (what precedes the first stays with it: its prefix)."""
+    first = _HEADER.search(raw, 0, 400)
+    if first is None:
+        return [raw]
+    pieces: list[str] = []
+    start, pos = 0, first.end()
+    while (m := _HEADER.search(raw, pos)) is not None:
+        pieces.append(raw[start : m.start()].rstrip())
+        start, pos = m.start(), m.end()
+    pieces.append(raw[start:])
+    return pieces

@@ -677,3 +677,28 @@ def test_a_paste_that_lost_its_newlines_is_cut_at_each_header():
     # a long line with one header (a config dump) stays whole
     config = "INFO 10-03 10:15:50 [core.py:75] Initializing a V1 LLM engine (v0.10.2) with config: " + "x=1, " * 200
     assert parse_log(config).vllm_version == "0.10.2"
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # uvicorn's request wrapper alone says the server was serving
+        ("ERROR:    Exception in ASGI application\nTraceback (most recent call last):", "ready", "other"),
+        # an engine step and an offline LLM.generate call run only after start-up
+        ('  File "/x/vllm/v1/engine/core.py", line 754, in _process_engine_step', "ready", "other"),
+        ('  File "/x/vllm/entrypoints/llm.py", line 462, in generate', "ready", "other"),
+        # IPython/Colab's verbose frames, also as a Markdown link
+        ("[/x/vllm/entrypoints/llm.py](https://localhost:8080/#) in __init__(self, model)", "failed", "other"),
+        ("/x/vllm/entrypoints/llm.py in __init__(self, model)", "failed", "other"),
+        # glog's level letter (Triton) and a command-line tool's own fatal line
+        ('E1027 15:54:53.431777 1342 model.py:502] "[vllm] Error generating stream: boom"', "ready", "other"),
+        (
+            'I1216 02:12:50.904999 179 server.cc:352] "unloading"\nerror: creating server: Internal - failed',
+            "failed",
+            "other",
+        ),
+    ],
+)
+def test_request_path_frames_and_other_tools_formats(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

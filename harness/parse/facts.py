@@ -501,6 +501,8 @@ def _oom_old(m, line, f):
 # when a scheduled step fails: both happen only after start-up
 @rule("is already dead", r"is already dead, terminating server process")
 @rule("Dumping input data", r"Dumping input data for V1 LLM engine")
+@rule("Exception in ASGI application", r"Exception in ASGI application")  # uvicorn: a request raised
+@rule("Error generating stream", r"\[vllm\] Error generating stream")  # Triton's vLLM backend, per request
 # a wrapper that serves the engine says so in its words (Ray Serve: the app is ready, or deployed)
 @rule("is ready at", r"Application '[^']{1,200}' is ready at")
 @rule("Deployed app", r"Deployed app '[^']{1,200}' successfully")  # raised to requests when a running engine dies

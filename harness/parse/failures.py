@@ -266,6 +266,7 @@ _WRAPPERS = (
     r"|Worker failed with error|is already dead, terminating server process"
     r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
     r"|Dumping input data for V1 LLM engine"  # V1: a scheduled step raised (its error follows)
+    r"|\[vllm\] Error generating stream"  # Triton's vLLM backend: a request's generation raised
 )
 _spec("other", 8, _WRAPPERS)
 _spec("other", 8, r"the replica will be stopped")  # Ray Serve
@@ -307,12 +308,16 @@ _PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfini
 _VLLM_PATH = re.compile(r"/vllm[\w-]{0,20}/")
 _CLIENT_PATH = re.compile(r"/(?:openai|litellm|httpx|httpcore|requests|aiohttp)/")
 # a traceback frame: Python's `File "…", line N, in f`, or IPython's `File ~/…/x.py:200, in f(…)`
-_FRAME = re.compile(r'\s*File (?:"|\S{1,300}:\d{1,6}, in )')
+# (also IPython's verbose form `/x/vllm/llm.py in __init__(self, …)`, in Colab a Markdown link
+# `[/x/vllm/llm.py](https://…) in __init__(…)`)
+_FRAME = re.compile(r'\s*(?:File (?:"|\S{1,300}:\d{1,6}, in )|\[?/\S{1,300}\.py(?:\]\(\S{1,300}\))? in \w)')
 # frames only the request path runs (the OpenAI handlers' generators, V1's output handler, V0's
 # engine loop): a traceback through them happened while the engine served
 _SERVING_FRAME = re.compile(
     r"in (?:chat_completion_stream_generator|chat_completion_full_generator|completion_stream_generator"
-    r"|create_chat_completion|create_completion|output_handler|run_engine_loop|engine_step|step_async)\b"
+    r"|create_chat_completion|create_completion|output_handler|run_engine_loop|engine_step|step_async"
+    # an engine step (V1's busy loop, V0's LLMEngine.step) and an offline LLM.generate call
+    r"|_process_engine_step|step|generate|_run_engine|_validate_and_add_requests)\b"
 )
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
@@ -389,6 +394,8 @@ class Failures:
             self._track_stage(msg, line.level != "WARNING", facts)
             if line.level in ("ERROR", "CRITICAL") and msg[:1] != " " and not msg.startswith(_NOT_ERROR):
                 self.last_error = msg
+            elif line.level is None and msg.startswith(_CLI_ERROR):
+                self.last_error = msg  # a command-line tool's own fatal line (`error: creating server: …`)
         for gate in gates:
             if gate in msg:
                 break
@@ -513,6 +520,7 @@ _TYPE_CLASS = (
 )
 # ERROR lines that report, not fail: a retried download, a request's bad input
 _NOT_ERROR = ("Error retrieving ", "Error in preprocessing prompt inputs")
+_CLI_ERROR = ("error: ", "fatal: ", "FATAL: ")
 
 
 def _by_type(evidence: str) -> str:

@@ -31,8 +31,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
 # ANSI codes whose ESC a pager or a JSON dump wrote out as text: caret notation `^[[1;36m` (`cat -v`,
 # less), `\x1b[`, `\033[`, `\u001b[`; and caret notation's carriage return `^M` at a line's end
-_ANSI_SHOWN = re.compile(r"(?:\^\[|\\x1b|\\033|\\u001b|\\e)\[[0-9;?]{0,20}[A-Za-z]")
-_ESCAPED_MARK = re.compile(r"\\(?:x1b|033|u001b|e)\[")
+_ANSI_SHOWN = re.compile(r"(?:\^\[|\\x1[bB]|\\033|\\u001[bB]|\\e)\[[0-9;?]{0,20}[A-Za-z]")
+_ESCAPED_MARK = re.compile(r"\\(?:x1[bB]|033|u001[bB]|e)\[")
 # Markdown emphasis around a number or size a user highlighted: **14.99**, *0.90*, __8 GiB__
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
 _BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
@@ -64,6 +64,10 @@ _FOREIGN_LEVEL = re.compile(
     r"(?:[\w.-]{1,40} ){0,3}?-? ?\[?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL) {0,2}\]? (?:- )?"
     r"(?:\[[^\]]{1,160}\] ?|[\w.-]{1,80}:\d{1,6} - |(?:[\w.-]{1,80} ){1,2}- )?"
 )
+# glog's header (Triton, abseil, NCCL's C++ side): `E1027 15:54:53.431777 1342 model.py:502] ` (level
+# letter, MMDD, time, thread id, file:line); its level is kept, it is no vLLM header.
+_GLOG = re.compile(r"([IWEF])\d{4} \d\d:\d\d:\d\d(?:\.\d{1,9})? {1,8}\d{1,10} [^\s\]]{1,200}:\d{1,6}\] ")
+_GLOG_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 # A wrapper relays its child's stdout/stderr at INFO: only its warnings and errors say something.
 _FOREIGN_LEVELS = {
     "WARN": "WARNING",
@@ -201,6 +205,10 @@ def _parse(raw: str) -> LogLine:
     if m is None:
         if raw[:1] == "{" and '"message"' in raw:
             return _parse_json(raw)
+        if raw[:1] in _GLOG_LEVELS and raw[1:2].isdigit():
+            g = _GLOG.match(raw)
+            if g is not None:
+                return LogLine(raw[g.end() :].rstrip(), None, None, _GLOG_LEVELS[g.group(1)])
         text, proc, pid = strip_prefixes(raw)
         if text is not raw and text:
             line = _uvicorn(text)

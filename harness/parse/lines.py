@@ -29,10 +29,6 @@ _MAX_JOINED = 8 * 1024  # a wrapped logical line never grows past this
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # ANSI colour codes whose ESC byte was lost in a paste: `[36m(RayWorkerVllm pid=5) [0m`
 _ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
-# ANSI codes whose ESC a pager or a JSON dump wrote out as text: caret notation `^[[1;36m` (`cat -v`,
-# less), `\x1b[`, `\033[`, `\u001b[`; and caret notation's carriage return `^M` at a line's end
-_ANSI_SHOWN = re.compile(r"(?:\^\[|\\x1[bB]|\\033|\\u001[bB]|\\e)\[[0-9;?]{0,20}[A-Za-z]")
-_ESCAPED_MARK = re.compile(r"\\(?:x1[bB]|033|u001[bB]|e)\[")
 # Markdown emphasis around a number or size a user highlighted: **14.99**, *0.90*, __8 GiB__
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
 _BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
@@ -53,6 +49,10 @@ _PREFIX = re.compile(
     r"|\[(?:Error|Info|Warning|Warn|Debug|Critical|Fatal|ERROR|INFO|WARNING|DEBUG)\](?: \([^()]{1,40}\))?"  # supervisor tags
     r"|\((\w[^()]{0,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)"  # vLLM/Ray process prefix
     r"|\[rank\d{1,5}\]:(?!\[)"  # torch's per-rank stderr prefix (not its `[rank0]:[W…]` warnings)
+    # a colour code whose ESC was lost, or written out as text by a pager or a dump (`^[[1;36m`,
+    # `\x1b[`, `\033[`, `\u001b[`), left alone by a progress bar's CR that parted it from its reset
+    # (the text form may have lost its `[…m` to the ESC-less cleanup already)
+    r"|(?:\^\[|\\(?:x1[bB]|033|u001[bB]|e))(?:\[\d{1,3}(?:;\d{1,3}){0,4}m)?|\[\d{1,3}(?:;\d{1,3}){0,4}m"
     r") ?"
 )
 _MAX_PREFIXES = 6
@@ -130,14 +130,7 @@ def clean(raw: str) -> str:
         raw = _ANSI.sub("", raw)
     if "\r" in raw:
         raw = raw.replace("\r", "")
-    if "^" in raw:  # caret notation
-        if "^[" in raw:
-            raw = _ANSI_SHOWN.sub("", raw)
-        if raw.endswith("^M"):
-            raw = raw[:-2]
-    if "\\" in raw and _ESCAPED_MARK.search(raw):
-        raw = _ANSI_SHOWN.sub("", raw)
-    if "[0m" in raw or "[1;" in raw:  # (a progress bar's \r can part a colour code from its reset)
+    if "[0m" in raw:
         raw = _ANSI_LOST.sub("", raw)
     if raw[:1] in _MARKDOWN_START:
         raw = raw.lstrip("`> ")
@@ -193,6 +186,8 @@ def strip_prefixes(raw: str) -> tuple[str, str | None, str | None]:
         if m.group(2):
             proc, pid = m.group(1).strip(), m.group(2)
         text = text[m.end() :].lstrip()
+    if text[-2:] == "^M":  # caret notation's carriage return (`cat -v`)
+        text = text[:-2]
     return text, proc, pid
 
 
@@ -265,34 +260,42 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
     pending: LogLine | None = None
     width = 0  # width of the first cut piece of `pending`, 0 if it was not cut
     last_len = 0  # length of the last physical piece added to `pending`
-    for whole_raw in lines:
-        whole_raw = clean(whole_raw)
-        for raw in (whole_raw,) if len(whole_raw) < _FLAT_MIN else unflatten(whole_raw):
-            line = _parse(raw)
-            if (
-                pending is not None
-                and not line.has_header
-                and line.msg
-                and last_len >= _WRAP_MIN
-                and (width == 0 or last_len == width)
-                and len(pending.msg) < _MAX_JOINED
-                and not _STANDALONE.match(raw)
-                and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
-            ):
-                width = width or last_len
-                last_len = len(raw)
-                # a terminal wraps at a character boundary: the pieces join with nothing between
-                pending.msg += raw
-                # the guess may be wrong (a header-less log of short separate lines): the piece
-                # is read on its own too; fact rules need whole phrases, so a true fragment
-                # matches nothing by itself
-                yield line
-                continue
-            if pending is not None:
-                yield pending
-            pending, width, last_len = line, 0, len(raw)
+    for raw in _pieces(lines):
+        line = _parse(raw)
+        if (
+            pending is not None
+            and not line.has_header
+            and line.msg
+            and last_len >= _WRAP_MIN
+            and (width == 0 or last_len == width)
+            and len(pending.msg) < _MAX_JOINED
+            and not _STANDALONE.match(raw)
+            and not _PREFIX.match(raw)  # a timestamp, journald, … prefix starts a line of its own
+        ):
+            width = width or last_len
+            last_len = len(raw)
+            # a terminal wraps at a character boundary: the pieces join with nothing between
+            pending.msg += raw
+            # the guess may be wrong (a header-less log of short separate lines): the piece
+            # is read on its own too; fact rules need whole phrases, so a true fragment
+            # matches nothing by itself
+            yield line
+            continue
+        if pending is not None:
+            yield pending
+        pending, width, last_len = line, 0, len(raw)
     if pending is not None:
         yield pending
+
+
+def _pieces(lines: Iterable[str]) -> Iterator[str]:
+    """Cleaned physical lines; a long one that holds several vLLM lines comes out in pieces."""
+    for raw in lines:
+        raw = clean(raw)
+        if len(raw) < _FLAT_MIN:
+            yield raw
+        else:
+            yield from unflatten(raw)
 
 
 _FLAT_MIN = 400  # shorter lines are never a paste of several

@@ -9,8 +9,9 @@ milliseconds from logging wrappers). Known foreign prefixes are also cut from li
 no vLLM header (tracebacks, bare exceptions): ISO/docker/buildkite timestamps, journald
 `Mon DD HH:MM:SS host proc[pid]:` with the month in any locale, docker compose `svc  | `,
 supervisor tags `[Error] (Process)`, and vLLM/Ray process prefixes (`(EngineCore_DP0 pid=1)`,
-`(RayWorkerWrapper pid=3, ip=…)`). 0.32+ JSON log lines are unpacked, and lines a terminal
-hard-wrapped are re-joined. Every regex here is anchored or bounded (no nested unbounded
+`(RayWorkerWrapper pid=3, ip=…)`), also colour codes written out as text (`^[[1;36m`). 0.32+ JSON
+log lines are unpacked, glog lines keep their level, a paste that lost its newlines is cut at
+each vLLM header, and lines a terminal hard-wrapped are re-joined. Every regex here is anchored or bounded (no nested unbounded
 repeats), so no input makes it backtrack quadratically. Memory is bounded: a physical line
 longer than MAX_LINE characters is cut (the rest is skipped, never buffered).
 """

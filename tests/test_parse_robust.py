@@ -542,3 +542,163 @@ def test_an_http_clients_own_traceback_is_not_an_engine_failure():
         '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 76, in __init__\nKeyError',
     )
     assert parse_log(engine).failure_class == "other"
+
+
+_HEAD = "INFO 10-03 10:15:50 [api_server.py:1] vLLM API server version 0.9.0\n"
+_FRAMES = (
+    'Traceback (most recent call last):\n  File "/usr/lib/python3.12/site-packages/vllm/engine/x.py", line 1, in f\n'
+)
+_SERVING = 'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK\n'
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # before ready, any error the engine printed ended its start, in whatever words
+        (_HEAD + "ValueError: a wording no rule knows", "failed", "other"),
+        (_HEAD + "ERROR 10-03 10:15:51 [core.py:1] something broke in a new way", "failed", "other"),
+        (_HEAD + _FRAMES + "AssertionError", "failed", "other"),
+        # the exception's type names the class when its words are new
+        (_HEAD + _FRAMES + "TimeoutError: no answer in a new wording", "failed", "timeout"),
+        (_HEAD + _FRAMES + "torch.OutOfMemoryError: new words", "failed", "oom_other"),
+        # while serving: a traceback through vLLM's code is a request-time failure; a bare ERROR line is not
+        (_HEAD + _SERVING + _FRAMES + "KeyError: 'x'", "ready", "other"),
+        (_HEAD + _SERVING + "ERROR 10-03 10:15:51 [serving.py:1] bad request", "ready", None),
+        # the name of vLLM anywhere outside a frame: a vLLM log, cut before ready or error
+        ("$ vllm serve org/model --port 8000\nDownloading shards: 50%", "inconclusive", None),
+        ("Loading the model in something else\nDone", "unknown", None),
+    ],
+)
+def test_fallbacks_decide_unseen_wordings(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        # ESC written out as text: caret notation (`cat -v`, less) with its ^M, a JSON dump's \u001b, C's \033
+        '^[[1;36m(EngineCore_DP0 pid=1)^[[0;0m   File "/w/vllm/worker/x.py", line 1, in f^M',
+        '\\u001b[1;36m(EngineCore_DP0 pid=1)\\u001b[0;0m   File "/w/vllm/worker/x.py", line 1, in f',
+        '\\033[1;36m(EngineCore_DP0 pid=1)\\033[0m   File "/w/vllm/worker/x.py", line 1, in f',
+    ],
+)
+def test_escapes_written_as_text_are_cut(log):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("failed", "other")
+    assert facts.failure_evidence is not None and facts.failure_evidence.startswith('File "/w/vllm')
+
+
+def test_a_windows_path_is_no_escape():
+    from harness.parse.lines import clean
+
+    path = "Using cache directory: D:\\Cache\\x1b_models\\e[1] for vLLM^M^"
+    assert clean(path) == path
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "INFO 2025-08-29 18:04:47,931 serve 519120 -- Application 'default' is ready at http://127.0.0.1:8000/.",
+        "INFO 2025-08-29 18:04:47,931 serve 519120 -- Deployed app 'default' successfully.",
+    ],
+)
+def test_a_wrapper_saying_the_app_serves_is_ready(line):
+    assert parse_log(line).outcome == "ready"
+
+
+_SERVING_FRAME = (
+    '  File "/opt/venv/lib/python3.12/site-packages/vllm/entrypoints/openai/serving_chat.py", line 574, '
+    "in chat_completion_stream_generator"
+)
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # a traceback up through the request path happened while serving, even with no ready line shown
+        ("Traceback (most recent call last):\n" + _SERVING_FRAME, "ready", "other"),
+        # the same frame in a header that prints no seconds
+        ("(APIServer pid=1) ERROR 11-03 23:14 [serving_chat.py:1145] " + _SERVING_FRAME, "ready", "other"),
+        # the server turning requests away because its engine died; V1's dump of a failed step
+        (
+            "CRITICAL 02-25 11:11:34 launcher.py:101] MQLLMEngine is already dead, terminating server process",
+            "ready",
+            "other",
+        ),
+        (
+            "ERROR 09-02 08:04:02 [dump_input.py:69] Dumping input data for V1 LLM engine (v0.10.1.1) with config: x",
+            "ready",
+            "other",
+        ),
+        # IPython's frame form opens a traceback too
+        (
+            "File ~/.local/lib/python3.10/site-packages/vllm/config.py:200, in ModelConfig.__init__(self)",
+            "failed",
+            "other",
+        ),
+        # vLLM's own shard-loading bar and process prefixes say whose log it is (cut: inconclusive)
+        (
+            "Loading safetensors checkpoint shards:  64% Completed | 104/163 [00:50<00:29,  2.02it/s]",
+            "inconclusive",
+            None,
+        ),
+        ("[1;36m(VllmWorker rank=0 pid=226) \nsomething", "inconclusive", None),
+    ],
+)
+def test_serving_evidence_and_vllm_identity_from_any_line(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)
+
+
+def test_a_rejected_token_is_an_auth_failure_whatever_the_error_class():
+    log = (
+        "huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. (Request ID: Root=1-x)\n"
+        "Repository Not Found for url: https://huggingface.co/org/model/resolve/main/config.json.\n"
+        "Invalid username or password.\n"
+    )
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == ("failed", "gated_or_auth")
+    assert facts.remedy is not None and "rejected the token" in facts.remedy and "org/model" in facts.remedy
+
+
+def test_a_paste_that_lost_its_newlines_is_cut_at_each_header():
+    flat = (
+        "INFO 02-10 15:10:15 metrics.py:455] Avg prompt throughput: 492.7 tokens/s, Avg generation throughput: "
+        "0.0 tokens/s, Running: 1 reqs, Swapped: 0 reqs, Pending: 0 reqs, GPU KV cache usage: 34.6%. "
+        "ERROR 02-10 15:10:20 serving_chat.py:193] Error in preprocessing prompt inputs "
+        "ERROR 02-10 15:10:20 serving_chat.py:193] Traceback (most recent call last): "
+        'ERROR 02-10 15:10:20 serving_chat.py:193] File "/x/vllm/entrypoints/openai/serving_chat.py", line 177, '
+        "in create_chat_completion ERROR 02-10 15:10:20 serving_chat.py:193] ) = await"
+    )
+    facts = parse_log(flat)
+    assert (facts.outcome, facts.failure_class) == ("ready", "other")
+    assert facts.failure_evidence is not None and facts.failure_evidence.startswith("Traceback")
+    # a long line with one header (a config dump) stays whole
+    config = "INFO 10-03 10:15:50 [core.py:75] Initializing a V1 LLM engine (v0.10.2) with config: " + "x=1, " * 200
+    assert parse_log(config).vllm_version == "0.10.2"
+
+
+@pytest.mark.parametrize(
+    ("log", "outcome", "cls"),
+    [
+        # uvicorn's request wrapper alone says the server was serving
+        ("ERROR:    Exception in ASGI application\nTraceback (most recent call last):", "ready", "other"),
+        # an engine step and an offline LLM.generate call run only after start-up
+        ('  File "/x/vllm/v1/engine/core.py", line 754, in _process_engine_step', "ready", "other"),
+        ('  File "/x/vllm/entrypoints/llm.py", line 462, in generate', "ready", "other"),
+        # IPython/Colab's verbose frames, also as a Markdown link
+        ("[/x/vllm/entrypoints/llm.py](https://localhost:8080/#) in __init__(self, model)", "failed", "other"),
+        ("/x/vllm/entrypoints/llm.py in __init__(self, model)", "failed", "other"),
+        # glog's level letter (Triton) and a command-line tool's own fatal line
+        ('E1027 15:54:53.431777 1342 model.py:502] "[vllm] Error generating stream: boom"', "ready", "other"),
+        (
+            'I1216 02:12:50.904999 179 server.cc:352] "unloading"\nerror: creating server: Internal - failed',
+            "failed",
+            "other",
+        ),
+    ],
+)
+def test_request_path_frames_and_other_tools_formats(log, outcome, cls):
+    facts = parse_log(log)
+    assert (facts.outcome, facts.failure_class) == (outcome, cls)

@@ -26,6 +26,10 @@ __all__ = ["LogConfig", "classify_failure", "parse_log", "parse_log_file", "scan
 _CONFIG_MARKS = ("non-default args:", "args: Namespace(", " with config: ")
 
 
+def _names_vllm(msg: str) -> bool:
+    return "vllm" in msg or "vLLM" in msg or "VLLM" in msg
+
+
 def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
     """One pass over physical lines: the facts and the model/args the log states."""
     facts = _facts.Facts()
@@ -33,15 +37,25 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
     config = LogConfig()
     feed_facts = _facts.feed
     feed_failure = failures.feed
-    vllm_log = False  # any line with vLLM's header, or any fact: the text is a vLLM log
+    vllm_log = False  # anything only vLLM (or its workers) prints: the text is a vLLM log
     for line in logical_lines(lines):
         msg = line.msg
         if not msg:
+            vllm_log = vllm_log or line.proc is not None  # a bare `(EngineCore_DP0 pid=1) ` prefix
             continue
         if is_noise(msg):
             facts.ready = True  # only a serving engine logs stats, requests and HTTP accesses
             continue
-        vllm_log = vllm_log or line.has_header
+        # a header, a process prefix (`(EngineCore_DP0 pid=1)`, `(RayWorkerWrapper pid=3)`), or the
+        # name in a line that is no traceback frame (a command line, a banner, an exception's module):
+        # about vLLM. Frames count only in vLLM's own code (`failures`): an HTTP client's `hosted_vllm`
+        # module is not the engine.
+        vllm_log = (
+            vllm_log
+            or line.has_header
+            or line.proc is not None
+            or (_names_vllm(msg) and not msg.lstrip().startswith('File "'))
+        )
         # DEBUG lines are most of a DEBUG log; only a few state facts (all in GiB, or blocks)
         if line.level != "DEBUG" or "GiB" in msg or "blocks" in msg:
             feed_facts(line, facts)
@@ -60,7 +74,10 @@ def scan(lines: Iterable[str]) -> tuple[EngineFacts, LogConfig]:
         values["outcome"] = "ready"
     else:
         # cut before the engine got ready or failed (or not a vLLM log at all)
-        vllm_log = vllm_log or len(values) > 1 or failures.shm_waits > 0
+        # (vLLM's own progress: the shard-loading bar)
+        vllm_log = (
+            vllm_log or len(values) > 1 or failures.shm_waits > 0 or failures.vllm_frames or facts.loading_started
+        )
         values["outcome"] = "inconclusive" if vllm_log else "unknown"
     return EngineFacts.model_validate(values), config
 

@@ -496,7 +496,16 @@ def _oom_old(m, line, f):
 @rule("Throughput: ", r"^Throughput: " + _NUM + r" requests/s")  # benchmark_throughput's result
 @rule("Adding requests:", r"^Adding requests: +\d{1,3}%")
 @rule("Error in preprocessing prompt inputs", r"Error in preprocessing prompt inputs")
-@rule("EngineDeadError", r"EngineDeadError")  # raised to requests when a running engine dies
+@rule("EngineDeadError", r"EngineDeadError")
+# the server turning away requests because its engine died, and the per-step input dump V1 writes
+# when a scheduled step fails: both happen only after start-up
+@rule("is already dead", r"is already dead, terminating server process")
+@rule("Dumping input data", r"Dumping input data for V1 LLM engine")
+@rule("Exception in ASGI application", r"Exception in ASGI application")  # uvicorn: a request raised
+@rule("Error generating stream", r"\[vllm\] Error generating stream")  # Triton's vLLM backend, per request
+# a wrapper that serves the engine says so in its words (Ray Serve: the app is ready, or deployed)
+@rule("is ready at", r"Application '[^']{1,200}' is ready at")
+@rule("Deployed app", r"Deployed app '[^']{1,200}' successfully")  # raised to requests when a running engine dies
 def _ready(m, line, f):
     f.ready = True
 

@@ -58,6 +58,7 @@ _GATE: tuple[str, ...] = (
     "config format",
     "already dead",
     "Failed to start",
+    "Dumping input",
 )
 
 # INFO/DEBUG lines carry few failures: negative KV, the Ray placement-group wait, the 0.32+
@@ -170,7 +171,7 @@ _spec("unsupported_architecture", 1, r"model type `([^`]+)` but Transformers doe
 _spec(
     "gated_or_auth",
     1,
-    r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header)",
+    r"You are trying to access a gated repo|Cannot access gated repo for url \S*?huggingface\.co/([\w.-]+/[\w.-]+)|GatedRepoError|Access to model (\S+) is restricted|(40[13]) Client Error(?!.*Repository Not Found)|Invalid (?:user token|credentials in Authorization header|username or password)",
 )
 # (the lookbehind starts a name at its first character: linear time on a long run of name characters)
 _spec(
@@ -264,6 +265,8 @@ _WRAPPERS = (
     r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
     r"|Worker failed with error|is already dead, terminating server process"
     r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
+    r"|Dumping input data for V1 LLM engine"  # V1: a scheduled step raised (its error follows)
+    r"|\[vllm\] Error generating stream"  # Triton's vLLM backend: a request's generation raised
 )
 _spec("other", 8, _WRAPPERS)
 _spec("other", 8, r"the replica will be stopped")  # Ray Serve
@@ -304,6 +307,18 @@ _PROGRESS = re.compile(r"\b(?:took|takes) " + _N + r" ?(?:s\b|sec|GB|GiB)|\bfini
 # an HTTP client that talks to a server (`hosted_vllm` inside LiteLLM is a client, not vLLM)
 _VLLM_PATH = re.compile(r"/vllm[\w-]{0,20}/")
 _CLIENT_PATH = re.compile(r"/(?:openai|litellm|httpx|httpcore|requests|aiohttp)/")
+# a traceback frame: Python's `File "…", line N, in f`, or IPython's `File ~/…/x.py:200, in f(…)`
+# (also IPython's verbose form `/x/vllm/llm.py in __init__(self, …)`, in Colab a Markdown link
+# `[/x/vllm/llm.py](https://…) in __init__(…)`)
+_FRAME = re.compile(r'\s*(?:File (?:"|\S{1,300}:\d{1,6}, in )|\[?/\S{1,300}\.py(?:\]\(\S{1,300}\))? in \w)')
+# frames only the request path runs (the OpenAI handlers' generators, V1's output handler, V0's
+# engine loop): a traceback through them happened while the engine served
+_SERVING_FRAME = re.compile(
+    r"in (?:chat_completion_stream_generator|chat_completion_full_generator|completion_stream_generator"
+    r"|create_chat_completion|create_completion|output_handler|run_engine_loop|engine_step|step_async"
+    # an engine step (V1's busy loop, V0's LLMEngine.step) and an offline LLM.generate call
+    r"|_process_engine_step|step|generate|_run_engine|_validate_and_add_requests)\b"
+)
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 
 
@@ -321,9 +336,11 @@ class Failures:
     shm_ready: bool = False  # the engine was ready when the last of them was printed
     shm_progress: bool = False  # a start-up step finished after the last of them (not hung)
     vllm_seen: bool = False  # a vLLM header line or a frame in vLLM's (or a fork's/plugin's) code
+    vllm_frames: bool = False  # a traceback frame in vLLM's (or a fork's/plugin's) code
     client_frames: bool = False  # frames in an HTTP client (openai, LiteLLM, httpx, requests)
+    last_error: str | None = None  # the last ERROR/CRITICAL line: the evidence of last resort
 
-    def _track_stage(self, msg: str, fatal_level: bool) -> None:
+    def _track_stage(self, msg: str, fatal_level: bool, facts: Facts) -> None:
         """From a WARNING, ERROR or level-less line: a traceback starts, or a frame names a stage.
         (A traceback vLLM logs at WARNING is one it caught: it never ends the run.)"""
         if "Traceback" in msg:
@@ -331,11 +348,13 @@ class Failures:
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg
             return
-        if msg.lstrip().startswith('File "'):
+        if _FRAME.match(msg):
             if self.open_traceback is None and fatal_level:
                 self.open_traceback = msg  # frames whose "Traceback" line the excerpt cut off
             if _VLLM_PATH.search(msg):
-                self.vllm_seen = True
+                self.vllm_seen = self.vllm_frames = True
+                if _SERVING_FRAME.search(msg):
+                    facts.ready = True  # the failure came up through the request path
             elif _CLIENT_PATH.search(msg):
                 self.client_frames = True
         if "in " in msg or "(" in msg:
@@ -372,7 +391,11 @@ class Failures:
                 self.stage, self.frame_stage = "graph capture", False
         else:
             gates = _GATE
-            self._track_stage(msg, line.level != "WARNING")
+            self._track_stage(msg, line.level != "WARNING", facts)
+            if line.level in ("ERROR", "CRITICAL") and msg[:1] != " " and not msg.startswith(_NOT_ERROR):
+                self.last_error = msg
+            elif line.level is None and msg.startswith(_CLI_ERROR):
+                self.last_error = msg  # a command-line tool's own fatal line (`error: creating server: …`)
         for gate in gates:
             if gate in msg:
                 break
@@ -409,6 +432,8 @@ class Failures:
             text = em and (em.group(2) or em.group(3))
             if text and not _WRAPPER_EXC.search(text):
                 self.last_exception = msg
+            elif em and not text and self.saw_traceback and em.group(1).endswith(("Error", "Exception")):
+                self.last_exception = msg  # a bare `AssertionError` that ends a traceback
 
     def _oom_stage(self, msg: str, facts: Facts) -> str | None:
         if "warming up sampler" in msg:
@@ -431,21 +456,39 @@ class Failures:
         assert m is not None
         return Hit("timeout", 5, _evidence(f"{self.shm_line} (printed {self.shm_waits}×)"), m)
 
+    def _fallback(self, facts: Facts) -> tuple[str, str, str] | None:
+        """No known cause matched. Before the engine got ready, any error it printed ended the
+        start: the last exception (with or without its traceback), else a traceback cut before
+        its exception, else the last ERROR line. While serving, only a traceback through vLLM's
+        own code (ended in its exception, or cut) is a (request-time) failure."""
+        if self.client_frames and not self.vllm_frames:
+            return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
+        if facts.ready:
+            if not self.vllm_frames:
+                return None
+            if self.last_exception and self.saw_traceback:
+                evidence = _evidence(self.last_exception)
+            elif self.open_traceback:
+                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
+            else:
+                return None
+        elif self.last_exception:
+            evidence = _evidence(self.last_exception)
+        elif self.open_traceback:
+            evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
+        elif self.last_error:
+            evidence = _evidence(self.last_error)
+        else:
+            return None
+        return _by_type(evidence), evidence, _remedy_other(evidence)
+
     def result(self, facts: Facts) -> tuple[str, str, str] | None:
         hit = self.best
         hang = self._hang(facts)
         if hang is not None and (hit is None or hit.prio > hang.prio):
             hit = hang
         if hit is None:
-            if self.client_frames and not self.vllm_seen:
-                return None  # an HTTP client's own traceback (a proxy, a script): not the engine's
-            if self.last_exception and self.saw_traceback and not facts.ready:
-                evidence = _evidence(self.last_exception)
-                return "other", evidence, _remedy_other(evidence)
-            if self.open_traceback and not facts.ready:
-                evidence = _evidence(self.open_traceback, _CUT_TRACEBACK) + _CUT_TRACEBACK
-                return "other", evidence, _remedy_other(evidence)
-            return None
+            return self._fallback(facts)
         if hit.cls == "other":
             evidence = _evidence(self.last_exception) if self.last_exception else hit.evidence
             return "other", evidence, _remedy_other(evidence)
@@ -462,6 +505,32 @@ class Failures:
         if cls == "oom_other":
             return cls, evidence, _remedy_oom_other(hit.match, facts, hit.stage)
         return cls, evidence, _REMEDIES[cls](hit.match, facts)
+
+
+# Exception types that name their class whatever their message says (the fallback's class)
+_TYPE_CLASS = (
+    ("OutOfMemoryError", "oom_other"),
+    ("TimeoutError", "timeout"),
+    ("TemplateError", "chat_template_missing"),
+    ("TemplateSyntaxError", "chat_template_missing"),
+    ("GatedRepoError", "gated_or_auth"),
+    ("RepositoryNotFoundError", "model_not_found"),
+    ("RevisionNotFoundError", "model_not_found"),
+    ("EntryNotFoundError", "model_not_found"),
+)
+# ERROR lines that report, not fail: a retried download, a request's bad input
+_NOT_ERROR = ("Error retrieving ", "Error in preprocessing prompt inputs")
+_CLI_ERROR = ("error: ", "fatal: ", "FATAL: ")
+
+
+def _by_type(evidence: str) -> str:
+    em = _EXC_LINE.match(evidence)
+    if em is not None:
+        name = em.group(1).rsplit(".", 1)[-1]
+        for suffix, cls in _TYPE_CLASS:
+            if name.endswith(suffix):
+                return cls
+    return "other"
 
 
 _CUT_TRACEBACK = " [the excerpt ends inside this traceback]"
@@ -638,6 +707,11 @@ def _repo(m, facts: Facts) -> str | None:
 def _remedy_gated(m, facts: Facts) -> str:
     repo = _repo(m, facts)
     page = f"https://huggingface.co/{repo}" if repo else "the model page"
+    if m.group(0).startswith("Invalid"):  # the Hub rejected the credentials themselves
+        return (
+            f"the Hub rejected the token (invalid or expired): set HF_TOKEN to a valid token; if the "
+            f"repo is gated, also accept the licence at {page}"
+        )
     return f"accept the licence at {page} and set HF_TOKEN to a token of an account that has access"
 
 

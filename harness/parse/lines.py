@@ -9,8 +9,9 @@ milliseconds from logging wrappers). Known foreign prefixes are also cut from li
 no vLLM header (tracebacks, bare exceptions): ISO/docker/buildkite timestamps, journald
 `Mon DD HH:MM:SS host proc[pid]:` with the month in any locale, docker compose `svc  | `,
 supervisor tags `[Error] (Process)`, and vLLM/Ray process prefixes (`(EngineCore_DP0 pid=1)`,
-`(RayWorkerWrapper pid=3, ip=…)`). 0.32+ JSON log lines are unpacked, and lines a terminal
-hard-wrapped are re-joined. Every regex here is anchored or bounded (no nested unbounded
+`(RayWorkerWrapper pid=3, ip=…)`), also colour codes written out as text (`^[[1;36m`). 0.32+ JSON
+log lines are unpacked, glog lines keep their level, a paste that lost its newlines is cut at
+each vLLM header, and lines a terminal hard-wrapped are re-joined. Every regex here is anchored or bounded (no nested unbounded
 repeats), so no input makes it backtrack quadratically. Memory is bounded: a physical line
 longer than MAX_LINE characters is cut (the rest is skipped, never buffered).
 """
@@ -33,10 +34,11 @@ _ANSI_LOST = re.compile(r"\[\d{1,3}(?:;\d{1,3}){0,4}m")
 _EMPHASIS = re.compile(r"(\*{1,2}|__)(-?[\d.,]{1,30}(?: ?[KMGT]i?B)?)\1")
 _BOLD = re.compile(r"\*\*([^*\s][^*]{0,500}?)\*\*")
 # vLLM's own header, found anywhere in the first part of a line (foreign prefixes precede it):
-# `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]`,
+# `INFO 08-29 20:48:52 llm_engine.py:70]` (≤0.7), `INFO 10-03 10:15:50 [gpu_worker.py:298]` (some
+# builds print no seconds: `ERROR 11-03 23:14 [serving_chat.py:1145]`),
 # and wrappers that print a full date with milliseconds and extra fields before the file:line.
 _HEADER = re.compile(
-    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ((?:\d{4}-)?\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,]\d{1,9})? "
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ((?:\d{4}-)?\d\d-\d\d[ T]\d\d:\d\d(?::\d\d)?)(?:[.,]\d{1,9})? "
     r"(?:[\w.-]{1,64} ){0,3}?\[?[^\s\]]{1,200}?:\d+(?:\] ?| - )"
 )
 # Foreign prefixes of a header-less line, cut one after the other (at most _MAX_PREFIXES).
@@ -48,6 +50,10 @@ _PREFIX = re.compile(
     r"|\[(?:Error|Info|Warning|Warn|Debug|Critical|Fatal|ERROR|INFO|WARNING|DEBUG)\](?: \([^()]{1,40}\))?"  # supervisor tags
     r"|\((\w[^()]{0,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)"  # vLLM/Ray process prefix
     r"|\[rank\d{1,5}\]:(?!\[)"  # torch's per-rank stderr prefix (not its `[rank0]:[W…]` warnings)
+    # a colour code whose ESC was lost, or written out as text by a pager or a dump (`^[[1;36m`,
+    # `\x1b[`, `\033[`, `\u001b[`), left alone by a progress bar's CR that parted it from its reset
+    # (the text form may have lost its `[…m` to the ESC-less cleanup already)
+    r"|(?:\^\[|\\(?:x1[bB]|033|u001[bB]|e))(?:\[\d{1,3}(?:;\d{1,3}){0,4}m)?|\[\d{1,3}(?:;\d{1,3}){0,4}m"
     r") ?"
 )
 _MAX_PREFIXES = 6
@@ -59,6 +65,10 @@ _FOREIGN_LEVEL = re.compile(
     r"(?:[\w.-]{1,40} ){0,3}?-? ?\[?(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL) {0,2}\]? (?:- )?"
     r"(?:\[[^\]]{1,160}\] ?|[\w.-]{1,80}:\d{1,6} - |(?:[\w.-]{1,80} ){1,2}- )?"
 )
+# glog's header (Triton, abseil, NCCL's C++ side): `E1027 15:54:53.431777 1342 model.py:502] ` (level
+# letter, MMDD, time, thread id, file:line); its level is kept, it is no vLLM header.
+_GLOG = re.compile(r"([IWEF])\d{4} \d\d:\d\d:\d\d(?:\.\d{1,9})? {1,8}\d{1,10} [^\s\]]{1,200}:\d{1,6}\] ")
+_GLOG_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 # A wrapper relays its child's stdout/stderr at INFO: only its warnings and errors say something.
 _FOREIGN_LEVELS = {
     "WARN": "WARNING",
@@ -71,7 +81,7 @@ _FOREIGN_LEVELS = {
 _PROC = re.compile(r"\(([^()]{1,80}?) pid=(\d+)(?:, ip=[^()]{1,60})?\)[^()]*$")
 # Lines that start something of their own even without a vLLM header: never wrap-joined.
 _STANDALONE = re.compile(
-    r"(?:Traceback |  File | {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
+    r"(?:Traceback |  File |File \S| {4}|During handling|The above exception|\[rank\d|\[[WE]\d{4}|\d{3} \w+ Error|"
     r"[A-Z]{4,8}:|[\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b|\(\w[^()]{0,60} pid=\d|"
     r"[\w.-]{1,40} +\| |\{|Process |Loading |Capturing |\w[\w ]{0,40}: *\d+%\|)"
 )
@@ -177,6 +187,8 @@ def strip_prefixes(raw: str) -> tuple[str, str | None, str | None]:
         if m.group(2):
             proc, pid = m.group(1).strip(), m.group(2)
         text = text[m.end() :].lstrip()
+    if text[-2:] == "^M":  # caret notation's carriage return (`cat -v`)
+        text = text[:-2]
     return text, proc, pid
 
 
@@ -189,6 +201,10 @@ def _parse(raw: str) -> LogLine:
     if m is None:
         if raw[:1] == "{" and '"message"' in raw:
             return _parse_json(raw)
+        if raw[:1] in _GLOG_LEVELS and raw[1:2].isdigit():
+            g = _GLOG.match(raw)
+            if g is not None:
+                return LogLine(raw[g.end() :].rstrip(), None, None, _GLOG_LEVELS[g.group(1)])
         text, proc, pid = strip_prefixes(raw)
         if text is not raw and text:
             line = _uvicorn(text)
@@ -245,8 +261,7 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
     pending: LogLine | None = None
     width = 0  # width of the first cut piece of `pending`, 0 if it was not cut
     last_len = 0  # length of the last physical piece added to `pending`
-    for raw in lines:
-        raw = clean(raw)
+    for raw in _pieces(lines):
         line = _parse(raw)
         if (
             pending is not None
@@ -272,3 +287,31 @@ def logical_lines(lines: Iterable[str]) -> Iterator[LogLine]:
         pending, width, last_len = line, 0, len(raw)
     if pending is not None:
         yield pending
+
+
+def _pieces(lines: Iterable[str]) -> Iterator[str]:
+    """Cleaned physical lines; a long one that holds several vLLM lines comes out in pieces."""
+    for raw in lines:
+        raw = clean(raw)
+        if len(raw) < _FLAT_MIN:
+            yield raw
+        else:
+            yield from unflatten(raw)
+
+
+_FLAT_MIN = 400  # shorter lines are never a paste of several
+
+
+def unflatten(raw: str) -> list[str]:
+    """A paste that lost its newlines holds several vLLM lines, each with its own header: cut
+    before the second and later headers (what precedes the first stays with it: its prefix)."""
+    first = _HEADER.search(raw, 0, 400)
+    if first is None:
+        return [raw]
+    pieces: list[str] = []
+    start, pos = 0, first.end()
+    while (m := _HEADER.search(raw, pos)) is not None:
+        pieces.append(raw[start : m.start()].rstrip())
+        start, pos = m.start(), m.end()
+    pieces.append(raw[start:])
+    return pieces

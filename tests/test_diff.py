@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main as cli_main
-from harness.diff import METRICS, MIN_HISTORY, diff_runs
+from harness.diff import HISTORY_RUNS, MAD_K, METRICS, MIN_HISTORY, Band, Change, describe, diff_runs
 from harness.report.aggregate import load
 from harness.schema import CellRecord
 from tests import reportdata as rd
@@ -247,3 +247,88 @@ def test_a_capacity_drop_is_a_regression_beyond_its_band(tmp_path):
     run_with(tmp_path / "b", "20251004T000000Z-cpuhost", 4, 15)  # within the 10 % minimum band
     runs = load(tmp_path / "b").runs
     assert not diff_runs(runs[2], runs[3], runs).regressions
+
+
+def test_each_cells_line_states_both_values_the_sign_and_the_band(tmp_path):
+    """What the gate prints per cell (CLI, markdown, PR comment): every value readable as a plain
+    number in its unit ("9,045 ms", never "9.04e+03"), B against A, and the band a timing left."""
+
+    def worse(record: CellRecord) -> None:
+        for metric in ("kv_cache_tokens", "failed_requests", "validation", "spawn_to_ready_s"):
+            PLANT[metric](record)
+        _level("e2el_ms", "median", 9.0)(record)
+
+    lines = [describe(c) for c in runs(tmp_path, worse, history=HISTORY).changes]
+    assert lines == [
+        "validation: True → False",
+        "kv_cache_tokens: 65,536 tokens → 1,024 tokens (-98.4 %)",
+        "failed_requests @1: 0 requests → 3 requests",
+        "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %), band 20.25..24.75 from 3 runs",
+        "e2el_median_ms @1: 848 ms → 7,634 ms (+800.0 %), band 805.8..890.7 from 3 runs",
+        "e2el_median_ms @4: 1,005 ms → 9,045 ms (+800.0 %), band 954.8..1055 from 3 runs",
+    ]
+    # without history a timing is shown, not judged, and says why; a failed cell names its class
+    (shown,) = [describe(c) for c in runs(tmp_path / "b", PLANT["spawn_to_ready_s"]).changes]
+    assert shown == "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %); not judged: 1 of 3 runs of history for a noise band"
+    (verdict,) = [v for v in runs(tmp_path / "c", PLANT["status"]).cells if v.changes]
+    assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: regressed — status: ok → failed (timeout)"
+
+
+@pytest.mark.parametrize("metric", sorted(MEMORY_PLANT))
+def test_memory_moves_read_in_gib_with_two_decimals(tmp_path, metric):
+    field, delta = MEMORY_PLANT[metric]
+    rd.write_run(tmp_path, rd.seed002_records())
+    after = rd.seed002_records()
+    for record in after:
+        record.run_id = "20991001T000000Z-h100host"
+    target = next(r for r in after if getattr(r.facts, field) is not None)
+    before = getattr(target.facts, field)
+    setattr(target.facts, field, before + delta)
+    rd.write_run(tmp_path, after)
+    loaded = load(tmp_path).runs
+    (change,) = diff_runs(loaded[0], loaded[1], loaded).changes
+    pct = 100 * delta / before
+    assert describe(change) == f"{metric}: {before:.2f} GiB → {before + delta:.2f} GiB ({pct:+.1f} %)"
+
+
+def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
+    """`diff --json` is what a CI job reads: each change, band included, comes back whole, and the
+    rules it states are the ones the changes were judged by."""
+    results = tmp_path / "results"
+
+    def worse(record: CellRecord) -> None:
+        for metric in ("kv_cache_tokens", "ttft_median_ms", "validation"):
+            PLANT[metric](record)
+        record.run_id = RUN_B
+
+    diff = runs(results, worse, history=HISTORY)
+    better = runs(tmp_path / "better", worse, reverse=True, history=HISTORY)
+    reports = ["--reports", str(tmp_path / "reports")]
+    assert cli_main(["diff", RUN_A, RUN_B, "--results", str(results), "--json", *reports]) == 1
+    out = json.loads(capsys.readouterr().out)
+
+    def change(c: dict) -> Change:
+        return Change(**{**c, "band": Band(**c["band"]) if c["band"] else None})
+
+    assert [change(c) for c in out["regressions"]] == diff.regressions and len(diff.regressions) == 4
+    assert [change(c) for c in out["info"]] == diff.info
+    assert (out["run_a"], out["run_b"], out["compared_cells"]) == (RUN_A, RUN_B, 6)
+    assert out["cells"] == [{"cell_id": v.cell_id, "verdict": v.verdict, "summary": v.summary} for v in diff.cells]
+    assert out["rules"] == {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS}
+    rules = {m["metric"]: m for m in out["metrics"]}
+    assert list(rules) == [m.name for m in METRICS]
+    for c in diff.regressions + better.improvements:
+        if c.metric == "validation":
+            continue
+        rule = rules[c.metric]
+        # a regression moves against the better direction, an improvement with it
+        assert (c.change_pct > 0) == ((rule["better"] == "higher") == (c.kind == "improvement")), c
+        assert (c.band is not None) == (rule["judged"] == "history band"), c
+        assert (c.concurrency is not None) == rule["per_concurrency_level"], c
+        assert c.unit == rule["unit"]
+        if c.band:  # the band is never narrower than the rule's minimum
+            assert c.band.high - c.band.low >= 2 * max(rule["floor"], rule["relative"] * abs(c.before)) - 1e-9
+        else:
+            assert abs(c.after - c.before) > max(rule["floor"], rule["relative"] * abs(c.before))
+    assert {"higher", "lower"} == {r["better"] for r in rules.values()}
+    assert {"history band", "tight"} == {r["judged"] for r in rules.values()}

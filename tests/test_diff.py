@@ -272,6 +272,11 @@ def test_each_cells_line_states_both_values_the_sign_and_the_band(tmp_path):
     assert shown == "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %); not judged: 1 of 3 runs of history for a noise band"
     (verdict,) = [v for v in runs(tmp_path / "c", PLANT["status"]).cells if v.changes]
     assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: regressed — status: ok → failed (timeout)"
+    dropped = runs(tmp_path / "d", lambda r: setattr(r, "cell_id", "renamed")).cells
+    assert [v.summary for v in dropped if v.changes] == [
+        "tiny-llama__cpu__default__vllm-cpu: missing — cell: present → missing (run B has no record for this cell)",
+        "renamed: new — cell: absent → ok (new in run B)",
+    ]
 
 
 @pytest.mark.parametrize("metric", sorted(MEMORY_PLANT))
@@ -303,6 +308,7 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
 
     diff = runs(results, worse, history=HISTORY)
     better = runs(tmp_path / "better", worse, reverse=True, history=HISTORY)
+    unjudged = runs(tmp_path / "new", PLANT["ttft_median_ms"])  # no history: shown as info
     reports = ["--reports", str(tmp_path / "reports")]
     assert cli_main(["diff", RUN_A, RUN_B, "--results", str(results), "--json", *reports]) == 1
     out = json.loads(capsys.readouterr().out)
@@ -311,7 +317,11 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
         return Change(**{**c, "band": Band(**c["band"]) if c["band"] else None})
 
     assert [change(c) for c in out["regressions"]] == diff.regressions and len(diff.regressions) == 4
-    assert [change(c) for c in out["info"]] == diff.info
+    assert out["improvements"] == out["info"] == []
+    for folder, other, kind in ((tmp_path / "better", better, "improvements"), (tmp_path / "new", unjudged, "info")):
+        assert cli_main(["diff", RUN_A, RUN_B, "--results", str(folder), "--json", *reports]) == 0
+        assert [change(c) for c in json.loads(capsys.readouterr().out)[kind]] == getattr(other, kind)
+        assert getattr(other, kind)
     assert (out["run_a"], out["run_b"], out["compared_cells"]) == (RUN_A, RUN_B, 6)
     assert out["cells"] == [{"cell_id": v.cell_id, "verdict": v.verdict, "summary": v.summary} for v in diff.cells]
     assert out["rules"] == {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS}

@@ -170,8 +170,51 @@ def test_moves_within_the_band_are_ignored(tmp_path):
     def small(record: CellRecord) -> None:
         record.timings.spawn_to_ready_s += 0.5  # under the 2 s floor
         _level("ttft_ms", "median", 1.03)(record)  # under the 5 % minimum band
+        record.facts.kv_cache_tokens += 164  # 0.25 %: within the rounding of vLLM's log
 
     assert runs(tmp_path, small, history=HISTORY).changes == []
+    # without history a timing is shown only beyond 25 %
+    assert runs(tmp_path / "b", _level("ttft_ms", "median", 1.1)).changes == []
+    # a small rise of a higher-is-better fact is an improvement
+    (up,) = runs(tmp_path / "c", _set("facts", "max_concurrency", 32.5)).changes
+    assert (up.metric, up.kind, up.before, up.after) == ("max_concurrency", "improvement", 32.0, 32.5)
+
+
+def test_the_band_is_the_widest_of_spread_minimum_and_floor(tmp_path):
+    """Band = median ± max(3 × MAD·1.4826, the metric's minimum relative half-width, its floor)."""
+    # floor: load 0.8 s, steady history: ± the 1 s floor, not 10 % of 0.8 s
+    (load,) = runs(tmp_path / "a", PLANT["load_s"], history=HISTORY).changes
+    assert (load.band.low, load.band.high) == pytest.approx((-0.2, 1.8))
+    # minimum: spawn → ready 22.5 s, steady: ± 10 % (2.25 s) beats the 2 s floor
+    (spawn,) = runs(tmp_path / "b", PLANT["spawn_to_ready_s"], history=HISTORY).changes
+    assert (spawn.band.low, spawn.band.high) == pytest.approx((20.25, 24.75))
+    # spread: throughput at 0.9, 1.1 and 1 x (run A): MAD 0.1 x, so ± 3 × 1.4826 × 0.1 x
+    for i, factor in enumerate((0.9, 1.1)):
+        records = rd.cpu_records(f"2025100{i + 1}T000000Z-cpuhost", f"2025-10-0{i + 1}T00:00:00+00:00")
+        _level("output_throughput", "", factor)(records[0])
+        rd.write_run(tmp_path / "c", records)
+    changes = runs(tmp_path / "c", _level("output_throughput", "", 0.5)).regressions
+    assert [c.concurrency for c in changes] == [1, 4]
+    for c in changes:
+        half = 3 * 1.4826 * 0.1 * c.before
+        assert (c.band.low, c.band.high) == pytest.approx((c.before - half, c.before + half))
+
+
+def test_history_is_the_cells_runs_up_to_a_whatever_order_they_are_asked_in(tmp_path):
+    """Four runs of a cell: `diff 2 3` is judged by runs 1 and 2 only (run 4 came later: too little
+    history), `diff 4 1` (backwards) by runs 2 to 4, run B left out."""
+    ids = [f"2025100{i}T000000Z-cpuhost" for i in (1, 2, 3, 4)]
+    for i, run_id in enumerate(ids):
+        records = rd.cpu_records(run_id, f"2025-10-0{i + 1}T00:00:00+00:00")
+        if i in (0, 2):
+            _level("output_throughput", "", 0.5)(records[0])
+        rd.write_run(tmp_path, records)
+    loaded = load(tmp_path).runs
+    by_id = {r.run_id: r for r in loaded}
+    forward = diff_runs(by_id[ids[1]], by_id[ids[2]], loaded).changes
+    assert {(c.kind, c.note) for c in forward} == {("info", "not judged: 2 of 3 runs of history for a noise band")}
+    backward = diff_runs(by_id[ids[3]], by_id[ids[0]], loaded).regressions
+    assert [(c.metric, c.band.samples) for c in backward] == [("output_throughput", 3)] * 2
 
 
 def test_the_band_comes_from_the_spread_of_history(tmp_path):
@@ -302,7 +345,7 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
     results = tmp_path / "results"
 
     def worse(record: CellRecord) -> None:
-        for metric in ("kv_cache_tokens", "ttft_median_ms", "validation"):
+        for metric in ("kv_cache_tokens", "ttft_median_ms", "validation", "failed_requests"):
             PLANT[metric](record)
         record.run_id = RUN_B
 
@@ -316,12 +359,16 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
     def change(c: dict) -> Change:
         return Change(**{**c, "band": Band(**c["band"]) if c["band"] else None})
 
-    assert [change(c) for c in out["regressions"]] == diff.regressions and len(diff.regressions) == 4
+    assert [change(c) for c in out["regressions"]] == diff.regressions and len(diff.regressions) == 5
+    assert {c["cell_id"] for c in out["regressions"]} == {"tiny-llama__cpu__default__vllm-cpu"}
+    assert [c["change_pct"] for c in out["regressions"] if c["metric"] == "kv_cache_tokens"] == [-98.4]  # 1 decimal
     assert out["improvements"] == out["info"] == []
     for folder, other, kind in ((tmp_path / "better", better, "improvements"), (tmp_path / "new", unjudged, "info")):
         assert cli_main(["diff", RUN_A, RUN_B, "--results", str(folder), "--json", *reports]) == 0
         assert [change(c) for c in json.loads(capsys.readouterr().out)[kind]] == getattr(other, kind)
-        assert getattr(other, kind)
+        assert getattr(other, kind) and {c.cell_id for c in getattr(other, kind)} == {
+            "tiny-llama__cpu__default__vllm-cpu"
+        }
     assert (out["run_a"], out["run_b"], out["compared_cells"]) == (RUN_A, RUN_B, 6)
     assert out["cells"] == [{"cell_id": v.cell_id, "verdict": v.verdict, "summary": v.summary} for v in diff.cells]
     assert out["rules"] == {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS}
@@ -332,7 +379,8 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
             continue
         rule = rules[c.metric]
         # a regression moves against the better direction, an improvement with it
-        assert (c.change_pct > 0) == ((rule["better"] == "higher") == (c.kind == "improvement")), c
+        if c.change_pct is not None:  # None: from zero
+            assert (c.change_pct > 0) == ((rule["better"] == "higher") == (c.kind == "improvement")), c
         assert (c.band is not None) == (rule["judged"] == "history band"), c
         assert (c.concurrency is not None) == rule["per_concurrency_level"], c
         assert c.unit == rule["unit"]

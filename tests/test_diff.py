@@ -390,3 +390,41 @@ def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
             assert abs(c.after - c.before) > max(rule["floor"], rule["relative"] * abs(c.before))
     assert {"higher", "lower"} == {r["better"] for r in rules.values()}
     assert {"history band", "tight"} == {r["judged"] for r in rules.values()}
+
+
+@pytest.mark.parametrize(
+    "before, after, line, kind",
+    [
+        (
+            ("failed", "timeout", None),
+            ("failed", "oom_weight_load", None),
+            "changed — failure_class: timeout → oom_weight_load",
+            "info",
+        ),
+        (
+            ("failed", "timeout", None),
+            ("skipped", None, "GPU busy"),
+            "changed — status: failed → skipped (GPU busy)",
+            "info",
+        ),
+        (("skipped", None, "GPU busy"), ("ok", None, None), "improved — status: skipped → ok", "improvement"),
+        (
+            ("ok", None, None),
+            ("skipped", None, "GPU busy"),
+            "regressed — status: ok → skipped (GPU busy)",
+            "regression",
+        ),
+    ],
+)
+def test_a_change_of_outcome_is_judged_by_where_it_went(tmp_path, before, after, line, kind):
+    """Leaving ok regresses, reaching ok improves; between two other outcomes, or a failure that
+    changed its class, it is information. The note says why run B ended as it did."""
+    a, b = rd.cpu_records(RUN_A), rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")
+    for record, (outcome, failure_class, skip_reason) in ((a[0], before), (b[0], after)):
+        record.outcome, record.failure_class, record.skip_reason = outcome, failure_class, skip_reason
+    rd.write_run(tmp_path, a)
+    rd.write_run(tmp_path, b)
+    loaded = load(tmp_path).runs
+    (verdict,) = [v for v in diff_runs(loaded[0], loaded[1], loaded).cells if v.changes]
+    assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: " + line
+    assert [(c.cell_id, c.kind) for c in verdict.changes] == [(verdict.cell_id, kind)]

@@ -428,3 +428,23 @@ def test_a_change_of_outcome_is_judged_by_where_it_went(tmp_path, before, after,
     (verdict,) = [v for v in diff_runs(loaded[0], loaded[1], loaded).cells if v.changes]
     assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: " + line
     assert [(c.cell_id, c.kind) for c in verdict.changes] == [(verdict.cell_id, kind)]
+
+
+@pytest.mark.parametrize(
+    "part, name, before, after, shown",
+    [
+        ("facts", "num_gpu_blocks", 10, 11, True),  # one block is a move where 0.5 % of the count is less
+        ("facts", "num_gpu_blocks", 200, 201, False),  # ... and within the log's rounding where it is not
+        ("timings", "spawn_to_ready_s", 4.0, 6.0, True),  # no history: a move of the 2 s floor is shown
+        ("timings", "spawn_to_ready_s", 22.5, 28.125, False),  # no history: exactly 25 % is not beyond it
+    ],
+)
+def test_a_move_must_pass_both_the_floor_and_the_relative_threshold(tmp_path, part, name, before, after, shown):
+    a, b = rd.cpu_records(RUN_A), rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")
+    setattr(getattr(a[0], part), name, before)
+    setattr(getattr(b[0], part), name, after)
+    rd.write_run(tmp_path, a)
+    rd.write_run(tmp_path, b)
+    loaded = load(tmp_path).runs
+    changes = diff_runs(loaded[0], loaded[1], loaded).changes
+    assert [(c.metric, c.before, c.after) for c in changes] == ([(name, before, after)] if shown else [])

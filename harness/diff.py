@@ -190,15 +190,8 @@ def _fmt(value: Any, unit: str) -> str:
     number = _number(value)
     if number is None:
         return str(value)
-    text = (
-        f"{number:,.0f}"
-        if unit in ("tokens", "blocks", "requests")
-        else f"{number:,.3g}"
-        if abs(number) >= 100
-        else f"{number:.3g}"
-        if unit != "GiB"
-        else f"{number:.2f}"
-    )
+    # whole numbers from 100 up (counts, ms, tok/s: "1,234", never "1.23e+03"), else 3 digits
+    text = f"{number:,.0f}" if abs(number) >= 100 else f"{number:.2f}" if unit == "GiB" else f"{number:.3g}"
     return f"{text} {unit}".strip()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main as cli_main
-from harness.diff import METRICS, MIN_HISTORY, diff_runs
+from harness.diff import HISTORY_RUNS, MAD_K, METRICS, MIN_HISTORY, Band, Change, describe, diff_runs
 from harness.report.aggregate import load
 from harness.schema import CellRecord
 from tests import reportdata as rd
@@ -170,8 +170,51 @@ def test_moves_within_the_band_are_ignored(tmp_path):
     def small(record: CellRecord) -> None:
         record.timings.spawn_to_ready_s += 0.5  # under the 2 s floor
         _level("ttft_ms", "median", 1.03)(record)  # under the 5 % minimum band
+        record.facts.kv_cache_tokens += 164  # 0.25 %: within the rounding of vLLM's log
 
     assert runs(tmp_path, small, history=HISTORY).changes == []
+    # without history a timing is shown only beyond 25 %
+    assert runs(tmp_path / "b", _level("ttft_ms", "median", 1.1)).changes == []
+    # a small rise of a higher-is-better fact is an improvement
+    (up,) = runs(tmp_path / "c", _set("facts", "max_concurrency", 32.5)).changes
+    assert (up.metric, up.kind, up.before, up.after) == ("max_concurrency", "improvement", 32.0, 32.5)
+
+
+def test_the_band_is_the_widest_of_spread_minimum_and_floor(tmp_path):
+    """Band = median ± max(3 × MAD·1.4826, the metric's minimum relative half-width, its floor)."""
+    # floor: load 0.8 s, steady history: ± the 1 s floor, not 10 % of 0.8 s
+    (load,) = runs(tmp_path / "a", PLANT["load_s"], history=HISTORY).changes
+    assert (load.band.low, load.band.high) == pytest.approx((-0.2, 1.8))
+    # minimum: spawn → ready 22.5 s, steady: ± 10 % (2.25 s) beats the 2 s floor
+    (spawn,) = runs(tmp_path / "b", PLANT["spawn_to_ready_s"], history=HISTORY).changes
+    assert (spawn.band.low, spawn.band.high) == pytest.approx((20.25, 24.75))
+    # spread: throughput at 0.9, 1.1 and 1 x (run A): MAD 0.1 x, so ± 3 × 1.4826 × 0.1 x
+    for i, factor in enumerate((0.9, 1.1)):
+        records = rd.cpu_records(f"2025100{i + 1}T000000Z-cpuhost", f"2025-10-0{i + 1}T00:00:00+00:00")
+        _level("output_throughput", "", factor)(records[0])
+        rd.write_run(tmp_path / "c", records)
+    changes = runs(tmp_path / "c", _level("output_throughput", "", 0.5)).regressions
+    assert [c.concurrency for c in changes] == [1, 4]
+    for c in changes:
+        half = 3 * 1.4826 * 0.1 * c.before
+        assert (c.band.low, c.band.high) == pytest.approx((c.before - half, c.before + half))
+
+
+def test_history_is_the_cells_runs_up_to_a_whatever_order_they_are_asked_in(tmp_path):
+    """Four runs of a cell: `diff 2 3` is judged by runs 1 and 2 only (run 4 came later: too little
+    history), `diff 4 1` (backwards) by runs 2 to 4, run B left out."""
+    ids = [f"2025100{i}T000000Z-cpuhost" for i in (1, 2, 3, 4)]
+    for i, run_id in enumerate(ids):
+        records = rd.cpu_records(run_id, f"2025-10-0{i + 1}T00:00:00+00:00")
+        if i in (0, 2):
+            _level("output_throughput", "", 0.5)(records[0])
+        rd.write_run(tmp_path, records)
+    loaded = load(tmp_path).runs
+    by_id = {r.run_id: r for r in loaded}
+    forward = diff_runs(by_id[ids[1]], by_id[ids[2]], loaded).changes
+    assert {(c.kind, c.note) for c in forward} == {("info", "not judged: 2 of 3 runs of history for a noise band")}
+    backward = diff_runs(by_id[ids[3]], by_id[ids[0]], loaded).regressions
+    assert [(c.metric, c.band.samples) for c in backward] == [("output_throughput", 3)] * 2
 
 
 def test_the_band_comes_from_the_spread_of_history(tmp_path):
@@ -247,3 +290,161 @@ def test_a_capacity_drop_is_a_regression_beyond_its_band(tmp_path):
     run_with(tmp_path / "b", "20251004T000000Z-cpuhost", 4, 15)  # within the 10 % minimum band
     runs = load(tmp_path / "b").runs
     assert not diff_runs(runs[2], runs[3], runs).regressions
+
+
+def test_each_cells_line_states_both_values_the_sign_and_the_band(tmp_path):
+    """What the gate prints per cell (CLI, markdown, PR comment): every value readable as a plain
+    number in its unit ("9,045 ms", never "9.04e+03"), B against A, and the band a timing left."""
+
+    def worse(record: CellRecord) -> None:
+        for metric in ("kv_cache_tokens", "failed_requests", "validation", "spawn_to_ready_s"):
+            PLANT[metric](record)
+        _level("e2el_ms", "median", 9.0)(record)
+
+    lines = [describe(c) for c in runs(tmp_path, worse, history=HISTORY).changes]
+    assert lines == [
+        "validation: True → False",
+        "kv_cache_tokens: 65,536 tokens → 1,024 tokens (-98.4 %)",
+        "failed_requests @1: 0 requests → 3 requests",
+        "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %), band 20.25..24.75 from 3 runs",
+        "e2el_median_ms @1: 848 ms → 7,634 ms (+800.0 %), band 805.8..890.7 from 3 runs",
+        "e2el_median_ms @4: 1,005 ms → 9,045 ms (+800.0 %), band 954.8..1055 from 3 runs",
+    ]
+    # without history a timing is shown, not judged, and says why; a failed cell names its class
+    (shown,) = [describe(c) for c in runs(tmp_path / "b", PLANT["spawn_to_ready_s"]).changes]
+    assert shown == "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %); not judged: 1 of 3 runs of history for a noise band"
+    (verdict,) = [v for v in runs(tmp_path / "c", PLANT["status"]).cells if v.changes]
+    assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: regressed — status: ok → failed (timeout)"
+    dropped = runs(tmp_path / "d", lambda r: setattr(r, "cell_id", "renamed")).cells
+    assert [v.summary for v in dropped if v.changes] == [
+        "tiny-llama__cpu__default__vllm-cpu: missing — cell: present → missing (run B has no record for this cell)",
+        "renamed: new — cell: absent → ok (new in run B)",
+    ]
+
+
+@pytest.mark.parametrize("metric", sorted(MEMORY_PLANT))
+def test_memory_moves_read_in_gib_with_two_decimals(tmp_path, metric):
+    field, delta = MEMORY_PLANT[metric]
+    rd.write_run(tmp_path, rd.seed002_records())
+    after = rd.seed002_records()
+    for record in after:
+        record.run_id = "20991001T000000Z-h100host"
+    target = next(r for r in after if getattr(r.facts, field) is not None)
+    before = getattr(target.facts, field)
+    setattr(target.facts, field, before + delta)
+    rd.write_run(tmp_path, after)
+    loaded = load(tmp_path).runs
+    (change,) = diff_runs(loaded[0], loaded[1], loaded).changes
+    pct = 100 * delta / before
+    assert describe(change) == f"{metric}: {before:.2f} GiB → {before + delta:.2f} GiB ({pct:+.1f} %)"
+
+
+def test_the_json_holds_every_change_as_the_gate_judged_it(tmp_path, capsys):
+    """`diff --json` is what a CI job reads: each change, band included, comes back whole, and the
+    rules it states are the ones the changes were judged by."""
+    results = tmp_path / "results"
+
+    def worse(record: CellRecord) -> None:
+        for metric in ("kv_cache_tokens", "ttft_median_ms", "validation", "failed_requests"):
+            PLANT[metric](record)
+        record.run_id = RUN_B
+
+    diff = runs(results, worse, history=HISTORY)
+    better = runs(tmp_path / "better", worse, reverse=True, history=HISTORY)
+    unjudged = runs(tmp_path / "new", PLANT["ttft_median_ms"])  # no history: shown as info
+    reports = ["--reports", str(tmp_path / "reports")]
+    assert cli_main(["diff", RUN_A, RUN_B, "--results", str(results), "--json", *reports]) == 1
+    out = json.loads(capsys.readouterr().out)
+
+    def change(c: dict) -> Change:
+        return Change(**{**c, "band": Band(**c["band"]) if c["band"] else None})
+
+    assert [change(c) for c in out["regressions"]] == diff.regressions and len(diff.regressions) == 5
+    assert {c["cell_id"] for c in out["regressions"]} == {"tiny-llama__cpu__default__vllm-cpu"}
+    assert [c["change_pct"] for c in out["regressions"] if c["metric"] == "kv_cache_tokens"] == [-98.4]  # 1 decimal
+    assert out["improvements"] == out["info"] == []
+    for folder, other, kind in ((tmp_path / "better", better, "improvements"), (tmp_path / "new", unjudged, "info")):
+        assert cli_main(["diff", RUN_A, RUN_B, "--results", str(folder), "--json", *reports]) == 0
+        assert [change(c) for c in json.loads(capsys.readouterr().out)[kind]] == getattr(other, kind)
+        assert getattr(other, kind) and {c.cell_id for c in getattr(other, kind)} == {
+            "tiny-llama__cpu__default__vllm-cpu"
+        }
+    assert (out["run_a"], out["run_b"], out["compared_cells"]) == (RUN_A, RUN_B, 6)
+    assert out["cells"] == [{"cell_id": v.cell_id, "verdict": v.verdict, "summary": v.summary} for v in diff.cells]
+    assert out["rules"] == {"min_history": MIN_HISTORY, "mad_k": MAD_K, "history_runs": HISTORY_RUNS}
+    rules = {m["metric"]: m for m in out["metrics"]}
+    assert list(rules) == [m.name for m in METRICS]
+    for c in diff.regressions + better.improvements:
+        if c.metric == "validation":
+            continue
+        rule = rules[c.metric]
+        # a regression moves against the better direction, an improvement with it
+        if c.change_pct is not None:  # None: from zero
+            assert (c.change_pct > 0) == ((rule["better"] == "higher") == (c.kind == "improvement")), c
+        assert (c.band is not None) == (rule["judged"] == "history band"), c
+        assert (c.concurrency is not None) == rule["per_concurrency_level"], c
+        assert c.unit == rule["unit"]
+        if c.band:  # the band is never narrower than the rule's minimum
+            assert c.band.high - c.band.low >= 2 * max(rule["floor"], rule["relative"] * abs(c.before)) - 1e-9
+        else:
+            assert abs(c.after - c.before) > max(rule["floor"], rule["relative"] * abs(c.before))
+    assert {"higher", "lower"} == {r["better"] for r in rules.values()}
+    assert {"history band", "tight"} == {r["judged"] for r in rules.values()}
+
+
+@pytest.mark.parametrize(
+    "before, after, line, kind",
+    [
+        (
+            ("failed", "timeout", None),
+            ("failed", "oom_weight_load", None),
+            "changed — failure_class: timeout → oom_weight_load",
+            "info",
+        ),
+        (
+            ("failed", "timeout", None),
+            ("skipped", None, "GPU busy"),
+            "changed — status: failed → skipped (GPU busy)",
+            "info",
+        ),
+        (("skipped", None, "GPU busy"), ("ok", None, None), "improved — status: skipped → ok", "improvement"),
+        (
+            ("ok", None, None),
+            ("skipped", None, "GPU busy"),
+            "regressed — status: ok → skipped (GPU busy)",
+            "regression",
+        ),
+    ],
+)
+def test_a_change_of_outcome_is_judged_by_where_it_went(tmp_path, before, after, line, kind):
+    """Leaving ok regresses, reaching ok improves; between two other outcomes, or a failure that
+    changed its class, it is information. The note says why run B ended as it did."""
+    a, b = rd.cpu_records(RUN_A), rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")
+    for record, (outcome, failure_class, skip_reason) in ((a[0], before), (b[0], after)):
+        record.outcome, record.failure_class, record.skip_reason = outcome, failure_class, skip_reason
+    rd.write_run(tmp_path, a)
+    rd.write_run(tmp_path, b)
+    loaded = load(tmp_path).runs
+    (verdict,) = [v for v in diff_runs(loaded[0], loaded[1], loaded).cells if v.changes]
+    assert verdict.summary == "tiny-llama__cpu__default__vllm-cpu: " + line
+    assert [(c.cell_id, c.kind) for c in verdict.changes] == [(verdict.cell_id, kind)]
+
+
+@pytest.mark.parametrize(
+    "part, name, before, after, shown",
+    [
+        ("facts", "num_gpu_blocks", 10, 11, True),  # one block is a move where 0.5 % of the count is less
+        ("facts", "num_gpu_blocks", 200, 201, False),  # ... and within the log's rounding where it is not
+        ("timings", "spawn_to_ready_s", 4.0, 6.0, True),  # no history: a move of the 2 s floor is shown
+        ("timings", "spawn_to_ready_s", 22.5, 28.125, False),  # no history: exactly 25 % is not beyond it
+    ],
+)
+def test_a_move_must_pass_both_the_floor_and_the_relative_threshold(tmp_path, part, name, before, after, shown):
+    a, b = rd.cpu_records(RUN_A), rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")
+    setattr(getattr(a[0], part), name, before)
+    setattr(getattr(b[0], part), name, after)
+    rd.write_run(tmp_path, a)
+    rd.write_run(tmp_path, b)
+    loaded = load(tmp_path).runs
+    changes = diff_runs(loaded[0], loaded[1], loaded).changes
+    assert [(c.metric, c.before, c.after) for c in changes] == ([(name, before, after)] if shown else [])

@@ -437,10 +437,17 @@ def build_workload(
     )
 
 
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default);
+# aiohttp keeps one for 15 s. A connection idle between the two, reused by the next request
+# (a level after a long one), fails as "Server disconnected": drop ours first.
+KEEPALIVE_S = 3.0
+
+
 def new_session() -> aiohttp.ClientSession:
     # limit=0: no connection-pool cap, so the level's concurrency is the only limit.
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=False), timeout=aiohttp.ClientTimeout(total=None)
+        connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=KEEPALIVE_S),
+        timeout=aiohttp.ClientTimeout(total=None),
     )
 
 

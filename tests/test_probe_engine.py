@@ -1,10 +1,12 @@
 """Capacity search against the real vLLM CPU engine serving the tiny chat model.
 
-The engine runs with `max_num_seqs` 2: a third request in flight waits in vLLM's queue until a
-running one has produced all of its 400 tokens (1.5 s at the fastest seen here, 3.8 ms per
-token), so a 1.2 s TTFT objective holds up to 2 and breaks above, once the queue has formed.
-That gives the search a boundary the engine itself sets, clear of the timing noise of a
-shared 2-core machine (TTFT spikes near 1 s were seen there at concurrency 1).
+The engine runs with `max_num_seqs` 2: a request beyond two in flight waits in vLLM's queue
+until a running one has produced all of its 400 tokens. Measured here, in multiples of a lone
+request's end-to-end latency (p99 of a level): 2 in flight ~2.2x, 3 ~2.3-2.7x, 4 ~3.7-4.3x.
+The objective is 3.2 times a lone request's latency, measured first: capacity is 3 (or 2 when
+a spike lands in the 3 level), a boundary set by the engine's queue whatever the box's speed. Time to first token is no boundary here: on 2
+shared cores the API server is starved while the engine decodes, and a token can reach the
+client seconds late even at concurrency 1.
 """
 
 from __future__ import annotations
@@ -86,9 +88,20 @@ def engine(tmp_path_factory):
 
 
 def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
+    tokenizer = str(TINY / "tiny-chat")
+    lone = run_profile(
+        engine,
+        "tiny",
+        None,
+        ProbeProfile(concurrency=[1], requests=3, input_tokens=32, output_tokens=400, warmup_requests=1),
+        tokenizer_dir=tokenizer,
+        measure_ceiling=False,
+        request_timeout=60,
+    )
+    target = 3.2 * lone["levels"][0]["e2el_ms"]["median"]
     profile = ProbeProfile(
         mode="capacity",
-        slo={"ttft_p99_ms": 1200},
+        slo={"e2el_p99_ms": target},
         input_tokens=32,
         output_tokens=400,
         requests=4,
@@ -96,7 +109,6 @@ def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
         max_level_seconds=60,
         budget_s=BUDGET_S,
     )
-    tokenizer = str(TINY / "tiny-chat")
     caps = []
     for _ in range(2):
         res = run_profile(

@@ -1,12 +1,14 @@
 """Capacity search against the real vLLM CPU engine serving the tiny chat model.
 
 The engine runs with `max_num_seqs` 2: a request beyond two in flight waits in vLLM's queue
-until a running one has produced all of its 400 tokens. Measured here, in multiples of a lone
-request's end-to-end latency (p99 of a level): 2 in flight ~2.2x, 3 ~2.3-2.7x, 4 ~3.7-4.3x.
-The objective is 3.2 times a lone request's latency, measured first: capacity is 3 (or 2 when
-a spike lands in the 3 level), a boundary set by the engine's queue whatever the box's speed. Time to first token is no boundary here: on 2
-shared cores the API server is starved while the engine decodes, and a token can reach the
-client seconds late even at concurrency 1.
+until a running one has produced all of its 400 tokens. The objective is 1.5 times the median
+end-to-end latency of requests two at a time, measured just before each search, so it follows
+the box's speed (CI runs other tests beside this one). A lone request is well inside it and a
+queued one (a pair's wait, then its own run) well outside; two at a time sit near it, since on 2
+shared cores the API server is starved while the engine decodes and one stream of a pair can
+reach the client late (p99 1.7-1.8 x the median was seen). So capacity is 1 or 2, and the two
+searches agree within one. Time to first token is no boundary at all here: a token can reach
+the client seconds late even at concurrency 1.
 """
 
 from __future__ import annotations
@@ -87,30 +89,36 @@ def engine(tmp_path_factory):
             proc.wait()
 
 
-def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
-    tokenizer = str(TINY / "tiny-chat")
-    lone = run_profile(
+def _pair_latency_ms(engine: str, tokenizer: str) -> float:
+    """Median end-to-end latency of requests two at a time: the engine's slots full, none queued."""
+    pair = run_profile(
         engine,
         "tiny",
         None,
-        ProbeProfile(concurrency=[1], requests=3, input_tokens=32, output_tokens=400, warmup_requests=1),
+        ProbeProfile(concurrency=[MAX_NUM_SEQS], requests=4, input_tokens=32, output_tokens=400, warmup_requests=1),
         tokenizer_dir=tokenizer,
         measure_ceiling=False,
         request_timeout=60,
     )
-    target = 3.2 * lone["levels"][0]["e2el_ms"]["median"]
-    profile = ProbeProfile(
-        mode="capacity",
-        slo={"e2el_p99_ms": target},
-        input_tokens=32,
-        output_tokens=400,
-        requests=4,
-        warmup_requests=MAX_NUM_SEQS,
-        max_level_seconds=60,
-        budget_s=BUDGET_S,
-    )
+    return pair["levels"][0]["e2el_ms"]["median"]
+
+
+def test_capacity_search_on_the_cpu_engine_is_bounded_and_repeatable(engine):
+    tokenizer = str(TINY / "tiny-chat")
     caps = []
     for _ in range(2):
+        # Measured just before each search, so both see the box as it is then (CI runs other
+        # tests beside this one). A queued request waits a whole pair's time: 1.5 x splits them.
+        profile = ProbeProfile(
+            mode="capacity",
+            slo={"e2el_p99_ms": 1.5 * _pair_latency_ms(engine, tokenizer)},
+            input_tokens=32,
+            output_tokens=400,
+            requests=4,
+            warmup_requests=MAX_NUM_SEQS,
+            max_level_seconds=60,
+            budget_s=BUDGET_S,
+        )
         res = run_profile(
             engine, "tiny", None, profile, tokenizer_dir=tokenizer, measure_ceiling=False, request_timeout=60
         )

@@ -135,7 +135,7 @@ class TreeWatcher:
 
     def alive(self) -> list[psutil.Process]:
         out = []
-        for pid, created in self.seen.items():
+        for pid, created in list(self.seen.items()):  # another thread may add to it
             try:
                 p = psutil.Process(pid)
                 if abs(p.create_time() - created) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:

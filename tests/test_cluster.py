@@ -128,19 +128,24 @@ class EngineWatcher(TreeWatcher):
 
     def snapshot(self) -> None:
         for node in list(self.cluster.nodes):
-            for proc in node.processes():
-                try:
-                    if "vllm.entrypoints.openai.api_server" in " ".join(proc.cmdline()):
-                        for p in [proc, *proc.children(recursive=True)]:
-                            self.seen.setdefault(p.pid, p.create_time())
-                except psutil.Error:
-                    continue
+            self.engines_on(node)
+        # An engine whose node died is no longer below any node: follow it by pid.
+        for proc in self.alive():
+            try:
+                for p in proc.children(recursive=True):
+                    self.seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                continue
 
     def engines_on(self, node) -> list[psutil.Process]:
+        """The node's engines now, each remembered with all its children: a test that kills the
+        node right after finding its engine must not depend on the polling thread having seen it."""
         out = []
         for proc in node.processes():
             try:
                 if "vllm.entrypoints.openai.api_server" in " ".join(proc.cmdline()):
+                    for p in [proc, *proc.children(recursive=True)]:
+                        self.seen.setdefault(p.pid, p.create_time())
                     out.append(proc)
             except psutil.Error:
                 continue

@@ -25,7 +25,6 @@ A cell run B did not attempt (its host lacks the device) is information, not a r
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -48,40 +47,38 @@ class Metric:
     floor: float  # absolute move, in `unit`, below which nothing is reported
     noisy: bool  # judged against the cell's history (True) or tightly (False)
     per_level: bool  # compared at each probe concurrency level present in both runs
-    get: Callable[[dict[str, Any]], Any]  # a row (cell) or a probe level -> value
+    source: str  # the report row's column, or (per level) the probe level's metric
+    stat: str = "median"  # of a per-level metric that the probe stores as a distribution
 
-
-def _row(column: str) -> Callable[[dict[str, Any]], Any]:
-    return lambda row: row.get(column)
-
-
-def _level(metric: str, stat: str = "median") -> Callable[[dict[str, Any]], Any]:
-    return lambda level: level_value(level, metric, stat)
+    def get(self, data: dict[str, Any]) -> Any:
+        """The value in a report row, or (per level) in one probe level."""
+        # Read when called, not bound at import: a mutation tool can then switch this code.
+        return level_value(data, self.source, self.stat) if self.per_level else data.get(self.source)
 
 
 METRICS: tuple[Metric, ...] = (
     # deterministic: vLLM prints GiB with 2 decimals, hence the 0.02 GiB floor
-    Metric("kv_cache_tokens", "tokens", True, 0.005, 1, False, False, _row("kv_cache_tokens")),
-    Metric("num_gpu_blocks", "blocks", True, 0.005, 1, False, False, _row("num_gpu_blocks")),
-    Metric("max_concurrency", "×", True, 0.005, 0.01, False, False, _row("max_concurrency")),
-    Metric("weights_gib", "GiB", False, 0.01, 0.02, False, False, _row("weights_gib")),
-    Metric("activation_gib", "GiB", False, 0.01, 0.02, False, False, _row("activation_gib")),
-    Metric("non_torch_gib", "GiB", False, 0.01, 0.02, False, False, _row("non_torch_gib")),
-    Metric("cuda_graph_gib", "GiB", False, 0.01, 0.02, False, False, _row("cuda_graph_gib")),
-    Metric("kv_cache_gib", "GiB", True, 0.01, 0.02, False, False, _row("kv_cache_gib")),
-    Metric("failed_requests", "requests", False, 0.0, 1.0, False, True, lambda lv: level_value(lv, "failed")),
+    Metric("kv_cache_tokens", "tokens", True, 0.005, 1, False, False, "kv_cache_tokens"),
+    Metric("num_gpu_blocks", "blocks", True, 0.005, 1, False, False, "num_gpu_blocks"),
+    Metric("max_concurrency", "×", True, 0.005, 0.01, False, False, "max_concurrency"),
+    Metric("weights_gib", "GiB", False, 0.01, 0.02, False, False, "weights_gib"),
+    Metric("activation_gib", "GiB", False, 0.01, 0.02, False, False, "activation_gib"),
+    Metric("non_torch_gib", "GiB", False, 0.01, 0.02, False, False, "non_torch_gib"),
+    Metric("cuda_graph_gib", "GiB", False, 0.01, 0.02, False, False, "cuda_graph_gib"),
+    Metric("kv_cache_gib", "GiB", True, 0.01, 0.02, False, False, "kv_cache_gib"),
+    Metric("failed_requests", "requests", False, 0.0, 1.0, False, True, "failed"),
     # noisy: judged against the cell's own history
-    Metric("spawn_to_ready_s", "s", False, 0.10, 2.0, True, False, _row("spawn_to_ready_s")),
-    Metric("load_s", "s", False, 0.10, 1.0, True, False, _row("load_s")),
-    Metric("output_throughput", "tok/s", True, 0.05, 1.0, True, True, lambda lv: level_value(lv, "output_throughput")),
-    Metric("ttft_median_ms", "ms", False, 0.05, 2.0, True, True, _level("ttft_ms")),
-    Metric("ttft_p99_ms", "ms", False, 0.10, 5.0, True, True, _level("ttft_ms", "p99")),
-    Metric("tpot_median_ms", "ms", False, 0.05, 0.5, True, True, _level("tpot_ms")),
-    Metric("itl_median_ms", "ms", False, 0.05, 0.5, True, True, _level("itl_ms")),
-    Metric("itl_p99_ms", "ms", False, 0.10, 2.0, True, True, _level("itl_ms", "p99")),
-    Metric("e2el_median_ms", "ms", False, 0.05, 5.0, True, True, _level("e2el_ms")),
+    Metric("spawn_to_ready_s", "s", False, 0.10, 2.0, True, False, "spawn_to_ready_s"),
+    Metric("load_s", "s", False, 0.10, 1.0, True, False, "load_s"),
+    Metric("output_throughput", "tok/s", True, 0.05, 1.0, True, True, "output_throughput"),
+    Metric("ttft_median_ms", "ms", False, 0.05, 2.0, True, True, "ttft_ms"),
+    Metric("ttft_p99_ms", "ms", False, 0.10, 5.0, True, True, "ttft_ms", "p99"),
+    Metric("tpot_median_ms", "ms", False, 0.05, 0.5, True, True, "tpot_ms"),
+    Metric("itl_median_ms", "ms", False, 0.05, 0.5, True, True, "itl_ms"),
+    Metric("itl_p99_ms", "ms", False, 0.10, 2.0, True, True, "itl_ms", "p99"),
+    Metric("e2el_median_ms", "ms", False, 0.05, 5.0, True, True, "e2el_ms"),
     # users served within the SLO (a capacity search): measured under load, so judged by history
-    Metric("capacity", "users", True, 0.10, 1.0, True, False, _row("capacity_users")),
+    Metric("capacity", "users", True, 0.10, 1.0, True, False, "capacity_users"),
 )
 # A noisy metric with too little history is shown (as info) only beyond this relative move.
 UNJUDGED_SHOWN_BEYOND = 0.25

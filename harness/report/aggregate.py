@@ -260,7 +260,8 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     order = df.assign(_m=df["model"].str.lower(), _e=df["engine_version"].fillna(""))
-    order = order.sort_values(["device", "_m", "config", "_e", "started_at", "run_id"], kind="stable")
+    # a sort on several columns is always stable in pandas (lexsort): equal rows keep their order
+    order = order.sort_values(["device", "_m", "config", "_e", "started_at", "run_id"])
     return order.drop(columns=["_m", "_e"]).reset_index(drop=True)
 
 
@@ -268,7 +269,7 @@ def latest_per_key(history: pd.DataFrame) -> pd.DataFrame:
     """Newest record per cell key, by start time (run id breaks ties: it is sortable)."""
     if history.empty:
         return history
-    newest = history.sort_values(["started_at", "run_id"], kind="stable").groupby("key", sort=False).tail(1)
+    newest = history.sort_values(["started_at", "run_id"]).groupby("key").tail(1)
     return _sorted(newest)
 
 
@@ -284,9 +285,9 @@ def load(roots: Path | list[Path]) -> Results:
         for cell in logged.cells:
             row = None
             if cell.record is not None and cell.path is not None:
-                row = rows.get(cell.path)
-                if row is None:
-                    row = rows[cell.path] = record_row(cell.path, cell.record)
+                if cell.path not in rows:  # a reused cell shares its original's row
+                    rows[cell.path] = record_row(cell.path, cell.record)
+                row = rows[cell.path]
             cells.append(RunCell(cell.cell_id, cell.status, row, cell.record, cell.reason))
         runs.append(Run(logged.run_id, logged.manifest, cells, logged.interrupted, logged.published))
     history = _sorted(_frame(list(rows.values()))) if rows else pd.DataFrame()

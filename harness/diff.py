@@ -226,13 +226,12 @@ def compare_value(
         return None  # a metric one run did not measure is not a move
     delta = b - a
     pct = round(100 * delta / abs(a), 1) if a else None
-    better = delta > 0 if metric.higher_is_better else delta < 0
     if not metric.noisy:
         if abs(delta) < metric.floor or abs(delta) <= metric.relative * abs(a):
             return None
         return Change(
             cell_id,
-            "improvement" if better else "regression",
+            "improvement" if (delta > 0) == metric.higher_is_better else "regression",
             metric.name,
             before,
             after,
@@ -257,9 +256,11 @@ def compare_value(
         )
     if band.low <= b <= band.high:
         return None
+    # The side of the band B fell on says which way the cell moved: run A may itself lie off
+    # the band (a slow night), and B, though better than A, be worse than the history.
     return Change(
         cell_id,
-        "improvement" if better else "regression",
+        "improvement" if (b > band.high) == metric.higher_is_better else "regression",
         metric.name,
         before,
         after,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main as cli_main
-from harness.diff import HISTORY_RUNS, MAD_K, METRICS, MIN_HISTORY, Band, Change, describe, diff_runs
+from harness.diff import HISTORY_RUNS, MAD_K, METRICS, MIN_HISTORY, Band, Change, band_of, describe, diff_runs
 from harness.report.aggregate import load
 from harness.schema import CellRecord
 from tests import reportdata as rd
@@ -448,3 +449,87 @@ def test_a_move_must_pass_both_the_floor_and_the_relative_threshold(tmp_path, pa
     loaded = load(tmp_path).runs
     changes = diff_runs(loaded[0], loaded[1], loaded).changes
     assert [(c.metric, c.before, c.after) for c in changes] == ([(name, before, after)] if shown else [])
+
+
+def _write(tmp_path: Path, run_id: str, day: int, plant: Callable[[CellRecord], None] | None = None) -> None:
+    records = rd.cpu_records(run_id, f"2025-10-{day:02d}T00:00:00+00:00")
+    if plant:
+        plant(records[0])
+    rd.write_run(tmp_path, records)
+
+
+def _diff(tmp_path: Path):
+    loaded = load(tmp_path).runs
+    by_id = {run.run_id: run for run in loaded}
+    return diff_runs(by_id[RUN_A], by_id[RUN_B], loaded)
+
+
+def test_the_side_of_the_band_gives_the_direction_not_run_a(tmp_path):
+    """A slow night in run A: B is faster than A but still slower than the history (and its
+    throughput higher than A's but below the band): both are regressions."""
+
+    def slow(ttft: float, tput: float) -> Callable[[CellRecord], None]:
+        return lambda r: (_level("ttft_ms", "median", ttft)(r), _level("output_throughput", "", tput)(r))
+
+    for i in range(HISTORY):
+        _write(tmp_path, f"2025100{i + 1}T000000Z-cpuhost", i + 1)
+    _write(tmp_path, RUN_A, 10, slow(1.5, 0.6))
+    _write(tmp_path, RUN_B, 11, slow(1.3, 0.7))
+    changes = {(c.metric, c.concurrency): c for c in _diff(tmp_path).changes}
+    levels = [lv.concurrency for lv in rd.cpu_records(RUN_A)[0].probes.levels]
+    assert set(changes) == {(m, conc) for m in ("ttft_median_ms", "output_throughput") for conc in levels}
+    for (metric, _), c in changes.items():
+        assert c.kind == "regression", c
+        if metric == "ttft_median_ms":
+            assert c.after < c.before and c.after > c.band.high
+        else:
+            assert c.after > c.before and c.after < c.band.low
+
+
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_the_band_edges_are_inside_it(tmp_path, edge):
+    """History steady at x: B exactly on the band's edge is no change; the next float past it
+    is one, at its own probe level, in the direction of its side."""
+    metric = next(m for m in METRICS if m.name == "ttft_median_ms")
+    bands = {lv.concurrency: band_of(metric, [lv.ttft_ms.median] * 3) for lv in rd.cpu_records(RUN_A)[0].probes.levels}
+
+    def to(beyond: bool) -> Callable[[CellRecord], None]:
+        def plant(record: CellRecord) -> None:
+            for lv in record.probes.levels:
+                value = getattr(bands[lv.concurrency], edge)
+                lv.ttft_ms.median = (
+                    math.nextafter(value, math.inf if edge == "high" else -math.inf) if beyond else value
+                )
+
+        return plant
+
+    for folder, beyond in (("on", False), ("past", True)):
+        for i in range(HISTORY):
+            _write(tmp_path / folder, f"2025100{i + 1}T000000Z-cpuhost", i + 1)
+        _write(tmp_path / folder, RUN_A, 10)
+        _write(tmp_path / folder, RUN_B, 11, to(beyond))
+    assert _diff(tmp_path / "on").changes == []
+    past = _diff(tmp_path / "past").changes
+    kind = "regression" if edge == "high" else "improvement"
+    assert sorted((c.metric, c.concurrency, c.kind) for c in past) == [
+        ("ttft_median_ms", c, kind) for c in sorted(bands)
+    ]
+
+
+def test_a_level_missing_from_a_run_of_history_narrows_only_that_levels_history(tmp_path):
+    def only_lowest(record: CellRecord) -> None:
+        record.probes.levels = [min(record.probes.levels, key=lambda lv: lv.concurrency)]
+
+    _write(tmp_path, "20251001T000000Z-cpuhost", 1, only_lowest)
+    _write(tmp_path, "20251002T000000Z-cpuhost", 2)
+    _write(tmp_path, RUN_A, 10)
+    _write(tmp_path, RUN_B, 11, _level("ttft_ms", "median", 2.0))
+    levels = sorted(lv.concurrency for lv in rd.cpu_records(RUN_A)[0].probes.levels)
+    kinds = {c.concurrency: (c.kind, c.band.samples if c.band else None) for c in _diff(tmp_path).changes}
+    assert kinds == {levels[0]: ("regression", 3), levels[1]: ("info", None)}
+
+
+def test_a_tight_per_level_change_names_its_level(tmp_path):
+    record = rd.cpu_records(RUN_A)[0]
+    (change,) = runs(tmp_path, PLANT["failed_requests"]).regressions
+    assert (change.metric, change.concurrency) == ("failed_requests", record.probes.levels[0].concurrency)

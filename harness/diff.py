@@ -108,6 +108,7 @@ class Change:
     change_pct: float | None = None
     note: str = ""
     band: Band | None = None  # noisy metrics judged against history
+    request_rate: float | None = None  # a rate sweep's level: the requests/s it offered
 
 
 @dataclass
@@ -195,6 +196,7 @@ def _fmt(value: Any, unit: str) -> str:
 def describe(c: Change) -> str:
     """`metric @N: before → after (+x.x %)`, with the band where history judged it."""
     where = f" @{c.concurrency}" if c.concurrency is not None else ""
+    where += f" @{c.request_rate:g} req/s" if c.request_rate is not None else ""
     if c.metric in ("status", "validation", "failure_class", "cell"):
         return f"{c.metric}: {c.before} → {c.after}" + (f" ({c.note})" if c.note else "")
     pct = f" ({c.change_pct:+.1f} %)" if c.change_pct is not None else ""
@@ -220,6 +222,7 @@ def compare_value(
     after: Any,
     concurrency: int | None = None,
     history: list[float] | None = None,
+    request_rate: float | None = None,
 ) -> Change | None:
     a, b = _number(before), _number(after)
     if a is None or b is None:
@@ -238,6 +241,7 @@ def compare_value(
             metric.unit,
             concurrency,
             pct,
+            request_rate=request_rate,
         )
     band = band_of(metric, history or [])
     if band is None:
@@ -253,6 +257,7 @@ def compare_value(
             concurrency,
             pct,
             note=f"not judged: {len(history or [])} of {MIN_HISTORY} runs of history for a noise band",
+            request_rate=request_rate,
         )
     if band.low <= b <= band.high:
         return None
@@ -268,6 +273,7 @@ def compare_value(
         concurrency,
         pct,
         band=band,
+        request_rate=request_rate,
     )
 
 
@@ -288,24 +294,29 @@ def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
     return changes
 
 
-def _levels(cell: RunCell) -> dict[Any, dict[str, Any]]:
-    return {lv.get("concurrency"): lv for lv in probe_levels(cell.record)} if cell.record else {}
+Level = tuple[int | None, float | None]  # (concurrency, request rate): a probe level's identity
 
 
-def _history_values(metric: Metric, history: list[RunCell], concurrency: Any) -> list[float]:
+def _levels(cell: RunCell) -> dict[Level, dict[str, Any]]:
+    """A cell's probe levels by concurrency and, in a rate sweep (every level under one
+    concurrency cap), by the request rate offered."""
+    levels = probe_levels(cell.record) if cell.record else []
+    return {(lv.get("concurrency"), lv.get("request_rate")): lv for lv in levels}
+
+
+def _history_values(metric: Metric, history: list[RunCell], level: Level | None) -> list[float]:
     values = []
     for cell in history:
-        source = _levels(cell).get(concurrency) if metric.per_level else cell.row
+        source = _levels(cell).get(level) if level else cell.row
         value = _number(metric.get(source)) if source else None
         if value is not None:
             values.append(value)
     return values
 
 
-def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell] | None = None) -> list[Change]:
+def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell]) -> list[Change]:
     """Every change of one cell; `history`: the cell's earlier records up to and including A's."""
     assert a.row is not None and b.row is not None
-    history = history if history is not None else [a]
     changes = _status(cell_id, a.row, b.row)
     levels_a, levels_b = _levels(a), _levels(b)
     for metric in METRICS:
@@ -315,14 +326,15 @@ def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell] | 
             )
             changes.extend([change] if change else [])
             continue
-        for conc in sorted(set(levels_a) & set(levels_b), key=lambda c: c or 0):
+        for level in sorted(set(levels_a) & set(levels_b), key=lambda k: (k[0] or 0, k[1] or 0.0)):
             change = compare_value(
                 metric,
                 cell_id,
-                metric.get(levels_a[conc]),
-                metric.get(levels_b[conc]),
-                conc,
-                history=_history_values(metric, history, conc),
+                metric.get(levels_a[level]),
+                metric.get(levels_b[level]),
+                level[0],
+                history=_history_values(metric, history, level),
+                request_rate=level[1],
             )
             changes.extend([change] if change else [])
     return changes

@@ -14,7 +14,8 @@ import pytest
 from harness.cli import main as cli_main
 from harness.diff import HISTORY_RUNS, MAD_K, METRICS, MIN_HISTORY, Band, Change, band_of, describe, diff_runs
 from harness.report.aggregate import load
-from harness.schema import CellRecord
+from harness.schema import CellRecord, RunManifest
+from harness.store import RunWriter
 from tests import reportdata as rd
 
 RUN_A, RUN_B = "20251010T000000Z-cpuhost", "20251011T000000Z-cpuhost"
@@ -533,3 +534,30 @@ def test_a_tight_per_level_change_names_its_level(tmp_path):
     record = rd.cpu_records(RUN_A)[0]
     (change,) = runs(tmp_path, PLANT["failed_requests"]).regressions
     assert (change.metric, change.concurrency) == ("failed_requests", record.probes.levels[0].concurrency)
+
+
+def test_a_cell_not_attempted_in_a_is_passed_over_and_one_not_attempted_in_b_is_information(tmp_path):
+    """Run A lists a cell its host could not attempt before the cells it ran: those are still
+    all compared. A cell run B could not attempt is one line of information with B's reason."""
+    before = rd.cpu_records(RUN_A)
+    first = before[0]
+    writer = RunWriter(
+        tmp_path,
+        RunManifest(
+            run_id=RUN_A, matrix_path="m.yaml", matrix_sha256="0" * 64, started_at=first.started_at, host=first.host
+        ),
+    )
+    writer.not_on_host("Qwen3-0.6B__H100__default__vllm", "no H100 on this host")
+    for record in before:
+        writer.ran(record)
+    writer.finish()
+    after = rd.cpu_records(RUN_B, "2025-10-11T00:00:00+00:00")
+    rd.write_run(tmp_path, after[1:], not_on_host=(first.cell_id,))
+    diff = _diff(tmp_path)
+    assert diff.compared == len(before) - 1
+    verdicts = {v.cell_id: v for v in diff.cells}
+    assert set(verdicts) == {r.cell_id for r in before}
+    assert verdicts[first.cell_id].verdict == "not attempted"
+    assert verdicts[first.cell_id].changes == [
+        Change(first.cell_id, "info", "cell", "present", "not_on_host", note="no H100 on this host")
+    ]

@@ -19,7 +19,7 @@ import pytest
 from fixtures.nvml.fake import FakePynvml
 
 from harness import store
-from harness.diff import diff_runs
+from harness.diff import describe, diff_runs
 from harness.engine.info import cli_flags
 from harness.engine.process import reap_stale
 from harness.host.devices import Nvml, host_devices
@@ -42,6 +42,7 @@ from harness.schema import (
     HostFingerprint,
     ModelSpec,
     ProbeResult,
+    RunManifest,
 )
 
 STANDIN = Path(__file__).parent / "standin"
@@ -454,6 +455,39 @@ def test_missing_is_none_or_nan_only():
     """Tables read back from pandas may hold NaN where a record had nothing."""
     assert aggregate.is_missing(None) and aggregate.is_missing(float("nan"))
     assert not any(aggregate.is_missing(v) for v in (0, 0.0, "", "nan", float("inf")))
+
+
+def test_the_gate_compares_a_rate_sweep_level_by_level(tmp_path):
+    """A rate sweep keeps one concurrency cap for all its levels: the gate tells them apart by
+    the request rate the probe wrote, and names the rate of each level that moved."""
+    profile = ProbeProfile(mode="rate", request_rates=[5, 20], requests=4, warmup_requests=0, output_tokens=4)
+    with StubServer(StubConfig(ttft=0.01, itl=0.002)) as stub:
+        probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
+    rates = sorted(lv["request_rate"] for lv in probes["levels"])
+    assert rates == [5, 20] and len({lv["concurrency"] for lv in probes["levels"]}) == 1
+    slower = json.loads(json.dumps(probes))
+    for level in slower["levels"]:
+        level["failed"] = (level["failed"] or 0) + 2
+    runs = []
+    for i, result in enumerate((probes, slower)):
+        record = _probed(result).model_copy(update={"run_id": f"2026010{i + 1}T000000Z-box"})
+        writer = store.RunWriter(
+            tmp_path,
+            RunManifest(
+                run_id=record.run_id,
+                matrix_path="m.yaml",
+                matrix_sha256="0" * 64,
+                started_at=record.started_at,
+                host=record.host,
+            ),
+        )
+        writer.ran(record)
+        writer.finish()
+        runs.append(record.run_id)
+    by_id = {r.run_id: r for r in aggregate.load(tmp_path).runs}
+    diff = diff_runs(by_id[runs[0]], by_id[runs[1]])
+    assert [(c.metric, c.request_rate) for c in diff.regressions] == [("failed_requests", r) for r in rates]
+    assert "@5 req/s" in describe(diff.regressions[0])
 
 
 # --------------------------------------------------------------------------- run log -> published copy

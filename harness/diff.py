@@ -297,11 +297,18 @@ def _status(cell_id: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
 Level = tuple[int | None, float | None]  # (concurrency, request rate): a probe level's identity
 
 
+def level_key(level: dict[str, Any]) -> Level:
+    """A probe level's identity: its concurrency and, in a rate sweep (every level under one
+    concurrency cap), the request rate offered."""
+    return level.get("concurrency"), level.get("request_rate")
+
+
+def level_order(key: Level) -> tuple[int, float]:
+    return key[0] or 0, key[1] or 0.0
+
+
 def _levels(cell: RunCell) -> dict[Level, dict[str, Any]]:
-    """A cell's probe levels by concurrency and, in a rate sweep (every level under one
-    concurrency cap), by the request rate offered."""
-    levels = probe_levels(cell.record) if cell.record else []
-    return {(lv.get("concurrency"), lv.get("request_rate")): lv for lv in levels}
+    return {level_key(lv): lv for lv in probe_levels(cell.record)} if cell.record else {}
 
 
 def _history_values(metric: Metric, history: list[RunCell], level: Level | None) -> list[float]:
@@ -326,7 +333,7 @@ def compare_cell(cell_id: str, a: RunCell, b: RunCell, history: list[RunCell]) -
             )
             changes.extend([change] if change else [])
             continue
-        for level in sorted(set(levels_a) & set(levels_b), key=lambda k: (k[0] or 0, k[1] or 0.0)):
+        for level in sorted(set(levels_a) & set(levels_b), key=level_order):
             change = compare_value(
                 metric,
                 cell_id,

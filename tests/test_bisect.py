@@ -86,6 +86,31 @@ def test_numeric_metric_uses_the_diff_threshold_or_the_given_one():
     assert gone == "kv_cache_tokens 1,000 → not measured: outcome failed, oom_other"
 
 
+def test_a_per_level_metric_names_its_level_in_a_rate_sweep_or_a_ladder():
+    """Levels of a rate sweep share one concurrency cap: each is its own level, named by rate."""
+    from tests import reportdata as rd
+
+    def at(version: str, failed: dict) -> Observation:
+        record = rd.cpu_records()[0]
+        record.probes.levels = [
+            record.probes.levels[0].model_copy(update={"concurrency": conc, "request_rate": rate, "failed": n})
+            for (conc, rate), n in failed.items()
+        ]
+        return Observation(version=version, row={"outcome": "ok"}, record=record)
+
+    failed = comparator("failed_requests")
+    sweep = {(8, 2.0): 0, (8, 4.0): 0}
+    assert failed(at("1", sweep), at("2", sweep)) is None
+    assert (
+        failed(at("1", sweep), at("2", {**sweep, (8, 4.0): 3}))
+        == "failed_requests at concurrency 8 at 4 req/s 0.00 → 3.00 requests"
+    )
+    ladder = {(1, None): 0, (4, None): 0}
+    assert (
+        failed(at("1", ladder), at("2", {**ladder, (4, None): 2})) == "failed_requests at concurrency 4 0.00 → 2.00 requests"
+    )
+
+
 def test_bad_metric_and_threshold_are_input_errors():
     with pytest.raises(InputError, match="unknown; choose one of status, validation, kv_cache_tokens"):
         comparator("kv_tokens")

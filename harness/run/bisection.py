@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.diff import METRICS, Metric, compare_value
+from harness.diff import METRICS, Metric, compare_value, level_key, level_order
 from harness.errors import InputError
 from harness.report.aggregate import probe_levels
 from harness.schema import CellRecord
@@ -109,7 +109,8 @@ def parse_threshold(text: str | None) -> float | None:
 
 
 def value(name: str, obs: Observation) -> Any:
-    """What the evidence shows for a metric: a row value, or {concurrency: value} for probe metrics."""
+    """What the evidence shows for a metric: a row value, or {(concurrency, rate): value} for probe
+    metrics (`harness.diff.level_key`)."""
     if name == "status":
         return obs.row.get("outcome")
     if name == "validation":
@@ -118,7 +119,7 @@ def value(name: str, obs: Observation) -> Any:
     assert m is not None
     if m.per_level:
         levels = probe_levels(obs.record) if obs.record else []
-        return {lv.get("concurrency"): m.get(lv) for lv in levels if m.get(lv) is not None} or None
+        return {level_key(lv): m.get(lv) for lv in levels if m.get(lv) is not None} or None
     return m.get(obs.row)
 
 
@@ -154,12 +155,15 @@ def comparator(name: str, threshold: float | None = None) -> Differs:
         if b is None:
             return f"{name} {show(a)} → {_why_missing(other)}"
         pairs = (
-            [(c, a[c], b[c]) for c in sorted(set(a) & set(b), key=lambda c: c or 0)] if m.per_level else [(None, a, b)]
+            [(k, a[k], b[k]) for k in sorted(set(a) & set(b), key=level_order)]
+            if m.per_level
+            else [((None, None), a, b)]
         )
-        for conc, before, after in pairs:
-            change = compare_value(m, other.version, before, after, conc)
+        for (conc, rate), before, after in pairs:
+            change = compare_value(m, other.version, before, after, conc, request_rate=rate)
             if change is not None:
                 at = f" at concurrency {conc}" if conc is not None else ""
+                at += f" at {rate:g} req/s" if rate is not None else ""
                 pct = f" ({change.change_pct:+.1f} %)" if change.change_pct is not None else ""
                 return f"{name}{at} {show(before)} → {show(after)} {m.unit}{pct}".replace("  ", " ")
         return None

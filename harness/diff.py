@@ -93,7 +93,9 @@ class Band:
     samples: int
 
     def __str__(self) -> str:
-        return f"{self.low:.4g}..{self.high:.4g} from {self.samples} runs"
+        # 4 digits, whole numbers from 1,000 up ("12,345", never "1.234e+04")
+        low, high = (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}" for v in (self.low, self.high))
+        return f"{low}..{high} from {self.samples} runs"
 
 
 @dataclass(frozen=True)

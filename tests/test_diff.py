@@ -310,7 +310,7 @@ def test_each_cells_line_states_both_values_the_sign_and_the_band(tmp_path):
         "failed_requests @1: 0 requests → 3 requests",
         "spawn_to_ready_s: 22.5 s → 90 s (+300.0 %), band 20.25..24.75 from 3 runs",
         "e2el_median_ms @1: 848 ms → 7,634 ms (+800.0 %), band 805.8..890.7 from 3 runs",
-        "e2el_median_ms @4: 1,005 ms → 9,045 ms (+800.0 %), band 954.8..1055 from 3 runs",
+        "e2el_median_ms @4: 1,005 ms → 9,045 ms (+800.0 %), band 954.8..1,055 from 3 runs",
     ]
     # without history a timing is shown, not judged, and says why; a failed cell names its class
     (shown,) = [describe(c) for c in runs(tmp_path / "b", PLANT["spawn_to_ready_s"]).changes]
@@ -561,3 +561,8 @@ def test_a_cell_not_attempted_in_a_is_passed_over_and_one_not_attempted_in_b_is_
     assert verdicts[first.cell_id].changes == [
         Change(first.cell_id, "info", "cell", "present", "not_on_host", note="no H100 on this host")
     ]
+
+
+def test_a_band_reads_without_exponents():
+    assert str(Band(9876.5, 12345.6, 4)) == "9,876..12,346 from 4 runs"
+    assert str(Band(0.12345, 20.25, 3)) == "0.1235..20.25 from 3 runs"

@@ -199,7 +199,7 @@ def describe(c: Change) -> str:
     """`metric @N: before → after (+x.x %)`, with the band where history judged it."""
     where = f" @{c.concurrency}" if c.concurrency is not None else ""
     where += f" @{c.request_rate:g} req/s" if c.request_rate is not None else ""
-    if c.metric in ("status", "validation", "failure_class", "cell"):
+    if c.metric in ("status", "cell"):  # their note says why, in brackets
         return f"{c.metric}: {c.before} → {c.after}" + (f" ({c.note})" if c.note else "")
     pct = f" ({c.change_pct:+.1f} %)" if c.change_pct is not None else ""
     band = f", band {c.band}" if c.band else ""

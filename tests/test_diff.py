@@ -566,3 +566,29 @@ def test_a_cell_not_attempted_in_a_is_passed_over_and_one_not_attempted_in_b_is_
 def test_a_band_reads_without_exponents():
     assert str(Band(9876.5, 12345.6, 4)) == "9,876..12,346 from 4 runs"
     assert str(Band(0.12345, 20.25, 3)) == "0.1235..20.25 from 3 runs"
+
+
+def test_levels_are_compared_in_order_and_only_where_both_runs_probed(tmp_path):
+    """A ladder of many levels reads lowest concurrency first; a level run B did not reach (the
+    ladder stopped early) is not compared."""
+    ladder = (64, 2, 32, 1, 16, 8, 4)
+
+    def levels(keep: tuple[int, ...], factor: float = 1.0) -> Callable[[CellRecord], None]:
+        def plant(record: CellRecord) -> None:
+            base = record.probes.levels[0]
+            record.probes.levels = [base.model_copy(update={"concurrency": c}, deep=True) for c in keep]
+            _level("ttft_ms", "median", factor)(record)
+
+        return plant
+
+    _write(tmp_path, RUN_A, 10, levels(ladder))
+    _write(tmp_path, RUN_B, 11, levels(ladder[:-1], 2.0))
+    changes = _diff(tmp_path).changes
+    assert [c.concurrency for c in changes] == sorted(ladder[:-1])
+    assert {c.metric for c in changes} == {"ttft_median_ms"}
+
+
+def test_counts_stay_whole_numbers_in_a_change(tmp_path):
+    (change,) = runs(tmp_path, PLANT["kv_cache_tokens"]).regressions
+    assert (type(change.before), type(change.after)) == (int, int)
+    assert describe(change).startswith("kv_cache_tokens: 65,536 tokens → 1,024 tokens")

@@ -468,8 +468,9 @@ def test_the_gate_compares_a_rate_sweep_level_by_level(tmp_path):
     slower = json.loads(json.dumps(probes))
     for level in slower["levels"]:
         level["failed"] = (level["failed"] or 0) + 2
+        level["ttft_ms"]["median"] *= 3
     runs = []
-    for i, result in enumerate((probes, slower)):
+    for i, result in enumerate((probes, probes, probes, slower)):  # three alike, then the slower one
         record = _probed(result).model_copy(update={"run_id": f"2026010{i + 1}T000000Z-box"})
         writer = store.RunWriter(
             tmp_path,
@@ -484,10 +485,16 @@ def test_the_gate_compares_a_rate_sweep_level_by_level(tmp_path):
         writer.ran(record)
         writer.finish()
         runs.append(record.run_id)
-    by_id = {r.run_id: r for r in aggregate.load(tmp_path).runs}
-    diff = diff_runs(by_id[runs[0]], by_id[runs[1]])
-    assert [(c.metric, c.request_rate) for c in diff.regressions] == [("failed_requests", r) for r in rates]
-    assert "@5 req/s" in describe(diff.regressions[0])
+    loaded = aggregate.load(tmp_path).runs
+    by_id = {r.run_id: r for r in loaded}
+    judged = diff_runs(by_id[runs[2]], by_id[runs[3]], loaded)  # TTFT judged by its band
+    moved = [(m, r) for m in ("failed_requests", "ttft_median_ms") for r in rates]
+    assert sorted((c.metric, c.request_rate) for c in judged.regressions) == moved
+    assert all(c.band for c in judged.regressions if c.metric == "ttft_median_ms")
+    unjudged = diff_runs(by_id[runs[2]], by_id[runs[3]])  # no history: TTFT shown, not counted
+    assert [(c.metric, c.request_rate) for c in unjudged.regressions] == [("failed_requests", r) for r in rates]
+    assert [(c.metric, c.request_rate) for c in unjudged.info] == [("ttft_median_ms", r) for r in rates]
+    assert "@5 req/s" in describe(unjudged.regressions[0])
 
 
 # --------------------------------------------------------------------------- run log -> published copy

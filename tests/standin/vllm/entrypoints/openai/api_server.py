@@ -7,6 +7,7 @@ It prints vLLM-style startup lines, waits STANDIN_START_S, serves /health, /v1/m
 and chat/completions answering "4", and appends {cvd, start, end, pid, model} to STANDIN_TRACE at exit.
 STANDIN_LOG_BYTES: that many bytes of DEBUG lines while "loading" (a chatty engine, a full disk).
 STANDIN_SAY: one more line to print at start (what a leaky engine might log).
+STANDIN_REPLAY: a file of a real engine's start-up lines to print instead of the KV cache lines.
 """
 
 import argparse
@@ -31,8 +32,18 @@ def trace() -> None:
     path = os.environ.get("STANDIN_TRACE")
     if path:
         with open(path, "a") as fh:
-            fh.write(json.dumps({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started,
-                                 "end": time.time(), "pid": os.getpid(), "model": args.served_model_name}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "start": started,
+                        "end": time.time(),
+                        "pid": os.getpid(),
+                        "model": args.served_model_name,
+                    }
+                )
+                + "\n"
+            )
 
 
 def on_term(signum, frame):
@@ -48,9 +59,12 @@ time.sleep(float(os.environ.get("STANDIN_START_S", "1")))
 for i in range(int(os.environ.get("STANDIN_LOG_BYTES", "0")) // 100):
     print(f"DEBUG 11-22 10:00:01 [loader.py:1] loading shard {i:>10} " + "." * 49, flush=False)
 sys.stdout.flush()
-print("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens", flush=True)
-print("INFO 11-22 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 256 tokens per request: 4.00x",
-      flush=True)
+if os.environ.get("STANDIN_REPLAY"):  # a real engine's start-up lines instead of the two below
+    with open(os.environ["STANDIN_REPLAY"], encoding="utf-8") as fh:
+        print(fh.read(), flush=True)
+else:
+    print("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens", flush=True)
+    print("INFO 11-22 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 256 tokens per request: 4.00x", flush=True)
 
 
 class Handler(BaseHTTPRequestHandler):

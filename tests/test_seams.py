@@ -465,6 +465,7 @@ def test_report_latency_is_the_lone_users_level():
     assert _generated_tokens(None) is None
     row = aggregate.record_row(Path("record.json"), _probed(probes))
     assert row["latency_concurrency"] == 1 and row["single_chunk"] is False
+    assert row["workload"] == "8 prompt + 6 output tokens; ≥8 requests per level; concurrency 1, 4"
     assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
     best = max(levels.values(), key=lambda lv: lv["output_throughput"])
     assert row["best_output_concurrency"] == best["concurrency"]
@@ -497,6 +498,7 @@ def test_the_frontier_plot_reads_every_level_the_capacity_search_measured():
     assert trace == probes["capacity"]["trace"] and len(trace) >= 2
     row = aggregate.record_row(Path("record.json"), record)
     assert row["capacity_users"] == probes["capacity"]["concurrency"] >= 1
+    assert row["capacity_slo"] == "TTFT p99 ≤ 300 ms"
     assert (
         aggregate.capacity_trace(_probed({"levels": []}))
         == []
@@ -758,6 +760,8 @@ def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
     assert {col: row[col] for col in columns} == {col: want[name] for col, name in columns.items()}
     assert row["outcome"] == "ok" and row["tp"] == 1 and row["pp"] == 1
     assert row["kv_cache_memory_full_gib"] > row["kv_cache_memory_recommendation_bytes"] / 2**30
+    # the device is the box's (NVML's total), not the smaller total vLLM's torch view logged
+    assert row["device"] == "NVIDIA H100 80GB HBM3" and row["device_memory_gib"] == round(85520809984 / 2**30, 2)
 
 
 def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):

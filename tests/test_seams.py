@@ -311,6 +311,16 @@ def test_publishing_passes_over_what_it_cannot_copy_and_never_rewrites_the_copy(
     assert manifest.read_text() == older
 
 
+def test_a_thousandth_run_in_one_second_is_refused_by_name(two_runs, tmp_path):
+    tmp, first, _ = two_runs
+    run_id = "20260101T000000Z-box"
+    for name in [run_id] + [f"{run_id}-{n}" for n in range(2, 1000)]:
+        (tmp_path / name).mkdir()
+    with pytest.raises(FileExistsError, match=f"^{tmp_path / run_id}: 999 runs of this id already$"):
+        store.RunWriter(tmp_path, first.model_copy(update={"run_id": run_id, "cells": []}))
+    assert not (tmp_path / f"{run_id}-1000").exists()
+
+
 def test_run_ids_name_the_short_host(monkeypatch):
     for hostname, tail in (("gpu-box.example.com", "-gpu-box"), ("", "-host")):
         monkeypatch.setattr(store.socket, "gethostname", lambda h=hostname: h)

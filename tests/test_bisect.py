@@ -107,7 +107,8 @@ def test_a_per_level_metric_names_its_level_in_a_rate_sweep_or_a_ladder():
     )
     ladder = {(1, None): 0, (4, None): 0}
     assert (
-        failed(at("1", ladder), at("2", {**ladder, (4, None): 2})) == "failed_requests at concurrency 4 0.00 → 2.00 requests"
+        failed(at("1", ladder), at("2", {**ladder, (4, None): 2}))
+        == "failed_requests at concurrency 4 0.00 → 2.00 requests"
     )
 
 

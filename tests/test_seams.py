@@ -288,6 +288,30 @@ def test_a_run_that_ran_nothing_leaves_no_folder(two_runs, tmp_path):
     kept.discard_if_empty()  # it ran a cell: nothing to discard
     assert [r.run_id for r in store.read_runs([results]).runs] == [kept.run_id]
     assert sorted(p.name for p in results.iterdir()) == [kept.run_id]
+    assert [p.parent.parent.name for p, _ in store.iter_records(results)] == [kept.run_id]
+    existing = tmp_path / "existing"  # a results folder the run did not make stays, even empty
+    existing.mkdir()
+    store.RunWriter(
+        existing, first.model_copy(update={"run_id": "20260104T000000Z-box", "cells": []})
+    ).discard_if_empty()
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_files_the_run_log_cannot_read_are_named_and_older_ones_read(two_runs, tmp_path):
+    """A manifest that is not a JSON object is a problem named as such; a record from before
+    records carried a schema version reads as schema 1."""
+    tmp, first, _ = two_runs
+    results = tmp_path / "results"
+    shutil.copytree(tmp / "results" / first.run_id, results / first.run_id)
+    (record,) = results.glob(f"*/*/{store.RECORD}")
+    data = json.loads(record.read_text())
+    del data["schema_version"]
+    record.write_text(json.dumps(data))
+    (results / "20200101T000000Z-bad").mkdir()
+    (results / "20200101T000000Z-bad" / store.MANIFEST).write_text("[]")
+    log = store.read_runs([results])
+    assert [(p.path.parent.name, p.reason) for p in log.problems] == [("20200101T000000Z-bad", "not a JSON object")]
+    assert [r.cell_id for _, r in log.records()] == [first.cells[0].cell_id]
 
 
 def test_publishing_passes_over_what_it_cannot_copy_and_never_rewrites_the_copy(two_runs, tmp_path):

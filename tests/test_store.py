@@ -69,17 +69,30 @@ def test_newer_and_damaged_files_are_reported_not_dropped(tmp_path, capsys):
     newer.write_text(json.dumps(data))
     damaged = store.record_path(tmp_path, rd.CPU_RUN, records[1].cell_id)
     damaged.write_text('{"run_id": ')
+    wrong = store.record_path(tmp_path, rd.CPU_RUN, records[2].cell_id)
+    data = json.loads(wrong.read_text())
+    data["outcome"] = 5
+    wrong.write_text(json.dumps(data))
+    unreadable = store.record_path(tmp_path, rd.CPU_RUN, records[3].cell_id)
+    unreadable.unlink()
+    unreadable.mkdir()  # a folder where the record should be
     log = store.read_runs([tmp_path])
     reasons = {p.path: p.reason for p in log.problems}
-    assert "newer harness" in reasons[newer] and "damaged" in reasons[damaged]
-    assert len([c for c in log.runs[0].cells if c.record]) == len(records) - 2
+    v = SCHEMA_VERSION
+    assert reasons[newer] == (
+        f"written by a newer harness (schema {v + 1}, this one reads up to {v}); upgrade the harness to read it"
+    )
+    assert reasons[damaged].startswith("damaged: not valid JSON (Expecting value: line 1")
+    assert reasons[wrong].startswith("damaged: outcome: Input should be ")
+    assert reasons[unreadable] == "cannot read: Is a directory"
+    assert len(reasons) == 4 and len([c for c in log.runs[0].cells if c.record]) == len(records) - 4
     with pytest.raises(ValueError, match="newer harness"):
         store.read_record(newer)
     # the report says so: a warning line each, and a count on the index page
     lines = []
     render_reports(tmp_path, tmp_path / "reports", warn=lines.append)
-    assert len(lines) == 2 and all(line.startswith("warning: skipped") for line in lines)
-    assert "**2 file(s) could not be read**" in (tmp_path / "reports" / "README.md").read_text()
+    assert len(lines) == 4 and all(line.startswith("warning: skipped") for line in lines)
+    assert "**4 file(s) could not be read**" in (tmp_path / "reports" / "README.md").read_text()
 
 
 def test_a_killed_run_is_marked_interrupted(tmp_path):

@@ -163,7 +163,6 @@ class LoggedCell:
     record: CellRecord | None = None
     path: Path | None = None  # the record file
     reason: str | None = None
-    published: bool = False  # read from the published copy: no engine log or telemetry here
 
 
 @dataclass
@@ -212,7 +211,7 @@ def _read_one_run(root: Path, folder: Path, problems: list[Problem], published: 
     if manifest is not None:
         for entry in manifest.cells:
             listed.add(entry.cell_id)
-            cell = LoggedCell(entry.cell_id, entry.status, reason=entry.reason, published=published)
+            cell = LoggedCell(entry.cell_id, entry.status, reason=entry.reason)
             if entry.status != "not_on_host":
                 path = resolve_ref(root, entry.record or record_ref(folder.name, entry.cell_id))
                 if path.exists():
@@ -232,7 +231,7 @@ def _read_one_run(root: Path, folder: Path, problems: list[Problem], published: 
         if record is None:
             problems.append(problem)  # type: ignore[arg-type]  # _load gives one or the other
             continue
-        run.cells.append(LoggedCell(record.cell_id, "ran", record, path, published=published))
+        run.cells.append(LoggedCell(record.cell_id, "ran", record, path))
     return run
 
 

@@ -312,6 +312,41 @@ def test_files_the_run_log_cannot_read_are_named_and_older_ones_read(two_runs, t
     log = store.read_runs([results])
     assert [(p.path.parent.name, p.reason) for p in log.problems] == [("20200101T000000Z-bad", "not a JSON object")]
     assert [r.cell_id for _, r in log.records()] == [first.cells[0].cell_id]
+    assert log.run(first.run_id).folder == results / first.run_id
+
+
+def test_the_run_log_reads_what_a_killed_or_older_run_left(two_runs, tmp_path):
+    """A manifest entry without a record reference (an older harness) finds the record where runs
+    put it; a record the manifest lists but that is gone is a problem naming the run; records
+    no manifest line lists (killed between the two writes) are shown, each of them."""
+    tmp, first, _ = two_runs
+    results = tmp_path / "results"
+    run = results / first.run_id
+    shutil.copytree(tmp / "results" / first.run_id, run)
+    (cell,) = [p.parent for p in run.glob(f"*/{store.RECORD}")]
+    manifest = json.loads((run / store.MANIFEST).read_text())
+    for entry in manifest["cells"]:
+        entry.pop("record")
+    gone = dict(manifest["cells"][0], cell_id="gone__H100__tp1__standin")
+    manifest["cells"].append(gone)
+    (run / store.MANIFEST).write_text(json.dumps(manifest))
+    for extra in ("zz1__H100__tp1__standin", "zz2__H100__tp1__standin"):
+        data = json.loads((cell / store.RECORD).read_text())
+        data["cell_id"] = extra
+        (run / extra).mkdir()
+        (run / extra / store.RECORD).write_text(json.dumps(data))
+    log = store.read_runs([results])
+    missing = run / gone["cell_id"] / store.RECORD
+    assert [(p.path, p.reason) for p in log.problems] == [
+        (missing, f"the manifest of run {first.run_id} lists it, but it is missing")
+    ]
+    cells = [(c.cell_id, c.status, c.path) for c in log.run(first.run_id).cells]
+    assert cells == [
+        (cell.name, "ran", cell / store.RECORD),
+        (gone["cell_id"], "ran", None),  # no record to read: a problem above
+        ("zz1__H100__tp1__standin", "ran", run / "zz1__H100__tp1__standin" / store.RECORD),
+        ("zz2__H100__tp1__standin", "ran", run / "zz2__H100__tp1__standin" / store.RECORD),
+    ]
 
 
 def test_publishing_passes_over_what_it_cannot_copy_and_never_rewrites_the_copy(two_runs, tmp_path):

@@ -58,6 +58,8 @@ def _matrix(
     probe: str = "none",
     tags: str = "[]",
     models: tuple[str, ...] = ("m1",),
+    gpu: str = "H100",
+    args: str = "{}",
 ) -> Path:
     for name in models:
         model = tmp / name
@@ -71,8 +73,8 @@ def _matrix(
     path.write_text(f"""
 engines: [{{name: standin, python: {sys.executable}}}]
 models: [{listed}]
-gpus: [H100]
-configs: [{{name: tp1, args: {{}}, env: {json.dumps(env)}}}]
+gpus: [{gpu}]
+configs: [{{name: tp1, args: {args}, env: {json.dumps(env)}}}]
 timeouts: {{ready_s: {ready_s}, request_s: 10}}
 probe: {probe}
 """)
@@ -86,12 +88,13 @@ def _run(
     ready_s: int = 60,
     version: str = "0.0.0-standin",
     busy: bool = False,
+    box: str = "h100x8_nvswitch",
     **matrix,
 ):
-    """One run of the real scheduler and cell runner on a recorded 8 x H100 box (fake NVML);
-    `busy`: another program holds memory on every GPU."""
+    """One run of the real scheduler and cell runner on a recorded box (fake NVML), by default
+    8 x H100; `busy`: another program holds memory on every GPU."""
     matrix = load_matrix(_matrix(tmp, env, ready_s, **matrix))
-    fake = FakePynvml("h100x8_nvswitch")
+    fake = FakePynvml(box)
     for gpu in range(8) if busy else ():
         fake.add_process(gpu, pid=4242, used=78 * 2**30, name="python3")
         fake.set_memory_used(gpu, 79 * 2**30)
@@ -831,6 +834,18 @@ def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
     assert row["kv_cache_memory_full_gib"] > row["kv_cache_memory_recommendation_bytes"] / 2**30
     # the device is the box's (NVML's total), not the smaller total vLLM's torch view logged
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["device_memory_gib"] == round(85520809984 / 2**30, 2)
+
+
+def test_the_row_names_the_device_the_cell_ran_on_and_the_args_it_was_given(tmp_path, monkeypatch):
+    """On a box of an L4 and an L40S, an L40S cell's row names the L40S and its memory; the
+    matrix's engine args win over what the log says the engine chose."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    log = LOGS / "v0_11_debug_full_breakdown.log"
+    args = "{gpu_memory_utilization: 0.85, max_model_len: 4096}"
+    _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, box="mixed_l4_l40s", gpu="L40S", args=args)
+    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
+    assert (row["device"], row["device_memory_gib"]) == ("NVIDIA L40S", round(48305799168 / 2**30, 2))
+    assert (row["gpu_memory_utilization"], row["max_model_len"]) == (0.85, 4096)
 
 
 def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):

@@ -153,7 +153,9 @@ def capacity_trace(record: CellRecord) -> list[dict[str, Any]]:
 
 
 def _single_chunk(level: dict[str, Any]) -> bool:
-    return level_value(level, "tpot_ms") in (None, 0.0) and level_value(level, "itl_ms") in (None, 0.0)
+    # No request got a token after its first chunk (TPOT is timed from the first chunk to the
+    # last token), so no gap between tokens was there to time: ITL is empty too.
+    return level_value(level, "tpot_ms") in (None, 0.0)
 
 
 def slo_text(slo: Any) -> str | None:

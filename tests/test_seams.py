@@ -538,6 +538,12 @@ def test_report_latency_is_the_lone_users_level():
     row = aggregate.record_row(Path("record.json"), _probed(probes))
     assert row["latency_concurrency"] == 1 and row["single_chunk"] is False
     assert row["workload"] == "8 prompt + 6 output tokens; ≥8 requests per level; concurrency 1, 4"
+    # levels stored in any order (a hand-merged record) read the same
+    reordered = {**probes, "levels": sorted(probes["levels"], key=lambda lv: -lv["concurrency"])}
+    assert aggregate.record_row(Path("record.json"), _probed(reordered)) == row
+    # an older probe kept its settings under "client" and no request target: the count is a cap
+    older = ProbeResult.model_validate({"client": {"input_tokens": 8}, "levels": [{"concurrency": 2, "requests": 5}]})
+    assert aggregate.workload(older) == "≤5 requests per level; concurrency 2"
     assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
     best = max(levels.values(), key=lambda lv: lv["output_throughput"])
     assert row["best_output_concurrency"] == best["concurrency"]
@@ -571,6 +577,12 @@ def test_the_frontier_plot_reads_every_level_the_capacity_search_measured():
     row = aggregate.record_row(Path("record.json"), record)
     assert row["capacity_users"] == probes["capacity"]["concurrency"] >= 1
     assert row["capacity_slo"] == "TTFT p99 ≤ 300 ms"
+    found = probes["capacity"]
+    shown = ("capacity_limited_by", "capacity_output_tok_s", "capacity_tok_s_per_user", "capacity_goodput_rps")
+    assert [row[k] for k in shown] == [
+        found[k] for k in ("limited_by", "output_throughput", "tokens_per_s_per_user", "goodput_rps")
+    ]
+    assert found["limited_by"] and found["output_throughput"] > 0
     assert (
         aggregate.capacity_trace(_probed({"levels": []}))
         == []

@@ -114,7 +114,7 @@ def find_run(roots: Iterable[Path], name: str) -> Path | None:
 
 
 # --------------------------------------------------------------------------- reading
-def _check_version(path: Path, data: object) -> str | None:
+def _check_version(data: object) -> str | None:
     if not isinstance(data, dict):
         return "not a JSON object"
     version = data.get("schema_version", 1)
@@ -135,7 +135,7 @@ def _load(path: Path, model: type[M]) -> tuple[M | None, Problem | None]:
         return None, Problem(path, f"cannot read: {exc.strerror or exc}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, Problem(path, f"damaged: not valid JSON ({exc})")
-    why = _check_version(path, data)
+    why = _check_version(data)
     if why:
         return None, Problem(path, why)
     try:

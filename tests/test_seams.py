@@ -333,16 +333,19 @@ def test_the_run_log_reads_what_a_killed_or_older_run_left(two_runs, tmp_path):
     gone = dict(manifest["cells"][0], cell_id="gone__H100__tp1__standin")
     manifest["cells"].append(gone)
     (run / store.MANIFEST).write_text(json.dumps(manifest))
-    for extra in ("zz1__H100__tp1__standin", "zz2__H100__tp1__standin"):
+    for extra in ("zz0__H100__tp1__standin", "zz1__H100__tp1__standin", "zz2__H100__tp1__standin"):
         data = json.loads((cell / store.RECORD).read_text())
         data["cell_id"] = extra
         (run / extra).mkdir()
         (run / extra / store.RECORD).write_text(json.dumps(data))
+    (run / "zz0__H100__tp1__standin" / store.RECORD).write_text("{")  # cut short: a problem, the rest read
     log = store.read_runs([results])
     missing = run / gone["cell_id"] / store.RECORD
-    assert [(p.path, p.reason) for p in log.problems] == [
-        (missing, f"the manifest of run {first.run_id} lists it, but it is missing")
+    assert [(p.path, p.reason.split(" (")[0]) for p in log.problems] == [
+        (missing, f"the manifest of run {first.run_id} lists it, but it is missing"),
+        (run / "zz0__H100__tp1__standin" / store.RECORD, "damaged: not valid JSON"),
     ]
+    assert all(c.record is not None for c in log.run(first.run_id).cells if c.path)
     cells = [(c.cell_id, c.status, c.path) for c in log.run(first.run_id).cells]
     assert cells == [
         (cell.name, "ran", cell / store.RECORD),

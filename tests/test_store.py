@@ -71,7 +71,7 @@ def test_newer_and_damaged_files_are_reported_not_dropped(tmp_path, capsys):
     damaged.write_text('{"run_id": ')
     wrong = store.record_path(tmp_path, rd.CPU_RUN, records[2].cell_id)
     data = json.loads(wrong.read_text())
-    data["outcome"] = 5
+    data["timings"]["spawn_to_ready_s"] = "slow"
     wrong.write_text(json.dumps(data))
     unreadable = store.record_path(tmp_path, rd.CPU_RUN, records[3].cell_id)
     unreadable.unlink()
@@ -83,7 +83,7 @@ def test_newer_and_damaged_files_are_reported_not_dropped(tmp_path, capsys):
         f"written by a newer harness (schema {v + 1}, this one reads up to {v}); upgrade the harness to read it"
     )
     assert reasons[damaged].startswith("damaged: not valid JSON (Expecting value: line 1")
-    assert reasons[wrong].startswith("damaged: outcome: Input should be ")
+    assert reasons[wrong].startswith("damaged: timings.spawn_to_ready_s: Input should be a valid number")
     assert reasons[unreadable] == "cannot read: Is a directory"
     assert len(reasons) == 4 and len([c for c in log.runs[0].cells if c.record]) == len(records) - 4
     with pytest.raises(ValueError, match="newer harness"):

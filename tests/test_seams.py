@@ -386,6 +386,30 @@ def test_a_thousandth_run_in_one_second_is_refused_by_name(two_runs, tmp_path):
     assert not (tmp_path / f"{run_id}-1000").exists()
 
 
+def test_the_run_log_finds_every_run_and_only_runs(two_runs, tmp_path):
+    """Beside runs, results/ may hold a pid-file folder (sorted first), a hidden folder being
+    written, a stray file; a run killed before its manifest still counts; the published copy adds
+    the runs results/ lacks, after one both have."""
+    tmp, first, second = two_runs
+    results, published = tmp_path / "results", tmp_path / "published"
+    (results / "0-pids").mkdir(parents=True)
+    (results / "0-pids" / "engine.pid").write_text("{}")
+    (results / "notes.txt").write_text("x")
+    shutil.copytree(tmp / "results" / first.run_id, results / ".partial")
+    shutil.copytree(tmp / "results" / first.run_id, results / "20200101T000000Z-killed")
+    (results / "20200101T000000Z-killed" / store.MANIFEST).unlink()
+    shutil.copytree(tmp / "results" / first.run_id, results / first.run_id)
+    for run in (first, second):
+        shutil.copytree(tmp / "results" / run.run_id, published / run.run_id)
+    log = store.read_runs([results, published])
+    assert [(r.run_id, r.published, r.manifest is not None) for r in log.runs] == [
+        ("20200101T000000Z-killed", False, False),
+        (first.run_id, False, True),
+        (second.run_id, True, True),
+    ]
+    assert [len(r.cells) for r in log.runs] == [1, 1, 1] and not log.problems
+
+
 def test_run_ids_name_the_short_host(monkeypatch):
     for hostname, tail in (("gpu-box.example.com", "-gpu-box"), ("", "-host")):
         monkeypatch.setattr(store.socket, "gethostname", lambda h=hostname: h)

@@ -42,8 +42,8 @@ from harness.schema import (
     HostFingerprint,
     ModelSpec,
     ProbeResult,
-    RunManifest,
 )
+from tests import reportdata as rd
 
 STANDIN = Path(__file__).parent / "standin"
 LOGS = Path(__file__).parent / "fixtures" / "logs"
@@ -638,18 +638,7 @@ def test_the_gate_compares_a_rate_sweep_level_by_level(tmp_path):
     runs = []
     for i, result in enumerate((probes, probes, probes, slower)):  # three alike, then the slower one
         record = _probed(result).model_copy(update={"run_id": f"2026010{i + 1}T000000Z-box"})
-        writer = store.RunWriter(
-            tmp_path,
-            RunManifest(
-                run_id=record.run_id,
-                matrix_path="m.yaml",
-                matrix_sha256="0" * 64,
-                started_at=record.started_at,
-                host=record.host,
-            ),
-        )
-        writer.ran(record)
-        writer.finish()
+        rd.write_run(tmp_path, [record])
         runs.append(record.run_id)
     loaded = aggregate.load(tmp_path).runs
     by_id = {r.run_id: r for r in loaded}

@@ -182,8 +182,11 @@ def _cell(facts: EngineFacts, config: LogConfig, stem: str, model: str | None, d
     source = config.model or model or "unknown model"
     name = source.rstrip("/").rsplit("/", 1)[-1] if config.model or model else "unknown model"
     args = config.engine_args()
+    # the record states its parallelism in its args, as a run's does: the report reads it there
     if tp and tp > 1:
         args.setdefault("tensor_parallel_size", int(tp))
+    if facts.pp_size and facts.pp_size > 1:
+        args.setdefault("pipeline_parallel_size", int(facts.pp_size))
     return Cell(
         model=ModelSpec(
             name=name,

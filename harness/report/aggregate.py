@@ -65,27 +65,22 @@ def _arg(record: CellRecord, name: str) -> Any:
 
 
 def device_of(record: CellRecord) -> tuple[str, float | None]:
-    """Display name and total memory (GiB) of the device a cell ran on; the CPU is "cpu"."""
-    facts = record.facts
-    total = facts.total_gpu_memory_gib if facts else None
+    """Display name and total memory (GiB) of the device a cell ran on. The CPU is "cpu", with
+    the memory its engine log states it may use; a GPU is the host's device the cell was given
+    (NVML's figures for a run, the log's or the caller's for an ingested log)."""
     if record.cell.gpu.lower() == "cpu":
-        return "cpu", total
+        return "cpu", record.facts.total_gpu_memory_gib if record.facts else None
     gpus = [d for d in record.host.devices if d.kind == "gpu"]
     chosen = [d for d in gpus if d.index in record.device_ids] or gpus
     if chosen:
-        return chosen[0].name, _first(chosen[0].memory_total_gib, total)
-    if facts and facts.gpu_name:
-        return facts.gpu_name, total
-    return record.cell.gpu, total
+        return chosen[0].name, chosen[0].memory_total_gib
+    return record.cell.gpu, None  # a cell skipped on a host without that GPU
 
 
 def engine_version(record: CellRecord) -> str | None:
-    engines = record.host.engines.get(record.cell.engine.name)
-    return _first(
-        record.engine_version,
-        record.facts.vllm_version if record.facts else None,
-        engines.vllm if engines else None,
-    )
+    """The vLLM release the producer recorded, else the one the engine's log states (a
+    hand-made venv whose version the harness could not read)."""
+    return _first(record.engine_version, record.facts.vllm_version if record.facts else None)
 
 
 def level_value(level: dict[str, Any], metric: str, stat: str = "median") -> float | None:
@@ -117,7 +112,7 @@ def workload(probes: ProbeResult | None) -> str | None:
         )
     conc = sorted({lv["concurrency"] for lv in levels if isinstance(lv.get("concurrency"), int)})
     if conc:
-        parts.append("concurrency " + (f"{conc[0]}" if len(conc) == 1 else ", ".join(map(str, conc))))
+        parts.append("concurrency " + ", ".join(map(str, conc)))
     return "; ".join(parts) or None
 
 
@@ -154,13 +149,14 @@ def capacity_trace(record: CellRecord) -> list[dict[str, Any]]:
 
 def _single_chunk(level: dict[str, Any]) -> bool:
     # No request got a token after its first chunk (TPOT is timed from the first chunk to the
-    # last token), so no gap between tokens was there to time: ITL is empty too.
+    # last token), so no gap between tokens was there to time: ITL is empty too. The probe
+    # writes None; older probes wrote 0.0, which no real TPOT is.
     return level_value(level, "tpot_ms") in (None, 0.0)
 
 
 def slo_text(slo: Any) -> str | None:
     """Objectives as the header states them: `ttft_p99_ms: 2000` -> "TTFT p99 ≤ 2,000 ms"."""
-    if not isinstance(slo, dict) or not slo:
+    if not slo:  # no capacity search (a search always has objectives: probes.profiles)
         return None
     parts = []
     for name, target in sorted(slo.items()):
@@ -169,15 +165,15 @@ def slo_text(slo: Any) -> str | None:
     return ", ".join(parts)
 
 
-def _full_kv_gib(facts: Any, util: Any) -> float | None:
+def _full_kv_gib(facts: Any) -> float | None:
     """vLLM's second `--kv-cache-memory` figure ("to fully utilize gpu memory") differs from the
     first by free memory at startup minus the requested share (both subtract the same non-KV
-    use and buffer), so it follows from the line's own GiB figures to within their rounding."""
+    use and buffer), so it follows from the line's own GiB figures to within their rounding.
+    Only the log's own figures, which are what the engine used; a cut excerpt may lack them."""
     if facts is None or facts.kv_cache_memory_recommendation_bytes is None:
         return None
-    free, total = facts.free_memory_gib_at_startup, facts.total_gpu_memory_gib
-    util = _first(facts.gpu_memory_utilization, util)
-    if free is None or total is None or not isinstance(util, (int, float)):
+    free, total, util = facts.free_memory_gib_at_startup, facts.total_gpu_memory_gib, facts.gpu_memory_utilization
+    if free is None or total is None or util is None:
         return None
     return facts.kv_cache_memory_recommendation_bytes / GIB + free - util * total
 
@@ -191,10 +187,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
     log = (path.parent / record.engine_log) if record.engine_log else None
     log = log if log is not None and log.exists() else None  # a published record has no log here
     fact = (lambda name: getattr(facts, name)) if facts else (lambda name: None)
-    # A cell that answered is not a failure, whatever else its log shows (a request that ran out
-    # of memory, a worker's warning): the log's class explains failed and ingested cells only.
-    judged = record.outcome != "ok"
-    tp = _first(_arg(record, "tensor_parallel_size"), fact("tp_size"), 1)
+    tp = _first(_arg(record, "tensor_parallel_size"), 1)
     util = _first(_arg(record, "gpu_memory_utilization"), fact("gpu_memory_utilization"))
     return {
         "run_id": record.run_id,
@@ -217,13 +210,15 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "outcome": record.outcome,
-        "failure_class": record.failure_class or (facts.failure_class if facts and judged else None),
-        "failure_detail": _first(record.failure_detail, fact("failure_evidence") if judged else None),
-        "remedy": _first(record.remedy, fact("remedy") if judged else None),
+        # the producer's judgement (the runner's or ingest's, each from the log's class): a cell
+        # that answered is no failure, whatever else its log shows
+        "failure_class": record.failure_class,
+        "failure_detail": record.failure_detail,
+        "remedy": record.remedy,
         "skip_reason": record.skip_reason,
         "validation_passed": record.validation.passed if record.validation else None,
         "tp": int(tp),
-        "pp": int(_first(_arg(record, "pipeline_parallel_size"), fact("pp_size"), 1)),
+        "pp": int(_first(_arg(record, "pipeline_parallel_size"), 1)),
         # the log's "Maximum concurrency for N tokens per request" states it when the args do not
         "max_model_len": _first(_arg(record, "max_model_len"), fact("max_concurrency_tokens_per_request")),
         "gpu_memory_utilization": util,
@@ -241,7 +236,7 @@ def record_row(path: Path, record: CellRecord) -> dict[str, Any]:
         "num_gpu_blocks": _first(fact("num_gpu_blocks"), metrics.num_gpu_blocks if metrics else None),
         "max_concurrency": _first(fact("max_concurrency"), metrics.kv_cache_max_concurrency if metrics else None),
         "kv_cache_memory_recommendation_bytes": fact("kv_cache_memory_recommendation_bytes"),
-        "kv_cache_memory_full_gib": _full_kv_gib(facts, util),
+        "kv_cache_memory_full_gib": _full_kv_gib(facts),
         "estimated_max_model_len": fact("estimated_max_model_len"),
         "free_memory_gib_at_startup": fact("free_memory_gib_at_startup"),
         "plan_fits": plan.fits if plan else None,

@@ -8,6 +8,7 @@ and chat/completions answering "4", and appends {cvd, start, end, pid, model} to
 STANDIN_LOG_BYTES: that many bytes of DEBUG lines while "loading" (a chatty engine, a full disk).
 STANDIN_SAY: one more line to print at start (what a leaky engine might log).
 STANDIN_REPLAY: a file of a real engine's start-up lines to print instead of the KV cache lines.
+STANDIN_CACHE_LABELS: more labels for /metrics' cache_config_info (newer vLLM's KV figures).
 """
 
 import argparse
@@ -80,7 +81,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/metrics":
-            self._send(b'vllm:cache_config_info{block_size="16",num_gpu_blocks="64",engine="0"} 1.0\n', "text/plain")
+            labels = ",".join(
+                filter(None, ['block_size="16",num_gpu_blocks="64"', os.environ.get("STANDIN_CACHE_LABELS")])
+            )
+            self._send(f'vllm:cache_config_info{{{labels},engine="0"}} 1.0\n'.encode(), "text/plain")
         elif self.path == "/v1/models":
             self._send(json.dumps({"data": [{"id": args.served_model_name}]}).encode())
         else:

@@ -224,29 +224,37 @@ def test_a_skipped_cell_is_tried_again(tmp_path):
     again = _run(tmp_path).cells[0]
     assert (skipped.status, skipped.outcome) == ("ran", "skipped")
     assert (again.status, again.outcome, again.key) == ("ran", "ok", skipped.key)
+    # the skipped cell's row has no engine figures: missing, not zero
+    rows = {r["outcome"]: r for r in aggregate.load(tmp_path / "results").history.to_dict("records")}
+    figures = ("weights_gib", "load_s", "kv_cache_gib", "kv_cache_tokens", "max_model_len")
+    assert [rows["skipped"][f] for f in figures] == [None] * len(figures)
+    assert rows["ok"]["kv_cache_tokens"] == 1024
 
 
 def test_the_report_tables_hold_what_the_runner_wrote_in_reading_order(tmp_path):
     """history: every record once, by device, model (letters of any case), config, engine
     version, then start time; latest: each cell key's newest record; a reused cell shares the
-    row of the record it reused; runs keep their manifests, in the order they ran."""
+    row of the record it reused; runs keep their manifests, in the order they ran. A version
+    neither the install nor the log states comes first."""
     models = ("Zeta", "z_eta")  # in reading order: z_eta (an underscore before letters), Zeta
     new = _run(tmp_path, version="0.0.2", models=models)
     old = _run(tmp_path, version="0.0.1", models=models)
     again = _run(tmp_path, version="0.0.2", models=models, force=True)
     reused = _run(tmp_path, version="0.0.1", models=models)
     assert [e.status for e in reused.cells] == ["reused", "reused"]
+    silent = tmp_path / "no-version.log"  # a start-up that never names its vLLM
+    silent.write_text("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens\n")
+    unknown = _run(tmp_path, version=None, models=models, env={"STANDIN_REPLAY": str(silent)})
     results = aggregate.load(tmp_path / "results")
     assert results.roots == [tmp_path / "results"] and not results.problems
     history = results.history.to_dict("records")
-    expected = [
-        (m, v, run.run_id) for m in ("z_eta", "Zeta") for v, run in (("0.0.1", old), ("0.0.2", new), ("0.0.2", again))
-    ]
+    runs = ((None, unknown), ("0.0.1", old), ("0.0.2", new), ("0.0.2", again))
+    expected = [(m, v, run.run_id) for m in ("z_eta", "Zeta") for v, run in runs]
     assert [(r["model"], r["engine_version"], r["run_id"]) for r in history] == expected
     latest = [(r["model"], r["engine_version"], r["run_id"]) for r in results.latest.to_dict("records")]
     assert latest == [e for e in expected if e[2] != new.run_id]
     assert [(r.run_id, r.manifest.run_id, [c.status for c in r.cells]) for r in results.runs] == [
-        (m.run_id, m.run_id, [e.status for e in m.cells]) for m in (new, old, again, reused)
+        (m.run_id, m.run_id, [e.status for e in m.cells]) for m in (new, old, again, reused, unknown)
     ]
     by_id = {r.run_id: r for r in results.runs}
     for cell in by_id[reused.run_id].cells:
@@ -966,13 +974,12 @@ def test_the_gate_sees_a_change_in_each_figure_the_runner_records(two_runs, tmp_
 def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
     """The engine logs a vLLM 0.11 GPU start-up (the full memory breakdown): the runner's record
     and the row the report reads carry the figures of its hand-checked expectation, under the
-    report's columns. The parallelism is the matrix's; an install whose version the harness
-    could not read shows the version its log states."""
+    report's columns. The parallelism is the matrix's."""
     monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
     log = LOGS / "v0_11_debug_full_breakdown.log"
     want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
     args = "{tensor_parallel_size: 2, pipeline_parallel_size: 2}"
-    _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, args=args, version=None)
+    _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, args=args)
     (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
     columns = {
         "weights_gib": "weights_gib",
@@ -992,7 +999,6 @@ def test_a_gpu_engines_startup_reaches_the_report_row(tmp_path, monkeypatch):
     }
     assert {col: row[col] for col in columns} == {col: want[name] for col, name in columns.items()}
     assert (row["outcome"], row["tp"], row["pp"]) == ("ok", 2, 2)
-    assert row["engine_version"] == "0.0.0-standin"  # the stand-in's "vLLM API server version" line
     full = want["kv_cache_memory_recommendation_bytes"] / 2**30 + want["free_memory_gib_at_startup"]
     full -= want["gpu_memory_utilization"] * want["total_gpu_memory_gib"]
     assert row["kv_cache_memory_full_gib"] == pytest.approx(full, abs=1e-9)
@@ -1014,26 +1020,37 @@ def test_the_row_names_the_device_the_cell_ran_on_and_the_args_it_was_given(tmp_
 
 def test_a_cpu_cell_on_a_gpu_box_is_the_cpus(tmp_path, monkeypatch):
     """A CPU engine's cell on a GPU box: its row is on the CPU's page with the memory the CPU
-    engine's log states, not on the page of the GPUs the host has."""
+    engine's log states, not on the page of the GPUs the host has. The install's version was
+    not read (a hand-made venv): the row shows the version its log states."""
     monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
     log = LOGS / "cpu_0_32_tiny_llama_ready.log"
     want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
-    (entry,) = _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, gpu="cpu", platform="cpu").cells
+    (entry,) = _run(tmp_path, env={"STANDIN_REPLAY": str(log)}, gpu="cpu", platform="cpu", version=None).cells
     assert entry.outcome == "ok"
     (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
     assert (row["device"], row["device_memory_gib"]) == ("cpu", want["total_gpu_memory_gib"])
+    assert row["engine_version"] == want["vllm_version"] == "0.32.0"
 
 
 def test_kv_figures_the_log_does_not_state_come_from_metrics(tmp_path, monkeypatch):
     """Newer vLLM exports its KV figures in /metrics' cache_config_info: the row takes them
     where the log is silent, and the log's own line where it has one."""
     monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
-    log = tmp_path / "startup.log"
-    log.write_text("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens\n")
     labels = 'kv_cache_size_tokens="2048",kv_cache_max_concurrency="8.0"'
-    _run(tmp_path, env={"STANDIN_REPLAY": str(log), "STANDIN_CACHE_LABELS": labels})
-    (row,) = aggregate.load(tmp_path / "results").history.to_dict("records")
-    assert (row["kv_cache_tokens"], row["max_concurrency"], row["num_gpu_blocks"]) == (1024, 8.0, 64)
+    lines = {  # each log states one of the two figures
+        "tokens": "INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens",
+        "concurrency": "INFO 11-22 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 256 tokens per request: 4.00x",
+    }
+    seen = {}
+    for stated, line in lines.items():
+        log = tmp_path / f"{stated}.log"
+        log.write_text(line + "\n")
+        run = _run(tmp_path, env={"STANDIN_REPLAY": str(log), "STANDIN_CACHE_LABELS": labels})
+        (row,) = [
+            r for r in aggregate.load(tmp_path / "results").history.to_dict("records") if r["run_id"] == run.run_id
+        ]
+        seen[stated] = (row["kv_cache_tokens"], row["max_concurrency"], row["num_gpu_blocks"])
+    assert seen == {"tokens": (1024, 8.0, 64), "concurrency": (2048, 4.0, 64)}
 
 
 def test_an_ok_cell_whose_log_shows_a_failure_is_shown_ok(tmp_path, monkeypatch):

@@ -173,7 +173,7 @@ def _full_kv_gib(facts: Any) -> float | None:
     if facts is None or facts.kv_cache_memory_recommendation_bytes is None:
         return None
     free, total, util = facts.free_memory_gib_at_startup, facts.total_gpu_memory_gib, facts.gpu_memory_utilization
-    if free is None or total is None or util is None:
+    if None in (free, total, util):
         return None
     return facts.kv_cache_memory_recommendation_bytes / GIB + free - util * total
 

@@ -7,7 +7,8 @@ It prints vLLM-style startup lines, waits STANDIN_START_S, serves /health, /v1/m
 and chat/completions answering "4", and appends {cvd, start, end, pid, model} to STANDIN_TRACE at exit.
 STANDIN_LOG_BYTES: that many bytes of DEBUG lines while "loading" (a chatty engine, a full disk).
 STANDIN_SAY: one more line to print at start (what a leaky engine might log).
-STANDIN_REPLAY: a file of a real engine's start-up lines to print instead of the KV cache lines.
+STANDIN_REPLAY: a file of a real engine's start-up lines to print instead of the version and KV
+cache lines.
 STANDIN_CACHE_LABELS: more labels for /metrics' cache_config_info (newer vLLM's KV figures).
 """
 
@@ -53,7 +54,8 @@ def on_term(signum, frame):
 
 
 signal.signal(signal.SIGTERM, on_term)
-print("INFO 11-22 10:00:00 [api_server.py:1] vLLM API server version 0.0.0-standin", flush=True)
+if not os.environ.get("STANDIN_REPLAY"):  # a replayed log states its own version, or none
+    print("INFO 11-22 10:00:00 [api_server.py:1] vLLM API server version 0.0.0-standin", flush=True)
 if os.environ.get("STANDIN_SAY"):
     print("INFO 11-22 10:00:00 [api_server.py:2] " + os.environ["STANDIN_SAY"], flush=True)
 time.sleep(float(os.environ.get("STANDIN_START_S", "1")))

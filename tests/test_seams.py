@@ -448,15 +448,18 @@ def test_a_cpu_cell_is_planned_on_the_cpu_engines_kv_space(tmp_path, monkeypatch
     assert (plan["platform"], plan["kv_cache_gib"], plan["fits"]) == ("cpu", 3.0, True)
 
 
-def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, monkeypatch, capsys):
+def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, monkeypatch, capsys, request):
     """`plan --matrix` on a host with NVML: a GPU the host has is planned on NVML's total (the
     one the runner uses), another on the GPU table's figure, noted as an estimate when the
     table has not seen it in a public log; the CPU on its KV space."""
     from harness.cli import main
+    from harness.plan.devices import host_gpus
 
     fake = FakePynvml("h100x8_nvswitch")
     opened = Nvml.open
     monkeypatch.setattr(Nvml, "open", staticmethod(lambda lib=None: opened(fake)))
+    host_gpus.cache_clear()  # the planner asks NVML once per process
+    request.addfinalizer(host_gpus.cache_clear)
     _checkpoint(tmp_path / "m1", vocab=1024)
     env = json.dumps({"VLLM_CPU_KVCACHE_SPACE": "2"})
     (tmp_path / "matrix.yaml").write_text(

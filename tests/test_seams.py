@@ -430,11 +430,11 @@ def test_a_cell_the_planner_cannot_size_still_runs_with_the_reason(tmp_path, mon
     (tmp_path / "m1").mkdir()
     (tmp_path / "m1" / "config.json").write_text("[]")
     (tmp_path / "m1" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
-    run = _run(tmp_path, plan=True)
+    run = _run(tmp_path, plan=True, box="mixed_l4_l40s", gpu="L40S")
     assert run.cells[0].outcome == "ok"
     plan = _plan_of(tmp_path, run)
     assert plan["fits"] is None and plan["reason"].startswith("cannot plan: ")
-    expected = ("cuda", "0.0.0-standin", round(85520809984 / 2**30, 2))
+    expected = ("cuda", "0.0.0-standin", round(48305799168 / 2**30, 2))  # NVML's L40S, not the table's
     assert (plan["platform"], plan["vllm_version"], plan["total_memory_gib"]) == expected
 
 
@@ -463,7 +463,7 @@ def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, mon
     _checkpoint(tmp_path / "m1", vocab=1024)
     env = json.dumps({"VLLM_CPU_KVCACHE_SPACE": "2"})
     (tmp_path / "matrix.yaml").write_text(
-        f"models: [{{model: ./m1}}]\ngpus: [H100, H20, L4, cpu]\nconfigs: [{{name: c, env: {env}}}]\n"
+        f"models: [{{model: ./m1}}]\ngpus: [H100, A100-80GB, H20, L4, cpu]\nconfigs: [{{name: c, env: {env}}}]\n"
     )
     assert main(["plan", "--matrix", str(tmp_path / "matrix.yaml"), "--vllm-version", "0.15.0", "--json"]) == 0
     plans = {p["cell_id"].split("__")[1]: p for p in json.loads(capsys.readouterr().out)}
@@ -472,6 +472,9 @@ def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, mon
     assert plans["H100"]["total_memory_gib"] == h100.memory_total_gib != table["H100"]["memory_gib"]
     assert plans["H20"]["total_memory_gib"] == table["H20"]["memory_gib"] and not table["H20"]["verified"]
     assert plans["L4"]["total_memory_gib"] == table["L4"]["memory_gib"] and table["L4"]["verified"]
+    # vLLM gives an A100 of any size the small scheduler defaults (256 sequences, 2,048 batched
+    # tokens; engine/arg_utils.py), an H100 the large ones: a smaller activation peak
+    assert plans["A100-80GB"]["activation_gib"] < plans["H100"]["activation_gib"]
     estimate = f"H20 memory {table['H20']['memory_gib']} GiB is an estimate ({table['H20']['source']})"
     assert [n for p in plans.values() for n in p["notes"] if "is an estimate" in n] == [estimate]
     assert (plans["cpu"]["platform"], plans["cpu"]["kv_cache_gib"], plans["cpu"]["total_memory_gib"]) == (

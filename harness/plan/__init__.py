@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from harness.plan.devices import gpu_memory_gib, host_gpu_gib, lookup_gpu
-from harness.plan.engine_args import ArgError, EngineArgs, check_total_gib
-from harness.plan.engine_args import resolve as resolve_args
+from harness.plan.engine_args import ArgError, EngineArgs
 from harness.plan.model import ModelFacts, model_facts
 from harness.plan.planner import Plan, plan_model, valid_tp_sizes
 from harness.plan.sources import resolve
-from harness.plan.weights import weights_from_tensors
 from harness.schema import Cell, EngineFacts
 
 __all__ = [
@@ -61,31 +59,20 @@ def plan_cell(
     the GPU table's. Never raises for a model or an argument it cannot plan: returns fits=None
     with the reason (a config that is not a JSON object, a shape of zero, tensor_parallel_size 0...)."""
     platform = _platform(cell)
-    total = (
-        device_memory_gib
-        if device_memory_gib is not None
-        else (None if platform == "cpu" else gpu_memory_gib(cell.gpu))
-    )
+    # The table names no CPU (nor does NVML), so a CPU cell gets None: its budget is
+    # VLLM_CPU_KVCACHE_SPACE from the cell's env.
+    total = device_memory_gib if device_memory_gib is not None else gpu_memory_gib(cell.gpu)
     try:
         facts, source = facts_for_cell(cell)
-        args = cell.config.args
-        ea = resolve_args(
-            facts, args, platform=platform, total_gib=check_total_gib(total), env=cell.config.env, gpu_name=cell.gpu
-        )
-        weights = None
-        if source.tensors:
-            weights = weights_from_tensors(
-                facts, source.tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization
-            )
         plan = plan_model(
             facts,
-            args,
+            cell.config.args,
             platform=platform,
             total_gib=total,
             env=cell.config.env,
             gpu_name=cell.gpu,
             vllm_version=vllm_version,
-            weights=weights,
+            tensors=source.tensors,
             measured=measured,
         )
     except (LookupError, ValueError, OSError) as exc:
@@ -97,9 +84,9 @@ def plan_cell(
             reason=f"cannot plan: {exc}",
         )
     plan.notes.append(f"config from {source.origin}")
-    if platform != "cpu" and device_memory_gib is None and total is not None:
+    if device_memory_gib is None:  # the table's figure unless NVML had this GPU: say when it is a guess
         row = lookup_gpu(cell.gpu)
-        if row is not None and not row.get("verified", True) and host_gpu_gib(cell.gpu) is None:
+        if row is not None and not row["verified"] and host_gpu_gib(cell.gpu) is None:
             plan.notes.append(f"{row['name']} memory {row['memory_gib']} GiB is an estimate ({row['source']})")
     return plan
 

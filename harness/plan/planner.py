@@ -17,7 +17,7 @@ from harness.plan.engine_args import EngineArgs, check_total_gib, scheduler_defa
 from harness.plan.engine_args import resolve as resolve_args
 from harness.plan.kv import capacity, fits_one_request, kv_layout, largest_max_model_len
 from harness.plan.model import ModelFacts
-from harness.plan.weights import GIB, WeightEstimate, padded_vocab, weights_from_config
+from harness.plan.weights import GIB, WeightEstimate, padded_vocab, weights_from_config, weights_from_tensors
 from harness.schema import PlanPrediction
 
 __all__ = ["Plan", "gpu_budget", "cpu_budget", "plan_model", "scheduler_defaults", "tp_valid", "valid_tp_sizes"]
@@ -174,12 +174,15 @@ def plan_model(
     gpu_name: str = "",
     vllm_version: str | None = None,
     weights: WeightEstimate | None = None,
+    tensors: dict[str, dict] | None = None,
     table: list[dict] | None = None,
     measured: dict[str, float] | None = None,
     search_fixes: bool = True,
 ) -> Plan:
-    """Plan one model under one engine config. `measured` (weights_gib, activation_peak_gib,
-    non_torch_gib, cuda_graph_gib from a real run) replaces the matching estimates.
+    """Plan one model under one engine config. Weights: `weights` when given, else the
+    checkpoint's `tensors` (its safetensors headers) when known, else the config's shapes.
+    `measured` (weights_gib, activation_peak_gib, non_torch_gib, cuda_graph_gib from a real
+    run) replaces the matching estimates.
     Raises ArgError (a ValueError) for an engine argument vLLM would refuse."""
     env = env or {}
     measured = {k: v for k, v in (measured or {}).items() if v is not None}
@@ -218,6 +221,10 @@ def plan_model(
         plan.suggestion = f"max_model_len={facts.max_position}"
         return plan
 
+    if weights is None and tensors:
+        weights = weights_from_tensors(
+            facts, tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization
+        )
     weights = weights or weights_from_config(facts, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization)
     plan.weights_source = weights.source
     layout = kv_layout(facts, tp=ea.tp, pp=ea.pp, kv_dtype_bytes=ea.kv_bytes, block_size=ea.block_size)

@@ -19,7 +19,7 @@ from harness.plan.engine_args import ArgError, check_total_gib
 from harness.plan.engine_args import resolve as resolve_args
 from harness.plan.sources import resolve
 from harness.plan.versions import parse as parse_version
-from harness.plan.weights import weights_from_tensors, weights_from_total
+from harness.plan.weights import weights_from_total
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,10 +135,6 @@ def _single(args: argparse.Namespace) -> Plan:
             weights = weights_from_total(facts, args.safetensors_bytes, dtype=ea.dtype, tp=ea.tp, pp=ea.pp)
         elif args.params:
             weights = weights_from_total(facts, args.params * ea.dtype_bytes, dtype=ea.dtype, tp=ea.tp, pp=ea.pp)
-        elif tensors:
-            weights = weights_from_tensors(
-                facts, tensors, dtype=ea.dtype, tp=ea.tp, pp=ea.pp, runtime_quant=ea.quantization
-            )
         plan = plan_model(
             facts,
             engine,
@@ -148,6 +144,7 @@ def _single(args: argparse.Namespace) -> Plan:
             gpu_name=args.gpu,
             vllm_version=args.vllm_version,
             weights=weights,
+            tensors=tensors,
         )
     except ArgError as exc:
         raise InputError(f"{_flag(exc.arg)}: {str(exc).split(': ', 1)[1]}") from exc

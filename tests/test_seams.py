@@ -78,6 +78,7 @@ def _matrix(
     models: tuple[str, ...] = ("m1",),
     gpu: str = "H100",
     args: str = "{}",
+    autofit: bool = False,
 ) -> Path:
     for name in models:
         model = tmp / name
@@ -92,7 +93,7 @@ def _matrix(
 engines: [{{name: standin, python: {sys.executable}}}]
 models: [{listed}]
 gpus: [{gpu}]
-configs: [{{name: tp1, args: {args}, env: {json.dumps(env)}}}]
+configs: [{{name: tp1, args: {args}, env: {json.dumps(env)}, autofit: {str(autofit).lower()}}}]
 timeouts: {{ready_s: {ready_s}, request_s: 10}}
 probe: {probe}
 """)
@@ -446,6 +447,24 @@ def test_a_cpu_cell_is_planned_on_the_cpu_engines_kv_space(tmp_path, monkeypatch
     run = _run(tmp_path, plan=True, gpu="cpu", platform="cpu", env={"VLLM_CPU_KVCACHE_SPACE": "3"})
     plan = _plan_of(tmp_path, run)
     assert (plan["platform"], plan["kv_cache_gib"], plan["fits"]) == ("cpu", 3.0, True)
+
+
+def test_autofit_retries_with_room_for_what_the_failed_run_measured(tmp_path, monkeypatch):
+    """A real v0.7 start-up ran out of KV cache (weights 5.20, activation 1.42, non-torch 0.03 GiB
+    of an 8 GiB card at utilization 0.7). The runner's retry asks for a utilization that holds
+    what that run measured, not one the planner's own smaller estimates would call enough."""
+    monkeypatch.setenv("HARNESS_LOCK_DIR", str(tmp_path / "locks"))
+    log = LOGS / "cuda_blocks_zero_negative_kv_v0_7.log"
+    want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
+    env = {"STANDIN_REPLAY": str(log), "STANDIN_EXIT": "1"}  # the engine exits as the logged one did
+    args = "{gpu_memory_utilization: 0.7, enforce_eager: true}"
+    run = _run(tmp_path, env=env, args=args, autofit=True)
+    records = {c.record.cell_id: c.record for c in store.read_runs([tmp_path / "results"]).run(run.run_id).cells}
+    failed, retry = records["m1__H100__tp1__standin"], records["m1__H100__tp1-autofit__standin"]
+    assert (failed.failure_class, retry.autofit_of) == ("kv_cache_insufficient", failed.cell_id)
+    util = retry.cell.config.args["gpu_memory_utilization"]
+    measured = want["weights_gib"] + want["activation_peak_gib"] + want["non_torch_gib"]
+    assert measured <= util * want["total_gpu_memory_gib"] <= measured + 0.1 * want["total_gpu_memory_gib"]
 
 
 def test_plan_of_a_matrix_takes_the_hosts_gpu_total_else_the_table(tmp_path, monkeypatch, capsys, request):

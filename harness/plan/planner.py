@@ -162,6 +162,8 @@ class _Context:
     gpu_name: str
     vllm_version: str | None
     table: list[dict] | None
+    tensors: dict[str, dict] | None
+    measured: dict[str, float]
 
 
 def plan_model(
@@ -188,7 +190,7 @@ def plan_model(
     measured = {k: v for k, v in (measured or {}).items() if v is not None}
     total_gib = check_total_gib(total_gib)
     ea = resolve_args(facts, args, platform=platform, total_gib=total_gib, env=env, gpu_name=gpu_name)
-    ctx = _Context(facts, args, env, platform, total_gib, gpu_name, vllm_version, table)
+    ctx = _Context(facts, args, env, platform, total_gib, gpu_name, vllm_version, table, tensors, measured)
     plan = Plan(
         platform="cpu" if platform == "cpu" else "cuda",
         vllm_version=vllm_version,
@@ -294,6 +296,9 @@ def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: 
     utilization (CPU: more KV space), more TP, fp8 KV cache. The first becomes the suggestion."""
 
     def fits_with(changes: dict, env_changes: dict | None = None) -> bool:
+        # What a run measured (autofit's re-plan) holds for a change that keeps the GPU split;
+        # a new TP or PP splits the model otherwise, so that trial goes back to the estimates.
+        same_split = not {"tensor_parallel_size", "pipeline_parallel_size"} & changes.keys()
         trial = plan_model(
             ctx.facts,
             {**ctx.args, **changes},
@@ -302,7 +307,9 @@ def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: 
             env={**ctx.env, **(env_changes or {})},
             gpu_name=ctx.gpu_name,
             vllm_version=ctx.vllm_version,
+            tensors=ctx.tensors,
             table=ctx.table,
+            measured=ctx.measured if same_split else None,
             search_fixes=False,
         )
         return bool(trial.fits)

@@ -9,6 +9,7 @@ STANDIN_LOG_BYTES: that many bytes of DEBUG lines while "loading" (a chatty engi
 STANDIN_SAY: one more line to print at start (what a leaky engine might log).
 STANDIN_REPLAY: a file of a real engine's start-up lines to print instead of the version and KV
 cache lines.
+STANDIN_EXIT: exit with this code after the start-up lines (a start-up that failed).
 STANDIN_CACHE_LABELS: more labels for /metrics' cache_config_info (newer vLLM's KV figures).
 """
 
@@ -68,6 +69,9 @@ if os.environ.get("STANDIN_REPLAY"):  # a real engine's start-up lines instead o
 else:
     print("INFO 11-22 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 1,024 tokens", flush=True)
     print("INFO 11-22 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 256 tokens per request: 4.00x", flush=True)
+if os.environ.get("STANDIN_EXIT"):  # an engine that fails its start-up, as the replayed log did
+    trace()
+    sys.exit(int(os.environ["STANDIN_EXIT"]))
 
 
 class Handler(BaseHTTPRequestHandler):

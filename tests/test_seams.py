@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+from checkpoints import header_only_shard, llama_tensors
 from fixtures.nvml.fake import FakePynvml
 
 from harness import store
@@ -367,29 +369,14 @@ def test_ingested_logs_reach_the_export_with_their_hand_checked_figures(tmp_path
 
 # --------------------------------------------------------------------------- runner, plan CLI -> plan
 def _checkpoint(model: Path, vocab: int = 32000) -> int:
-    """A Llama checkpoint of MODEL_CONFIG's shapes (bf16, zeros, a sparse file): the planner
-    reads only its header. Returns the tensors' bytes."""
-    c = {**MODEL_CONFIG, "vocab_size": vocab}
-    h, kv, inter = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"], 512
-    shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h], "lm_head.weight": [vocab, h]}
-    for i in range(c["num_hidden_layers"]):
-        layer = f"model.layers.{i}."
-        shapes |= {layer + f"self_attn.{n}_proj.weight": [h if n in "qo" else kv, h] for n in "qkvo"}
-        shapes |= {layer + f"mlp.{n}_proj.weight": [inter, h] for n in ("gate", "up")}
-        shapes |= {layer + "mlp.down_proj.weight": [h, inter]}
-        shapes |= {layer + f"{n}.weight": [h] for n in ("input_layernorm", "post_attention_layernorm")}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
+    """A Llama checkpoint of MODEL_CONFIG's shapes (bf16, header only: the planner reads no
+    further). Returns the tensors' bytes."""
+    config = {**MODEL_CONFIG, "vocab_size": vocab}
+    shapes = llama_tensors(config)
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps(c))
-    with open(model / "model.safetensors", "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        fh.truncate(8 + len(raw) + offset)
-    return offset
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(header_only_shard(shapes))
+    return sum(2 * math.prod(shape) for shape in shapes.values())
 
 
 def _plan_of(tmp: Path, run) -> dict:

@@ -321,6 +321,10 @@ def test_autofit_prefers_vllm_estimate_then_measured_replan():
     )
     fix = autofit_args(c, measured, None)
     assert fix is not None and 0 < fix["max_model_len"] < 131072
+    # a log without a version line is re-planned as the install the runner ran, not as the
+    # newest vLLM (which would also take a CUDA graph estimate out of the 0.11 budget)
+    unversioned = measured.model_copy(update={"vllm_version": None})
+    assert autofit_args(c, unversioned, None, "0.11.0") == fix != autofit_args(c, unversioned, None)
     assert autofit_args(c, EngineFacts(outcome="failed", failure_class="oom_weight_load"), None) is None
 
 

@@ -444,8 +444,9 @@ def test_autofit_retries_with_room_for_what_the_failed_run_measured(tmp_path, mo
     log = LOGS / "cuda_blocks_zero_negative_kv_v0_7.log"
     want = json.loads(log.with_suffix(".expected.json").read_text())["expected"]
     env = {"STANDIN_REPLAY": str(log), "STANDIN_EXIT": "1"}  # the engine exits as the logged one did
-    args = "{gpu_memory_utilization: 0.7, enforce_eager: true}"
-    run = _run(tmp_path, env=env, args=args, autofit=True)
+    # the log has no version line: the retry is planned as the install that ran (0.7, whose
+    # budget holds no CUDA graph estimate), not as the newest vLLM
+    run = _run(tmp_path, env=env, args="{gpu_memory_utilization: 0.7}", autofit=True, version="0.7.3")
     records = {c.record.cell_id: c.record for c in store.read_runs([tmp_path / "results"]).run(run.run_id).cells}
     failed, retry = records["m1__H100__tp1__standin"], records["m1__H100__tp1-autofit__standin"]
     assert (failed.failure_class, retry.autofit_of) == ("kv_cache_insufficient", failed.cell_id)

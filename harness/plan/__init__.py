@@ -91,12 +91,16 @@ def plan_cell(
     return plan
 
 
-def autofit_args(cell: Cell, facts: EngineFacts, plan: Plan | dict | None) -> dict[str, Any] | None:
+def autofit_args(
+    cell: Cell, facts: EngineFacts, plan: Plan | dict | None, engine_version: str | None = None
+) -> dict[str, Any] | None:
     """Engine-arg changes for one retry of a cell that failed for lack of KV cache, or None.
 
     Preference: vLLM's own estimate of the longest max_model_len (it saw the real memory);
     else re-plan with the run's measured weights/activation/non-torch memory and take the
-    planner's cheapest fix; else the fix the pre-run plan proposed."""
+    planner's cheapest fix; else the fix the pre-run plan proposed. The re-plan takes the
+    version the log states, else the install's (`engine_version`): a log without a version
+    line would otherwise be planned as the newest vLLM."""
     if facts.failure_class not in AUTOFIT_CLASSES:
         return None
     if facts.estimated_max_model_len:
@@ -112,7 +116,9 @@ def autofit_args(cell: Cell, facts: EngineFacts, plan: Plan | dict | None) -> di
         if v is not None
     }
     if measured:
-        replanned = plan_cell(cell, facts.total_gpu_memory_gib, vllm_version=facts.vllm_version, measured=measured)
+        replanned = plan_cell(
+            cell, facts.total_gpu_memory_gib, vllm_version=facts.vllm_version or engine_version, measured=measured
+        )
         if replanned.fix:
             return dict(replanned.fix)
     if isinstance(plan, dict):

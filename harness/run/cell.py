@@ -228,7 +228,7 @@ class CellRunner:
         self._serve(rec, cell, model_dir, devices, t0 + self.matrix.spec.timeouts.cell_s)
         rec = self._finish(rec, t0)
         if cell.config.autofit and rec.outcome == "failed" and rec.facts:
-            retry = autofit_args(cell, rec.facts, rec.plan)
+            retry = autofit_args(cell, rec.facts, rec.plan, rec.engine_version)
             if retry:
                 return self._autofit(cell, rec, retry, model_dir, devices)
         return rec

@@ -247,14 +247,16 @@ def plan_model(
         )
         if gpu is None:
             if search_fixes:
-                _search_fixes(plan, ctx, ea)
+                _search_fixes(plan, ctx, ea, weights)
             return plan
         budget = gpu
         plan.kv_cache_gib = _gib(budget.kv_bytes)
-    return _verdict(plan, ctx, ea, layout, budget, search_fixes)
+    return _verdict(plan, ctx, ea, weights, layout, budget, search_fixes)
 
 
-def _verdict(plan: Plan, ctx: _Context, ea: EngineArgs, layout, budget: Budget, search_fixes: bool) -> Plan:
+def _verdict(
+    plan: Plan, ctx: _Context, ea: EngineArgs, weights: WeightEstimate, layout, budget: Budget, search_fixes: bool
+) -> Plan:
     kv_b = budget.kv_bytes_min
     max_len = plan.max_model_len or 0  # resolved from the config before a verdict
     cap = capacity(layout, kv_b, max_len, batched_tokens=ea.batched_tokens, vllm_version=ctx.vllm_version)
@@ -287,17 +289,21 @@ def _verdict(plan: Plan, ctx: _Context, ea: EngineArgs, layout, budget: Budget, 
         )
         return plan
     if search_fixes:
-        _search_fixes(plan, ctx, ea, layout=layout, kv_b=kv_b)
+        _search_fixes(plan, ctx, ea, weights, layout=layout, kv_b=kv_b)
     return plan
 
 
-def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: int = 0) -> None:
+def _search_fixes(
+    plan: Plan, ctx: _Context, ea: EngineArgs, weights: WeightEstimate, layout=None, kv_b: int = 0
+) -> None:
     """Single changes that make the cell fit, cheapest first: shorter max_model_len, higher
     utilization (CPU: more KV space), more TP, fp8 KV cache. The first becomes the suggestion."""
 
     def fits_with(changes: dict, env_changes: dict | None = None) -> bool:
-        # What a run measured (autofit's re-plan) holds for a change that keeps the GPU split;
-        # a new TP or PP splits the model otherwise, so that trial goes back to the estimates.
+        # What a run measured (autofit's re-plan) and the weights sized here hold for a change
+        # that keeps the GPU split (no candidate changes dtype or quantization); a new TP or PP
+        # splits the model otherwise, so that trial sizes its weights again and goes back to the
+        # estimates.
         same_split = not {"tensor_parallel_size", "pipeline_parallel_size"} & changes.keys()
         trial = plan_model(
             ctx.facts,
@@ -307,6 +313,7 @@ def _search_fixes(plan: Plan, ctx: _Context, ea: EngineArgs, layout=None, kv_b: 
             env={**ctx.env, **(env_changes or {})},
             gpu_name=ctx.gpu_name,
             vllm_version=ctx.vllm_version,
+            weights=weights if same_split else None,
             tensors=ctx.tensors,
             table=ctx.table,
             measured=ctx.measured if same_split else None,

@@ -317,7 +317,11 @@ _SERVING_FRAME = re.compile(
     r"in (?:chat_completion_stream_generator|chat_completion_full_generator|completion_stream_generator"
     r"|create_chat_completion|create_completion|output_handler|run_engine_loop|engine_step|step_async"
     # an engine step (V1's busy loop, V0's LLMEngine.step) and an offline LLM.generate call
-    r"|_process_engine_step|step|generate|_run_engine|_validate_and_add_requests)\b"
+    r"|run_busy_loop|_process_engine_step|step|step_with_batch_queue|generate|_run_engine"
+    r"|_validate_and_add_requests)\b"
+    # V1's EngineCore.execute_model (0.8-0.10), which only its steps call; a worker's
+    # execute_model is also the profile run's
+    r'|/v1/engine/core\.py", line \d{1,6}, in execute_model\b'
 )
 _SHM_HANG = re.compile(r"^No available (?:shared memory broadcast )?block found in " + _N + " seconds?")
 

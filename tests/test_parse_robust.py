@@ -686,6 +686,12 @@ def test_a_paste_that_lost_its_newlines_is_cut_at_each_header():
         ("ERROR:    Exception in ASGI application\nTraceback (most recent call last):", "ready", "other"),
         # an engine step and an offline LLM.generate call run only after start-up
         ('  File "/x/vllm/v1/engine/core.py", line 754, in _process_engine_step', "ready", "other"),
+        ('  File "/x/vllm/v1/engine/core.py", line 1163, in run_busy_loop', "ready", "other"),
+        ('  File "/x/vllm/v1/engine/core.py", line 472, in step_with_batch_queue', "ready", "other"),
+        # V1's EngineCore.execute_model (0.8-0.10) only its steps call; a worker's execute_model
+        # is also the profile run's, so it says nothing
+        ('  File "/x/vllm/v1/engine/core.py", line 207, in execute_model', "ready", "other"),
+        ('  File "/x/vllm/worker/model_runner.py", line 1346, in execute_model', "failed", "other"),
         ('  File "/x/vllm/entrypoints/llm.py", line 462, in generate', "ready", "other"),
         # IPython/Colab's verbose frames, also as a Markdown link
         ("[/x/vllm/entrypoints/llm.py](https://localhost:8080/#) in __init__(self, model)", "failed", "other"),

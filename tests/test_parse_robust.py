@@ -329,6 +329,11 @@ OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB. G
             "oom_other",
             "after the weights loaded",
         ),
+        (
+            '  File "/x/vllm/model_executor/warmup/deep_gemm_warmup.py", line 262, in _warmup',
+            "oom_other",
+            "warming up kernels",
+        ),
         ("", "oom_other", "does not show the stage"),
     ],
 )
@@ -336,6 +341,12 @@ def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
     facts = parse_log(above + "\n" + OOM)
     assert facts.failure_class == cls and says in facts.remedy
     assert ("stage not shown" in facts.failure_evidence) == (above == "")
+
+
+def test_a_hard_wrapped_oom_line_keeps_its_allocation():
+    # a paste wrapped at a space loses it: "Tried to allocate" ends one line, "666.00 MiB" starts the next
+    facts = parse_log(OOM.replace("allocate 1.50 GiB", "allocate1.50 GiB"))
+    assert facts.remedy is not None and "a 1.5 GiB allocation failed" in facts.remedy
 
 
 def test_a_traceback_cut_before_its_exception_is_a_failure_but_a_warning_one_is_not():

@@ -292,6 +292,9 @@ _STAGE_FRAMES = (
     ("capture_end", "graph capture"),
     ("torch.cuda.graph(", "graph capture"),
     ("_dummy_sampler_run", "sampling"),
+    # kernel warm-up and autotuning after the KV cache is allocated (DeepGEMM, FlashInfer)
+    ("kernel_warmup", "kernel warm-up"),
+    ("deep_gemm_warmup", "kernel warm-up"),
     ("profile_run", "profiling"),
     ("determine_num_available_blocks", "profiling"),
     ("determine_available_memory", "profiling"),
@@ -538,7 +541,9 @@ def _by_type(evidence: str) -> str:
 
 
 _CUT_TRACEBACK = " [the excerpt ends inside this traceback]"
-_NO_STAGE = " [stage not shown in this excerpt: weight loading, profiling, CUDA graph capture or sampling]"
+_NO_STAGE = (
+    " [stage not shown in this excerpt: weight loading, profiling, kernel warm-up, CUDA graph capture or sampling]"
+)
 
 
 def _evidence(msg: str, note: str = "") -> str:
@@ -626,7 +631,9 @@ def _remedy_oom_load(m, facts: Facts) -> str:
     )
 
 
-_ALLOC = re.compile(r"Tried to allocate " + _N + r" ([KMGT])iB")
+# a paste hard-wrapped at a space can lose it ("Tried to allocate" ending one line, "666.00 MiB"
+# starting the next)
+_ALLOC = re.compile(r"Tried to allocate ?" + _N + r" ([KMGT])iB")
 _STAGE_REMEDY = {
     "graph capture": "out of memory during CUDA graph capture (weights and KV cache already allocated): set "
     "enforce_eager, or {lower} (the graphs need room outside the KV cache), or capture fewer "
@@ -634,6 +641,8 @@ _STAGE_REMEDY = {
     "profiling": "out of memory in the profiling forward pass (one batch of max_num_batched_tokens): lower "
     "max_num_batched_tokens or max_model_len, or {lower}",
     "sampling": "out of memory while warming up the sampler: lower max_num_seqs, or {lower}",
+    "kernel warm-up": "out of memory warming up kernels (DeepGEMM, FlashInfer) after the KV cache was "
+    "allocated: {lower} (the warm-up runs in the memory left outside the KV cache)",
     "after weight loading": "out of GPU memory after the weights loaded (profiling, CUDA graphs or the "
     "sampler): {lower}, lower max_num_seqs / max_num_batched_tokens, or set enforce_eager",
 }

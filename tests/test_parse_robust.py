@@ -334,6 +334,8 @@ OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB. G
             "oom_other",
             "warming up kernels",
         ),
+        # a served engine ran out in a step: not a start-up stage
+        ('INFO:     127.0.0.1:5 - "POST /v1/completions HTTP/1.1" 200 OK', "oom_other", "while serving"),
         ("", "oom_other", "does not show the stage"),
     ],
 )
@@ -341,6 +343,14 @@ def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
     facts = parse_log(above + "\n" + OOM)
     assert facts.failure_class == cls and says in facts.remedy
     assert ("stage not shown" in facts.failure_evidence) == (above == "")
+
+
+def test_the_data_parallel_start_up_handshake_timing_out_is_a_timeout():
+    # vLLM's own message runs "send" and "initial" together
+    line = "TimeoutError: Timed out waiting for engines to sendinitial message on input socket."
+    facts = parse_log(line)
+    assert (facts.outcome, facts.failure_class) == ("failed", "timeout")
+    assert facts.remedy is not None and "data-parallel handshake" in facts.remedy
 
 
 def test_a_hard_wrapped_oom_line_keeps_its_allocation():

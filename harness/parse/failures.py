@@ -249,9 +249,10 @@ _spec("tp_exceeds_gpus", 3, r"CUDA error: invalid device ordinal")
 _spec(
     "timeout",
     1,
-    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start|RPC call to \S+ timed out|didn't reply within \d+ ?ms|GetTimeoutError|failed to start within "
-    + _N
-    + " seconds",
+    r"Watchdog caught collective operation timeout|Timed out waiting for engine core processes to start"
+    # the data-parallel start-up handshake (vLLM's own message lacks the space before "initial")
+    r"|Timed out waiting for engines to send ?initial message"
+    r"|RPC call to \S+ timed out|didn't reply within \d+ ?ms|GetTimeoutError|failed to start within " + _N + " seconds",
 )
 # --- wrappers: only the evidence of last resort
 # Lines that only say that something below failed (every version's engine, worker and executor
@@ -504,13 +505,16 @@ class Failures:
         cls, evidence = hit.cls, hit.evidence
         if hit is hang:
             return cls, evidence, _remedy_hang(self.shm_waits, self.shm_seconds)
+        stage = hit.stage
         if cls == "oom_other" and hit.prio == 3:  # a bare OOM: its stage decides
-            if hit.stage == "weight loading":
+            if facts.ready and stage in (None, "after weight loading"):
+                stage = "serving"  # a served engine's step ran out, not its start-up
+            if stage == "weight loading":
                 cls = "oom_weight_load"
-            elif hit.stage is None:
+            elif stage is None:
                 evidence = _evidence(evidence, _NO_STAGE) + _NO_STAGE
         if cls == "oom_other":
-            return cls, evidence, _remedy_oom_other(hit.match, facts, hit.stage)
+            return cls, evidence, _remedy_oom_other(hit.match, facts, stage)
         return cls, evidence, _REMEDIES[cls](hit.match, facts)
 
 
@@ -641,6 +645,8 @@ _STAGE_REMEDY = {
     "profiling": "out of memory in the profiling forward pass (one batch of max_num_batched_tokens): lower "
     "max_num_batched_tokens or max_model_len, or {lower}",
     "sampling": "out of memory while warming up the sampler: lower max_num_seqs, or {lower}",
+    "serving": "out of GPU memory while serving (a step of the running engine): {lower} to leave more "
+    "room outside the KV cache, or lower max_num_seqs / max_num_batched_tokens",
     "kernel warm-up": "out of memory warming up kernels (DeepGEMM, FlashInfer) after the KV cache was "
     "allocated: {lower} (the warm-up runs in the memory left outside the KV cache)",
     "after weight loading": "out of GPU memory after the weights loaded (profiling, CUDA graphs or the "
@@ -832,6 +838,12 @@ def _remedy_timeout(m, facts: Facts) -> str:
         )
     if "engine core" in text:
         return "the engine core took too long to start (slow weight loading): raise VLLM_ENGINE_READY_TIMEOUT_S"
+    if "initial message" in text:
+        return (
+            "the engine processes never reported at start-up (the data-parallel handshake): check that "
+            "every engine process started (the lines above) and that the data-parallel address and RPC "
+            "port are reachable from every node"
+        )
     if "failed to start within" in text:
         return "start-up took longer than the wrapper waited (first download or load): raise its timeout"
     return "a worker stopped answering: check that every rank is alive (the lines above this one)"

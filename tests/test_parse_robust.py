@@ -345,6 +345,33 @@ def test_oom_stage_comes_from_the_lines_above_it(above, cls, says):
     assert ("stage not shown" in facts.failure_evidence) == (above == "")
 
 
+@pytest.mark.parametrize(
+    ("need", "have", "says"),
+    [(80, 86, "AWQ or GPTQ"), (75, 70, "a GPTQ checkpoint"), (60, 52, "unquantized checkpoint in float16")],
+)
+def test_a_quantization_the_gpu_cannot_run_names_formats_it_can(need, have, says):
+    line = (
+        "RuntimeError: ('Quantization scheme is not supported for ', "
+        f"'the current GPU. Min capability: {need}. ', 'Current capability: {have}.')"
+    )
+    facts = parse_log(line)
+    assert (facts.outcome, facts.failure_class) == ("failed", "quantization_unsupported")
+    assert facts.remedy is not None and says in facts.remedy
+
+
+def test_v0s_async_engine_dead_error_is_a_wrapper_of_the_error_before_it():
+    log = (
+        "Traceback (most recent call last):\n"
+        '  File "/x/vllm/engine/async_llm_engine.py", line 29, in _raise_exception_on_finish\n'
+        "RuntimeError: CUDA error: an illegal memory access was encountered\n"
+        "vllm.engine.async_llm_engine.AsyncEngineDeadError: Task finished unexpectedly. This should never "
+        "happen! Please open an issue on Github. See stack trace above for the actual cause.\n"
+    )
+    facts = parse_log(log)
+    assert facts.failure_class == "other"
+    assert facts.failure_evidence is not None and "illegal memory access" in facts.failure_evidence
+
+
 def test_the_data_parallel_start_up_handshake_timing_out_is_a_timeout():
     # vLLM's own message runs "send" and "initial" together
     line = "TimeoutError: Timed out waiting for engines to sendinitial message on input socket."

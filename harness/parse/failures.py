@@ -265,6 +265,7 @@ _WRAPPERS = (
     r"|Error executing method '?\w{1,60}'?\. This might cause deadlock"
     r"|Exception in worker \S{1,80} while processing method|Exception in Replica\("
     r"|Worker failed with error|is already dead, terminating server process"
+    r"|Task finished unexpectedly\. This should never happen"  # V0's AsyncEngineDeadError
     r"|Exception in ASGI application"  # uvicorn: a request raised (the server was serving)
     r"|Dumping input data for V1 LLM engine"  # V1: a scheduled step raised (its error follows)
     r"|\[vllm\] Error generating stream"  # Triton's vLLM backend: a request's generation raised
@@ -793,8 +794,18 @@ def _remedy_quant(m, facts: Facts) -> str:
     need, have = int(m.group(2)), int(m.group(3))
     return (
         f"quantization {method} needs compute capability {need // 10}.{need % 10}, this GPU has "
-        f"{have // 10}.{have % 10}: use a newer GPU or a checkpoint in another format (e.g. AWQ/GPTQ)"
+        f"{have // 10}.{have % 10}: use a newer GPU or {_formats_for(have)}"
     )
+
+
+def _formats_for(capability: int) -> str:
+    """Checkpoint formats whose vLLM kernels run at this compute capability (their
+    get_min_capability: GPTQ 6.0, AWQ 7.5)."""
+    if capability >= 75:
+        return "a checkpoint in another format (e.g. AWQ or GPTQ)"
+    if capability >= 60:
+        return "a GPTQ checkpoint (vLLM runs GPTQ from compute capability 6.0, AWQ from 7.5)"
+    return "an unquantized checkpoint in float16 (vLLM's GPTQ kernels need compute capability 6.0)"
 
 
 def _remedy_dtype(m, facts: Facts) -> str:

@@ -23,7 +23,7 @@ def _run(url: str, profile: ProbeProfile, **kw) -> dict:
 # --------------------------------------------------------------------------- timing
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_medians_match_a_server_with_fixed_timing(concurrency):
-    ttft, itl, out = 0.15, 0.03, 8
+    ttft, itl, out = 0.3, 0.05, 8
     # The stub runs in its own process so its clock is not disturbed by the client's GIL.
     with StubProcess(StubConfig(ttft=ttft, itl=itl)) as url:
         requests = 10 if concurrency == 1 else 16
@@ -32,12 +32,17 @@ def test_medians_match_a_server_with_fixed_timing(concurrency):
         )
     (lv,) = res["levels"]
     assert lv["completed"] == lv["requests"] and lv["failed"] == 0
-    expected = {"ttft_ms": ttft, "tpot_ms": itl, "itl_ms": itl, "e2el_ms": ttft + itl * (out - 1)}
-    for key, seconds in expected.items():
-        # 5 %, and at least 3 ms: a 2-core box running engines beside this wakes the stub late now
-        # and then; a wrong formula (e.g. TPOT over all tokens, not the n - 1 after the first) is
-        # still further off than that.
-        assert lv[key]["median"] == pytest.approx(seconds * 1000, rel=0.05, abs=3), key
+    # A 2-core box running an engine beside this wakes the stub or the client late now and then
+    # (CI saw TTFT 157.6 ms for 150). Lateness only adds to a time measured from the request, so
+    # TTFT and E2EL are held to the set time from below and given 5 % + 3 ms above. The stub keeps
+    # each chunk to its own deadline, so a late chunk's next gap is short: ITL and TPOT get 5 %
+    # either way. A wrong formula (TPOT over all tokens, not the n - 1 after the first: 81 ms
+    # here; seconds for milliseconds) is further off than any of that.
+    from_request = {"ttft_ms": ttft, "e2el_ms": ttft + itl * (out - 1)}
+    for key, seconds in from_request.items():
+        assert seconds * 1000 - 1 <= lv[key]["median"] <= seconds * 1000 * 1.05 + 3, key
+    for key in ("tpot_ms", "itl_ms"):
+        assert lv[key]["median"] == pytest.approx(itl * 1000, rel=0.05, abs=3), key
     assert lv["total_output_tokens"] == lv["requests"] * out
 
 

@@ -23,6 +23,8 @@ from harness.probes.profiles import CHAT_SLO, ProbeProfile, check_spec, resolve
 from harness.probes.stub import StubConfig, StubProcess
 from harness.run.cell import probe_profile
 
+pytestmark = pytest.mark.timing
+
 
 def capacity_profile(slo: dict, **kw) -> ProbeProfile:
     # requests=1: each level runs rounds x concurrency requests. One round: on a loaded 2-core

@@ -65,6 +65,7 @@ def test_probe_json_has_the_design_shape(capsys):
 CAPACITY_KEYS = {"concurrency", "goodput_rps", "output_throughput", "tokens_per_s_per_user", "slo", "trace"}
 
 
+@pytest.mark.timing
 def test_capacity_at_a_ttft_objective_json(capsys):
     # TTFT = 100 ms + 40 ms per request in flight: 100 + 40 (c - 1) <= 320 ms up to c = 6.
     with StubProcess(StubConfig(ttft=0.1, ttft_step=0.04, itl=0.002)) as url:
@@ -102,6 +103,7 @@ def test_capacity_at_a_ttft_objective_json(capsys):
     assert out["profile"]["mode"] == "capacity"
 
 
+@pytest.mark.timing
 def test_capacity_table_and_capacity_zero_is_not_an_error(capsys):
     with StubServer(StubConfig(ttft=0.1)) as stub:
         rc = main(
@@ -127,6 +129,7 @@ def test_capacity_table_and_capacity_zero_is_not_an_error(capsys):
     assert "capacity 0: objectives missed at concurrency 1 (ttft_p99_ms" in out
 
 
+@pytest.mark.timing
 def test_rate_capacity_from_the_command_line(capsys):
     with StubServer(StubConfig(ttft=0.05, ttft_step=0.05)) as stub:
         rc = main(

@@ -21,6 +21,7 @@ def _run(url: str, profile: ProbeProfile, **kw) -> dict:
 
 
 # --------------------------------------------------------------------------- timing
+@pytest.mark.timing
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_medians_match_a_server_with_fixed_timing(concurrency):
     ttft, itl, out = 0.3, 0.05, 8

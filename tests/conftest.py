@@ -90,7 +90,7 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
     """xdist (`--dist loadgroup`) groups tests by a suffix it writes into their node ids. Where it
     cannot (pytest 9.2 with xdist 3.8), the engines silently share the two cores: stop instead."""
-    if not session.config.getvalue("loadgroup"):  # set on xdist workers only
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         return
     split = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group")]
     split = [nodeid for nodeid in split if not nodeid.endswith("@" + ONE_AT_A_TIME)]
